@@ -1,0 +1,48 @@
+# PlanetServe: `make demo` runs a local network, `make test` runs every check CI runs.
+# Both bootstrap what they need on first use (.venv, node_modules, compiled contracts) and are
+# no-op installs afterwards: each step is keyed on a stamp file newer than its inputs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: all bootstrap demo test lint typecheck pytest bench clean
+
+all: bootstrap
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[torch,dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+build/contracts/.compiled: node_modules/.installed scripts/compile_contracts.js $(wildcard contracts/*.sol)
+	node scripts/compile_contracts.js
+	touch $@
+
+bootstrap: $(VENV)/.installed node_modules/.installed build/contracts/.compiled
+
+demo: bootstrap
+	$(BIN)/python -m scripts.demo
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: bootstrap
+	$(BIN)/mypy node verifier ledger cli tests bench scripts
+
+pytest: bootstrap
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench: bootstrap
+	$(BIN)/python bench/gas.py
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,12 @@
+"""``ps-node``: operate a PlanetServe node (registration and stake, models, serving)."""
+
+from __future__ import annotations
+
+from cli import _node_chain, _node_model
+from cli._main import new_app, run
+
+app = new_app("Operate a PlanetServe node: register and stake on chain, build models, serve.")
+app.add_typer(_node_chain.app)
+app.add_typer(_node_model.app, name="model")
+
+main = run(app)

@@ -1,0 +1,3 @@
+"""node.inference (being built)."""
+
+__all__: list[str] = []

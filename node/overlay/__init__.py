@@ -1,0 +1,3 @@
+"""node.overlay (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""node.privacy (being built)."""
+
+__all__: list[str] = []

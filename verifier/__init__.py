@@ -1,0 +1,3 @@
+"""PlanetServe verifier: challenges, scoring, committee and attestations (being built)."""
+
+__all__: list[str] = []
