@@ -1,3 +1,73 @@
-"""PlanetServe ledger: contract handles, deployment, anvil launcher and event indexer (being built)."""
+"""PlanetServe ledger: contract handles, deployment, the anvil launcher and the event indexer.
 
-__all__: list[str] = []
+Importing it is cheap: nothing connects to a chain or reads artefacts until a handle is built.
+"""
+
+from ledger._anvil import Anvil, AnvilConfig, dev_account
+from ledger._artifacts import Artifact, load_artifact
+from ledger._deploy import (
+    Deployment,
+    RegistryParams,
+    default_deployment_path,
+    deploy_all,
+    load_deployment,
+    open_registry,
+)
+from ledger._errors import (
+    ArtifactsMissing,
+    ChainError,
+    ChainNotReachable,
+    ChainUnavailable,
+    DeploymentNotFound,
+    InsufficientFunds,
+    InvalidChainInput,
+    OperatorKeyError,
+    TransactionFailed,
+    WrongChainId,
+)
+from ledger._indexer import IndexedNode, Indexer, IndexerError, SyncReport
+from ledger._registry import NodeRegistry
+from ledger._reverts import REVERT_CLASSES, ContractRevert, UnknownRevert
+from ledger._tx import connect
+from ledger._types import NodeInfo, Role, TxReceipt, Wei, checksum, format_eth, model_id, parse_eth
+
+__all__ = [
+    "REVERT_CLASSES",
+    "Anvil",
+    "AnvilConfig",
+    "Artifact",
+    "ArtifactsMissing",
+    "ChainError",
+    "ChainNotReachable",
+    "ChainUnavailable",
+    "ContractRevert",
+    "Deployment",
+    "DeploymentNotFound",
+    "IndexedNode",
+    "Indexer",
+    "IndexerError",
+    "InsufficientFunds",
+    "InvalidChainInput",
+    "NodeInfo",
+    "NodeRegistry",
+    "OperatorKeyError",
+    "RegistryParams",
+    "Role",
+    "SyncReport",
+    "TransactionFailed",
+    "TxReceipt",
+    "UnknownRevert",
+    "Wei",
+    "WrongChainId",
+    "checksum",
+    "connect",
+    "default_deployment_path",
+    "deploy_all",
+    "dev_account",
+    "format_eth",
+    "load_artifact",
+    "load_deployment",
+    "model_id",
+    "open_registry",
+    "parse_eth",
+]

@@ -1,0 +1,177 @@
+"""A local anvil chain as a context manager: free port, readiness poll with a deadline, clean shutdown.
+
+Used by ``ps-chain up``, the demo, the gas bench and the tests' session fixture. Anvil is the pinned npm binary
+(``node_modules/.bin/anvil``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import HTTPProvider, Web3
+
+from ledger._errors import ChainError, ChainNotReachable
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+#: anvil's well-known development mnemonic. Its keys are public: they are for local chains only.
+DEV_MNEMONIC = "test test test test test test test test test test test junk"
+#: anvil's default chain id.
+ANVIL_CHAIN_ID = 31337
+
+Account.enable_unaudited_hdwallet_features()
+
+
+def anvil_binary() -> Path:
+    """The pinned anvil: ``$PS_ANVIL`` or ``<repo>/node_modules/.bin/anvil``; raises if it is not installed."""
+    path = Path(os.environ.get("PS_ANVIL", _ROOT / "node_modules" / ".bin" / "anvil"))
+    if not path.exists():
+        found = shutil.which("anvil")
+        if found is None:
+            raise ChainError(f"anvil not found at {path}; run `make bootstrap` (npm ci installs it)")
+        path = Path(found)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the launcher retries if it is taken meanwhile)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def dev_account(index: int) -> LocalAccount:
+    """anvil's dev account ``index`` (0-based) derived from :data:`DEV_MNEMONIC`. Local chains only."""
+    if not 0 <= index < 1000:
+        raise ValueError(f"dev account index out of range: {index}")
+    account: LocalAccount = Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
+    return account
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnvilConfig:
+    """How to start anvil."""
+
+    #: TCP port on 127.0.0.1; 0 picks a free one.
+    port: int = 0
+    #: File the chain state is loaded from (if it exists) and dumped to on exit; None for an ephemeral chain.
+    state_file: Path | None = None
+    #: Number of funded dev accounts (1..1000).
+    accounts: int = 10
+    #: Balance of each dev account, in ETH.
+    balance_eth: int = 10_000
+    #: Seconds to wait for JSON-RPC readiness.
+    start_timeout: float = 15.0
+    #: Seconds to wait for a clean exit after SIGTERM before SIGKILL.
+    stop_timeout: float = 10.0
+
+
+class Anvil:
+    """A running anvil process. Use as a context manager; ``stop()`` is idempotent."""
+
+    def __init__(self, config: AnvilConfig | None = None) -> None:
+        self.config = config or AnvilConfig()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port = 0
+
+    @property
+    def rpc_url(self) -> str:
+        """The JSON-RPC URL (``http://127.0.0.1:<port>``)."""
+        if self._proc is None:
+            raise ChainError("anvil is not running")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The anvil process id while it runs."""
+        return None if self._proc is None else self._proc.pid
+
+    def web3(self, timeout: float = 10.0) -> Web3:
+        """A sync ``Web3`` connected to this chain."""
+        return Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": timeout}))
+
+    def dev_addresses(self) -> list[ChecksumAddress]:
+        """The funded dev accounts' addresses (never their keys)."""
+        return [Web3.to_checksum_address(a) for a in self.web3().eth.accounts]
+
+    def start(self) -> Anvil:
+        """Start anvil and wait until it answers ``eth_chainId``; retries once on a port race."""
+        if self._proc is not None:
+            return self
+        attempts = 1 if self.config.port else 3
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                self._spawn(self.config.port or free_port())
+                return self
+            except ChainNotReachable as exc:
+                last = exc
+                self.stop()
+        assert last is not None
+        raise last
+
+    def _spawn(self, port: int) -> None:
+        cmd = [
+            str(anvil_binary()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--accounts",
+            str(self.config.accounts),
+            "--balance",
+            str(self.config.balance_eth),
+            "--quiet",
+        ]
+        if self.config.state_file is not None:
+            self.config.state_file.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--state", str(self.config.state_file)]
+        self._port = port
+        # stdout is discarded (it would grow without bound); stderr is kept small by --quiet and read on failure.
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.config.start_timeout
+        w3 = self.web3(timeout=1.0)
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                stderr = self._proc.stderr.read(4096).decode(errors="replace") if self._proc.stderr else ""
+                raise ChainNotReachable(self.rpc_url, f"anvil exited with {self._proc.returncode}: {stderr.strip()}")
+            with contextlib.suppress(Exception):
+                if w3.eth.chain_id:
+                    return
+            time.sleep(0.05)
+        raise ChainNotReachable(self.rpc_url, f"anvil did not answer within {self.config.start_timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM (anvil dumps ``--state`` on it), wait, then SIGKILL if it hangs."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=self.config.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=self.config.stop_timeout)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> Anvil:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,101 @@
+"""The chain layer's error tree: one base, ``ChainError``, and a leaf per thing that goes wrong.
+
+Each ``code`` starts with a prefix the CLI maps to a named exit code (see ``cli/_main.py``): ``chain_unavailable``,
+``tx_reverted``, ``insufficient_funds``, ``invalid``, ``key``. Every Solidity custom error of our contracts has its own
+leaf under :class:`ContractRevert` (see ``ledger/_reverts.py``), carrying the decoded arguments as attributes.
+"""
+
+from __future__ import annotations
+
+from node import PlanetServeError
+
+
+class ChainError(PlanetServeError):
+    """Base of every chain-layer error."""
+
+    code = "chain_error"
+
+
+class ArtifactsMissing(ChainError):
+    """Compiled contract artefacts are missing: the contracts were never compiled here."""
+
+    code = "chain_artifacts_missing"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"compiled contract {path} not found; run `make bootstrap` (it compiles the contracts)")
+
+
+class ChainUnavailable(ChainError):
+    """No usable chain: nothing answers at the RPC URL, or the deployment does not match it."""
+
+    code = "chain_unavailable"
+
+
+class ChainNotReachable(ChainUnavailable):
+    """Nothing answers JSON-RPC at ``rpc_url``."""
+
+    def __init__(self, rpc_url: str, detail: str = "") -> None:
+        self.rpc_url = rpc_url
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(f"no chain answers at {rpc_url}{suffix}; start one with `ps-chain up` or set PS_RPC_URL")
+
+
+class WrongChainId(ChainUnavailable):
+    """The chain at the RPC URL is not the one the deployment was made on."""
+
+    code = "chain_unavailable_wrong_chain_id"
+
+    def __init__(self, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"wrong chain id: the deployment is for chain {expected}, the RPC URL serves chain {actual}")
+
+
+class DeploymentNotFound(ChainUnavailable):
+    """The deployment file is missing, unreadable, or its contracts have no code on the chain."""
+
+    code = "chain_unavailable_no_deployment"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"deployment {path}: {reason}; run `ps-chain up` or set PS_DEPLOYMENT")
+
+
+class TransactionFailed(ChainError):
+    """A transaction was mined but failed, or never got a receipt in time."""
+
+    code = "tx_reverted"
+
+    def __init__(self, message: str, *, tx_hash: str | None = None) -> None:
+        self.tx_hash = tx_hash
+        super().__init__(message)
+
+
+class InsufficientFunds(ChainError):
+    """The sending account cannot pay the value plus gas."""
+
+    code = "insufficient_funds"
+
+    def __init__(self, account: str, detail: str = "") -> None:
+        self.account = account
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(f"account {account} has insufficient funds for this transaction{suffix}")
+
+
+class InvalidChainInput(ChainError):
+    """A value given to the chain layer is invalid; ``param`` names it."""
+
+    code = "invalid_input"
+
+    def __init__(self, param: str, value: object, reason: str) -> None:
+        self.param = param
+        self.value = value
+        super().__init__(f"invalid {param} {value!r}: {reason}")
+
+
+class OperatorKeyError(ChainError):
+    """The operator's secret key is missing or its keystore cannot be opened (the key itself is never shown)."""
+
+    code = "key_error"

@@ -1,0 +1,250 @@
+"""``NodeRegistry``: the typed handle over the registry-and-staking contract."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.types import TxReceipt as Web3Receipt
+
+from ledger._artifacts import load_artifact
+from ledger._errors import InvalidChainInput, OperatorKeyError
+from ledger._reverts import RevertDecoder
+from ledger._tx import map_call_errors, send_transaction
+from ledger._types import NodeInfo, Role, TxReceipt, Wei, checksum
+
+_CONTRACT = "NodeRegistry"
+_ZERO32 = bytes(32)
+
+
+def _bytes32(value: bytes, param: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise InvalidChainInput(param, value, "must be exactly 32 bytes")
+    return value
+
+
+def _non_negative(value: int, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 2**256:
+        raise InvalidChainInput(param, value, "must be an integer in [0, 2**256)")
+    return value
+
+
+class NodeRegistry:
+    """One deployed ``NodeRegistry``. Reads need no account; writes are signed by ``account``.
+
+    Writes return a :class:`TxReceipt`; a revert raises the contract's custom error as a
+    :class:`~ledger.ContractRevert` subclass with its decoded arguments.
+    """
+
+    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None) -> None:
+        artifact = load_artifact(_CONTRACT)
+        self._w3 = w3
+        self._address = checksum(address, param="registry address")
+        self._account = account
+        self._contract: Contract = w3.eth.contract(address=self._address, abi=list(artifact.abi))
+        self._decoder = RevertDecoder([artifact.abi])
+        self._events_by_topic = {
+            bytes(Web3.keccak(text=_event_signature(item))): str(item["name"])
+            for item in artifact.abi
+            if item.get("type") == "event"
+        }
+
+    @property
+    def address(self) -> ChecksumAddress:
+        """The contract's checksummed address."""
+        return self._address
+
+    @property
+    def w3(self) -> Web3:
+        """The ``Web3`` the handle talks through."""
+        return self._w3
+
+    @property
+    def contract(self) -> Contract:
+        """The raw web3 contract (for the indexer's log decoding; callers use the domain methods)."""
+        return self._contract
+
+    @property
+    def decoder(self) -> RevertDecoder:
+        """The revert decoder for this contract's errors."""
+        return self._decoder
+
+    @property
+    def account(self) -> ChecksumAddress:
+        """The signing account's address; ``OperatorKeyError`` when the handle is read-only."""
+        return self._signer().address
+
+    def with_account(self, account: LocalAccount) -> NodeRegistry:
+        """The same registry, signing with ``account``."""
+        return NodeRegistry(self._w3, self._address, account)
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def get_node(self, operator: str) -> NodeInfo | None:
+        """The node of ``operator``, or None when it has none."""
+        address = checksum(operator, param="operator")
+        raw = self._call(self._contract.functions.getNode(address))
+        role, stake, key, mid, price, registered_at, unbonding_ends_at, endpoint = raw
+        if registered_at == 0:
+            return None
+        return NodeInfo(
+            operator=address,
+            role=Role(role),
+            stake=Wei(stake),
+            x25519_public_key=bytes(key),
+            model_id=bytes(mid),
+            price_per_1k_tokens=Wei(price),
+            registered_at=registered_at,
+            unbonding_ends_at=unbonding_ends_at,
+            endpoint=endpoint,
+            active=self.is_active(address),
+        )
+
+    def is_active(self, operator: str) -> bool:
+        """Whether ``operator``'s node may be routed to."""
+        return bool(self._call(self._contract.functions.isActive(checksum(operator, param="operator"))))
+
+    def stake_of(self, operator: str) -> Wei:
+        """The bonded stake of ``operator`` in wei."""
+        return Wei(self._call(self._contract.functions.stakeOf(checksum(operator, param="operator"))))
+
+    def minimum_stake(self, role: Role) -> Wei:
+        """The minimum stake of ``role`` in wei."""
+        return Wei(self._call(self._contract.functions.minimumStake(int(role))))
+
+    def unbonding_delay(self) -> int:
+        """The unbonding delay in seconds."""
+        return int(self._call(self._contract.functions.unbondingDelay()))
+
+    def pending_withdrawal(self, account: str) -> Wei:
+        """What ``account`` can withdraw now, in wei."""
+        return Wei(self._call(self._contract.functions.pendingWithdrawal(checksum(account, param="account"))))
+
+    def slasher(self) -> ChecksumAddress | None:
+        """The authorised slasher, or None before it is set."""
+        value = checksum(self._call(self._contract.functions.slasher()))
+        return None if int(value, 16) == 0 else value
+
+    def owner(self) -> ChecksumAddress:
+        """The owner (who may set the slasher once)."""
+        return checksum(self._call(self._contract.functions.owner()))
+
+    def treasury(self) -> ChecksumAddress:
+        """The treasury account."""
+        return checksum(self._call(self._contract.functions.treasury()))
+
+    def treasury_balance(self) -> Wei:
+        """Slashed funds not yet withdrawn, in wei."""
+        return Wei(self._call(self._contract.functions.treasuryBalance()))
+
+    def total_staked(self) -> Wei:
+        """The sum of bonded stakes, in wei."""
+        return Wei(self._call(self._contract.functions.totalStaked()))
+
+    def total_pending_withdrawals(self) -> Wei:
+        """The sum of pending withdrawals, in wei."""
+        return Wei(self._call(self._contract.functions.totalPendingWithdrawals()))
+
+    def balance(self) -> Wei:
+        """The contract's ETH balance, in wei."""
+        return Wei(self._w3.eth.get_balance(self._address))
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def register(
+        self,
+        *,
+        role: Role,
+        endpoint: str,
+        x25519_public_key: bytes,
+        model_id: bytes | None,
+        price_per_1k_tokens: int,
+        stake: int,
+    ) -> TxReceipt:
+        """Register the signer's node with ``stake`` wei. Relays pass ``model_id=None``."""
+        fn = self._contract.functions.register(
+            int(Role(role)),
+            endpoint,
+            _bytes32(x25519_public_key, "x25519_public_key"),
+            _ZERO32 if model_id is None else _bytes32(model_id, "model_id"),
+            _non_negative(price_per_1k_tokens, "price"),
+        )
+        return self._send(fn, value=_non_negative(stake, "stake"))
+
+    def add_stake(self, amount: int) -> TxReceipt:
+        """Add ``amount`` wei to the signer's stake."""
+        return self._send(self._contract.functions.addStake(), value=_non_negative(amount, "amount"))
+
+    def update(self, *, endpoint: str, x25519_public_key: bytes, price_per_1k_tokens: int) -> TxReceipt:
+        """Replace the signer's endpoint, X25519 key and price."""
+        fn = self._contract.functions.update(
+            endpoint, _bytes32(x25519_public_key, "x25519_public_key"), _non_negative(price_per_1k_tokens, "price")
+        )
+        return self._send(fn)
+
+    def request_unbond(self) -> TxReceipt:
+        """Stop being routed to and start the unbonding delay."""
+        return self._send(self._contract.functions.requestUnbond())
+
+    def deregister(self) -> TxReceipt:
+        """After the delay: remove the node and credit its stake to pending withdrawals."""
+        return self._send(self._contract.functions.deregister())
+
+    def withdraw(self) -> TxReceipt:
+        """Pull the signer's pending withdrawals."""
+        return self._send(self._contract.functions.withdraw())
+
+    def slash(self, operator: str, amount: int, evidence_hash: bytes) -> TxReceipt:
+        """Slash ``operator`` by up to ``amount`` wei (the signer must be the authorised slasher)."""
+        fn = self._contract.functions.slash(
+            checksum(operator, param="operator"),
+            _non_negative(amount, "amount"),
+            _bytes32(evidence_hash, "evidence_hash"),
+        )
+        return self._send(fn)
+
+    def set_slasher(self, slasher: str) -> TxReceipt:
+        """Authorise ``slasher`` (owner only, once)."""
+        return self._send(self._contract.functions.setSlasher(checksum(slasher, param="slasher")))
+
+    def withdraw_treasury(self) -> TxReceipt:
+        """Pay the treasury balance to the treasury (treasury only)."""
+        return self._send(self._contract.functions.withdrawTreasury())
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _signer(self) -> LocalAccount:
+        if self._account is None:
+            raise OperatorKeyError("this operation needs the operator key: set PS_PRIVATE_KEY or pass --keystore")
+        return self._account
+
+    def _call(self, fn: ContractFunction) -> Any:
+        return map_call_errors(self._decoder, None, fn.call)
+
+    def _send(self, fn: ContractFunction, *, value: int = 0) -> TxReceipt:
+        account = self._signer()
+        receipt = send_transaction(self._w3, account, fn, self._decoder, value=value)
+        return self._typed_receipt(receipt)
+
+    def _typed_receipt(self, receipt: Web3Receipt) -> TxReceipt:
+        events = tuple(
+            self._events_by_topic[bytes(log["topics"][0])]
+            for log in receipt["logs"]
+            if log["address"] == self._address and log["topics"] and bytes(log["topics"][0]) in self._events_by_topic
+        )
+        return TxReceipt(
+            tx_hash=receipt["transactionHash"].to_0x_hex(),
+            block_number=receipt["blockNumber"],
+            gas_used=receipt["gasUsed"],
+            effective_gas_price=Wei(receipt.get("effectiveGasPrice", 0)),
+            events=events,
+        )
+
+
+def _event_signature(item: Mapping[str, Any]) -> str:
+    return f"{item['name']}({','.join(p['type'] for p in item['inputs'])})"

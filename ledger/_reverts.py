@@ -1,0 +1,325 @@
+"""Solidity custom errors as Python exceptions, decoded by selector from the compiled ABIs.
+
+Each custom error of our contracts (and the OpenZeppelin errors they can raise) is one class below whose
+annotated attributes are the error's decoded arguments, by the Solidity parameter names. A test checks that every
+error in the ABI has its class here, so a new Solidity error cannot ship without its Python twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from eth_abi.abi import decode
+from eth_abi.exceptions import DecodingError
+from eth_typing import ChecksumAddress
+from eth_utils.abi import function_signature_to_4byte_selector
+from eth_utils.address import to_checksum_address
+
+from ledger._errors import ChainError, TransactionFailed
+from ledger._types import Role
+
+_PANIC_REASONS = {
+    0x01: "assert failed",
+    0x11: "arithmetic overflow or underflow",
+    0x12: "division by zero",
+    0x21: "invalid enum value",
+    0x32: "array index out of bounds",
+    0x41: "out of memory",
+}
+
+
+class ContractRevert(TransactionFailed):
+    """A call or transaction reverted with a decoded error. ``error_name`` and ``values`` give the error."""
+
+    code = "tx_reverted"
+    #: The Solidity error name; subclasses set it to their own class name.
+    error_name: ClassVar[str] = ""
+
+    def __init__(self, values: Mapping[str, Any], *, tx_hash: str | None = None) -> None:
+        self.values = dict(values)
+        for key, value in self.values.items():
+            setattr(self, key, value)
+        rendered = ", ".join(f"{k}={_render(v)}" for k, v in self.values.items())
+        super().__init__(f"transaction reverted: {self.error_name}({rendered})", tx_hash=tx_hash)
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    if isinstance(value, Role):
+        return value.name.lower()
+    return str(value)
+
+
+class UnknownRevert(ContractRevert):
+    """Revert data whose selector matches no known error; ``data`` is the raw 0x-hex revert data."""
+
+    error_name = "UnknownRevert"
+    data: str
+
+
+class RevertString(ContractRevert):
+    """A ``revert("reason")`` / ``require(cond, "reason")``."""
+
+    error_name = "Error"
+    reason: str
+
+
+class Panic(ContractRevert):
+    """A Solidity panic (``assert``, arithmetic, invalid enum...); ``code_value`` is the panic code."""
+
+    error_name = "Panic"
+    code_value: int
+    meaning: str
+
+
+class NodeRegistryAlreadyRegistered(ContractRevert):
+    """The operator already has a node."""
+
+    error_name = "NodeRegistryAlreadyRegistered"
+    operator: ChecksumAddress
+
+
+class NodeRegistryNotRegistered(ContractRevert):
+    """The operator has no node."""
+
+    error_name = "NodeRegistryNotRegistered"
+    operator: ChecksumAddress
+
+
+class NodeRegistryStakeBelowMinimum(ContractRevert):
+    """The stake (wei) is below the role's minimum (wei)."""
+
+    error_name = "NodeRegistryStakeBelowMinimum"
+    operator: ChecksumAddress
+    role: Role | int
+    stake: int
+    minimum: int
+
+
+class NodeRegistryInvalidEndpoint(ContractRevert):
+    """The endpoint is empty or longer than ``maxLength`` bytes."""
+
+    error_name = "NodeRegistryInvalidEndpoint"
+    length: int
+    maxLength: int
+
+
+class NodeRegistryInvalidPublicKey(ContractRevert):
+    """The X25519 public key is zero."""
+
+    error_name = "NodeRegistryInvalidPublicKey"
+    x25519PublicKey: bytes
+
+
+class NodeRegistryInvalidModelId(ContractRevert):
+    """Model/verifier nodes need a model id; relays must not give one."""
+
+    error_name = "NodeRegistryInvalidModelId"
+    role: Role | int
+    modelId: bytes
+
+
+class NodeRegistryZeroAmount(ContractRevert):
+    """A call that moves value carried none."""
+
+    error_name = "NodeRegistryZeroAmount"
+    operator: ChecksumAddress
+
+
+class NodeRegistryNodeUnbonding(ContractRevert):
+    """The node is unbonding, which forbids the call."""
+
+    error_name = "NodeRegistryNodeUnbonding"
+    operator: ChecksumAddress
+    unbondingEndsAt: int
+
+
+class NodeRegistryNotUnbonding(ContractRevert):
+    """The node has not requested unbonding."""
+
+    error_name = "NodeRegistryNotUnbonding"
+    operator: ChecksumAddress
+
+
+class NodeRegistryUnbondingNotFinished(ContractRevert):
+    """The unbonding delay has not elapsed (times in Unix seconds)."""
+
+    error_name = "NodeRegistryUnbondingNotFinished"
+    operator: ChecksumAddress
+    unbondingEndsAt: int
+    currentTime: int
+
+
+class NodeRegistryNothingToWithdraw(ContractRevert):
+    """The account has no pending withdrawal."""
+
+    error_name = "NodeRegistryNothingToWithdraw"
+    account: ChecksumAddress
+
+
+class NodeRegistryTransferFailed(ContractRevert):
+    """The recipient refused the payment."""
+
+    error_name = "NodeRegistryTransferFailed"
+    to: ChecksumAddress
+    amount: int
+
+
+class NodeRegistryUnauthorizedSlasher(ContractRevert):
+    """Only the authorised slasher may slash."""
+
+    error_name = "NodeRegistryUnauthorizedSlasher"
+    caller: ChecksumAddress
+
+
+class NodeRegistrySlasherAlreadySet(ContractRevert):
+    """The slasher can be set once only."""
+
+    error_name = "NodeRegistrySlasherAlreadySet"
+    slasher: ChecksumAddress
+
+
+class NodeRegistryInvalidSlasher(ContractRevert):
+    """The slasher address is zero."""
+
+    error_name = "NodeRegistryInvalidSlasher"
+    slasher: ChecksumAddress
+
+
+class NodeRegistryUnauthorizedTreasury(ContractRevert):
+    """Only the treasury may withdraw slashed funds."""
+
+    error_name = "NodeRegistryUnauthorizedTreasury"
+    caller: ChecksumAddress
+
+
+class NodeRegistryInvalidTreasury(ContractRevert):
+    """The treasury address is zero (deployment)."""
+
+    error_name = "NodeRegistryInvalidTreasury"
+    treasury: ChecksumAddress
+
+
+class OwnableUnauthorizedAccount(ContractRevert):
+    """OpenZeppelin ``Ownable``: the caller is not the owner."""
+
+    error_name = "OwnableUnauthorizedAccount"
+    account: ChecksumAddress
+
+
+class OwnableInvalidOwner(ContractRevert):
+    """OpenZeppelin ``Ownable``: the owner address is invalid (zero)."""
+
+    error_name = "OwnableInvalidOwner"
+    owner: ChecksumAddress
+
+
+class ReentrancyGuardReentrantCall(ContractRevert):
+    """OpenZeppelin ``ReentrancyGuardTransient``: a guarded function was re-entered."""
+
+    error_name = "ReentrancyGuardReentrantCall"
+
+
+#: Every decodable error class, by Solidity name.
+REVERT_CLASSES: dict[str, type[ContractRevert]] = {
+    cls.error_name: cls
+    for cls in (
+        NodeRegistryAlreadyRegistered,
+        NodeRegistryNotRegistered,
+        NodeRegistryStakeBelowMinimum,
+        NodeRegistryInvalidEndpoint,
+        NodeRegistryInvalidPublicKey,
+        NodeRegistryInvalidModelId,
+        NodeRegistryZeroAmount,
+        NodeRegistryNodeUnbonding,
+        NodeRegistryNotUnbonding,
+        NodeRegistryUnbondingNotFinished,
+        NodeRegistryNothingToWithdraw,
+        NodeRegistryTransferFailed,
+        NodeRegistryUnauthorizedSlasher,
+        NodeRegistrySlasherAlreadySet,
+        NodeRegistryInvalidSlasher,
+        NodeRegistryUnauthorizedTreasury,
+        NodeRegistryInvalidTreasury,
+        OwnableUnauthorizedAccount,
+        OwnableInvalidOwner,
+        ReentrancyGuardReentrantCall,
+    )
+}
+
+
+def _abi_type(param: Mapping[str, Any]) -> str:
+    if param["type"].startswith("tuple"):
+        raise ChainError("tuple-typed error arguments are not supported by the revert decoder")
+    return str(param["type"])
+
+
+class RevertDecoder:
+    """Maps 4-byte selectors of the given ABIs' errors to their classes and argument types."""
+
+    def __init__(self, abis: Iterable[Iterable[Mapping[str, Any]]]) -> None:
+        self._by_selector: dict[bytes, tuple[type[ContractRevert], list[str], list[str], list[bool]]] = {}
+        for abi in abis:
+            for item in abi:
+                if item.get("type") != "error":
+                    continue
+                types = [_abi_type(p) for p in item["inputs"]]
+                names = [p["name"] for p in item["inputs"]]
+                enums = [str(p.get("internalType", "")) == "enum NodeRegistry.Role" for p in item["inputs"]]
+                signature = f"{item['name']}({','.join(types)})"
+                cls = REVERT_CLASSES.get(item["name"])
+                if cls is None:
+                    raise ChainError(f"ABI error {signature} has no Python class in ledger/_reverts.py")
+                self._by_selector[function_signature_to_4byte_selector(signature)] = (cls, types, names, enums)
+
+    def decode(self, data: str | bytes | None, *, tx_hash: str | None = None) -> ContractRevert:
+        """The exception for raw revert ``data``; unknown or malformed data gives ``UnknownRevert``."""
+        raw = _to_bytes(data)
+        selector, body = raw[:4], raw[4:]
+        if selector == function_signature_to_4byte_selector("Error(string)"):
+            return RevertString({"reason": _decode_or(["string"], body, [""])[0]}, tx_hash=tx_hash)
+        if selector == function_signature_to_4byte_selector("Panic(uint256)"):
+            (code,) = _decode_or(["uint256"], body, [-1])
+            return Panic({"code_value": code, "meaning": _PANIC_REASONS.get(code, "unknown")}, tx_hash=tx_hash)
+        entry = self._by_selector.get(selector)
+        if entry is None:
+            return UnknownRevert({"data": "0x" + raw.hex()}, tx_hash=tx_hash)
+        cls, types, names, enums = entry
+        try:
+            values = decode(types, body, strict=True)
+        except (DecodingError, ValueError, OverflowError):
+            return UnknownRevert({"data": "0x" + raw.hex()}, tx_hash=tx_hash)
+        decoded = {
+            name: _convert(typ, is_role, value)
+            for name, typ, is_role, value in zip(names, types, enums, values, strict=True)
+        }
+        return cls(decoded, tx_hash=tx_hash)
+
+
+def _convert(typ: str, is_role: bool, value: Any) -> Any:
+    if typ == "address":
+        return to_checksum_address(value)
+    if is_role and value in iter(Role):
+        return Role(value)
+    return value
+
+
+def _decode_or(types: list[str], body: bytes, default: list[Any]) -> list[Any]:
+    try:
+        return list(decode(types, body))
+    except (DecodingError, ValueError, OverflowError):
+        return default
+
+
+def _to_bytes(data: str | bytes | None) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, bytes):
+        return data
+    text = data[2:] if data.startswith("0x") else data
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return b""

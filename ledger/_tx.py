@@ -1,0 +1,118 @@
+"""Connecting to a chain and sending signed transactions, with every failure mapped onto the error tree.
+
+Sync ``Web3`` on purpose: the CLI, demo and bench are sequential; an aiohttp service can call the handles from a
+worker thread (``asyncio.to_thread``) until an async handle is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import requests
+from eth_account.signers.local import LocalAccount
+from web3 import HTTPProvider, Web3
+from web3.contract.contract import ContractConstructor, ContractFunction
+from web3.exceptions import (
+    ContractCustomError,
+    ContractLogicError,
+    ContractPanicError,
+    TimeExhausted,
+    Web3RPCError,
+)
+from web3.types import TxParams, TxReceipt, Wei
+
+from ledger._errors import ChainError, ChainNotReachable, InsufficientFunds, TransactionFailed, WrongChainId
+from ledger._reverts import RevertDecoder
+
+_T = TypeVar("_T")
+
+#: Seconds to wait for a receipt. anvil mines instantly; a real chain needs longer (callers can pass their own).
+RECEIPT_TIMEOUT = 60.0
+
+
+def connect(rpc_url: str, *, expected_chain_id: int | None = None, timeout: float = 10.0) -> Web3:
+    """A ``Web3`` for ``rpc_url`` after checking that it answers (and serves ``expected_chain_id`` if given)."""
+    if not rpc_url.startswith(("http://", "https://")):
+        raise ChainNotReachable(rpc_url, "only http(s) JSON-RPC URLs are supported")
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+    try:
+        chain_id = w3.eth.chain_id
+    except (requests.RequestException, OSError, Web3RPCError, ValueError) as exc:
+        raise ChainNotReachable(rpc_url, type(exc).__name__) from exc
+    if expected_chain_id is not None and chain_id != expected_chain_id:
+        raise WrongChainId(expected_chain_id, chain_id)
+    return w3
+
+
+@contextmanager
+def rpc_errors(rpc_url: str) -> Iterator[None]:
+    """Turn transport failures inside the block into ``ChainNotReachable``."""
+    try:
+        yield
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise ChainNotReachable(rpc_url, type(exc).__name__) from exc
+
+
+def _is_insufficient_funds(exc: Web3RPCError) -> bool:
+    return "insufficient funds" in str(exc).lower()
+
+
+def map_call_errors(decoder: RevertDecoder, account: str | None, call: Callable[[], _T]) -> _T:
+    """Run ``call`` (an ``eth_call``/``estimate_gas``/send), mapping reverts and funding failures."""
+    try:
+        return call()
+    except (ContractCustomError, ContractPanicError, ContractLogicError) as exc:
+        data = exc.data if isinstance(exc.data, str | bytes) else None
+        raise decoder.decode(data) from exc
+    except Web3RPCError as exc:
+        if _is_insufficient_funds(exc):
+            raise InsufficientFunds(account or "?") from exc
+        raise ChainError(f"the chain rejected the request: {exc.rpc_response or exc}") from exc
+
+
+def send_transaction(
+    w3: Web3,
+    account: LocalAccount,
+    function: ContractFunction | ContractConstructor,
+    decoder: RevertDecoder,
+    *,
+    value: int = 0,
+    receipt_timeout: float = RECEIPT_TIMEOUT,
+) -> TxReceipt:
+    """Estimate, sign locally, send and wait for a successful receipt of a call or a deployment.
+
+    Reverts surface as the contract's custom error (decoded from the gas estimate's revert data, or by replaying
+    a mined failed transaction); lack of funds as ``InsufficientFunds``; a missing receipt as ``TransactionFailed``.
+    """
+    params: TxParams = {
+        "from": account.address,
+        "value": Wei(value),
+        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        "chainId": w3.eth.chain_id,
+    }
+    tx: dict[str, Any] = dict(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
+    signed = account.sign_transaction(tx)
+    tx_hash = map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
+    try:
+        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
+    except TimeExhausted as exc:
+        raise TransactionFailed(f"no receipt within {receipt_timeout} s", tx_hash=tx_hash.to_0x_hex()) from exc
+    if receipt["status"] != 1:
+        _raise_for_failed(w3, tx, receipt, decoder)
+    return receipt
+
+
+def _raise_for_failed(w3: Web3, tx: dict[str, Any], receipt: TxReceipt, decoder: RevertDecoder) -> None:
+    """Replay a mined failed transaction at its block's parent to recover the revert reason."""
+    tx_hash = receipt["transactionHash"].to_0x_hex()
+    call: TxParams = {k: v for k, v in tx.items() if k in ("from", "to", "value", "data", "gas")}  # type: ignore[assignment]
+    try:
+        w3.eth.call(call, receipt["blockNumber"] - 1)
+    except (ContractCustomError, ContractPanicError, ContractLogicError) as exc:
+        data = exc.data if isinstance(exc.data, str | bytes) else None
+        raise decoder.decode(data, tx_hash=tx_hash) from exc
+    raise TransactionFailed(
+        "transaction failed on chain (out of gas or a reason the replay did not reproduce)", tx_hash=tx_hash
+    )
