@@ -1,0 +1,72 @@
+"""Every size, label and limit of the privacy protocol, each citing its section of ``docs/protocol.md``.
+
+Kept in one module so that the spec and the code can be compared line by line.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: §1, §2: version byte of every structure.
+VERSION: Final = 0x01
+#: §2: type bytes.
+TYPE_CLOVE: Final = 0x01
+TYPE_ONION: Final = 0x02
+TYPE_REPLY: Final = 0x03
+TYPE_ENVELOPE: Final = 0x04
+
+#: §3: most cloves per message; ``2 <= k <= n <= MAX_N``.
+MAX_N: Final = 16
+#: §3: largest S-IDA plaintext (the §4 envelope), bytes.
+MAX_MESSAGE: Final = 262_144
+#: §3.1: bytes before the fragment in a clove.
+CLOVE_HEADER_LEN: Final = 85
+#: §3.1: field sizes.
+MESSAGE_ID_LEN: Final = 16
+KEY_LEN: Final = 32
+NONCE_LEN: Final = 12
+TAG_LEN: Final = 16
+
+#: §4: envelope header (version, type, reply key, body length).
+ENVELOPE_HEADER_LEN: Final = 38
+
+#: §5: routing slots per header (relays plus destination); the longest path.
+MAX_HOPS: Final = 6
+#: §5.2: bytes per routing slot.
+SLOT_LEN: Final = 128
+#: §5.1: routing bytes in every header.
+ROUTING_LEN: Final = MAX_HOPS * SLOT_LEN
+#: §5.1: fixed header bytes before the payload.
+ONION_HEADER_LEN: Final = 2 + 32 + TAG_LEN + ROUTING_LEN + 4
+#: §5.2: longest next-hop address.
+ADDR_MAX: Final = 64
+#: §5.1: payload sizes.
+PAYLOAD_QUANTUM: Final = 256
+MAX_PAYLOAD: Final = 131_072
+#: §5.1: the largest onion packet a hop accepts.
+MAX_PACKET: Final = ONION_HEADER_LEN + MAX_PAYLOAD
+#: §5.2: hop types.
+HOP_FORWARD: Final = 0x01
+HOP_EXIT: Final = 0x02
+#: §5.4, §5.6: expiry window, seconds.
+MAX_TTL: Final = 120
+EXPIRY_GRANULARITY: Final = 10
+#: §5.3: HKDF label and output split.
+ONION_KDF_INFO: Final = b"planetserve/v1/onion"
+ONION_OKM_LEN: Final = 112
+REPLAY_TAG_LEN: Final = 16
+
+#: §6.1: reply chunk sizes.
+REPLY_HEADER_LEN: Final = 7
+REPLY_PAD_QUANTUM: Final = 64
+MAX_REPLY_DATA: Final = 16_384
+REPLY_FLAG_FINAL: Final = 0x01
+REPLY_FLAG_ERROR: Final = 0x02
+#: §6.2: the largest frame body on a reply stream.
+MAX_REPLY_FRAME: Final = (
+    REPLY_HEADER_LEN
+    + ((4 + MAX_REPLY_DATA + REPLY_PAD_QUANTUM - 1) // REPLY_PAD_QUANTUM) * (REPLY_PAD_QUANTUM)
+    + TAG_LEN
+)
+#: §6.2: frame length prefix.
+FRAME_LEN_BYTES: Final = 4
