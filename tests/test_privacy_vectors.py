@@ -1,0 +1,156 @@
+"""The codecs reproduce ``tests/vectors/*.json`` (docs/protocol.md §9) and reject every must-reject case."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.privacy import Clove, Envelope, MalformedPacket, PeeledExit, PeeledForward, combine, open_reply, peel
+from node.privacy import _gf256 as gf
+from node.privacy._onion import Hop, build_onion
+from node.privacy._reply import check_frame_len, strip_reply_layers
+from node.privacy._sida import split
+from tests.vectors import generate
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def load(name: str) -> dict[str, Any]:
+    content: dict[str, Any] = json.loads((VECTORS / name).read_text())
+    return content
+
+
+def test_generator_reproduces_committed_vectors_byte_for_byte() -> None:
+    for name, content in generate.build_all().items():
+        assert (VECTORS / name).read_text() == generate.render(content), name
+
+
+def test_gf256_products_and_inverses_match_vectors() -> None:
+    v = load("gf256.json")
+    for p in v["products"]:
+        assert gf.mul(p["a"], p["b"]) == p["product"]
+    for p in v["inverses"]:
+        assert gf.mul(p["a"], p["inverse"]) == 1
+        assert gf.inv(p["a"]) == p["inverse"]
+
+
+def test_sida_split_with_fixed_randomness_matches_vector_cloves() -> None:
+    for case in load("sida.json")["cases"]:
+        draws = [bytes.fromhex(case[f]) for f in ("key", "nonce", "message_id", "coefficients")]
+        feed = iter(draws)
+
+        def randbytes(size: int, feed: Iterator[bytes] = feed) -> bytes:
+            return next(feed)
+
+        cloves = split(bytes.fromhex(case["message"]), case["n"], case["k"], randbytes=randbytes)
+        assert [c.to_bytes().hex() for c in cloves] == case["cloves"]
+
+
+def test_sida_vector_cloves_rebuild_the_message() -> None:
+    for case in load("sida.json")["cases"]:
+        cloves = [Clove.from_bytes(bytes.fromhex(h)) for h in case["cloves"]]
+        assert combine(cloves[-case["k"] :]).hex() == case["message"]
+
+
+@pytest.mark.parametrize("case", load("sida.json")["must_reject_parse"], ids=lambda c: c["name"])
+def test_sida_parse_rejects_vector(case: dict[str, Any]) -> None:
+    with pytest.raises(MalformedPacket) as info:
+        Clove.from_bytes(bytes.fromhex(case["clove"]))
+    assert info.value.reason.value == case["reason"]
+
+
+@pytest.mark.parametrize("case", load("sida.json")["must_reject_combine"], ids=lambda c: c["name"])
+def test_sida_combine_rejects_vector(case: dict[str, Any]) -> None:
+    with pytest.raises(MalformedPacket) as info:
+        combine(Clove.from_bytes(bytes.fromhex(h)) for h in case["cloves"])
+    assert info.value.reason.value == case["reason"]
+
+
+def test_onion_vector_hops_peel_to_expected_keys_and_next_hops() -> None:
+    v = load("onion.json")
+    hops = v["hops"]
+    path = [
+        Hop(address=a, public_key=bytes.fromhex(h["node_public"])) for a, h in zip(v["addresses"], hops, strict=True)
+    ]
+    built = build_onion(
+        path,
+        bytes.fromhex(v["clove"]),
+        ttl=v["ttl"],
+        now=v["now"],
+        ephemeral_secrets=[bytes.fromhex(h["ephemeral_secret"]) for h in hops],
+        randbytes=lambda size: bytes.fromhex(v["routing_padding"]),
+    )
+    assert built.packet.hex() == hops[0]["packet_in"]
+    for i, hop in enumerate(hops):
+        result = peel(
+            bytes.fromhex(hop["packet_in"]),
+            bytes.fromhex(hop["node_secret"]),
+            bytes.fromhex(hop["node_public"]),
+            now=v["now"],
+        )
+        assert result.keys.gcm.hex() == hop["k_gcm"]
+        assert result.keys.rho.hex() == hop["k_rho"]
+        assert result.keys.reply.hex() == hop["k_reply"]
+        assert result.keys.replay_tag.hex() == hop["replay_tag"]
+        if i < len(hops) - 1:
+            assert isinstance(result, PeeledForward)
+            assert result.next_hop == hop["next_hop"]
+            assert result.packet.hex() == hops[i + 1]["packet_in"]
+        else:
+            assert isinstance(result, PeeledExit)
+            assert result.clove.hex() == v["clove"]
+
+
+@pytest.mark.parametrize("case", load("onion.json")["must_reject"], ids=lambda c: c["name"])
+def test_onion_rejects_vector(case: dict[str, Any]) -> None:
+    v = load("onion.json")
+    hop = v["hops"][0]
+    with pytest.raises(MalformedPacket) as info:
+        peel(
+            bytes.fromhex(case["packet"]),
+            bytes.fromhex(hop["node_secret"]),
+            bytes.fromhex(hop["node_public"]),
+            now=v["now"],
+        )
+    assert info.value.reason.value == case["reason"]
+
+
+def test_onion_vector_packet_is_rejected_after_its_expiry() -> None:
+    v = load("onion.json")
+    hop = v["hops"][0]
+    with pytest.raises(MalformedPacket) as info:
+        peel(
+            bytes.fromhex(hop["packet_in"]),
+            bytes.fromhex(hop["node_secret"]),
+            bytes.fromhex(hop["node_public"]),
+            now=v["expired_at"],
+        )
+    assert info.value.reason.value == "expired"
+
+
+def test_reply_vector_frames_decrypt_in_order() -> None:
+    v = load("reply.json")
+    key = bytes.fromhex(v["reply_key"])
+    layers = tuple(bytes.fromhex(k) for k in v["relay_layer_keys"])
+    envelope = Envelope.from_bytes(bytes.fromhex(v["envelope"]))
+    assert envelope.reply_key == key
+    assert envelope.body.hex() == v["envelope_body"]
+    for chunk in v["chunks"]:
+        frame = bytes.fromhex(chunk["frame_at_client"])
+        length = check_frame_len(frame[:4])
+        body = strip_reply_layers(layers, chunk["seq"], frame[4 : 4 + length])
+        assert body.hex() == chunk["sealed"]
+        opened = open_reply(key, body)
+        assert (opened.seq, opened.data.hex(), opened.final) == (chunk["seq"], chunk["data"], chunk["final"])
+
+
+@pytest.mark.parametrize("case", load("reply.json")["must_reject"], ids=lambda c: c["name"])
+def test_reply_rejects_vector(case: dict[str, Any]) -> None:
+    key = bytes.fromhex(load("reply.json")["reply_key"])
+    with pytest.raises(MalformedPacket) as info:
+        open_reply(key, bytes.fromhex(case["chunk"]))
+    assert info.value.reason.value == case["reason"]

@@ -1,0 +1,240 @@
+"""Generate the privacy protocol's test vectors (``docs/protocol.md`` §9) with fixed randomness.
+
+Run ``python -m tests.vectors.generate`` from the repository root to rewrite ``tests/vectors/*.json``; the tests load
+those files and also check that this script still reproduces them byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from node.privacy import _gf256 as gf
+from node.privacy._onion import Hop, PeeledExit, PeeledForward, build_onion, peel
+from node.privacy._reply import Envelope, apply_reply_layer, encode_frame, seal_reply
+from node.privacy._sida import Clove, split
+from node.privacy._x25519 import public_key
+
+HERE = Path(__file__).parent
+NOW = 1_800_000_000
+
+
+class DetRandom:
+    """A deterministic byte stream (SHA-256 in counter mode) that records every draw, for vectors only."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label.encode()
+        self._counter = 0
+        self.draws: list[str] = []
+
+    def __call__(self, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            out += hashlib.sha256(self._label + self._counter.to_bytes(8, "big")).digest()
+            self._counter += 1
+        self.draws.append(out[:size].hex())
+        return out[:size]
+
+
+def _flip(data: bytes, byte: int, bit: int = 0) -> bytes:
+    mutable = bytearray(data)
+    mutable[byte] ^= 1 << bit
+    return bytes(mutable)
+
+
+def gf256_vectors() -> dict[str, Any]:
+    pairs = [(0, 7), (1, 0x53), (2, 0x80), (0x53, 0xCA), (0xFF, 0xFF), (0x1D, 0x02)]
+    return {
+        "polynomial": "0x11d",
+        "products": [{"a": a, "b": b, "product": gf.mul(a, b)} for a, b in pairs],
+        "inverses": [{"a": a, "inverse": gf.inv(a)} for a in (1, 2, 3, 0x53, 0x8E, 0xFF)],
+    }
+
+
+def sida_vectors() -> dict[str, Any]:
+    cases: list[dict[str, Any]] = []
+    for n, k, message in (
+        (4, 3, b"PlanetServe S-IDA vector: any 3 of 4 cloves rebuild this."),
+        (2, 2, b""),
+        (5, 2, bytes(range(40))),
+    ):
+        rng = DetRandom(f"sida/{n}/{k}/{len(message)}")
+        cloves = split(message, n, k, randbytes=rng)
+        cases.append(
+            {
+                "n": n,
+                "k": k,
+                "message": message.hex(),
+                "key": rng.draws[0],
+                "nonce": rng.draws[1],
+                "message_id": rng.draws[2],
+                "coefficients": rng.draws[3],
+                "cloves": [c.to_bytes().hex() for c in cloves],
+            }
+        )
+    good = bytes.fromhex(cases[0]["cloves"][0])
+    reject = [
+        {"name": "truncated header", "clove": good[:84].hex(), "reason": "too_short"},
+        {"name": "version 2", "clove": (b"\x02" + good[1:]).hex(), "reason": "bad_version"},
+        {"name": "wrong type", "clove": (good[:1] + b"\x02" + good[2:]).hex(), "reason": "bad_type"},
+        {"name": "k greater than n", "clove": (good[:3] + b"\x05" + good[4:]).hex(), "reason": "bad_field"},
+        {"name": "index 0", "clove": (good[:4] + b"\x00" + good[5:]).hex(), "reason": "bad_field"},
+        {"name": "fragment one byte short", "clove": good[:-1].hex(), "reason": "bad_length"},
+        {
+            "name": "ct_len over the maximum",
+            "clove": (good[:21] + (2**20).to_bytes(4, "big") + good[25:]).hex(),
+            "reason": "bad_length",
+        },
+    ]
+    c0 = [bytes.fromhex(h) for h in cases[0]["cloves"]]
+    combine_reject = [
+        {
+            "name": "flipped fragment bit",
+            "cloves": [_flip(c0[0], 90).hex(), c0[1].hex(), c0[2].hex()],
+            "reason": "bad_mac",
+        },
+        {
+            "name": "flipped key-share bit",
+            "cloves": [c0[0].hex(), _flip(c0[1], 60).hex(), c0[2].hex()],
+            "reason": "bad_mac",
+        },
+        {
+            "name": "flipped nonce bit in one clove",
+            "cloves": [c0[0].hex(), c0[1].hex(), _flip(c0[2], 30).hex()],
+            "reason": "inconsistent",
+        },
+        {
+            "name": "tampered extra clove",
+            "cloves": [c0[0].hex(), c0[1].hex(), c0[2].hex(), _flip(c0[3], 100).hex()],
+            "reason": "inconsistent",
+        },
+    ]
+    assert all(Clove.from_bytes(c).to_bytes() == c for c in c0)
+    return {"cases": cases, "must_reject_parse": reject, "must_reject_combine": combine_reject}
+
+
+def onion_vectors() -> dict[str, Any]:
+    rng = DetRandom("onion/hops")
+    node_secrets = [rng(32) for _ in range(4)]
+    eph_secrets = [rng(32) for _ in range(4)]
+    addresses = [f"http://127.0.0.1:{9100 + i}" for i in range(4)]
+    path = [Hop(address=a, public_key=public_key(s)) for a, s in zip(addresses, node_secrets, strict=True)]
+    clove = b"clove bytes travel inside the onion"
+    pad = DetRandom("onion/pad")
+    built = build_onion(path, clove, ttl=60, now=NOW, ephemeral_secrets=eph_secrets, randbytes=pad)
+    hops = []
+    packet = built.packet
+    for i, secret in enumerate(node_secrets):
+        result = peel(packet, secret, public_key(secret), now=NOW)
+        entry: dict[str, Any] = {
+            "node_secret": secret.hex(),
+            "node_public": public_key(secret).hex(),
+            "ephemeral_secret": eph_secrets[i].hex(),
+            "packet_in": packet.hex(),
+            "k_gcm": result.keys.gcm.hex(),
+            "k_rho": result.keys.rho.hex(),
+            "k_reply": result.keys.reply.hex(),
+            "replay_tag": result.keys.replay_tag.hex(),
+        }
+        if isinstance(result, PeeledForward):
+            entry["next_hop"] = result.next_hop
+            packet = result.packet
+        else:
+            assert isinstance(result, PeeledExit)
+            entry["exit_clove"] = result.clove.hex()
+        hops.append(entry)
+    first = built.packet
+    reject = [
+        {"name": "one byte short", "packet": first[:-1].hex(), "reason": "too_short"},
+        {"name": "one byte extra", "packet": (first + b"\x00").hex(), "reason": "bad_length"},
+        {"name": "header only", "packet": first[:822].hex(), "reason": "too_short"},
+        {"name": "version 0", "packet": (b"\x00" + first[1:]).hex(), "reason": "bad_version"},
+        {"name": "type clove", "packet": (first[:1] + b"\x01" + first[2:]).hex(), "reason": "bad_type"},
+        {
+            "name": "payload_len not a multiple of 256",
+            "packet": (first[:818] + (257).to_bytes(4, "big") + first[822:]).hex(),
+            "reason": "bad_length",
+        },
+        {"name": "flipped routing bit", "packet": _flip(first, 400).hex(), "reason": "bad_mac"},
+        {"name": "flipped tag bit", "packet": _flip(first, 40).hex(), "reason": "bad_mac"},
+        {"name": "flipped payload bit", "packet": _flip(first, 900).hex(), "reason": "bad_mac"},
+        {"name": "low-order ephemeral key", "packet": (first[:2] + bytes(32) + first[34:]).hex(), "reason": "bad_key"},
+    ]
+    return {
+        "now": NOW,
+        "ttl": 60,
+        "expiry": built.expiry,
+        "clove": clove.hex(),
+        "addresses": addresses,
+        "routing_padding": pad.draws[0],
+        "hops": hops,
+        "must_reject": reject,
+        "expired_at": built.expiry + 1,
+    }
+
+
+def reply_vectors() -> dict[str, Any]:
+    rng = DetRandom("reply")
+    reply_key = rng(32)
+    envelope = Envelope(reply_key=reply_key, body=b'{"prompt": "hi"}')
+    layer_keys = [rng(32) for _ in range(3)]
+    chunks: list[dict[str, Any]] = []
+    for seq, (data, final) in enumerate(((b"Hello", False), (b", world", False), (b"", True))):
+        sealed = seal_reply(reply_key, seq, data, final=final)
+        layered = sealed
+        for key in layer_keys:
+            layered = apply_reply_layer(key, seq, layered)
+        chunks.append(
+            {
+                "seq": seq,
+                "data": data.hex(),
+                "final": final,
+                "sealed": sealed.hex(),
+                "frame_at_client": encode_frame(layered).hex(),
+            }
+        )
+    sealed0 = bytes.fromhex(chunks[0]["sealed"])
+    return {
+        "reply_key": reply_key.hex(),
+        "envelope": envelope.to_bytes().hex(),
+        "envelope_body": envelope.body.hex(),
+        "relay_layer_keys": [k.hex() for k in layer_keys],
+        "chunks": chunks,
+        "must_reject": [
+            {"name": "flipped seq", "chunk": _flip(sealed0, 5).hex(), "reason": "bad_mac"},
+            {"name": "flipped ciphertext", "chunk": _flip(sealed0, 20).hex(), "reason": "bad_mac"},
+            {"name": "unknown flag", "chunk": (sealed0[:6] + b"\x04" + sealed0[7:]).hex(), "reason": "bad_field"},
+            {"name": "truncated", "chunk": sealed0[:40].hex(), "reason": "too_short"},
+            {
+                "name": "ciphertext not padded",
+                "chunk": (sealed0[:7] + b"\x00" + sealed0[7:]).hex(),
+                "reason": "bad_length",
+            },
+        ],
+    }
+
+
+def build_all() -> dict[str, dict[str, Any]]:
+    """Every vector file's content, by file name."""
+    return {
+        "gf256.json": gf256_vectors(),
+        "sida.json": sida_vectors(),
+        "onion.json": onion_vectors(),
+        "reply.json": reply_vectors(),
+    }
+
+
+def render(content: dict[str, Any]) -> str:
+    """The canonical JSON text of a vector file."""
+    return json.dumps(content, indent=1, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    for name, content in build_all().items():
+        (HERE / name).write_text(render(content))
+
+
+if __name__ == "__main__":
+    main()
