@@ -1,7 +1,285 @@
-"""``ps-node register|stake|unbond|withdraw|status|list``: the node's on-chain life (issue 2)."""
+"""``ps-node register|stake add|unbond|withdraw|status|list``: the node's on-chain life.
+
+Secrets: the operator key comes from ``PS_PRIVATE_KEY`` or an encrypted ``--keystore`` (password from
+``PS_KEYSTORE_PASSWORD`` or a prompt), never from a flag, and is never printed.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from platformdirs import user_data_dir
+
 from cli._main import new_app
+from cli._output import emit, info
+from ledger import (
+    Deployment,
+    IndexedNode,
+    Indexer,
+    InvalidChainInput,
+    NodeInfo,
+    NodeRegistry,
+    OperatorKeyError,
+    Role,
+    TxReceipt,
+    connect,
+    default_deployment_path,
+    format_eth,
+    model_id,
+    open_registry,
+    parse_eth,
+)
+from node import NodeIdentity
 
 app = new_app("Register, stake, unbond and withdraw on chain.")
+stake_app = new_app("Manage the node's stake.")
+app.add_typer(stake_app, name="stake")
+
+RpcUrl = Annotated[str, typer.Option("--rpc-url", envvar="PS_RPC_URL", help="JSON-RPC URL of the chain.")]
+DeploymentOpt = Annotated[
+    Path | None,
+    typer.Option("--deployment", envvar="PS_DEPLOYMENT", help="Deployment file (default deployments/<chainId>.json)."),
+]
+Keystore = Annotated[
+    Path | None,
+    typer.Option("--keystore", envvar="PS_KEYSTORE", help="eth-account keystore JSON (else PS_PRIVATE_KEY)."),
+]
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="PS_STATE_DIR", help="Node state directory (keys, index database)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+DEFAULT_RPC_URL = "http://127.0.0.1:8545"
+
+
+def _state_dir(value: Path | None) -> Path:
+    return value if value is not None else Path(user_data_dir("planetserve")) / "node"
+
+
+def load_operator(keystore: Path | None) -> LocalAccount:
+    """The operator account from ``--keystore`` or ``PS_PRIVATE_KEY``; the key never reaches output."""
+    if keystore is not None:
+        try:
+            encrypted = json.loads(keystore.read_text())
+        except (OSError, ValueError) as exc:
+            raise OperatorKeyError(f"cannot read keystore {keystore} ({type(exc).__name__})") from exc
+        password = os.environ.get("PS_KEYSTORE_PASSWORD")
+        if password is None:
+            password = typer.prompt("Keystore password", hide_input=True)
+        try:
+            account: LocalAccount = Account.from_key(Account.decrypt(encrypted, password))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise OperatorKeyError(f"cannot decrypt keystore {keystore}: wrong password or corrupt file") from exc
+        return account
+    secret = os.environ.get("PS_PRIVATE_KEY")
+    if not secret:
+        raise OperatorKeyError("no operator key: set PS_PRIVATE_KEY or pass --keystore PATH")
+    try:
+        env_account: LocalAccount = Account.from_key(secret.strip())
+    except (ValueError, TypeError) as exc:
+        raise OperatorKeyError("PS_PRIVATE_KEY is not a valid 32-byte hex private key") from exc
+    return env_account
+
+
+def _open(rpc_url: str, deployment: Path | None, account: LocalAccount | None) -> tuple[Deployment, NodeRegistry]:
+    if deployment is None:
+        deployment = default_deployment_path(connect(rpc_url).eth.chain_id)
+    return open_registry(rpc_url, deployment, account)
+
+
+def _receipt_json(receipt: TxReceipt) -> dict[str, Any]:
+    return {
+        "tx_hash": receipt.tx_hash,
+        "block": receipt.block_number,
+        "gas_used": receipt.gas_used,
+        "events": list(receipt.events),
+    }
+
+
+def _node_json(node: NodeInfo | IndexedNode) -> dict[str, Any]:
+    return {
+        "operator": node.operator,
+        "role": node.role.name.lower(),
+        "endpoint": node.endpoint,
+        "x25519_public_key": "0x" + node.x25519_public_key.hex(),
+        "model_id": "0x" + node.model_id.hex(),
+        "price_per_1k_tokens_wei": str(node.price_per_1k_tokens),
+        "stake_wei": str(node.stake),
+        "stake_eth": format_eth(node.stake),
+        "active": node.active,
+        "unbonding_ends_at": node.unbonding_ends_at,
+    }
+
+
+@app.command()
+def register(
+    role: Annotated[str, typer.Option("--role", envvar="PS_ROLE", help="model, relay or verifier.")],
+    endpoint: Annotated[str, typer.Option("--endpoint", envvar="PS_ENDPOINT", help="The node's public URL.")],
+    stake: Annotated[str, typer.Option("--stake", envvar="PS_STAKE", help="Stake in ETH, e.g. 1.5.")],
+    model: Annotated[
+        str | None, typer.Option("--model", envvar="PS_MODEL", help="NAME@REV served or verified (not for relays).")
+    ] = None,
+    price: Annotated[int, typer.Option("--price", envvar="PS_PRICE", min=0, help="Price in wei per 1000 tokens.")] = 0,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    state_dir: StateDir = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register this node on chain with a stake; its X25519 key is created in the state directory on first use."""
+    parsed_role = Role.parse(role)
+    if parsed_role is Role.RELAY and model is not None:
+        raise InvalidChainInput("model", model, "relays serve no model; omit --model")
+    if parsed_role is not Role.RELAY and model is None:
+        raise InvalidChainInput("model", None, f"a {parsed_role.name.lower()} node needs --model NAME@REV")
+    mid = None if model is None else model_id(model)
+    wei = parse_eth(stake, param="stake")
+    account = load_operator(keystore)
+    _, registry = _open(rpc_url, deployment, account)
+    minimum = registry.minimum_stake(parsed_role)
+    if wei < minimum:
+        raise InvalidChainInput(
+            "stake", stake, f"below the {parsed_role.name.lower()} minimum of {format_eth(minimum)} ETH"
+        )
+    identity = NodeIdentity.load_or_create(_state_dir(state_dir))
+    info(f"registering {account.address} as {parsed_role.name.lower()} with {format_eth(wei)} ETH")
+    receipt = registry.register(
+        role=parsed_role,
+        endpoint=endpoint,
+        x25519_public_key=identity.public_key,
+        model_id=mid,
+        price_per_1k_tokens=price,
+        stake=wei,
+    )
+    node = registry.get_node(account.address)
+    assert node is not None, "a successful register leaves a node"
+    emit({**_node_json(node), **_receipt_json(receipt)}, as_json=as_json, title="registered")
+
+
+@stake_app.command("add")
+def stake_add(
+    amount: Annotated[str, typer.Argument(help="ETH to add, e.g. 0.5.")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add stake to this node."""
+    wei = parse_eth(amount)
+    if wei == 0:
+        raise InvalidChainInput("amount", amount, "must be more than 0 ETH")
+    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    receipt = registry.add_stake(wei)
+    emit(
+        {"stake_wei": str(registry.stake_of(registry.account)), **_receipt_json(receipt)},
+        as_json=as_json,
+        title="stake added",
+    )
+
+
+@app.command()
+def unbond(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop being routed to and start the unbonding delay."""
+    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    receipt = registry.request_unbond()
+    node = registry.get_node(registry.account)
+    ends = 0 if node is None else node.unbonding_ends_at
+    emit({"unbonding_ends_at": ends, **_receipt_json(receipt)}, as_json=as_json, title="unbonding")
+
+
+@app.command()
+def withdraw(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """After the unbonding delay: deregister the node (if still registered) and withdraw its stake."""
+    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    receipts = []
+    if registry.get_node(registry.account) is not None:
+        receipts.append(registry.deregister())
+    pending = registry.pending_withdrawal(registry.account)
+    receipts.append(registry.withdraw())
+    emit(
+        {
+            "withdrawn_wei": str(pending),
+            "withdrawn_eth": format_eth(pending),
+            "transactions": [_receipt_json(r) for r in receipts],
+        },
+        as_json=as_json,
+        title="withdrawn",
+    )
+
+
+@app.command()
+def status(
+    operator: Annotated[
+        str | None, typer.Option("--operator", help="Operator address (default: the key's account).")
+    ] = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show this node's role, stake, activity and unbonding time, read from the contract."""
+    address = operator if operator is not None else load_operator(keystore).address
+    _, registry = _open(rpc_url, deployment, None)
+    node = registry.get_node(address)
+    result: dict[str, Any] = {"operator": address, "registered": node is not None}
+    if node is not None:
+        result.update(_node_json(node))
+    result["pending_withdrawal_wei"] = str(registry.pending_withdrawal(address))
+    result["reputation"] = None  # the attestation/reputation contract comes with the verification issue
+    emit(result, as_json=as_json, title="node status")
+
+
+@app.command("list")
+def list_nodes(
+    include_deregistered: Annotated[bool, typer.Option("--all", help="Include deregistered nodes.")] = False,
+    db: Annotated[
+        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL (default: SQLite in state dir).")
+    ] = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    state_dir: StateDir = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The registry as the event indexer sees it (syncs the index first)."""
+    dep, registry = _open(rpc_url, deployment, None)
+    if db is None:
+        directory = _state_dir(state_dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = f"sqlite:///{directory / f'index-{dep.chain_id}.sqlite'}"
+    with Indexer(registry, dep, db) as indexer:
+        report = indexer.sync()
+        info(f"indexed blocks {report.from_block}..{report.to_block}: {report.applied} new events")
+        nodes = indexer.nodes(include_deregistered=include_deregistered)
+    if as_json:
+        emit([_node_json(n) | {"status": n.status} for n in nodes], as_json=True)
+        return
+    rows = [
+        {
+            "operator": n.operator,
+            "role": n.role.name.lower(),
+            "status": n.status,
+            "active": n.active,
+            "stake ETH": format_eth(n.stake),
+            "price/1k wei": n.price_per_1k_tokens,
+            "endpoint": n.endpoint,
+        }
+        for n in nodes
+    ]
+    emit(rows, as_json=False, title=f"{len(rows)} node(s)")

@@ -27,12 +27,11 @@ from ledger._errors import (
 )
 from ledger._indexer import IndexedNode, Indexer, IndexerError, SyncReport
 from ledger._registry import NodeRegistry
-from ledger._reverts import REVERT_CLASSES, ContractRevert, UnknownRevert
+from ledger._reverts import ContractRevert, UnknownRevert
 from ledger._tx import connect
 from ledger._types import NodeInfo, Role, TxReceipt, Wei, checksum, format_eth, model_id, parse_eth
 
 __all__ = [
-    "REVERT_CLASSES",
     "Anvil",
     "AnvilConfig",
     "Artifact",

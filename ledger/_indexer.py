@@ -39,7 +39,7 @@ class NodeRow(SQLModel, table=True):
     """Current state of one operator's node."""
 
     __tablename__ = "ledger_nodes"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     operator: str = Field(primary_key=True)
     role: int
     endpoint: str
@@ -57,7 +57,7 @@ class StakeChangeRow(SQLModel, table=True):
     """One change of an operator's bonded stake (register, add, slash, deregister)."""
 
     __tablename__ = "ledger_stake_changes"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     block_number: int = Field(primary_key=True)
     log_index: int = Field(primary_key=True)
     operator: str = Field(index=True)
@@ -70,7 +70,7 @@ class UnbondingRow(SQLModel, table=True):
     """One unbonding request."""
 
     __tablename__ = "ledger_unbondings"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     block_number: int = Field(primary_key=True)
     log_index: int = Field(primary_key=True)
     operator: str = Field(index=True)
@@ -82,7 +82,7 @@ class SlashRow(SQLModel, table=True):
     """One slash."""
 
     __tablename__ = "ledger_slashes"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     block_number: int = Field(primary_key=True)
     log_index: int = Field(primary_key=True)
     operator: str = Field(index=True)
@@ -96,7 +96,7 @@ class EventRow(SQLModel, table=True):
     """Every applied log: the idempotency key and an audit trail."""
 
     __tablename__ = "ledger_events"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     block_number: int = Field(primary_key=True)
     log_index: int = Field(primary_key=True)
     tx_hash: str
@@ -107,7 +107,7 @@ class CursorRow(SQLModel, table=True):
     """How far a registry is indexed, and the hash that block had (to detect resets and reorgs)."""
 
     __tablename__ = "ledger_cursor"
-    registry: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
     chain_id: int
     deploy_block: int
     last_block: int
@@ -230,7 +230,7 @@ class Indexer:
         row = session.get(CursorRow, self._key)
         if row is None:
             row = CursorRow(
-                registry=self._key,
+                source=self._key,
                 chain_id=self._deployment.chain_id,
                 deploy_block=self._deployment.deploy_block,
                 last_block=block,
@@ -257,7 +257,7 @@ class Indexer:
             return False
         with Session(self._engine) as session:
             for table in _TABLES:
-                session.execute(delete(table).where(column("registry") == self._key))
+                session.execute(delete(table).where(column("source") == self._key))
             session.commit()
         return True
 
@@ -282,7 +282,7 @@ class Indexer:
         block, index = log["blockNumber"], log["logIndex"]
         session.add(
             EventRow(
-                registry=self._key,
+                source=self._key,
                 block_number=block,
                 log_index=index,
                 tx_hash=log["transactionHash"].to_0x_hex(),
@@ -305,7 +305,7 @@ class Indexer:
     ) -> None:
         session.add(
             StakeChangeRow(
-                registry=self._key,
+                source=self._key,
                 block_number=block,
                 log_index=index,
                 operator=checksum(operator),
@@ -319,7 +319,7 @@ class Indexer:
         operator = checksum(a["operator"])
         session.merge(
             NodeRow(
-                registry=self._key,
+                source=self._key,
                 operator=operator,
                 role=int(a["role"]),
                 endpoint=str(a["endpoint"]),
@@ -355,7 +355,7 @@ class Indexer:
         session.add(row)
         session.add(
             UnbondingRow(
-                registry=self._key,
+                source=self._key,
                 block_number=block,
                 log_index=index,
                 operator=checksum(a["operator"]),
@@ -379,7 +379,7 @@ class Indexer:
         self._stake_change(session, block, index, a["operator"], "slash", -amount, remaining)
         session.add(
             SlashRow(
-                registry=self._key,
+                source=self._key,
                 block_number=block,
                 log_index=index,
                 operator=checksum(a["operator"]),
@@ -395,7 +395,7 @@ class Indexer:
     def nodes(self, *, include_deregistered: bool = False) -> list[IndexedNode]:
         """Every indexed node, ordered by registration block then operator."""
         with Session(self._engine) as session:
-            query = select(NodeRow).where(col(NodeRow.registry) == self._key)
+            query = select(NodeRow).where(col(NodeRow.source) == self._key)
             rows: Sequence[NodeRow] = session.exec(query).all()
         result = [self._to_node(r) for r in rows if include_deregistered or r.status != "deregistered"]
         return sorted(result, key=lambda n: (n.role, n.operator))
@@ -404,7 +404,7 @@ class Indexer:
         """``(kind, delta_wei, new_stake_wei)`` of ``operator`` in chain order."""
         with Session(self._engine) as session:
             query = select(StakeChangeRow).where(
-                col(StakeChangeRow.registry) == self._key, col(StakeChangeRow.operator) == checksum(operator)
+                col(StakeChangeRow.source) == self._key, col(StakeChangeRow.operator) == checksum(operator)
             )
             rows = sorted(session.exec(query).all(), key=lambda r: (r.block_number, r.log_index))
         return [(r.kind, int(r.delta), int(r.new_stake)) for r in rows]
@@ -412,7 +412,7 @@ class Indexer:
     def event_count(self) -> int:
         """How many logs have been applied."""
         with Session(self._engine) as session:
-            return len(session.exec(select(EventRow).where(col(EventRow.registry) == self._key)).all())
+            return len(session.exec(select(EventRow).where(col(EventRow.source) == self._key)).all())
 
     def last_block(self) -> int | None:
         """The last indexed block, or None before the first sync."""

@@ -4,5 +4,6 @@ Importing this package is cheap and has no side effects; heavy dependencies load
 """
 
 from node._errors import PlanetServeError
+from node._identity import IdentityError, NodeIdentity
 
-__all__ = ["PlanetServeError"]
+__all__ = ["IdentityError", "NodeIdentity", "PlanetServeError"]

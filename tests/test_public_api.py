@@ -7,7 +7,40 @@ import importlib
 import pytest
 
 EXPECTED: dict[str, list[str]] = {
-    "node": ["PlanetServeError"],
+    "node": ["IdentityError", "NodeIdentity", "PlanetServeError"],
+    "node.inference": [
+        "CHUNK_TOKENS",
+        "ENGINE_KINDS",
+        "Engine",
+        "EngineClosed",
+        "EngineConfig",
+        "EngineOverloaded",
+        "EngineStats",
+        "EngineTimeout",
+        "EngineUnavailable",
+        "EvalResult",
+        "GenerationChunk",
+        "GenerationRequest",
+        "InferenceError",
+        "InvalidParams",
+        "ModelInfo",
+        "ModelLoadError",
+        "ModelRecipe",
+        "SamplingParams",
+        "ScoreResult",
+        "TensorRtLlmEngine",
+        "TorchEngine",
+        "chunk_hashes",
+        "evaluate",
+        "held_out_problems",
+        "load_engine",
+        "longest_match",
+        "make_model",
+        "make_variant",
+        "model_id_for",
+        "read_info",
+        "resolve_kind",
+    ],
 }
 
 
