@@ -1,0 +1,153 @@
+"""The client side of the privacy path: seal a request, split it into cloves, send each over its own onion path,
+and reassemble the destination's reply stream: in order, de-duplicated, surviving failed paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from node.overlay._errors import DestinationFailed, ReplyIncomplete
+from node.overlay._relay import ONION_PATH
+from node.privacy import (
+    BuiltOnion,
+    Envelope,
+    Hop,
+    InvalidPrivacyParam,
+    MalformedPacket,
+    RelayDescriptor,
+    ReplyChunk,
+    build_onion,
+    open_reply,
+    split,
+)
+from node.privacy._constants import FRAME_LEN_BYTES
+from node.privacy._reply import check_frame_len, strip_reply_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """How a client splits and sends requests."""
+
+    n: int = 4
+    """Cloves (and paths) per request, 2..16."""
+    k: int = 3
+    """Cloves that rebuild a request, 2..n."""
+    ttl_s: int = 60
+    """Packet lifetime in seconds (1..120): relays drop it afterwards."""
+    connect_timeout_s: float = 10.0
+    """Seconds to connect to a first hop."""
+    headers_timeout_s: float = 45.0
+    """Seconds to wait for a first hop's response headers (covers assembly at the destination)."""
+    idle_timeout_s: float = 60.0
+    """Most seconds between two reply frames on a path before that path counts as failed."""
+    reorder_window: int = 4096
+    """Most out-of-order chunks buffered; later ones are dropped."""
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.k <= self.n <= 16):
+            raise InvalidPrivacyParam("n,k", (self.n, self.k), "2 <= k <= n <= 16")
+
+
+async def _read_path(
+    session: aiohttp.ClientSession,
+    built: BuiltOnion,
+    reply_key: bytes,
+    settings: ClientSettings,
+    out: asyncio.Queue[ReplyChunk | None],
+) -> None:
+    """POST one packet and push every authenticated reply chunk into ``out``; push ``None`` when the path ends."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s, sock_read=settings.idle_timeout_s)
+    try:
+        async with asyncio.timeout(settings.headers_timeout_s):
+            response = await session.post(
+                built.first_hop + ONION_PATH,
+                data=built.packet,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=timeout,
+            )
+        async with response:
+            if response.status != 200:
+                log.info("path rejected with HTTP %d", response.status)
+                return
+            index = 0
+            while True:
+                async with asyncio.timeout(settings.idle_timeout_s):
+                    try:
+                        prefix = await response.content.readexactly(FRAME_LEN_BYTES)
+                    except asyncio.IncompleteReadError:
+                        return
+                    body = await response.content.readexactly(check_frame_len(prefix))
+                chunk = open_reply(reply_key, strip_reply_layers(built.relay_reply_keys, index, body))
+                index += 1
+                await out.put(chunk)
+                if chunk.final:
+                    return
+    except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, MalformedPacket, ConnectionError) as exc:
+        log.info("path failed: %s", type(exc).__name__)
+    finally:
+        await out.put(None)
+
+
+async def send_request(
+    session: aiohttp.ClientSession,
+    body: bytes,
+    paths: Sequence[Sequence[RelayDescriptor]],
+    destination: Hop,
+    settings: ClientSettings | None = None,
+) -> AsyncIterator[bytes]:
+    """Send ``body`` to ``destination`` over ``paths`` (one clove per path) and yield the reply as it streams back.
+
+    Raises :class:`ReplyIncomplete` when every path failed before the final chunk, :class:`DestinationFailed` when
+    the destination reported an error. Chunks arriving on several paths are yielded once, in sequence order.
+    """
+    settings = settings or ClientSettings()
+    if len(paths) != settings.n:
+        raise InvalidPrivacyParam("len(paths)", len(paths), f"n = {settings.n}")
+    if len(body) > Envelope.max_body():
+        raise InvalidPrivacyParam("len(body)", len(body), f"at most {Envelope.max_body()} bytes")
+    reply_key = secrets.token_bytes(32)
+    cloves = split(Envelope(reply_key=reply_key, body=body).to_bytes(), settings.n, settings.k)
+    onions = [
+        build_onion([*(r.hop() for r in path), destination], clove.to_bytes(), ttl=settings.ttl_s)
+        for path, clove in zip(paths, cloves, strict=True)
+    ]
+    # Bounded: each path stops after its final chunk and there are n paths, so at most n * window items queue up.
+    queue: asyncio.Queue[ReplyChunk | None] = asyncio.Queue(maxsize=settings.n * 64)
+    tasks = [asyncio.create_task(_read_path(session, built, reply_key, settings, queue)) for built in onions]
+    live = len(tasks)
+    next_seq = 0
+    pending: dict[int, ReplyChunk] = {}
+    try:
+        while True:
+            item = await queue.get()  # every path task ends (pushing None) within its own timeouts
+            if item is None:
+                live -= 1
+                if live == 0:
+                    raise ReplyIncomplete(paths=len(tasks), received=next_seq)
+                continue
+            if item.seq < next_seq or item.seq in pending or item.seq >= next_seq + settings.reorder_window:
+                continue
+            pending[item.seq] = item
+            while next_seq in pending:
+                chunk = pending.pop(next_seq)
+                next_seq += 1
+                if chunk.error:
+                    raise DestinationFailed("the destination could not serve the request")
+                if chunk.data:
+                    yield chunk.data
+                if chunk.final:
+                    return
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

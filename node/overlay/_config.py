@@ -1,0 +1,57 @@
+"""Configuration of an overlay node (relay or model-node side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from node.privacy import InvalidPrivacyParam, public_key
+from node.privacy._constants import MAX_PACKET
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayConfig:
+    """Limits and keys of one overlay node. Every wait has a timeout and every buffer a bound, set here."""
+
+    x25519_secret: bytes = field(repr=False)
+    """The node's raw 32-byte X25519 secret (its public key is on chain). Never printed."""
+    role: Literal["relay", "model"] = "relay"
+    """``relay`` forwards only; ``model`` also accepts EXIT packets and serves them through a handler."""
+    max_body: int = MAX_PACKET
+    """Largest request body accepted, bytes (the largest onion packet)."""
+    max_inflight: int = 256
+    """Most requests handled at once; more are rejected with 503 ``overloaded``."""
+    connect_timeout_s: float = 10.0
+    """Seconds to connect to the next hop."""
+    upstream_headers_timeout_s: float = 40.0
+    """Seconds to wait for the next hop's response headers (must exceed the destination's assembly timeout)."""
+    idle_timeout_s: float = 60.0
+    """Most seconds between two reply frames before a reply stream is abandoned."""
+    circuit_lifetime_s: float = 900.0
+    """Most seconds one forwarded exchange (request plus whole reply stream) may last."""
+    replay_capacity: int = 200_000
+    """Replay-cache entries (16-byte tags, kept until packet expiry)."""
+    assembly_timeout_s: float = 20.0
+    """Model side: seconds a clove waits for the rest of its message's k cloves."""
+    max_messages: int = 1024
+    """Model side: messages being assembled or replied to at once."""
+    message_linger_s: float = 30.0
+    """Model side: seconds a finished message's reply stays available to late cloves."""
+    max_backlog_frames: int = 8192
+    """Model side: most reply chunks kept per message (for paths that join late)."""
+    reply_timeout_s: float = 900.0
+    """Model side: most seconds the handler may take to produce the whole reply."""
+
+    def __post_init__(self) -> None:
+        if len(self.x25519_secret) != 32:
+            raise InvalidPrivacyParam("x25519_secret", len(self.x25519_secret), "32 bytes")
+        if self.role not in ("relay", "model"):
+            raise InvalidPrivacyParam("role", self.role, "relay or model")
+        for name in ("max_body", "max_inflight", "replay_capacity", "max_messages", "max_backlog_frames"):
+            if getattr(self, name) < 1:
+                raise InvalidPrivacyParam(name, getattr(self, name), "at least 1")
+
+    @property
+    def x25519_public(self) -> bytes:
+        """The node's raw X25519 public key."""
+        return public_key(self.x25519_secret)

@@ -1,0 +1,121 @@
+"""A network of real overlay nodes on 127.0.0.1 (ephemeral ports) for tests, benchmarks and local demos.
+
+Each node is a real aiohttp server (``web.AppRunner`` + ``TCPSite``) built by :func:`create_app`; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+
+from aiohttp import web
+
+from node.overlay import keys
+from node.overlay._app import create_app
+from node.overlay._config import OverlayConfig
+from node.overlay._receiver import ReplyHandler
+from node.privacy import Hop, RelayDescriptor
+
+#: Seconds a stopped node waits for its open exchanges: short, so that stopping one looks like a crash.
+_STOP_GRACE_S = 0.1
+
+
+@dataclass(slots=True)
+class LocalNode:
+    """One running node."""
+
+    name: str
+    config: OverlayConfig
+    app: web.Application
+    runner: web.AppRunner
+    endpoint: str = ""
+    running: bool = True
+
+    @property
+    def overlay(self) -> web.Application:
+        """The node's ``/overlay`` sub-application (its state: metrics, replay cache, receiver)."""
+        return self.app[keys.OVERLAY_APP]
+
+    @property
+    def public_key(self) -> bytes:
+        """The node's raw X25519 public key."""
+        return self.config.x25519_public
+
+    def descriptor(self, operator: str | None = None) -> RelayDescriptor:
+        """This node as a relay descriptor (operator defaults to its own name)."""
+        return RelayDescriptor(
+            node_id=self.name, operator=operator or self.name, endpoint=self.endpoint, public_key=self.public_key
+        )
+
+    def hop(self) -> Hop:
+        """This node as an onion hop."""
+        return Hop(address=self.endpoint, public_key=self.public_key)
+
+    async def stop(self) -> None:
+        """Stop serving at once; exchanges in progress are cut (a crashed relay, as far as peers can tell)."""
+        if self.running:
+            self.running = False
+            await self.runner.cleanup()
+
+
+async def start_node(name: str, config: OverlayConfig, handler: ReplyHandler | None = None) -> LocalNode:
+    """Start one node on 127.0.0.1 with an ephemeral port."""
+    app = create_app(config, handler)
+    runner = web.AppRunner(app, shutdown_timeout=_STOP_GRACE_S, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    node = LocalNode(name=name, config=config, app=app, runner=runner)
+    node.endpoint = f"http://{host}:{port}"
+    return node
+
+
+@dataclass(slots=True)
+class LocalNetwork:
+    """``relays`` relay nodes plus one model node serving ``handler``; an async context manager."""
+
+    relays: int
+    handler: ReplyHandler
+    template: OverlayConfig | None = None
+    relay_nodes: list[LocalNode] = field(default_factory=list)
+    model: LocalNode | None = None
+
+    def _config(self, role: str) -> OverlayConfig:
+        base = self.template or OverlayConfig(x25519_secret=secrets.token_bytes(32))
+        return replace(base, x25519_secret=secrets.token_bytes(32), role="model" if role == "model" else "relay")
+
+    async def __aenter__(self) -> LocalNetwork:
+        try:
+            for i in range(self.relays):
+                self.relay_nodes.append(await start_node(f"relay{i}", self._config("relay")))
+            self.model = await start_node("model", self._config("model"), self.handler)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every node."""
+        for node in [*self.relay_nodes, *([self.model] if self.model else [])]:
+            await node.stop()
+
+    @property
+    def destination(self) -> Hop:
+        """The model node as the final onion hop."""
+        assert self.model is not None, "network not started"
+        return self.model.hop()
+
+    def descriptors(self) -> list[RelayDescriptor]:
+        """Every relay as a descriptor (each its own operator)."""
+        return [n.descriptor() for n in self.relay_nodes]
+
+    def node_at(self, endpoint: str) -> LocalNode:
+        """The relay serving ``endpoint``."""
+        return next(n for n in self.relay_nodes if n.endpoint == endpoint)

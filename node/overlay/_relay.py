@@ -1,0 +1,94 @@
+"""The relay role: peel one layer, drop replays, forward to the next hop and pass its reply stream back with this
+hop's reply layer added (``docs/protocol.md`` §5.4, §6.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from node.overlay._config import OverlayConfig
+from node.overlay._metrics import OverlayMetrics
+from node.privacy import MalformedPacket, PeeledForward, RejectReason, ReplayCache
+from node.privacy._constants import FRAME_LEN_BYTES
+from node.privacy._reply import apply_reply_layer, check_frame_len, encode_frame
+
+log = logging.getLogger(__name__)
+
+ONION_PATH = "/overlay/v1/onion"
+#: What ends a reply stream that has already started (the previous hop then sees a truncated path).
+_STREAM_ERRORS = (MalformedPacket, TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError)
+
+
+@dataclass(slots=True)
+class RelayState:
+    """What a relay keeps between requests: the replay cache and whether it is draining."""
+
+    replay: ReplayCache
+    draining: bool = False
+    inflight: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+async def forward(
+    request: web.Request,
+    peeled: PeeledForward,
+    session: aiohttp.ClientSession,
+    config: OverlayConfig,
+    metrics: OverlayMetrics,
+) -> web.StreamResponse:
+    """Send the peeled packet to the next hop and relay its reply frames back, adding this hop's layer.
+
+    Before the reply starts, failures are HTTP errors (502/504); once it has started they end the stream, which the
+    client sees as a failed path.
+    """
+    url = peeled.next_hop + ONION_PATH
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=config.connect_timeout_s, sock_read=config.idle_timeout_s, sock_connect=None
+    )
+    try:
+        async with asyncio.timeout(config.upstream_headers_timeout_s):
+            upstream = await session.post(
+                url, data=peeled.packet, headers={"Content-Type": "application/octet-stream"}, timeout=timeout
+            )
+    except TimeoutError as exc:
+        raise MalformedPacket(RejectReason.UPSTREAM_TIMEOUT) from exc
+    except aiohttp.ClientError as exc:
+        raise MalformedPacket(RejectReason.UPSTREAM_FAILED, type(exc).__name__) from exc
+    metrics.forwarded += 1
+    async with upstream:
+        if upstream.status != 200:
+            raise MalformedPacket(RejectReason.UPSTREAM_FAILED, f"next hop answered {upstream.status}")
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        index = 0
+        try:
+            async with asyncio.timeout(config.circuit_lifetime_s):
+                while True:
+                    async with asyncio.timeout(config.idle_timeout_s):
+                        try:
+                            prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
+                        except asyncio.IncompleteReadError as exc:
+                            if exc.partial:
+                                raise MalformedPacket(RejectReason.BAD_LENGTH, "truncated frame") from exc
+                            break
+                        length = check_frame_len(prefix)
+                        body = await upstream.content.readexactly(length)
+                    await response.write(encode_frame(apply_reply_layer(peeled.keys.reply, index, body)))
+                    index += 1
+        except (
+            MalformedPacket,
+            TimeoutError,
+            aiohttp.ClientError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+        ) as exc:
+            metrics.streams_aborted += 1
+            log.info("reply stream aborted after %d frames: %s", index, type(exc).__name__)
+            return response
+        metrics.streams_completed += 1
+        await response.write_eof()
+        return response

@@ -1,0 +1,28 @@
+"""Typed keys for the state an overlay application holds. No module-level state exists anywhere else."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from node.overlay._config import OverlayConfig
+from node.overlay._metrics import OverlayMetrics
+from node.overlay._receiver import CloveReceiver
+from node.overlay._relay import RelayState
+
+#: The node's configuration.
+CONFIG = web.AppKey("planetserve.overlay.config", OverlayConfig)
+#: Counters served at ``/overlay/metrics``.
+METRICS = web.AppKey("planetserve.overlay.metrics", OverlayMetrics)
+#: Replay cache, in-flight bound and draining flag.
+RELAY_STATE = web.AppKey("planetserve.overlay.relay_state", RelayState)
+#: The HTTP client used to reach next hops (one per application, closed on cleanup).
+CLIENT_SESSION = web.AppKey("planetserve.overlay.client_session", aiohttp.ClientSession)
+#: The model-node side (``None`` on a pure relay).
+RECEIVER = web.AppKey("planetserve.overlay.receiver", CloveReceiver)
+#: Per request: a random id for logs (no client data in it).
+REQUEST_ID = web.RequestKey("planetserve.overlay.request_id", str)
+#: The node's raw X25519 public key (derived once from the secret).
+RELAY_STATE_PUBLIC = web.AppKey("planetserve.overlay.public_key", bytes)
+#: On the root application: the ``/overlay`` sub-application (for tests and tools that inspect its state).
+OVERLAY_APP = web.AppKey("planetserve.overlay.app", web.Application)

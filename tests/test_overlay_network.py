@@ -1,0 +1,134 @@
+"""End to end over real aiohttp servers on 127.0.0.1: 3-hop onion paths, S-IDA, streamed replies on reverse paths."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from node.overlay import (
+    ClientSettings,
+    DestinationFailed,
+    OverlayConfig,
+    OverlayError,
+    ReplyIncomplete,
+    create_app,
+    keys,
+    send_request,
+)
+from node.overlay._localnet import LocalNetwork
+from node.privacy import select_paths
+
+
+async def reversing_handler(request: bytes) -> AsyncIterator[bytes]:
+    """Streams the request back reversed, in 7-byte pieces, like tokens."""
+    text = request[::-1]
+    for start in range(0, len(text), 7):
+        await asyncio.sleep(0)
+        yield text[start : start + 7]
+
+
+async def slow_counter(request: bytes) -> AsyncIterator[bytes]:
+    """Yields ``count`` numbered pieces with a pause between them, so a test can act mid-stream."""
+    count = int(request.decode())
+    for i in range(count):
+        await asyncio.sleep(0.02)
+        yield f"[{i}]".encode()
+
+
+async def failing_handler(request: bytes) -> AsyncIterator[bytes]:
+    yield b"partial"
+    raise RuntimeError("engine died")
+
+
+async def _collect(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([piece async for piece in stream])
+
+
+async def test_request_travels_four_3_hop_paths_and_reply_streams_back() -> None:
+    async with LocalNetwork(relays=12, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 4, 3)
+        body = b"a private prompt " * 200
+        reply = await _collect(send_request(session, body, paths, net.destination))
+        assert reply == body[::-1]
+        assert net.model is not None
+        forwarded = 0
+        for node in net.relay_nodes:
+            async with session.get(node.endpoint + "/overlay/metrics") as response:
+                forwarded += (await response.json())["forwarded"]
+        assert forwarded == 12  # each of the 12 relays forwarded one packet
+        async with session.get(net.model.endpoint + "/overlay/metrics") as response:
+            snapshot = await response.json()
+        assert snapshot["delivered"] == 4 and snapshot["messages_served"] == 1 and snapshot["rejected_total"] == 0
+
+
+async def test_long_reply_is_split_into_chunks_and_reassembled_in_order() -> None:
+    async def big(request: bytes) -> AsyncIterator[bytes]:
+        yield bytes(range(256)) * 200  # 51200 bytes: four reply chunks
+
+    async with LocalNetwork(relays=8, handler=big) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 4, 3)
+        assert await _collect(send_request(session, b"go", paths, net.destination)) == bytes(range(256)) * 200
+
+
+async def test_a_dead_relay_before_the_request_still_delivers_with_k_of_n() -> None:
+    async with LocalNetwork(relays=12, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 4, 3)
+        await net.node_at(paths[2][1].endpoint).stop()
+        assert await _collect(send_request(session, b"hello", paths, net.destination)) == b"olleh"
+
+
+async def test_a_relay_dying_mid_stream_does_not_break_the_reply() -> None:
+    async with LocalNetwork(relays=12, handler=slow_counter) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 4, 3)
+        victim = net.node_at(paths[0][1].endpoint)
+        received: list[bytes] = []
+        async for piece in send_request(session, b"40", paths, net.destination):
+            received.append(piece)
+            if len(received) == 5:
+                await victim.stop()
+        assert b"".join(received) == b"".join(f"[{i}]".encode() for i in range(40))
+        assert not victim.running
+
+
+async def test_too_many_dead_paths_raise_reply_incomplete() -> None:
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), assembly_timeout_s=0.5)
+    async with (
+        LocalNetwork(relays=12, handler=reversing_handler, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        paths = select_paths(net.descriptors(), 4, 3)
+        await net.node_at(paths[0][0].endpoint).stop()
+        await net.node_at(paths[1][2].endpoint).stop()
+        with pytest.raises(ReplyIncomplete):
+            await _collect(send_request(session, b"x", paths, net.destination))
+
+
+async def test_handler_failure_reaches_the_client_as_destination_failed() -> None:
+    async with LocalNetwork(relays=6, handler=failing_handler) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 2, 3)
+        with pytest.raises(DestinationFailed):
+            await _collect(send_request(session, b"x", paths, net.destination, ClientSettings(n=2, k=2)))
+
+
+async def test_health_readiness_and_draining() -> None:
+    async with LocalNetwork(relays=1, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+        relay = net.relay_nodes[0]
+        async with session.get(relay.endpoint + "/overlay/healthz") as response:
+            assert response.status == 200
+        async with session.get(relay.endpoint + "/overlay/readyz") as response:
+            assert response.status == 200 and (await response.json())["ready"] is True
+        relay.overlay[keys.RELAY_STATE].draining = True
+        async with session.get(relay.endpoint + "/overlay/readyz") as response:
+            assert response.status == 503
+        async with session.post(relay.endpoint + "/overlay/v1/onion", data=b"x") as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "overloaded"
+
+
+def test_model_role_requires_a_handler() -> None:
+    with pytest.raises(OverlayError):
+        create_app(OverlayConfig(x25519_secret=bytes(range(32)), role="model"))
