@@ -1,0 +1,247 @@
+"""``ps-node`` chain commands and ``ps-chain up`` as users run them: subprocesses, exit codes, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from cli.exit_codes import ExitCode
+from ledger import connect, dev_account
+from ledger._anvil import free_port
+from tests.fixtures.chain import TEST_PARAMS, ChainEnv
+
+OPERATOR = 9
+
+
+def _env(chain: ChainEnv | None, tmp_path: Path, key_index: int | None = OPERATOR, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    env["PS_STATE_DIR"] = str(tmp_path / "node-state")
+    if chain is not None:
+        env["PS_RPC_URL"] = chain.rpc_url
+        env["PS_DEPLOYMENT"] = str(chain.deployment_path)
+    if key_index is not None:
+        env["PS_PRIVATE_KEY"] = dev_account(key_index).key.hex()
+    env.update(extra)
+    return env
+
+
+def _run(tool: str, args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    code = f"import sys; from cli.{tool} import main; sys.argv[0] = 'ps-{tool}'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+_run_subprocess = _run
+
+
+class InProcess:
+    """Runs a console script's ``main()`` in this process (same code path as the subprocess, ~2 s faster a call:
+    importing web3 and eth-account dominates a CLI start on this machine)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        self._monkeypatch = monkeypatch
+        self._capsys = capsys
+
+    def __call__(self, tool: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        import importlib
+
+        main = importlib.import_module(f"cli.{tool}").main
+        with self._monkeypatch.context() as patch:
+            for key in [k for k in os.environ if k.startswith("PS_")]:
+                patch.delenv(key)
+            for key, value in env.items():
+                if key.startswith("PS_"):
+                    patch.setenv(key, value)
+            patch.setattr(sys, "argv", [f"ps-{tool}", *args])
+            self._capsys.readouterr()
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+            out = self._capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def _ok_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _failed(proc: subprocess.CompletedProcess[str], code: ExitCode, *needles: str) -> str:
+    assert proc.returncode == int(code), (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+REGISTER = ["register", "--role", "model", "--endpoint", "http://127.0.0.1:9001", "--model", "tiny-llama@v1"]
+
+
+def test_register_stake_unbond_withdraw_through_the_cli(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inproc = InProcess(monkeypatch, capsys)
+    env = _env(chain, tmp_path)
+    address = dev_account(OPERATOR).address
+    reg = _ok_json(_run("node", [*REGISTER, "--price", "1500", "--stake", "1.5", "--json"], env))
+    assert reg["operator"] == address and reg["role"] == "model" and reg["active"] is True
+    assert reg["stake_wei"] == str(15 * 10**17) and reg["events"] == ["NodeRegistered"]
+    key_file = tmp_path / "node-state" / "x25519.key"
+    assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    from node import NodeIdentity
+
+    assert reg["x25519_public_key"] == "0x" + NodeIdentity.load_or_create(tmp_path / "node-state").public_key.hex()
+
+    added = _ok_json(inproc("node", ["stake", "add", "0.5", "--json"], env))
+    assert added["stake_wei"] == str(2 * 10**18)
+    status = _ok_json(inproc("node", ["status", "--json"], env))
+    assert status["registered"] and status["stake_eth"] == "2" and status["reputation"] is None
+    listed = _ok_json(inproc("node", ["list", "--json"], env))
+    assert [(n["operator"], n["status"]) for n in listed] == [(address, "active")]
+
+    unbond = _ok_json(inproc("node", ["unbond", "--json"], env))
+    assert unbond["unbonding_ends_at"] > 0
+    _failed(_run("node", ["withdraw"], env), ExitCode.TX_REVERTED, "NodeRegistryUnbondingNotFinished(", address)
+    advanced = inproc("chain", ["advance", str(TEST_PARAMS.unbonding_delay)], env)
+    assert advanced.returncode == 0, advanced.stderr
+    withdrawn = _ok_json(_run("node", ["withdraw", "--json"], env))
+    assert withdrawn["withdrawn_wei"] == str(2 * 10**18)
+    assert [t["events"] for t in withdrawn["transactions"]] == [["NodeDeregistered"], ["Withdrawn"]]
+    status = _ok_json(_run("node", ["status", "--json"], env))
+    assert status["registered"] is False
+    listed = _ok_json(inproc("node", ["list", "--json", "--all"], env))
+    assert [n["status"] for n in listed] == ["deregistered"]
+    secret = dev_account(OPERATOR).key.hex()
+    for proc_output in (reg, added, status, listed, withdrawn):
+        assert secret.removeprefix("0x") not in json.dumps(proc_output)
+
+
+def test_bad_input_gets_one_line_and_a_named_exit_code(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run = InProcess(monkeypatch, capsys)
+    env = _env(chain, tmp_path)
+    # one real subprocess, to prove the path from the console script through to the exit status
+    _failed(_run_subprocess("node", ["withdraw"], env), ExitCode.TX_REVERTED, "NodeRegistryNothingToWithdraw(account=")
+    _failed(
+        _run("node", [*REGISTER, "--stake", "0.5"], env), ExitCode.INVALID_INPUT, "below the model minimum of 1 ETH"
+    )
+    bad_role = ["register", "--role", "miner", "--endpoint", "http://x", "--stake", "1"]
+    _failed(_run("node", bad_role, env), ExitCode.INVALID_INPUT, "unknown role")
+    _failed(_run("node", [*REGISTER[:5], "--stake", "1"], env), ExitCode.INVALID_INPUT, "needs --model")
+    _failed(_run("node", [*REGISTER, "--stake", "lots"], env), ExitCode.INVALID_INPUT, "stake")
+
+    nowhere = _env(None, tmp_path, PS_RPC_URL=f"http://127.0.0.1:{free_port()}")
+    _failed(_run("node", ["status"], nowhere), ExitCode.CHAIN_UNAVAILABLE, "no chain answers")
+
+    doc = json.loads(chain.deployment_path.read_text())
+    doc["chainId"] = 5
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(doc))
+    _failed(
+        _run("node", ["status"], _env(chain, tmp_path, PS_DEPLOYMENT=str(wrong))),
+        ExitCode.CHAIN_UNAVAILABLE,
+        "wrong chain id",
+    )
+    missing = _env(chain, tmp_path, PS_DEPLOYMENT=str(tmp_path / "none.json"))
+    _failed(_run("node", ["status"], missing), ExitCode.CHAIN_UNAVAILABLE, "file not found")
+
+    poor = _env(chain, tmp_path, PS_PRIVATE_KEY=dev_account(600).key.hex())
+    _failed(_run("node", [*REGISTER, "--stake", "1"], poor), ExitCode.INSUFFICIENT_FUNDS, "insufficient funds")
+    _failed(_run("node", ["status"], _env(chain, tmp_path, key_index=None)), ExitCode.KEY_ERROR, "PS_PRIVATE_KEY")
+    garbage = _env(chain, tmp_path, PS_PRIVATE_KEY="not-a-key")
+    line = _failed(_run("node", ["status"], garbage), ExitCode.KEY_ERROR, "not a valid")
+    assert "not-a-key" not in line
+
+    assert _run("node", [*REGISTER, "--stake", "1"], env).returncode == 0
+    _failed(
+        _run("node", [*REGISTER, "--stake", "1"], env), ExitCode.TX_REVERTED, "NodeRegistryAlreadyRegistered(operator="
+    )
+    _failed(_run("node", ["stake", "add", "0"], env), ExitCode.INVALID_INPUT, "more than 0 ETH")
+
+
+def test_keystore_unlocks_with_password_from_env(chain: ChainEnv, tmp_path: Path) -> None:
+    account = dev_account(OPERATOR + 1)
+    keystore = tmp_path / "key.json"
+    keystore.write_text(json.dumps(Account.encrypt(account.key, "s3cret", kdf="pbkdf2", iterations=1024)))
+    env = _env(chain, tmp_path, key_index=None, PS_KEYSTORE=str(keystore), PS_KEYSTORE_PASSWORD="s3cret")
+    status = _ok_json(_run("node", ["status", "--json"], env))
+    assert status["operator"] == account.address
+    env["PS_KEYSTORE_PASSWORD"] = "wrong"
+    _failed(_run("node", ["status"], env), ExitCode.KEY_ERROR, "wrong password")
+
+
+def _read_json_object(proc: subprocess.Popen[str]) -> Any:
+    """Read stdout lines until one JSON object is complete (``emit`` pretty-prints it)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("ps-chain up exited before printing its JSON")
+        lines.append(line)
+        if line.rstrip() == "}":
+            return json.loads("".join(lines))
+
+
+def _chain_up(tmp_path: Path, state_dir: Path) -> tuple[subprocess.Popen[str], Any]:
+    env = _env(None, tmp_path, key_index=None)
+    code = "import sys; from cli.chain import main; sys.argv[0] = 'ps-chain'; main()"
+    args = ["up", "--port", "0", "--json", "--state-dir", str(state_dir), "--deployment", str(tmp_path / "dep.json")]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        return proc, _read_json_object(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stderr
+    return stderr
+
+
+def test_chain_up_serves_deploys_persists_and_stops_cleanly(tmp_path: Path) -> None:
+    state_dir = tmp_path / "chain-state"
+    proc, info = _chain_up(tmp_path, state_dir)
+    try:
+        assert info["chain_id"] == 31337 and info["rpc_url"].startswith("http://127.0.0.1:")
+        assert len(info["dev_accounts"]) == 10 and info["dev_accounts"][0] == dev_account(0).address
+        assert Path(info["deployment"]).exists()
+        registry = info["contracts"]["NodeRegistry"]
+        env = _env(None, tmp_path, PS_RPC_URL=info["rpc_url"], PS_DEPLOYMENT=info["deployment"])
+        assert _run("node", [*REGISTER, "--stake", "1"], env).returncode == 0
+    finally:
+        stderr = _stop(proc)
+    assert dev_account(0).key.hex().removeprefix("0x") not in stderr
+    with pytest.raises(Exception):  # noqa: B017 - anvil must be gone: any connection error will do
+        connect(info["rpc_url"], timeout=1.0)
+    proc, again = _chain_up(tmp_path, state_dir)
+    try:
+        assert again["contracts"]["NodeRegistry"] == registry
+        env = _env(None, tmp_path, PS_RPC_URL=again["rpc_url"], PS_DEPLOYMENT=again["deployment"])
+        status = _ok_json(_run("node", ["status", "--json"], env))
+        assert status["registered"] is True and status["role"] == "model"
+    finally:
+        stderr = _stop(proc)
+    assert "reusing deployment" in stderr
