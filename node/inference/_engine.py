@@ -6,7 +6,7 @@ Deliberately smaller than vLLM's: streaming ``generate``, teacher-forced ``score
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 from node.inference._types import EngineStats, GenerationChunk, GenerationRequest, ScoreResult
@@ -21,7 +21,7 @@ class Engine(Protocol):
         """0x-prefixed keccak of ``name@revision`` of the served model ("" when the folder has no metadata)."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream the completion as delta chunks; the last one carries ``finish_reason``.
 
         Raises ``EngineOverloaded`` (queue full) or ``InvalidParams`` on the first iteration, before any chunk.

@@ -51,11 +51,11 @@ class PrefixKVCache:
             hit = self._index.get(hashes[n - 1])
             if hit is None:
                 continue
-            entry_id, covered = hit
+            entry_id, _ = hit
             entry = self._entries[entry_id]
             self._entries.move_to_end(entry_id)
             tokens = n * self.chunk_tokens
-            if covered == n:
+            if len(entry.hashes) == n:
                 return n, entry.layers
             return n, tuple((k[:, :, :tokens, :], v[:, :, :tokens, :]) for k, v in entry.layers)
         return 0, None
@@ -74,7 +74,7 @@ class PrefixKVCache:
         # An entry that is a strict prefix of this one is now redundant.
         for n in range(len(hashes) - 1, 0, -1):
             hit = self._index.get(hashes[n - 1])
-            if hit is not None and self._entries[hit[0]].hashes.__len__() == n:
+            if hit is not None and len(self._entries[hit[0]].hashes) == n:
                 self._drop(hit[0])
                 break
         entry_id = self._next_id

@@ -130,12 +130,12 @@ def load_model(path: Path, *, device: str = "cpu") -> tuple[PreTrainedModel, Pre
     """Load weights, tokenizer and metadata from ``path``; every failure becomes ``ModelLoadError``."""
     import os
 
+    check_folder(path)  # before the (slow) transformers import, so a wrong path fails fast
+    info = read_info(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    check_folder(path)
-    info = read_info(path)
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)

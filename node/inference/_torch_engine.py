@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,7 +162,7 @@ class TorchEngine:
         """Text of ``token_ids``, special tokens skipped."""
         return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream a completion; see ``Engine.generate``."""
         self._check_open()
         prompt_ids = self._prompt_ids(request.prompt)

@@ -1,0 +1,269 @@
+"""The Engine conformance suite: every engine must pass it. TensorRT-LLM runs only where it is installed with a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from node.inference import (
+    CHUNK_TOKENS,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineOverloaded,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidParams,
+    SamplingParams,
+    TorchEngine,
+    chunk_hashes,
+    load_engine,
+)
+
+PROMPT = "the red cat sees the dog.\n12+7=19\nthe color of kalo is"
+LONG_PROMPT = "\n".join(f"{i}+{i + 3}={2 * i + 3}" for i in range(40)) + "\nthe small bird"
+
+
+def _trt_ready() -> bool:
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.fixture(
+    params=[
+        "torch",
+        pytest.param(
+            "tensorrt_llm",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not _trt_ready(), reason="tensorrt_llm is not installed or no CUDA GPU"),
+            ],
+        ),
+    ]
+)
+async def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    built = load_engine(request.param, tiny_model_dir, EngineConfig(max_queue=4, max_running=2))
+    try:
+        yield built
+    finally:
+        await built.close()
+
+
+async def _collect(engine: Engine, request: GenerationRequest) -> list[GenerationChunk]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def _ids(chunks: list[GenerationChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def _logprobs(chunks: list[GenerationChunk]) -> list[float]:
+    return [lp for c in chunks for lp in c.logprobs]
+
+
+def _text(chunks: list[GenerationChunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+def _req(rid: str, prompt: str = PROMPT, **params: object) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt=prompt, params=SamplingParams(**params))  # type: ignore[arg-type]
+
+
+async def test_generate_streams_deltas_and_only_the_last_chunk_finishes(engine: Engine) -> None:
+    chunks = await _collect(engine, _req("a", max_tokens=12, temperature=0))
+    assert len(chunks) >= 2
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason in ("stop", "length")
+    counts = [c.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == len(_ids(chunks))
+    assert all(c.prompt_tokens == chunks[0].prompt_tokens > 0 for c in chunks)
+    assert len(_logprobs(chunks)) == len(_ids(chunks))
+    assert all(lp <= 0.0 for lp in _logprobs(chunks))
+
+
+async def test_max_tokens_bounds_the_completion_and_finishes_with_length(engine: Engine) -> None:
+    chunks = await _collect(engine, _req("a", max_tokens=5, temperature=0))
+    if chunks[-1].finish_reason == "length":
+        assert len(_ids(chunks)) == 5
+    else:  # an end-of-sequence token came first
+        assert len(_ids(chunks)) < 5
+
+
+async def test_stop_string_cuts_the_text_before_it_and_finishes_with_stop(engine: Engine) -> None:
+    full = _text(await _collect(engine, _req("a", max_tokens=24, temperature=0)))
+    stop = full[6:8]
+    assert len(stop) == 2, "the model must produce some text for this test"
+    chunks = await _collect(engine, _req("b", max_tokens=24, temperature=0, stop=[stop]))
+    assert chunks[-1].finish_reason == "stop"
+    assert _text(chunks) == full[: full.find(stop)]
+    assert stop not in _text(chunks)
+
+
+async def test_temperature_zero_is_deterministic(engine: Engine) -> None:
+    first = await _collect(engine, _req("a", max_tokens=16, temperature=0))
+    second = await _collect(engine, _req("b", max_tokens=16, temperature=0, seed=5))
+    assert _ids(first) == _ids(second)
+
+
+async def test_same_seed_reproduces_a_sampled_completion_and_another_seed_differs(engine: Engine) -> None:
+    a = await _collect(engine, _req("a", max_tokens=24, temperature=1.5, seed=42))
+    b = await _collect(engine, _req("b", max_tokens=24, temperature=1.5, seed=42))
+    c = await _collect(engine, _req("c", max_tokens=24, temperature=1.5, seed=43))
+    assert _ids(a) == _ids(b)
+    assert _ids(a) != _ids(c)
+
+
+@pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 7}])
+async def test_score_equals_the_logprobs_seen_during_generation(engine: Engine, params: dict[str, object]) -> None:
+    request = GenerationRequest(request_id="a", prompt=PROMPT, params=SamplingParams(max_tokens=16, **params))  # type: ignore[arg-type]
+    chunks = await _collect(engine, request)
+    score = await engine.score(PROMPT, _ids(chunks))
+    assert score.token_ids == tuple(_ids(chunks))
+    assert score.logprobs == pytest.approx(_logprobs(chunks), abs=1e-4)
+    assert score.prompt_tokens == chunks[0].prompt_tokens
+
+
+async def test_concurrent_requests_each_match_their_solo_output(engine: Engine) -> None:
+    prompts = [f"{i}+{i}=" for i in range(4)]  # = max_queue: all may wait at once
+    solo = [_ids(await _collect(engine, _req(f"s{i}", p, max_tokens=8, temperature=0))) for i, p in enumerate(prompts)]
+    together = await asyncio.gather(
+        *(_collect(engine, _req(f"c{i}", p, max_tokens=8, temperature=0)) for i, p in enumerate(prompts))
+    )
+    assert [_ids(c) for c in together] == solo
+
+
+async def test_bad_request_id_reuse_and_context_overflow_are_rejected(engine: Engine) -> None:
+    stream = engine.generate(_req("dup", max_tokens=50, temperature=0))
+    first = await anext(stream)
+    assert first.finish_reason is None
+    with pytest.raises(InvalidParams) as info:
+        await anext(engine.generate(_req("dup", max_tokens=5)))
+    assert info.value.param == "request_id"
+    await stream.aclose()
+    with pytest.raises(InvalidParams) as info:
+        await anext(engine.generate(GenerationRequest(request_id="long", prompt=tuple([5] * 5000))))
+    assert info.value.param == "prompt"
+
+
+async def test_closed_engine_refuses_work_and_reports_unhealthy(engine: Engine) -> None:
+    assert await engine.check_health()
+    await engine.close()
+    assert not await engine.check_health()
+    with pytest.raises(EngineClosed):
+        await anext(engine.generate(_req("a")))
+
+
+# --------------------------------------------------------------------------------------- torch-specific behaviour
+async def test_cancelled_stream_aborts_its_request(torch_engine: TorchEngine) -> None:
+    stream = torch_engine.generate(_req("x", max_tokens=400, temperature=0))
+    await anext(stream)
+    await stream.aclose()
+    for _ in range(100):
+        if torch_engine.stats().running_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert torch_engine.stats().running_requests == 0
+
+
+async def test_abort_ends_a_running_stream_with_finish_reason_abort(torch_engine: TorchEngine) -> None:
+    chunks: list[GenerationChunk] = []
+    async for chunk in torch_engine.generate(_req("x", max_tokens=400, temperature=0)):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            assert await torch_engine.abort("x")
+    assert chunks[-1].finish_reason == "abort"
+    assert len(_ids(chunks)) < 400
+    assert not await torch_engine.abort("x")
+
+
+async def test_full_queue_raises_engine_overloaded(tiny_model_dir: Path) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_queue=1, max_running=1))
+    try:
+        running = engine.generate(_req("r", max_tokens=500, temperature=0))
+        await anext(running)
+        queued = engine.generate(_req("q", max_tokens=4, temperature=0))
+
+        async def first_queued() -> GenerationChunk:
+            return await anext(queued)
+
+        waiter = asyncio.create_task(first_queued())
+        for _ in range(100):
+            if engine.stats().queued_requests == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().queued_requests == 1
+        with pytest.raises(EngineOverloaded) as info:
+            await anext(engine.generate(_req("o", max_tokens=4)))
+        assert info.value.limit == 1
+        await running.aclose()
+        assert (await waiter).request_id == "q"
+        await queued.aclose()
+    finally:
+        await engine.close()
+
+
+async def test_prefix_cache_reuses_shared_prefix_and_output_is_identical(tiny_model_dir: Path) -> None:
+    cached = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    plain = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", prefix_cache_bytes=0))
+    try:
+        prompt_a = LONG_PROMPT + " sees the"
+        prompt_b = LONG_PROMPT + " finds a"
+        n_a = len(cached.tokenize(prompt_a))
+        first = await _collect(cached, _req("a", prompt_a, max_tokens=12, temperature=0))
+        assert first[-1].cached_tokens == 0
+        before = cached.stats().prefill_tokens_computed
+        second = await _collect(cached, _req("b", prompt_b, max_tokens=12, temperature=0))
+        n_b = len(cached.tokenize(prompt_b))
+        hit = second[-1].cached_tokens
+        assert hit > 0 and hit % CHUNK_TOKENS == 0
+        assert hit >= (min(n_a, n_b) // CHUNK_TOKENS - 2) * CHUNK_TOKENS
+        assert cached.stats().prefill_tokens_computed - before == n_b - hit
+        reference = await _collect(plain, _req("b", prompt_b, max_tokens=12, temperature=0))
+        assert reference[-1].cached_tokens == 0
+        assert _ids(second) == _ids(reference)
+        assert _logprobs(second) == pytest.approx(_logprobs(reference), abs=1e-4)
+        # Reusing the entry did not corrupt it: the first prompt, served from cache, still gives its first output.
+        again = await _collect(cached, _req("a2", prompt_a, max_tokens=12, temperature=0))
+        assert again[-1].cached_tokens > 0
+        assert _ids(again) == _ids(first)
+    finally:
+        await cached.close()
+        await plain.close()
+
+
+async def test_stats_advertise_the_chunk_hashes_of_served_prompts(torch_engine: TorchEngine) -> None:
+    await _collect(torch_engine, _req("a", LONG_PROMPT, max_tokens=2, temperature=0))
+    stats = torch_engine.stats()
+    expected = chunk_hashes(torch_engine.tokenize(LONG_PROMPT))
+    assert set(expected) <= set(stats.cached_prefix_hashes)
+    assert stats.cache_bytes > 0
+    assert stats.model_id.startswith("0x") and len(stats.model_id) == 66
+    assert stats.queued_requests == 0 and stats.running_requests == 0
+
+
+async def test_prefix_cache_evicts_least_recently_used_within_its_byte_bound(tiny_model_dir: Path) -> None:
+    probe = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    try:
+        await _collect(probe, _req("p", LONG_PROMPT, max_tokens=1, temperature=0))
+        one_entry = probe.stats().cache_bytes
+    finally:
+        await probe.close()
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", prefix_cache_bytes=one_entry * 2))
+    try:
+        prompts = [f"{k}{k}{k}\n" + LONG_PROMPT for k in range(3)]
+        for i, p in enumerate(prompts):
+            await _collect(engine, _req(f"r{i}", p, max_tokens=1, temperature=0))
+            assert engine.stats().cache_bytes <= one_entry * 2
+        oldest = await _collect(engine, _req("old", prompts[0], max_tokens=1, temperature=0))
+        newest = await _collect(engine, _req("new", prompts[2], max_tokens=1, temperature=0))
+        assert oldest[-1].cached_tokens == 0
+        assert newest[-1].cached_tokens > 0
+    finally:
+        await engine.close()
