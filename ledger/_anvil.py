@@ -30,8 +30,6 @@ DEV_MNEMONIC = "test test test test test test test test test test test junk"
 #: anvil's default chain id.
 ANVIL_CHAIN_ID = 31337
 
-Account.enable_unaudited_hdwallet_features()
-
 
 def anvil_binary() -> Path:
     """The pinned anvil: ``$PS_ANVIL`` or ``<repo>/node_modules/.bin/anvil``; raises if it is not installed."""
@@ -56,6 +54,8 @@ def dev_account(index: int) -> LocalAccount:
     """anvil's dev account ``index`` (0-based) derived from :data:`DEV_MNEMONIC`. Local chains only."""
     if not 0 <= index < 1000:
         raise ValueError(f"dev account index out of range: {index}")
+    # HD derivation is "unaudited" in eth-account; it derives public test keys here, never operator keys.
+    Account.enable_unaudited_hdwallet_features()
     account: LocalAccount = Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
     return account
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, column, delete
+from sqlalchemy import Engine, column, delete, func
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 from web3.exceptions import LogTopicError, MismatchedABI
 from web3.types import EventData, LogReceipt
@@ -412,7 +412,8 @@ class Indexer:
     def event_count(self) -> int:
         """How many logs have been applied."""
         with Session(self._engine) as session:
-            return len(session.exec(select(EventRow).where(col(EventRow.source) == self._key)).all())
+            query = select(func.count()).select_from(EventRow).where(col(EventRow.source) == self._key)
+            return int(session.exec(query).one())
 
     def last_block(self) -> int | None:
         """The last indexed block, or None before the first sync."""
