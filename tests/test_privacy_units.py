@@ -92,7 +92,7 @@ def test_errors_share_the_privacy_base_and_root() -> None:
 def test_build_onion_rejects_bad_paths() -> None:
     hop = Hop(address="http://127.0.0.1:1", public_key=public_key(secrets.token_bytes(32)))
     with pytest.raises(InvalidPrivacyParam):
-        build_onion([hop], b"x")
+        build_onion([], b"x")
     with pytest.raises(InvalidPrivacyParam):
         build_onion([hop] * 7, b"x")
     with pytest.raises(InvalidPrivacyParam):

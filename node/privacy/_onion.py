@@ -165,8 +165,8 @@ def build_onion(
     ``ephemeral_secrets`` and ``randbytes`` exist only for the test-vector generator; leave them ``None``.
     """
     m = len(path)
-    if not (2 <= m <= MAX_HOPS):
-        raise InvalidPrivacyParam("len(path)", m, f"2..{MAX_HOPS} hops (relays plus destination)")
+    if not (1 <= m <= MAX_HOPS):
+        raise InvalidPrivacyParam("len(path)", m, f"1..{MAX_HOPS} hops (relays, then the destination)")
     if not (1 <= ttl <= MAX_TTL):
         raise InvalidPrivacyParam("ttl", ttl, f"1..{MAX_TTL} seconds")
     payload_len = padded_payload_len(len(clove))
