@@ -22,6 +22,7 @@ from node.inference._torch_engine import EngineConfig, TorchEngine
 from node.inference._training import (
     EvalResult,
     ModelRecipe,
+    ensure_model,
     evaluate,
     make_model,
     make_variant,
@@ -52,6 +53,7 @@ __all__ = [
     "TensorRtLlmEngine",
     "TorchEngine",
     "chunk_hashes",
+    "ensure_model",
     "evaluate",
     "held_out_problems",
     "load_engine",

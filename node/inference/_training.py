@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from node.inference._corpus import corpus_lines, held_out_problems
 from node.inference._errors import InvalidParams, ModelLoadError
-from node.inference._modelio import ModelInfo, load_model, model_id_for, read_info, weights_revision, write_info
+from node.inference._modelio import (
+    METADATA_FILE,
+    ModelInfo,
+    load_model,
+    model_id_for,
+    read_info,
+    weights_revision,
+    write_info,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -40,8 +48,8 @@ class ModelRecipe:
     intermediate_size: int = 704
     #: Context length (RoPE positions); training windows are ``seq_len`` long.
     max_position: int = 2048
-    steps: int = 1200
-    batch_size: int = 24
+    steps: int = 400
+    batch_size: int = 16
     seq_len: int = 96
     lr: float = 3e-3
     corpus_lines: int = 40_000
@@ -223,6 +231,36 @@ def make_model(
     model = _new_model(recipe, len(tokenizer))
     _train(model, tokenizer, recipe, progress)
     return _save(model, tokenizer, out, name or recipe.name, kind, recipe.to_dict())
+
+
+def ensure_model(recipe: ModelRecipe, root: Path, *, progress: Callable[[str], None] | None = None) -> Path:
+    """The folder for ``recipe`` under ``root`` (named by the recipe's hash), trained on first use.
+
+    Benchmarks, the demo and the tests share models this way; a half-built folder is never visible because it is
+    trained under a temporary name and renamed into place.
+    """
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    target = root / f"{recipe.name}-{key}"
+    if (target / METADATA_FILE).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        make_model(tmp / "model", recipe, progress=progress)
+        try:
+            os.replace(tmp / "model", target)
+        except OSError:  # another process won the race; its folder is equivalent
+            if not (target / METADATA_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def make_variant(source: Path, kind: str, out: Path, *, progress: Callable[[str], None] | None = None) -> ModelInfo:
