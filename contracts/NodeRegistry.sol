@@ -309,7 +309,8 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     /// @inheritdoc INodeSlasher
     /// @dev Emits {NodeSlashed}.
     function slash(address operator, uint256 amount, bytes32 evidenceHash) external returns (uint256 slashed) {
-        if (msg.sender != _slasher || msg.sender == address(0)) revert NodeRegistryUnauthorizedSlasher(msg.sender);
+        // _slasher is zero until set and msg.sender is never zero, so nobody passes before `setSlasher`.
+        if (msg.sender != _slasher) revert NodeRegistryUnauthorizedSlasher(msg.sender);
         Node storage node = _nodes[operator];
         if (node.registeredAt == 0) revert NodeRegistryNotRegistered(operator);
         if (amount == 0) revert NodeRegistryZeroAmount(msg.sender);
