@@ -70,6 +70,7 @@ EXPECTED: dict[str, list[str]] = {
         "TensorRtLlmEngine",
         "TorchEngine",
         "chunk_hashes",
+        "ensure_model",
         "evaluate",
         "held_out_problems",
         "load_engine",
