@@ -134,3 +134,10 @@ def test_any_single_flipped_bit_in_an_onion_packet_is_detected(length: int, hop:
     mutable[position // 8] ^= 1 << (position % 8)
     with pytest.raises(MalformedPacket):
         peel(bytes(mutable), secrets_[hop], public_key(secrets_[hop]))
+
+
+@pytest.mark.parametrize(("n", "k"), PAIRS, ids=[f"n{n}k{k}" for n, k in PAIRS])
+def test_64_kib_message_rebuilds_from_the_last_k_cloves(n: int, k: int) -> None:
+    message = secrets.token_bytes(65536)
+    cloves = split(message, n, k)
+    assert combine(cloves[n - k :]) == message

@@ -47,7 +47,9 @@ def _error_response(status: int, code: str, message: str, error_type: str = "inv
 
 
 def _reject(app: web.Application, reason: RejectReason, message: str) -> web.Response:
+    """Count, log (the reason only, never payload bytes) and render one rejected request."""
     app[keys.METRICS].reject(reason)
+    log.info("rejected: %s", reason.value)
     return _error_response(status_for(reason), reason.value, message)
 
 

@@ -1,0 +1,68 @@
+"""The model-node side on a live server: a tampered clove is survived, a lone clove times out, replies are sealed."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from node.overlay import OverlayConfig
+from node.overlay._localnet import LocalNetwork
+from node.privacy import Clove, Envelope, ReplyChunk, build_onion, open_reply, split
+from node.privacy._reply import check_frame_len
+
+ONION = "/overlay/v1/onion"
+
+
+async def echo(request: bytes) -> AsyncIterator[bytes]:
+    yield b"echo:" + request
+
+
+async def _post_clove(session: aiohttp.ClientSession, net: LocalNetwork, clove: bytes, key: bytes) -> list[ReplyChunk]:
+    packet = build_onion([net.destination], clove).packet
+    async with session.post(net.destination.address + ONION, data=packet) as response:
+        if response.status != 200:
+            return []
+        chunks: list[ReplyChunk] = []
+        while True:
+            try:
+                prefix = await response.content.readexactly(4)
+            except asyncio.IncompleteReadError:
+                return chunks
+            chunks.append(open_reply(key, await response.content.readexactly(check_frame_len(prefix))))
+
+
+async def test_a_tampered_clove_is_skipped_and_the_other_k_rebuild_the_request() -> None:
+    async with LocalNetwork(relays=0, handler=echo) as net, aiohttp.ClientSession() as session:
+        key = secrets.token_bytes(32)
+        cloves = [c.to_bytes() for c in split(Envelope(reply_key=key, body=b"prompt").to_bytes(), 4, 3)]
+        bad = bytearray(cloves[0])
+        bad[-1] ^= 0x01  # a valid clove layout with a corrupted fragment: only authentication can catch it
+        tampered = Clove.from_bytes(bytes(bad)).to_bytes()
+        # The tampered clove arrives first; the destination must not give up after one failed combination.
+        first = asyncio.create_task(_post_clove(session, net, tampered, key))
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(_post_clove(session, net, c, key)) for c in cloves[1:]]
+        results = await asyncio.gather(first, *others)
+        for chunks in results:
+            assert b"".join(c.data for c in chunks) == b"echo:prompt"
+            assert chunks[-1].final and not chunks[-1].error
+
+
+async def test_a_lone_clove_times_out_with_a_counted_reason() -> None:
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), assembly_timeout_s=0.3)
+    async with (
+        LocalNetwork(relays=0, handler=echo, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        clove = split(Envelope(reply_key=bytes(32), body=b"x").to_bytes(), 3, 2)[0].to_bytes()
+        packet = build_onion([net.destination], clove).packet
+        async with session.post(net.destination.address + ONION, data=packet) as response:
+            assert response.status == 504
+            assert (await response.json())["error"]["code"] == "upstream_timeout"
+        assert net.model is not None
+        async with session.get(net.model.endpoint + "/overlay/metrics") as response:
+            metrics = await response.json()
+        assert metrics["rejected"]["upstream_timeout"] == 1
