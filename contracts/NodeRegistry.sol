@@ -23,22 +23,23 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     }
 
     /// @notice A registered node as returned by `getNode`.
-    /// @param role The node's role.
+    /// @dev Field order packs `registeredAt`, `unbondingEndsAt` and `role` into one storage slot.
     /// @param stake The bonded stake in wei.
     /// @param x25519PublicKey The raw 32-byte X25519 public key used for onion encryption.
     /// @param modelId keccak256 of `name@revision` for model and verifier nodes, zero for relays.
     /// @param pricePer1kTokens The price in wei per 1000 tokens.
     /// @param registeredAt The block timestamp of registration.
     /// @param unbondingEndsAt Zero while bonded; otherwise the timestamp from which `deregister` succeeds.
+    /// @param role The node's role.
     /// @param endpoint The node's public URL.
     struct Node {
-        Role role;
         uint256 stake;
         bytes32 x25519PublicKey;
         bytes32 modelId;
         uint256 pricePer1kTokens;
         uint64 registeredAt;
         uint64 unbondingEndsAt;
+        Role role;
         string endpoint;
     }
 
@@ -230,13 +231,13 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         if (msg.value < minimum) revert NodeRegistryStakeBelowMinimum(msg.sender, role, msg.value, minimum);
 
         _nodes[msg.sender] = Node({
-            role: role,
             stake: msg.value,
             x25519PublicKey: x25519PublicKey,
             modelId: modelId,
             pricePer1kTokens: pricePer1kTokens,
             registeredAt: uint64(block.timestamp),
             unbondingEndsAt: 0,
+            role: role,
             endpoint: endpoint
         });
         _totalStaked += msg.value;

@@ -89,7 +89,7 @@ class NodeRegistry:
         """The node of ``operator``, or None when it has none."""
         address = checksum(operator, param="operator")
         raw = self._call(self._contract.functions.getNode(address))
-        role, stake, key, mid, price, registered_at, unbonding_ends_at, endpoint = raw
+        stake, key, mid, price, registered_at, unbonding_ends_at, role, endpoint = raw
         if registered_at == 0:
             return None
         return NodeInfo(
