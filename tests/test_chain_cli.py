@@ -245,3 +245,28 @@ def test_chain_up_serves_deploys_persists_and_stops_cleanly(tmp_path: Path) -> N
     finally:
         stderr = _stop(proc)
     assert "reusing deployment" in stderr
+
+
+def test_relay_registers_without_a_model(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = InProcess(monkeypatch, capsys)
+    env = _env(chain, tmp_path, key_index=OPERATOR + 2)
+    relay = ["register", "--role", "relay", "--endpoint", "http://127.0.0.1:9100", "--stake", "0.1", "--json"]
+    node = _ok_json(run("node", relay, env))
+    assert node["role"] == "relay" and node["model_id"] == "0x" + "00" * 32 and node["active"] is True
+    with_model = ["register", "--role", "relay", "--endpoint", "http://x", "--model", "m@v1", "--stake", "1"]
+    _failed(run("node", with_model, env), ExitCode.INVALID_INPUT, "relays serve no model")
+    table = run("node", ["list"], env)
+    assert table.returncode == 0 and "relay" in table.stdout and "1 node(s)" in table.stdout
+
+
+def test_chain_up_on_a_busy_port_fails_cleanly(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _run("chain", ["up", "--port", str(port)], _env(None, tmp_path, key_index=None), timeout=60)
+    _failed(proc, ExitCode.CHAIN_UNAVAILABLE, "anvil exited")
