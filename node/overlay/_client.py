@@ -89,6 +89,9 @@ async def _read_path(
                 index += 1
                 await out.put(chunk)
                 if chunk.final:
+                    # Read the end of the stream so that the connection goes back to the pool for the next request.
+                    async with asyncio.timeout(settings.idle_timeout_s):
+                        await response.content.read()
                     return
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, MalformedPacket, ConnectionError) as exc:
         log.info("path failed: %s", type(exc).__name__)
