@@ -97,8 +97,9 @@ def test_build_onion_rejects_bad_paths() -> None:
         build_onion([hop] * 7, b"x")
     with pytest.raises(InvalidPrivacyParam):
         build_onion([hop, hop], b"x" * 200_000)
-    with pytest.raises(MalformedPacket):
+    with pytest.raises(InvalidPrivacyParam) as info:
         build_onion([hop, Hop(address="ftp://x", public_key=hop.public_key)], b"x")
+    assert info.value.param == "address"
 
 
 def test_reply_chunks_round_trip_and_bind_the_key() -> None:

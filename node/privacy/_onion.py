@@ -173,8 +173,10 @@ def build_onion(
     if payload_len > MAX_PAYLOAD:
         raise InvalidPrivacyParam("len(clove)", len(clove), f"at most {MAX_PAYLOAD - 4} bytes")
     for hop in path:
-        raw = hop.address.encode("ascii", "replace")
-        _check_address(raw)
+        try:
+            _check_address(hop.address.encode("ascii", "replace"))
+        except MalformedPacket as exc:
+            raise InvalidPrivacyParam("address", hop.address, "ASCII http://host:port, at most 64 bytes") from exc
         if len(hop.public_key) != 32:
             raise InvalidPrivacyParam("public_key", len(hop.public_key), "32 bytes")
     rand = randbytes or secrets.token_bytes
