@@ -99,8 +99,8 @@ class Anvil:
         return None if self._proc is None else self._proc.pid
 
     def web3(self, timeout: float = 10.0) -> Web3:
-        """A sync ``Web3`` connected to this chain."""
-        return Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": timeout}))
+        """A sync ``Web3`` connected to this chain (no transport retries: a local anvil either answers or is gone)."""
+        return Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None))
 
     def dev_addresses(self) -> list[ChecksumAddress]:
         """The funded dev accounts' addresses (never their keys)."""

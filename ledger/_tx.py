@@ -21,6 +21,7 @@ from web3.exceptions import (
     TimeExhausted,
     Web3RPCError,
 )
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import TxParams, TxReceipt, Wei
 
 from ledger._errors import ChainError, ChainNotReachable, InsufficientFunds, TransactionFailed, WrongChainId
@@ -36,7 +37,12 @@ def connect(rpc_url: str, *, expected_chain_id: int | None = None, timeout: floa
     """A ``Web3`` for ``rpc_url`` after checking that it answers (and serves ``expected_chain_id`` if given)."""
     if not rpc_url.startswith(("http://", "https://")):
         raise ChainNotReachable(rpc_url, "only http(s) JSON-RPC URLs are supported")
-    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+    # Two quick retries ride out a blip on a remote RPC without making "no chain here" take seconds
+    # (web3's default is five with exponential backoff, about 4 s against a closed port).
+    retry = ExceptionRetryConfiguration(
+        errors=(requests.ConnectionError, requests.Timeout), retries=2, backoff_factor=0.05
+    )
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry))
     try:
         chain_id = w3.eth.chain_id
     except (requests.RequestException, OSError, Web3RPCError, ValueError) as exc:

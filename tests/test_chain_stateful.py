@@ -202,8 +202,8 @@ def test_random_registry_operations_keep_the_invariants(
     run_state_machine_as_test(
         RegistryMachine,
         settings=settings(
-            max_examples=8,
-            stateful_step_count=14,
+            max_examples=6,
+            stateful_step_count=12,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow],
