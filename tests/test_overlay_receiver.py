@@ -41,11 +41,19 @@ async def test_a_tampered_clove_is_skipped_and_the_other_k_rebuild_the_request()
         bad = bytearray(cloves[0])
         bad[-1] ^= 0x01  # a valid clove layout with a corrupted fragment: only authentication can catch it
         tampered = Clove.from_bytes(bytes(bad)).to_bytes()
-        # The tampered clove arrives first; the destination must not give up after one failed combination.
-        first = asyncio.create_task(_post_clove(session, net, tampered, key))
-        await asyncio.sleep(0.05)
-        others = [asyncio.create_task(_post_clove(session, net, c, key)) for c in cloves[1:]]
-        results = await asyncio.gather(first, *others)
+        # The tampered clove and two good ones arrive first: that combination fails authentication, and the
+        # destination must wait for the fourth clove instead of giving up.
+        first = [asyncio.create_task(_post_clove(session, net, c, key)) for c in (tampered, cloves[1], cloves[2])]
+        assert net.model is not None
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(net.model.endpoint + "/overlay/metrics") as response:
+                    if (await response.json())["delivered"] == 3:
+                        break
+                await asyncio.sleep(0.01)
+        assert not any(task.done() for task in first)
+        last = asyncio.create_task(_post_clove(session, net, cloves[3], key))
+        results = await asyncio.gather(*first, last)
         for chunks in results:
             assert b"".join(c.data for c in chunks) == b"echo:prompt"
             assert chunks[-1].final and not chunks[-1].error
