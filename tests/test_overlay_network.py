@@ -132,3 +132,18 @@ async def test_health_readiness_and_draining() -> None:
 def test_model_role_requires_a_handler() -> None:
     with pytest.raises(OverlayError):
         create_app(OverlayConfig(x25519_secret=bytes(range(32)), role="model"))
+
+
+async def test_a_long_reply_on_four_paths_finishes_even_with_a_slow_reader() -> None:
+    async def many(request: bytes) -> AsyncIterator[bytes]:
+        for i in range(600):
+            yield i.to_bytes(2, "big")
+
+    async with LocalNetwork(relays=4, handler=many) as net, aiohttp.ClientSession() as session:
+        paths = [[d] for d in net.descriptors()]
+        received = []
+        async with asyncio.timeout(60):
+            async for piece in send_request(session, b"go", paths, net.destination):
+                received.append(piece)
+                await asyncio.sleep(0)
+        assert b"".join(received) == b"".join(i.to_bytes(2, "big") for i in range(600))

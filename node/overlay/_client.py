@@ -56,12 +56,39 @@ class ClientSettings:
             raise InvalidPrivacyParam("n,k", (self.n, self.k), "2 <= k <= n <= 16")
 
 
+class _Inbox:
+    """Reply chunks from every path, plus one end marker per path.
+
+    Chunks are bounded by ``capacity``; the end markers have reserved room, so a path that ends (or is cancelled)
+    can always say so without waiting, and the reader never misses that every path is gone.
+    """
+
+    __slots__ = ("_queue", "_slots")
+
+    def __init__(self, paths: int, capacity: int) -> None:
+        self._queue: asyncio.Queue[ReplyChunk | None] = asyncio.Queue(maxsize=capacity + paths)
+        self._slots = asyncio.Semaphore(capacity)
+
+    async def put(self, chunk: ReplyChunk) -> None:
+        await self._slots.acquire()
+        self._queue.put_nowait(chunk)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def get(self) -> ReplyChunk | None:
+        item = await self._queue.get()
+        if item is not None:
+            self._slots.release()
+        return item
+
+
 async def _read_path(
     session: aiohttp.ClientSession,
     built: BuiltOnion,
     reply_key: bytes,
     settings: ClientSettings,
-    out: asyncio.Queue[ReplyChunk | None],
+    out: _Inbox,
 ) -> None:
     """POST one packet and push every authenticated reply chunk into ``out``; push ``None`` when the path ends."""
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s, sock_read=settings.idle_timeout_s)
@@ -96,7 +123,7 @@ async def _read_path(
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, MalformedPacket, ConnectionError) as exc:
         log.info("path failed: %s", type(exc).__name__)
     finally:
-        await out.put(None)
+        out.end()
 
 
 async def send_request(
@@ -122,15 +149,14 @@ async def send_request(
         build_onion([*(r.hop() for r in path), destination], clove.to_bytes(), ttl=settings.ttl_s)
         for path, clove in zip(paths, cloves, strict=True)
     ]
-    # Bounded: each path stops after its final chunk and there are n paths, so at most n * window items queue up.
-    queue: asyncio.Queue[ReplyChunk | None] = asyncio.Queue(maxsize=settings.n * 64)
-    tasks = [asyncio.create_task(_read_path(session, built, reply_key, settings, queue)) for built in onions]
+    inbox = _Inbox(paths=len(onions), capacity=settings.n * 64)
+    tasks = [asyncio.create_task(_read_path(session, built, reply_key, settings, inbox)) for built in onions]
     live = len(tasks)
     next_seq = 0
     pending: dict[int, ReplyChunk] = {}
     try:
         while True:
-            item = await queue.get()  # every path task ends (pushing None) within its own timeouts
+            item = await inbox.get()  # every path task ends (and says so) within its own timeouts
             if item is None:
                 live -= 1
                 if live == 0:

@@ -33,8 +33,8 @@ class OverlayConfig:
     """Replay-cache entries (16-byte tags, kept until packet expiry)."""
     assembly_timeout_s: float = 20.0
     """Model side: seconds a clove waits for the rest of its message's k cloves."""
-    max_messages: int = 1024
-    """Model side: messages being assembled or replied to at once."""
+    max_messages: int = 256
+    """Model side: messages being assembled or replied to at once (memory: up to n cloves of 128 KiB each)."""
     message_linger_s: float = 30.0
     """Model side: seconds a finished message's reply stays available to late cloves."""
     max_backlog_frames: int = 8192
