@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from node.overlay import OverlayConfig
+from node.overlay import OverlayConfig, send_request
 from node.overlay._localnet import LocalNetwork
 from node.privacy import Clove, Envelope, ReplyChunk, build_onion, open_reply, split
 from node.privacy._reply import check_frame_len
@@ -74,3 +74,15 @@ async def test_a_lone_clove_times_out_with_a_counted_reason() -> None:
         async with session.get(net.model.endpoint + "/overlay/metrics") as response:
             metrics = await response.json()
         assert metrics["rejected"]["upstream_timeout"] == 1
+
+
+async def test_finished_messages_make_room_when_the_message_table_is_full() -> None:
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), max_messages=2)
+    async with (
+        LocalNetwork(relays=0, handler=echo, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        for i in range(6):
+            body = f"request {i}".encode()
+            reply = b"".join([p async for p in send_request(session, body, [[]] * 4, net.destination)])
+            assert reply == b"echo:" + body

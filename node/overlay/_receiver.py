@@ -99,7 +99,11 @@ class CloveReceiver:
             if len(self._messages) >= self._config.max_messages:
                 self.sweep()
             if len(self._messages) >= self._config.max_messages:
-                raise MalformedPacket(RejectReason.OVERLOADED, "too many messages in flight")
+                # Lingering is a courtesy to late cloves; make room by forgetting the longest-finished message.
+                finished = [(m.finished_at, mid) for mid, m in self._messages.items() if m.finished_at is not None]
+                if not finished:
+                    raise MalformedPacket(RejectReason.OVERLOADED, "too many messages in flight")
+                self._drop(min(finished)[1])
             msg = _Message(created=time.monotonic())
             self._messages[clove.message_id] = msg
         return msg
