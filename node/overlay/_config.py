@@ -41,6 +41,7 @@ class OverlayConfig:
     """Model side: most reply chunks kept per message (for paths that join late)."""
     reply_timeout_s: float = 900.0
     """Model side: most seconds the handler may take to produce the whole reply."""
+    _public: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if len(self.x25519_secret) != 32:
@@ -50,8 +51,10 @@ class OverlayConfig:
         for name in ("max_body", "max_inflight", "replay_capacity", "max_messages", "max_backlog_frames"):
             if getattr(self, name) < 1:
                 raise InvalidPrivacyParam(name, getattr(self, name), "at least 1")
+        # Derived once: a scalar multiplication is too costly to repeat per request.
+        object.__setattr__(self, "_public", public_key(self.x25519_secret))
 
     @property
     def x25519_public(self) -> bytes:
         """The node's raw X25519 public key."""
-        return public_key(self.x25519_secret)
+        return self._public

@@ -68,15 +68,15 @@ async def forward(
         try:
             async with asyncio.timeout(config.circuit_lifetime_s):
                 while True:
-                    async with asyncio.timeout(config.idle_timeout_s):
-                        try:
-                            prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
-                        except asyncio.IncompleteReadError as exc:
-                            if exc.partial:
-                                raise MalformedPacket(RejectReason.BAD_LENGTH, "truncated frame") from exc
-                            break
-                        length = check_frame_len(prefix)
-                        body = await upstream.content.readexactly(length)
+                    # Each read is bounded by the session timeout's sock_read (idle_timeout_s).
+                    try:
+                        prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
+                    except asyncio.IncompleteReadError as exc:
+                        if exc.partial:
+                            raise MalformedPacket(RejectReason.BAD_LENGTH, "truncated frame") from exc
+                        break
+                    length = check_frame_len(prefix)
+                    body = await upstream.content.readexactly(length)
                     await response.write(encode_frame(apply_reply_layer(peeled.keys.reply, index, body)))
                     index += 1
         except (
