@@ -42,7 +42,7 @@ def test_any_k_of_n_cloves_rebuild_and_k_minus_1_fail(
     message = _message(size, seed)
     wire = [c.to_bytes() for c in split(message, n, k)]
     assert sum(map(len, wire)) == n * (85 + -(-size // k))
-    subset = data.draw(st.permutations(range(n))).__getitem__(slice(0, k))
+    subset = data.draw(st.permutations(range(n)))[:k]
     assert combine(Clove.from_bytes(wire[i]) for i in subset) == message
     with pytest.raises(NotEnoughCloves):
         combine(Clove.from_bytes(wire[i]) for i in subset[:-1])
