@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -76,6 +77,11 @@ async def _one(engine: TorchEngine, rid: str, prompt: tuple[int, ...], gen_token
     }
 
 
+def _nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 async def _run(
     engine: TorchEngine, prompts: list[tuple[int, ...]], concurrency: int, gen_tokens: int, tag: str
 ) -> dict[str, Any]:
@@ -92,7 +98,7 @@ async def _run(
     return {
         "requests": len(rows),
         "ttft_ms_median": 1000 * statistics.median(r["ttft_s"] for r in rows),
-        "ttft_ms_p90": 1000 * sorted(r["ttft_s"] for r in rows)[max(0, int(0.9 * len(rows)) - 1)],
+        "ttft_ms_p90": 1000 * _nearest_rank([r["ttft_s"] for r in rows], 0.9),
         "per_token_ms_median": 1000 * statistics.median(r["per_token_s"] for r in rows),
         "latency_ms_median": 1000 * statistics.median(r["latency_s"] for r in rows),
         "tokens_per_s": total_tokens / wall,

@@ -327,21 +327,27 @@ class TorchEngine:
                             self._lock.wait(timeout=1.0)
                         if self._closed:
                             return
-                        admitted: list[_Seq] = []
-                        while self._waiting and len(self._running) + len(admitted) < self._config.max_running:
-                            admitted.append(self._waiting.popleft())
-                        self._running.extend(admitted)
-                    for seq in admitted:
-                        self._guarded(seq, self._prefill)
+                    self._admit_and_prefill()
                     for seq in list(self._running):
-                        if seq not in admitted:
+                        if seq in self._running and seq.past is not None:
                             self._guarded(seq, self._decode)
+                        # Prefill first: a new arrival waits for at most one decode step, not a whole round.
+                        self._admit_and_prefill()
         except BaseException as exc:  # the worker must never die silently
             self._dead = exc
             with self._lock:
                 for seq in self._active.values():
                     seq.emit(EngineClosed(f"engine worker died ({type(exc).__name__})"))
             raise
+
+    def _admit_and_prefill(self) -> None:
+        with self._lock:
+            admitted: list[_Seq] = []
+            while self._waiting and len(self._running) + len(admitted) < self._config.max_running:
+                admitted.append(self._waiting.popleft())
+            self._running.extend(admitted)
+        for seq in admitted:
+            self._guarded(seq, self._prefill)
 
     def _guarded(self, seq: _Seq, step: Callable[[_Seq], None]) -> None:
         if self._closed:
@@ -391,19 +397,19 @@ class TorchEngine:
         with self._lock:
             self._prefill_computed += len(ids) - start
             self._prefill_cached += start
+        if seq.params.seed is not None or not seq.params.greedy:
+            seq.generator = torch.Generator(device="cpu")
+            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else random.getrandbits(63))
+        past = seq.past  # the first token goes out before the (cloning) cache insert, to keep TTFT low
+        self._sample_and_emit(seq)
         n_store = len(hashes)
         if self._cache.enabled and n_store * CHUNK_TOKENS > start:
             tokens = n_store * CHUNK_TOKENS
             layers_out = tuple(
-                (layer.keys[:, :, :tokens, :].clone(), layer.values[:, :, :tokens, :].clone())
-                for layer in seq.past.layers
+                (layer.keys[:, :, :tokens, :].clone(), layer.values[:, :, :tokens, :].clone()) for layer in past.layers
             )
             with self._lock:
                 self._cache.insert(hashes, layers_out)
-        if seq.params.seed is not None or not seq.params.greedy:
-            seq.generator = torch.Generator(device="cpu")
-            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else random.getrandbits(63))
-        self._sample_and_emit(seq)
 
     def _decode(self, seq: _Seq) -> None:
         import torch
