@@ -15,6 +15,7 @@ from node.inference import (
     EngineClosed,
     EngineConfig,
     EngineOverloaded,
+    EngineTimeout,
     GenerationChunk,
     GenerationRequest,
     InvalidParams,
@@ -265,5 +266,30 @@ async def test_prefix_cache_evicts_least_recently_used_within_its_byte_bound(tin
         newest = await _collect(engine, _req("new", prompts[2], max_tokens=1, temperature=0))
         assert oldest[-1].cached_tokens == 0
         assert newest[-1].cached_tokens > 0
+    finally:
+        await engine.close()
+
+
+async def test_a_stalled_stream_times_out_and_aborts_its_request(tiny_model_dir: Path) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", chunk_timeout_s=1e-4))
+    try:
+        with pytest.raises(EngineTimeout) as info:
+            async for _ in engine.generate(_req("slow", LONG_PROMPT, max_tokens=300, temperature=0)):
+                pass
+        assert info.value.seconds == 1e-4
+        for _ in range(200):
+            if engine.stats().running_requests == 0 and engine.stats().queued_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().running_requests == 0
+    finally:
+        await engine.close()
+
+
+async def test_auto_engine_is_the_torch_engine_without_tensorrt(tiny_model_dir: Path) -> None:
+    engine = load_engine("auto", tiny_model_dir)
+    try:
+        assert isinstance(engine, TorchEngine) == (not _trt_ready())
+        assert isinstance(engine, Engine)
     finally:
         await engine.close()
