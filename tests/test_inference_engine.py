@@ -73,6 +73,16 @@ def _text(chunks: list[GenerationChunk]) -> str:
     return "".join(c.text for c in chunks)
 
 
+async def _cache_settled(engine: TorchEngine) -> None:
+    """Wait until the worker has stored the last prompt (it does so just after sending the first token)."""
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.running_requests == 0 and stats.cache_bytes > 0:
+            await asyncio.sleep(0.02)
+            return
+        await asyncio.sleep(0.01)
+
+
 def _req(rid: str, prompt: str = PROMPT, **params: object) -> GenerationRequest:
     return GenerationRequest(request_id=rid, prompt=prompt, params=SamplingParams(**params))  # type: ignore[arg-type]
 
@@ -132,12 +142,15 @@ async def test_score_equals_the_logprobs_seen_during_generation(engine: Engine, 
 
 
 async def test_concurrent_requests_each_match_their_solo_output(engine: Engine) -> None:
-    prompts = [f"{i}+{i}=" for i in range(4)]  # = max_queue: all may wait at once
-    solo = [_ids(await _collect(engine, _req(f"s{i}", p, max_tokens=8, temperature=0))) for i, p in enumerate(prompts)]
+    # Different lengths, so batched decode steps pad and mask; 4 = max_queue, so all may wait at once.
+    prompts = ["3+4=", PROMPT, LONG_PROMPT[:200], LONG_PROMPT]
+    solo = [await _collect(engine, _req(f"s{i}", p, max_tokens=12, temperature=0)) for i, p in enumerate(prompts)]
     together = await asyncio.gather(
-        *(_collect(engine, _req(f"c{i}", p, max_tokens=8, temperature=0)) for i, p in enumerate(prompts))
+        *(_collect(engine, _req(f"c{i}", p, max_tokens=12, temperature=0)) for i, p in enumerate(prompts))
     )
-    assert [_ids(c) for c in together] == solo
+    assert [_ids(c) for c in together] == [_ids(c) for c in solo]
+    for batched, alone in zip(together, solo, strict=True):
+        assert _logprobs(batched) == pytest.approx(_logprobs(alone), abs=1e-4)
 
 
 async def test_bad_request_id_reuse_and_context_overflow_are_rejected(engine: Engine) -> None:
@@ -241,6 +254,7 @@ async def test_prefix_cache_reuses_shared_prefix_and_output_is_identical(tiny_mo
 
 async def test_stats_advertise_the_chunk_hashes_of_served_prompts(torch_engine: TorchEngine) -> None:
     await _collect(torch_engine, _req("a", LONG_PROMPT, max_tokens=2, temperature=0))
+    await _cache_settled(torch_engine)
     stats = torch_engine.stats()
     expected = chunk_hashes(torch_engine.tokenize(LONG_PROMPT))
     assert set(expected) <= set(stats.cached_prefix_hashes)
@@ -253,6 +267,7 @@ async def test_prefix_cache_evicts_least_recently_used_within_its_byte_bound(tin
     probe = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
     try:
         await _collect(probe, _req("p", LONG_PROMPT, max_tokens=1, temperature=0))
+        await _cache_settled(probe)
         one_entry = probe.stats().cache_bytes
     finally:
         await probe.close()

@@ -327,12 +327,9 @@ class TorchEngine:
                             self._lock.wait(timeout=1.0)
                         if self._closed:
                             return
+                    # Prefill first: a new arrival waits for at most one (batched) decode step.
                     self._admit_and_prefill()
-                    for seq in list(self._running):
-                        if seq in self._running and seq.past is not None:
-                            self._guarded(seq, self._decode)
-                        # Prefill first: a new arrival waits for at most one decode step, not a whole round.
-                        self._admit_and_prefill()
+                    self._decode_step([seq for seq in list(self._running) if seq.past is not None])
         except BaseException as exc:  # the worker must never die silently
             self._dead = exc
             with self._lock:
@@ -411,7 +408,40 @@ class TorchEngine:
             with self._lock:
                 self._cache.insert(hashes, layers_out)
 
-    def _decode(self, seq: _Seq) -> None:
+    def _decode_step(self, seqs: list[_Seq]) -> None:
+        """Advance every running sequence by one token with ONE batched forward.
+
+        Each sequence's KV is left-padded to the longest, stacked along the batch, and masked; positions are passed
+        per sequence so RoPE sees true positions. Afterwards each sequence keeps a view of its own rows (tensors are
+        never written in place, so views are safe). Padding keys get zero attention weight, so results equal the
+        unbatched ones up to float rounding.
+        """
+        import torch
+
+        live: list[_Seq] = []
+        for seq in seqs:
+            if self._closed:
+                return
+            if seq.aborted:
+                self._finish(seq, "abort", [], [])
+            else:
+                live.append(seq)
+        if not live:
+            return
+        try:
+            if len(live) == 1:
+                self._decode_one(live[0])
+            else:
+                self._decode_batched(live, torch)
+        except Exception as exc:  # a failed forward fails the requests in it, not the engine
+            for seq in live:
+                self._retire(seq)
+                seq.emit(InferenceError(f"generation failed ({type(exc).__name__})"))
+            return
+        for seq in live:
+            self._guarded(seq, self._sample_and_emit)
+
+    def _decode_one(self, seq: _Seq) -> None:
         import torch
 
         with self._compute:
@@ -423,7 +453,41 @@ class TorchEngine:
             )
         seq.past = out.cache
         seq.next_logits = out.logits[0, -1].float()
-        self._sample_and_emit(seq)
+
+    def _decode_batched(self, seqs: list[_Seq], torch: Any) -> None:
+        lens = [int(seq.past.get_seq_length()) for seq in seqs]
+        longest = max(lens)
+        n_layers = len(seqs[0].past.layers)
+        stacked = []
+        for li in range(n_layers):
+            keys, values = [], []
+            for seq, length in zip(seqs, lens, strict=True):
+                layer = seq.past.layers[li]
+                pad = (0, 0, longest - length, 0)
+                keys.append(torch.nn.functional.pad(layer.keys, pad) if length < longest else layer.keys)
+                values.append(torch.nn.functional.pad(layer.values, pad) if length < longest else layer.values)
+            stacked.append((torch.cat(keys), torch.cat(values)))
+        mask = torch.ones(len(seqs), longest + 1, dtype=torch.long, device=self._device)
+        for i, length in enumerate(lens):
+            mask[i, : longest - length] = 0
+        with self._compute:
+            out = self._model(
+                input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs], device=self._device),
+                attention_mask=mask,
+                position_ids=torch.tensor([[length] for length in lens], device=self._device),
+                cache=_cache_of(stacked),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        for i, (seq, length) in enumerate(zip(seqs, lens, strict=True)):
+            start = longest - length
+            seq.past = _cache_of(
+                [
+                    (layer.keys[i : i + 1, :, start:, :], layer.values[i : i + 1, :, start:, :])
+                    for layer in out.cache.layers
+                ]
+            )
+            seq.next_logits = out.logits[i, -1].float()
 
     def _sample_and_emit(self, seq: _Seq) -> None:
         token, logprob = _sample(seq.next_logits, seq.params, seq.generator)
@@ -468,6 +532,25 @@ class TorchEngine:
         logp = torch.log_softmax(logits[len(p_ids) - 1 : -1], dim=-1)
         target = torch.tensor(c_ids, device=logp.device)
         return [float(x) for x in logp.gather(1, target[:, None])[:, 0].cpu()]
+
+
+def _cache_of(layers: Sequence[tuple[Any, Any]]) -> Any:
+    """A ``DynamicCache`` holding exactly these tensors, without the copy ``DynamicCache(ddp_cache_data=...)`` makes.
+
+    Only for tensors nobody else writes: the model's own updates concatenate into new storage.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    built: list[Any] = []
+    for keys, values in layers:
+        layer = DynamicLayer()  # type: ignore[no-untyped-call]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        built.append(layer)
+    cache = DynamicCache()
+    cache.layers = list(built)
+    return cache
 
 
 def _resolve_device(device: str) -> str:
