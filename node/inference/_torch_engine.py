@@ -100,6 +100,17 @@ class _Seq:
     aborted: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """The stacked KV of the last batched decode step, reused while the same sequences keep running."""
+
+    seqs: list[_Seq]
+    cache: Any
+    lens: list[int]
+    longest: int
+    mask: Any
+
+
 class TorchEngine:
     """Serves one model folder with transformers; see the module docstring for the design."""
 
@@ -130,6 +141,7 @@ class TorchEngine:
         self._prefill_computed = 0
         self._prefill_cached = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
+        self._batch: _Batch | None = None
         self._worker = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._worker.start()
 
@@ -430,6 +442,7 @@ class TorchEngine:
             return
         try:
             if len(live) == 1:
+                self._batch = None
                 self._decode_one(live[0])
             else:
                 self._decode_batched(live, torch)
@@ -455,39 +468,49 @@ class TorchEngine:
         seq.next_logits = out.logits[0, -1].float()
 
     def _decode_batched(self, seqs: list[_Seq], torch: Any) -> None:
-        lens = [int(seq.past.get_seq_length()) for seq in seqs]
-        longest = max(lens)
-        n_layers = len(seqs[0].past.layers)
-        stacked = []
-        for li in range(n_layers):
-            keys, values = [], []
-            for seq, length in zip(seqs, lens, strict=True):
-                layer = seq.past.layers[li]
-                pad = (0, 0, longest - length, 0)
-                keys.append(torch.nn.functional.pad(layer.keys, pad) if length < longest else layer.keys)
-                values.append(torch.nn.functional.pad(layer.values, pad) if length < longest else layer.values)
-            stacked.append((torch.cat(keys), torch.cat(values)))
-        mask = torch.ones(len(seqs), longest + 1, dtype=torch.long, device=self._device)
-        for i, length in enumerate(lens):
-            mask[i, : longest - length] = 0
+        batch = self._batch
+        same = batch is not None and len(batch.seqs) == len(seqs)
+        if batch is not None and same and all(x is y for x, y in zip(batch.seqs, seqs, strict=True)):
+            # Same sequences as the last step: reuse the stacked cache as is (no re-padding, no copy).
+            cache, lens, longest, mask = batch.cache, batch.lens, batch.longest, batch.mask
+        else:
+            lens = [int(seq.past.get_seq_length()) for seq in seqs]
+            longest = max(lens)
+            stacked = []
+            for li in range(len(seqs[0].past.layers)):
+                keys, values = [], []
+                for seq, length in zip(seqs, lens, strict=True):
+                    layer = seq.past.layers[li]
+                    pad = (0, 0, longest - length, 0)
+                    keys.append(torch.nn.functional.pad(layer.keys, pad) if length < longest else layer.keys)
+                    values.append(torch.nn.functional.pad(layer.values, pad) if length < longest else layer.values)
+                stacked.append((torch.cat(keys), torch.cat(values)))
+            cache = _cache_of(stacked)
+            mask = torch.ones(len(seqs), longest, dtype=torch.long, device=self._device)
+            for i, length in enumerate(lens):
+                mask[i, : longest - length] = 0
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.long, device=self._device)], dim=1)
+        self._batch = None
         with self._compute:
             out = self._model(
                 input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs], device=self._device),
                 attention_mask=mask,
                 position_ids=torch.tensor([[length] for length in lens], device=self._device),
-                cache=_cache_of(stacked),
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
         for i, (seq, length) in enumerate(zip(seqs, lens, strict=True)):
             start = longest - length
-            seq.past = _cache_of(
-                [
-                    (layer.keys[i : i + 1, :, start:, :], layer.values[i : i + 1, :, start:, :])
-                    for layer in out.cache.layers
-                ]
-            )
+            rows = [
+                (layer.keys[i : i + 1, :, start:, :], layer.values[i : i + 1, :, start:, :])
+                for layer in out.cache.layers
+            ]
+            seq.past = _cache_of(rows)  # views of this sequence's rows, used when the batch changes
             seq.next_logits = out.logits[i, -1].float()
+        self._batch = _Batch(
+            seqs=list(seqs), cache=out.cache, lens=[n + 1 for n in lens], longest=longest + 1, mask=mask
+        )
 
     def _sample_and_emit(self, seq: _Seq) -> None:
         token, logprob = _sample(seq.next_logits, seq.params, seq.generator)
