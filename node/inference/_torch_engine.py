@@ -491,15 +491,25 @@ class TorchEngine:
                 mask[i, : longest - length] = 0
         mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.long, device=self._device)], dim=1)
         self._batch = None
+        config = self._model.config
         with self._compute:
-            out = self._model(
-                input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs], device=self._device),
-                attention_mask=mask,
-                position_ids=torch.tensor([[length] for length in lens], device=self._device),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            # On CPU, torch's SDPA kernel is several times slower than plain matmul attention for batched one-token
+            # queries against long caches (measured: 16 x 1040 keys, 370 ms vs 65 ms), while SDPA wins for prefill.
+            # So batched decode steps use eager attention on CPU; the switch is read per forward, under the lock.
+            previous = config._attn_implementation
+            if self._device.type == "cpu":
+                config._attn_implementation = "eager"
+            try:
+                out = self._model(
+                    input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs], device=self._device),
+                    attention_mask=mask,
+                    position_ids=torch.tensor([[length] for length in lens], device=self._device),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            finally:
+                config._attn_implementation = previous
         for i, (seq, length) in enumerate(zip(seqs, lens, strict=True)):
             start = longest - length
             rows = [
