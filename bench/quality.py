@@ -72,13 +72,13 @@ def main() -> None:
         "models": rows,
         "seconds": time.perf_counter() - started,
     }
-    head = f"{'model':34} {'kind':13} {'params':>9} {'arith acc':>9} {'ppl':>7} {'|dlogp|':>8}"
+    head = f"{'model':24} {'kind':13} {'params':>9} {'arith acc':>9} {'arith MAE':>9} {'ppl':>7} {'|dlogp|':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:34} {r['kind']:13} {r['parameters']:>9} {r['arithmetic_accuracy']:>9.3f} "
-            f"{r['perplexity']:>7.3f} {r['logprob_gap_vs_base']:>8.4f}"
+            f"{r['name']:24} {r['kind']:13} {r['parameters']:>9} {r['arithmetic_accuracy']:>9.3f} "
+            f"{r['arithmetic_mae']:>9.2f} {r['perplexity']:>7.3f} {r['logprob_gap_vs_base']:>8.4f}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -102,6 +102,8 @@ class EvalResult:
     kind: str
     #: Exact-match accuracy on held-out addition problems, 0..1.
     arithmetic_accuracy: float
+    #: Mean absolute error of the numeric answers (a non-number counts as 100), a graded view of the same test.
+    arithmetic_mae: float
     #: Problems evaluated.
     arithmetic_n: int
     #: Per-token perplexity on held-out corpus text (lower is better).
@@ -341,7 +343,10 @@ def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400) -> Eva
     started = time.perf_counter()
     model, tokenizer, info = load_model(path, device="cpu")
     problems = held_out_problems(n_problems)
-    correct = sum(_answer(model, tokenizer, prompt) == answer for prompt, answer in problems)
+    # Each problem starts a line, as in training (a bare "a+b=" at the start of the context is out of distribution).
+    answers = [(_answer(model, tokenizer, "\n" + prompt), answer) for prompt, answer in problems]
+    correct = sum(got == want for got, want in answers)
+    errors = [min(abs(int(got) - int(want)), 100) if got.isdigit() else 100 for got, want in answers]
     text = "\n".join(corpus_lines(99_991, eval_lines, held_out=True)) + "\n"
     ids = tokenizer.encode(text, add_special_tokens=False)
     window = int(info.recipe.get("seq_len", 96)) if info else 96
@@ -351,6 +356,7 @@ def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400) -> Eva
         name=info.name if info else path.name,
         kind=info.kind if info else "unknown",
         arithmetic_accuracy=correct / max(len(problems), 1),
+        arithmetic_mae=sum(errors) / max(len(errors), 1),
         arithmetic_n=len(problems),
         perplexity=ppl,
         eval_tokens=n_tokens,
