@@ -77,6 +77,17 @@ async def _one(engine: TorchEngine, rid: str, prompt: tuple[int, ...], gen_token
     }
 
 
+_METRICS = (
+    "ttft_ms_median",
+    "ttft_ms_p90",
+    "per_token_ms_median",
+    "latency_ms_median",
+    "tokens_per_s",
+    "cached_tokens_median",
+    "wall_s",
+)
+
+
 def _nearest_rank(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -123,19 +134,44 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for name, engine in engines.items():
             await _one(engine, f"warm-{name}", warm, 2)
         runs: list[dict[str, Any]] = []
+        for rep in range(args.repeats):
+            for conc in args.concurrency:
+                batch = prompts[: conc * args.rounds]
+                order = list(engines.items())
+                if rep % 2:
+                    order.reverse()  # alternate which mode goes first, so drift in machine load cancels out
+                for name, engine in order:  # side by side: same prompts, one after the other
+                    result = await _run(engine, batch, conc, args.gen_tokens, name)
+                    runs.append({"mode": name, "concurrency": conc, "repeat": rep, **result})
+                    # Keep only the shared prefix cached, so every run starts in the same state.
+                    if name == "reuse":
+                        engine.clear_prefix_cache()
+                        await _one(engine, f"rewarm-{rep}-{conc}", warm, 1)
+        summary = []
         for conc in args.concurrency:
-            batch = prompts[: conc * args.rounds]
-            for name, engine in engines.items():  # side by side: same prompts, same moment
-                result = await _run(engine, batch, conc, args.gen_tokens, name)
-                runs.append({"mode": name, "concurrency": conc, **result})
-                # Keep only the shared prefix cached, so every concurrency level starts in the same state.
-                if name == "reuse":
-                    engine.clear_prefix_cache()
-                    await _one(engine, f"rewarm-{conc}", warm, 1)
+            for name in engines:
+                cell = [r for r in runs if r["concurrency"] == conc and r["mode"] == name]
+                summary.append(
+                    {
+                        "mode": name,
+                        "concurrency": conc,
+                        **{key: statistics.median(r[key] for r in cell) for key in _METRICS},
+                    }
+                )
         ratios = {}
+        per_repeat: dict[str, list[float]] = {}
         for conc in args.concurrency:
-            by_mode = {r["mode"]: r for r in runs if r["concurrency"] == conc}
+            by_mode = {r["mode"]: r for r in summary if r["concurrency"] == conc}
             ratios[str(conc)] = by_mode["no_reuse"]["ttft_ms_median"] / by_mode["reuse"]["ttft_ms_median"]
+            per_repeat[str(conc)] = [
+                next(r for r in runs if r["concurrency"] == conc and r["repeat"] == rep and r["mode"] == "no_reuse")[
+                    "ttft_ms_median"
+                ]
+                / next(r for r in runs if r["concurrency"] == conc and r["repeat"] == rep and r["mode"] == "reuse")[
+                    "ttft_ms_median"
+                ]
+                for rep in range(args.repeats)
+            ]
         import torch
 
         return {
@@ -148,8 +184,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens": args.prompt_tokens,
             "shared_fraction": args.shared,
             "gen_tokens": args.gen_tokens,
+            "repeats": args.repeats,
+            "requests_per_run": {str(c): c * args.rounds for c in args.concurrency},
+            "summary": summary,
             "runs": runs,
             "ttft_speedup_reuse": ratios,
+            "ttft_speedup_reuse_per_repeat": per_repeat,
             "target": "reuse cuts median TTFT >= 2x at 80% shared tokens",
             "target_met": all(v >= 2.0 for v in ratios.values()),
         }
@@ -161,14 +201,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def _table(result: dict[str, Any]) -> str:
     head = f"{'mode':9} {'conc':>4} {'TTFT ms':>9} {'p90 ms':>8} {'tok ms':>7} {'tok/s':>7} {'cached':>7} {'wall s':>7}"
     lines = [head, "-" * len(head)]
-    for r in result["runs"]:
+    for r in result["summary"]:
         lines.append(
             f"{r['mode']:9} {r['concurrency']:>4} {r['ttft_ms_median']:>9.1f} {r['ttft_ms_p90']:>8.1f} "
             f"{r['per_token_ms_median']:>7.2f} {r['tokens_per_s']:>7.1f} {r['cached_tokens_median']:>7.0f} "
             f"{r['wall_s']:>7.2f}"
         )
     lines.append(
-        "TTFT speed-up from prefix reuse (median, no_reuse / reuse): "
+        f"TTFT speed-up from prefix reuse (median of {result['repeats']} repeats, no_reuse / reuse): "
         + ", ".join(f"c={k}: {v:.2f}x" for k, v in result["ttft_speedup_reuse"].items())
     )
     return "\n".join(lines)
@@ -182,12 +222,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--shared", type=float, default=0.8)
     parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per concurrency slot")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency slot")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=3, help="repeat the sweep; the table shows medians")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1
+        args.repeats = 1
     result = asyncio.run(main_async(args))
     print(_table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
