@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -306,5 +307,27 @@ async def test_auto_engine_is_the_torch_engine_without_tensorrt(tiny_model_dir: 
     try:
         assert isinstance(engine, TorchEngine) == (not _trt_ready())
         assert isinstance(engine, Engine)
+    finally:
+        await engine.close()
+
+
+async def test_running_sequences_share_batched_decode_steps(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_running=4))
+    batch_sizes: list[int] = []
+    original = engine._decode_batched
+
+    def spy(seqs: list[Any], torch: Any) -> None:
+        batch_sizes.append(len(seqs))
+        original(seqs, torch)
+
+    monkeypatch.setattr(engine, "_decode_batched", spy)
+    try:
+        prompts = ["3+4=", PROMPT, LONG_PROMPT[:300], LONG_PROMPT]
+        await asyncio.gather(
+            *(_collect(engine, _req(f"b{i}", p, max_tokens=10, temperature=0)) for i, p in enumerate(prompts))
+        )
+        assert batch_sizes and max(batch_sizes) == 4
     finally:
         await engine.close()
