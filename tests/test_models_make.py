@@ -156,3 +156,11 @@ def test_missing_or_corrupt_model_folder_is_a_clear_model_load_error(
         TorchEngine.from_folder(folder)
     assert reason in str(info.value)
     assert info.value.code.startswith("model")
+
+
+def test_model_id_agrees_with_the_ledger_registry_id(tiny_model_dir: Path) -> None:
+    from ledger import model_id
+
+    info = read_info(tiny_model_dir)
+    assert info is not None
+    assert "0x" + model_id(f"{info.name}@{info.revision}").hex() == info.model_id
