@@ -4,10 +4,10 @@ Design (see docs/inference.md):
 
 * One worker thread owns the model. The event loop only enqueues requests and reads chunks, so the async API stays
   responsive while a forward pass runs.
-* Scheduling is iteration-level: each loop admits waiting requests up to ``max_running`` (prefill, with the prefix
-  cache), then advances every running sequence by one token. New requests join between steps and finished ones leave,
-  so requests overlap the way continuous batching interleaves them; each forward is still batch-size one (batching
-  ragged KV caches is future work, noted in the docs).
+* Continuous batching: each loop first admits waiting requests up to ``max_running`` and prefills them one by one
+  (prefill-first, with the prefix cache), then advances every running sequence by one token in ONE batched forward
+  (ragged caches left-padded and masked, per-sequence positions). Requests join and leave between steps; the stacked
+  cache is reused while the running set is unchanged.
 * Back-pressure: at most ``max_queue`` requests wait; beyond that ``generate`` raises ``EngineOverloaded``.
 * Prefix cache: prompts are hashed in 16-token chunks (``_prefix``); after prefill the KV of the longest whole-chunk
   prefix is cloned into :class:`PrefixKVCache`, and a later prompt reuses the longest cached prefix so only its suffix
