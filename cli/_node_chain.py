@@ -59,7 +59,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 
 
-def _state_dir(value: Path | None) -> Path:
+def state_dir_or_default(value: Path | None) -> Path:
+    """The node state directory: ``--state-dir``/``PS_STATE_DIR``, else under the user data dir."""
     return value if value is not None else Path(user_data_dir("planetserve")) / "node"
 
 
@@ -88,7 +89,7 @@ def load_operator(keystore: Path | None) -> LocalAccount:
     return env_account
 
 
-def _open(rpc_url: str, deployment: Path | None, account: LocalAccount | None) -> tuple[Deployment, NodeRegistry]:
+def open_chain(rpc_url: str, deployment: Path | None, account: LocalAccount | None) -> tuple[Deployment, NodeRegistry]:
     if deployment is None:
         deployment = default_deployment_path(connect(rpc_url).eth.chain_id)
     return open_registry(rpc_url, deployment, account)
@@ -142,13 +143,13 @@ def register(
     mid = None if model is None else model_id(model)
     wei = parse_eth(stake, param="stake")
     account = load_operator(keystore)
-    _, registry = _open(rpc_url, deployment, account)
+    _, registry = open_chain(rpc_url, deployment, account)
     minimum = registry.minimum_stake(parsed_role)
     if wei < minimum:
         raise InvalidChainInput(
             "stake", stake, f"below the {parsed_role.name.lower()} minimum of {format_eth(minimum)} ETH"
         )
-    identity = NodeIdentity.load_or_create(_state_dir(state_dir))
+    identity = NodeIdentity.load_or_create(state_dir_or_default(state_dir))
     info(f"registering {account.address} as {parsed_role.name.lower()} with {format_eth(wei)} ETH")
     receipt = registry.register(
         role=parsed_role,
@@ -175,7 +176,7 @@ def stake_add(
     wei = parse_eth(amount)
     if wei == 0:
         raise InvalidChainInput("amount", amount, "must be more than 0 ETH")
-    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
     receipt = registry.add_stake(wei)
     emit(
         {"stake_wei": str(registry.stake_of(registry.account)), **_receipt_json(receipt)},
@@ -192,7 +193,7 @@ def unbond(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop being routed to and start the unbonding delay."""
-    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
     receipt = registry.request_unbond()
     node = registry.get_node(registry.account)
     ends = 0 if node is None else node.unbonding_ends_at
@@ -207,7 +208,7 @@ def withdraw(
     as_json: JsonOpt = False,
 ) -> None:
     """After the unbonding delay: deregister the node (if still registered) and withdraw its stake."""
-    _, registry = _open(rpc_url, deployment, load_operator(keystore))
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
     receipts = []
     if registry.get_node(registry.account) is not None:
         receipts.append(registry.deregister())
@@ -236,7 +237,7 @@ def status(
 ) -> None:
     """Show this node's role, stake, activity and unbonding time, read from the contract."""
     address = operator if operator is not None else load_operator(keystore).address
-    _, registry = _open(rpc_url, deployment, None)
+    _, registry = open_chain(rpc_url, deployment, None)
     node = registry.get_node(address)
     result: dict[str, Any] = {"operator": address, "registered": node is not None}
     if node is not None:
@@ -258,9 +259,9 @@ def list_nodes(
     as_json: JsonOpt = False,
 ) -> None:
     """The registry as the event indexer sees it (syncs the index first)."""
-    dep, registry = _open(rpc_url, deployment, None)
+    dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
-        directory = _state_dir(state_dir)
+        directory = state_dir_or_default(state_dir)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         db = f"sqlite:///{directory / f'index-{dep.chain_id}.sqlite'}"
     with Indexer(registry, dep, db) as indexer:

@@ -1,10 +1,26 @@
-"""``ps-client``: send private, paid requests to the network."""
+"""``ps-client``: send private requests to the PlanetServe network.
+
+``ps-client ask`` resolves the model on chain, picks a routable model node and relay paths from the registry (via the
+event indexer), seals the prompt into S-IDA cloves over onion paths, and streams the reply text to stdout.
+"""
 
 from __future__ import annotations
 
-from cli._main import new_app, run
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
-app = new_app("Send private, paid requests to the PlanetServe network.")
+import typer
+from platformdirs import user_data_dir
+
+from cli._main import new_app, run
+from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, open_chain
+from cli._output import emit, info
+from node.inference import InvalidParams
+
+app = new_app("Send private requests to the PlanetServe network.")
 
 
 @app.command()
@@ -13,6 +29,92 @@ def version() -> None:
     from importlib.metadata import version as _version
 
     print(_version("planetserve"))
+
+
+def _model_id(model: str) -> str:
+    from ledger import model_id
+
+    if model.startswith("0x") and len(model) == 66:
+        int(model, 16)
+        return model.lower()
+    return "0x" + model_id(model).hex()
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads it from stdin).")],
+    model: Annotated[str, typer.Option("--model", envvar="PS_MODEL", help="NAME@REVISION or a 0x model id.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 (greedy) to 2.")] = 0.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
+    paths: Annotated[int, typer.Option("--paths", envvar="PS_PATHS", help="Cloves and paths, n.")] = 4,
+    threshold: Annotated[int, typer.Option("--threshold", envvar="PS_THRESHOLD", help="Cloves that rebuild, k.")] = 3,
+    hops: Annotated[int, typer.Option("--hops", envvar="PS_HOPS", help="Relays per path, L.")] = 3,
+    db: Annotated[
+        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
+    ] = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask a model privately: the reply streams to stdout as it is generated."""
+    import aiohttp
+
+    from ledger import Indexer
+    from node.overlay import ClientSettings, CompletionRequest, Directory, complete
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text or len(text) > 65_536:
+        raise InvalidParams(param="prompt", value=len(text), reason="1..65536 characters")
+    try:
+        wanted = _model_id(model)
+    except ValueError as exc:
+        raise InvalidParams(param="model", value=model, reason="NAME@REVISION or 0x + 64 hex") from exc
+    request = CompletionRequest(model=wanted, prompt=text, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    request.sampling()  # ranges checked here, before any network work (raises InvalidParams naming the option)
+    settings = ClientSettings(n=paths, k=threshold)
+    dep, registry = open_chain(rpc_url, deployment, None)
+    if db is None:
+        folder = Path(user_data_dir("planetserve")) / "client"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = f"sqlite:///{folder / f'index-{dep.chain_id}.sqlite'}"
+    with Indexer(registry, dep, db) as indexer:
+        indexer.sync()
+        directory = Directory.from_registry(indexer.nodes())
+    route = directory.route(wanted, n=paths, hops=hops)
+    info(f"model node {route.destination.operator}; {paths} paths of {hops} relays")
+
+    async def go() -> dict[str, Any]:
+        started = time.perf_counter()
+        first: float | None = None
+        pieces: list[str] = []
+        last: Any = None
+        async with aiohttp.ClientSession() as session:
+            async for delta in complete(session, request, route.paths, route.destination.hop(), settings):
+                if first is None:
+                    first = time.perf_counter() - started
+                pieces.append(delta.text)
+                last = delta
+                if not as_json:
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+        if not as_json:
+            sys.stdout.write("\n")
+        return {
+            "text": "".join(pieces),
+            "finish_reason": last.finish_reason,
+            "prompt_tokens": last.prompt_tokens,
+            "completion_tokens": last.completion_tokens,
+            "cached_tokens": last.cached_tokens,
+            "model_node": route.destination.operator,
+            "paths": [[r.operator for r in p] for p in route.paths],
+            "first_delta_s": round(first or 0.0, 4),
+            "total_s": round(time.perf_counter() - started, 4),
+        }
+
+    result = asyncio.run(go())
+    if as_json:
+        emit(result, as_json=True)
 
 
 main = run(app)

@@ -17,18 +17,35 @@ A relay is ``create_app(OverlayConfig(x25519_secret=secret))``.
 
 from node.overlay._app import create_app
 from node.overlay._client import ClientSettings, send_request
+from node.overlay._completion import (
+    CompletionDelta,
+    CompletionError,
+    CompletionRequest,
+    complete,
+    completion_handler,
+)
 from node.overlay._config import OverlayConfig
+from node.overlay._directory import Directory, ModelNode, NoModelNode, Route
 from node.overlay._errors import DestinationFailed, OverlayError, ReplyIncomplete
 from node.overlay._receiver import CloveReceiver, ReplyHandler
 
 __all__ = [
     "ClientSettings",
     "CloveReceiver",
+    "CompletionDelta",
+    "CompletionError",
+    "CompletionRequest",
     "DestinationFailed",
+    "Directory",
+    "ModelNode",
+    "NoModelNode",
     "OverlayConfig",
     "OverlayError",
     "ReplyHandler",
     "ReplyIncomplete",
+    "Route",
+    "complete",
+    "completion_handler",
     "create_app",
     "send_request",
 ]

@@ -1,0 +1,83 @@
+"""``ps-node serve``: run the node's overlay process, as a relay or as a model node with an inference engine.
+
+The node's X25519 key comes from its state directory (the same key ``ps-node register`` put on chain). Once it listens,
+the command prints the endpoint, public key and (model nodes) model id, on stdout as JSON with ``--json`` so that
+scripts can wait for it; then it serves until SIGINT or SIGTERM and shuts down cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli._main import new_app
+from cli._node_chain import JsonOpt, StateDir, state_dir_or_default
+from cli._output import emit, info
+from node import NodeIdentity
+from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
+from node.overlay import OverlayConfig, create_app
+from node.overlay._serve import create_model_app, serve_until
+
+app = new_app("Serve the overlay.")
+
+
+@app.command()
+def serve(
+    role: Annotated[str, typer.Option("--role", envvar="PS_ROLE", help="relay or model.")] = "relay",
+    host: Annotated[str, typer.Option("--host", envvar="PS_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", envvar="PS_PORT", help="Port to listen on (0: any free port).")] = 8700,
+    engine: Annotated[
+        str, typer.Option("--engine", envvar="PS_ENGINE", help=f"Model nodes: {'|'.join(ENGINE_KINDS)}.")
+    ] = "auto",
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", envvar="PS_MODEL_DIR", help="Model nodes: the model folder.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", envvar="PS_DEVICE", help="torch engine: cpu or cuda (default: auto).")
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", envvar="PS_MAX_QUEUE", help="Requests waiting before 'overloaded'.")
+    ] = 64,
+    state_dir: StateDir = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve as a relay, or as a model node answering completions from an inference engine."""
+    logging.basicConfig(level=os.environ.get("PS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
+    if role not in ("relay", "model"):
+        raise InvalidParams(param="role", value=role, reason="relay or model")
+    if not (0 <= port <= 65535):
+        raise InvalidParams(param="port", value=port, reason="0..65535")
+    identity = NodeIdentity.load_or_create(state_dir_or_default(state_dir))
+    config = OverlayConfig(x25519_secret=identity.private_key, role="model" if role == "model" else "relay")
+    ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
+    if role == "model":
+        if model_dir is None:
+            raise InvalidParams(param="model_dir", value=None, reason="a model node needs --model-dir")
+        engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
+        loaded = load_engine(engine, model_dir, engine_config)
+        ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
+        application = create_model_app(config, loaded)
+    else:
+        application = create_app(config)
+
+    def on_ready(endpoint: str) -> None:
+        ready["endpoint"] = endpoint
+        emit(ready, as_json=as_json, title="serving")
+        if not as_json:
+            info("press Ctrl-C to stop")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_until(application, host=host, port=port, stop=stop, on_ready=on_ready)
+
+    asyncio.run(main())
+    info("stopped")

@@ -1,0 +1,231 @@
+"""The application protocol inside the sealed envelope: a completion request in, a stream of JSON lines out
+(``docs/protocol.md`` §10).
+
+The model node's side is :func:`completion_handler`, which turns an :class:`~node.inference.Engine` into the overlay's
+reply handler; the client's side is :func:`complete`, which sends a request over onion paths and yields typed deltas.
+Everything here is JSON with strict schemas: a malformed or out-of-range field becomes one error line naming the field,
+never a crash and never a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from node.inference import (
+    Engine,
+    EngineOverloaded,
+    GenerationRequest,
+    InferenceError,
+    InvalidParams,
+    SamplingParams,
+)
+from node.overlay._client import ClientSettings, send_request
+from node.overlay._errors import OverlayError
+from node.overlay._receiver import ReplyHandler
+from node.privacy import Hop, RelayDescriptor
+
+log = logging.getLogger(__name__)
+
+#: Longest prompt accepted over the overlay, in characters (§10.1): the sealed envelope must still fit one packet.
+MAX_PROMPT_CHARS = 65_536
+#: Longest reply line a client buffers, in bytes (§10.2): a line is one delta, far below this.
+MAX_LINE_BYTES = 1 << 20
+_MODEL_ID = re.compile(r"0x[0-9a-f]{64}")
+
+
+class CompletionError(OverlayError):
+    """The model node answered the request with an error line (§10.3); ``code`` is the node's stable code."""
+
+    status = 502
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        self.code = code
+        self.param = param
+        super().__init__(f"{code}: {message}")
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class CompletionRequest(_Wire):
+    """§10.1: what a client asks a model node for. Ranges are checked again by ``SamplingParams``."""
+
+    v: Literal[1] = 1
+    """Protocol version of the application message."""
+    type: Literal["completion"] = "completion"
+    """Message type."""
+    model: str = Field(pattern=_MODEL_ID.pattern)
+    """The on-chain model id, 0x + 64 lower-case hex (keccak of ``name@revision``)."""
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    """Prompt text, 1..65536 characters."""
+    max_tokens: int = 16
+    """Most tokens to generate, 1..4096."""
+    temperature: float = 1.0
+    """0..2; 0 is greedy."""
+    top_p: float = 1.0
+    """(0, 1]."""
+    top_k: int = 0
+    """0 disables."""
+    seed: int | None = None
+    """0..2**63-1 for reproducible sampling."""
+    stop: tuple[str, ...] = ()
+    """Up to four stop strings of 1..64 characters."""
+
+    def __repr__(self) -> str:
+        # Redacted: the prompt is private.
+        shown = f"model={self.model[:10]}…, prompt=<{len(self.prompt)} chars>, max_tokens={self.max_tokens}"
+        return f"CompletionRequest({shown})"
+
+    def sampling(self) -> SamplingParams:
+        """The engine's sampling parameters (raises ``InvalidParams`` naming the field out of range)."""
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+    def to_bytes(self) -> bytes:
+        """Canonical UTF-8 JSON (the envelope body)."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CompletionRequest:
+        """Parse and validate; raises ``ValidationError`` naming the first bad field (bad JSON included)."""
+        return cls.model_validate_json(data)
+
+
+class CompletionDelta(_Wire):
+    """§10.2: one streamed piece of the completion. The last one has ``finish_reason`` set."""
+
+    text: str
+    """New text."""
+    token_ids: tuple[int, ...]
+    """New token ids (what a verifier scores)."""
+    finish_reason: Literal["stop", "length", "abort"] | None
+    """None while streaming."""
+    prompt_tokens: int = Field(ge=0)
+    """Prompt length in tokens."""
+    completion_tokens: int = Field(ge=0)
+    """Completion tokens so far (cumulative)."""
+    cached_tokens: int = Field(ge=0)
+    """Prompt tokens served from the node's prefix cache."""
+
+
+class _ErrorBody(_Wire):
+    code: str = Field(min_length=1, max_length=64)
+    message: str = Field(max_length=1024)
+    param: str | None = None
+
+
+class _ErrorLine(_Wire):
+    error: _ErrorBody
+
+
+def _line(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode() + b"\n"
+
+
+def _error_line(code: str, message: str, param: str | None = None) -> bytes:
+    return _line(_ErrorLine(error=_ErrorBody(code=code, message=message[:1024], param=param)))
+
+
+def _first_error(exc: ValidationError) -> tuple[str | None, str]:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(p) for p in first["loc"]) or None
+    return loc, str(first["msg"])
+
+
+def completion_handler(engine: Engine) -> ReplyHandler:
+    """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``)."""
+
+    async def handle(body: bytes) -> AsyncIterator[bytes]:
+        try:
+            request = CompletionRequest.from_bytes(body)
+        except ValidationError as exc:
+            param, reason = _first_error(exc)
+            yield _error_line("invalid_request", reason, param)
+            return
+        if request.model != engine.model_id:
+            yield _error_line("model_not_served", "this node does not serve the requested model", "model")
+            return
+        try:
+            generation = GenerationRequest(
+                request_id=secrets.token_hex(8), prompt=request.prompt, params=request.sampling()
+            )
+            async for chunk in engine.generate(generation):
+                yield _line(
+                    CompletionDelta(
+                        text=chunk.text,
+                        token_ids=chunk.token_ids,
+                        finish_reason=chunk.finish_reason,
+                        prompt_tokens=chunk.prompt_tokens,
+                        completion_tokens=chunk.completion_tokens,
+                        cached_tokens=chunk.cached_tokens,
+                    )
+                )
+        except EngineOverloaded:
+            yield _error_line("overloaded", "the model node is at capacity; retry later or elsewhere")
+        except InvalidParams as exc:
+            # About the request (a range, a prompt over the context): safe and useful to report; values are redacted.
+            yield _error_line(exc.code, str(exc), exc.param)
+        except InferenceError as exc:
+            # About the node (closed, stalled): the code is enough, the details stay in the node's own logs.
+            log.warning("completion failed: %s", exc.code)
+            yield _error_line(exc.code, "the model node could not serve the request")
+
+    return handle
+
+
+def _parse_line(line: bytes) -> CompletionDelta:
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise CompletionError("bad_reply", "the model node sent a line that is not JSON") from exc
+    try:
+        if isinstance(data, dict) and "error" in data:
+            error = _ErrorLine.model_validate(data, strict=False).error
+            raise CompletionError(error.code, error.message, error.param)
+        return CompletionDelta.model_validate(data, strict=False)
+    except ValidationError as exc:
+        raise CompletionError("bad_reply", "the model node sent a malformed reply line") from exc
+
+
+async def complete(
+    session: aiohttp.ClientSession,
+    request: CompletionRequest,
+    paths: Sequence[Sequence[RelayDescriptor]],
+    destination: Hop,
+    settings: ClientSettings | None = None,
+) -> AsyncIterator[CompletionDelta]:
+    """Send ``request`` to the model node ``destination`` over ``paths`` and yield its deltas as they stream back.
+
+    Raises :class:`CompletionError` for an error line, ``ReplyIncomplete`` when every path failed before the end, and
+    ``InvalidPrivacyParam`` when the request is too large for one packet.
+    """
+    body = request.to_bytes()
+    buffer = b""
+    finished = False
+    async for data in send_request(session, body, paths, destination, settings):
+        buffer += data
+        if len(buffer) > MAX_LINE_BYTES and b"\n" not in buffer:
+            raise CompletionError("bad_reply", f"a reply line is longer than {MAX_LINE_BYTES} bytes")
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            delta = _parse_line(line)
+            yield delta
+            if delta.finish_reason is not None:
+                finished = True
+    if buffer.strip() or not finished:
+        raise CompletionError("bad_reply", "the reply ended without a final delta")

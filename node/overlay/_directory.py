@@ -1,0 +1,124 @@
+"""The client's view of the network: relays and model nodes from the on-chain registry, and a route for a request.
+
+Membership comes only from the registry (via the ledger's indexer); a node that is not routable there (unbonding,
+slashed below the minimum, deregistered) never appears here. Entries whose endpoint or key cannot be used on the
+overlay are skipped with a log line rather than failing the whole directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from node.overlay._errors import OverlayError
+from node.privacy import Hop, InvalidPrivacyParam, RelayDescriptor, select_paths
+
+if TYPE_CHECKING:
+    from ledger import IndexedNode
+
+log = logging.getLogger(__name__)
+
+
+class NoModelNode(OverlayError):
+    """No routable model node serves the requested model."""
+
+    code = "network_no_model_node"
+    status = 503
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"no routable model node serves model {model_id[:18]}…")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelNode:
+    """A registered model node as a client routes to it."""
+
+    operator: str
+    """Operator address (checksummed)."""
+    endpoint: str
+    """``http://host:port``."""
+    public_key: bytes = field(repr=False)
+    """Raw X25519 public key (the last onion hop)."""
+    model_id: str
+    """0x-hex model id."""
+    price_per_1k_tokens: int
+    """Wei per 1000 tokens."""
+
+    def hop(self) -> Hop:
+        """This node as the final onion hop."""
+        return Hop(address=self.endpoint, public_key=self.public_key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Where one request goes: the model node and one relay path per clove."""
+
+    destination: ModelNode
+    """The chosen model node."""
+    paths: tuple[tuple[RelayDescriptor, ...], ...]
+    """``n`` paths of relays (first hop first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """Routable relays and model nodes."""
+
+    relays: tuple[RelayDescriptor, ...]
+    model_nodes: tuple[ModelNode, ...]
+
+    @classmethod
+    def from_registry(cls, nodes: Iterable[IndexedNode]) -> Directory:
+        """Keep the routable relays and model nodes of an indexed registry."""
+        from ledger import Role  # web3 is heavy; only a client building its directory pays for it
+
+        relays: list[RelayDescriptor] = []
+        models: list[ModelNode] = []
+        for node in nodes:
+            if not node.active:
+                continue
+            try:
+                if node.role is Role.RELAY:
+                    relays.append(
+                        RelayDescriptor(
+                            node_id=node.operator,
+                            operator=node.operator,
+                            endpoint=node.endpoint,
+                            public_key=node.x25519_public_key,
+                        )
+                    )
+                elif node.role is Role.MODEL:
+                    model = ModelNode(
+                        operator=node.operator,
+                        endpoint=node.endpoint,
+                        public_key=node.x25519_public_key,
+                        model_id="0x" + node.model_id.hex(),
+                        price_per_1k_tokens=int(node.price_per_1k_tokens),
+                    )
+                    model.hop()  # validates the endpoint and key now, not at send time
+                    models.append(model)
+            except InvalidPrivacyParam as exc:
+                log.info("skipping %s: unusable on the overlay (%s)", node.operator, exc.param)
+        return cls(relays=tuple(relays), model_nodes=tuple(models))
+
+    def serving(self, model_id: str) -> list[ModelNode]:
+        """Model nodes serving ``model_id`` (0x-hex)."""
+        return [m for m in self.model_nodes if m.model_id == model_id.lower()]
+
+    def route(self, model_id: str, *, n: int, hops: int) -> Route:
+        """A model node for ``model_id`` and ``n`` relay paths of ``hops`` relays to it.
+
+        The model node is drawn uniformly among the cheapest tenth of the candidates (at least one): price is the only
+        signal the registry gives a client on its own. Load- and cache-aware forwarding refines this choice with
+        heartbeats; relay paths avoid the model node's own operator.
+        """
+        candidates = sorted(self.serving(model_id), key=lambda m: m.price_per_1k_tokens)
+        if not candidates:
+            raise NoModelNode(model_id)
+        cheapest = candidates[: max(1, len(candidates) // 10)]
+        destination = cheapest[secrets.randbelow(len(cheapest))]
+        paths = select_paths(self.relays, n, hops, exclude_operators=(destination.operator,))
+        return Route(destination=destination, paths=tuple(tuple(p) for p in paths))

@@ -1,0 +1,158 @@
+"""Completions end to end: a real torch engine behind a model node, real relays on 127.0.0.1, 4 onion paths of 3 hops,
+and the JSON application protocol of ``docs/protocol.md`` §10 on top."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine
+from node.overlay import (
+    CompletionDelta,
+    CompletionError,
+    CompletionRequest,
+    complete,
+    completion_handler,
+    send_request,
+)
+from node.overlay._localnet import LocalNetwork
+from node.privacy import RelayDescriptor, select_paths
+
+PROMPT = "12+7="
+
+
+async def _network(engine: TorchEngine) -> LocalNetwork:
+    return LocalNetwork(relays=6, handler=completion_handler(engine))
+
+
+def _paths(net: LocalNetwork) -> Sequence[Sequence[RelayDescriptor]]:
+    return select_paths(net.descriptors(), 4, 3)
+
+
+async def _all(stream: AsyncIterator[CompletionDelta]) -> list[CompletionDelta]:
+    return [delta async for delta in stream]
+
+
+async def _raw_reply(net: LocalNetwork, session: aiohttp.ClientSession, body: bytes) -> list[dict[str, object]]:
+    data = b"".join([piece async for piece in send_request(session, body, _paths(net), net.destination)])
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def test_greedy_completion_over_onion_paths_matches_the_engine_run_locally(torch_engine: TorchEngine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    local = [
+        c async for c in torch_engine.generate(GenerationRequest(request_id="local", prompt=PROMPT, params=params))
+    ]
+    request = CompletionRequest(model=torch_engine.model_id, prompt=PROMPT, max_tokens=12, temperature=0.0)
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        deltas = await _all(complete(session, request, _paths(net), net.destination))
+    assert "".join(d.text for d in deltas) == "".join(c.text for c in local)
+    assert [t for d in deltas for t in d.token_ids] == [t for c in local for t in c.token_ids]
+    assert deltas[-1].finish_reason == local[-1].finish_reason
+    assert [d.finish_reason is not None for d in deltas].count(True) == 1
+    assert deltas[-1].completion_tokens == sum(len(c.token_ids) for c in local)
+    assert deltas[-1].prompt_tokens == local[-1].prompt_tokens
+
+
+async def test_repeated_prompt_reports_prefix_cache_hits_through_the_overlay(torch_engine: TorchEngine) -> None:
+    prompt = "the quick brown fox jumps over the lazy dog; " * 6
+    request = CompletionRequest(model=torch_engine.model_id, prompt=prompt, max_tokens=2, temperature=0.0)
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        first = await _all(complete(session, request, _paths(net), net.destination))
+        second = await _all(complete(session, request, _paths(net), net.destination))
+    assert first[-1].cached_tokens == 0
+    assert second[-1].cached_tokens > 0
+
+
+async def test_out_of_range_sampling_parameter_is_an_error_naming_the_field(torch_engine: TorchEngine) -> None:
+    request = CompletionRequest(model=torch_engine.model_id, prompt=PROMPT, temperature=5.0)
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        with pytest.raises(CompletionError) as info:
+            await _all(complete(session, request, _paths(net), net.destination))
+    assert info.value.code == "invalid_params"
+    assert info.value.param == "temperature"
+
+
+async def test_request_for_another_model_is_refused(torch_engine: TorchEngine) -> None:
+    request = CompletionRequest(model="0x" + "ab" * 32, prompt=PROMPT)
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        with pytest.raises(CompletionError) as info:
+            await _all(complete(session, request, _paths(net), net.destination))
+    assert info.value.code == "model_not_served"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"not json at all", None),
+        (b"[1, 2, 3]", None),
+        (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": "hi", "max_tokens": "5"}', "max_tokens"),
+        (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": "hi", "voucher": "x"}', "voucher"),
+        (b'{"v": 2, "type": "completion", "model": "MODEL", "prompt": "hi"}', "v"),
+        (b'{"v": 1, "type": "completion", "model": "0x12", "prompt": "hi"}', "model"),
+        (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": ""}', "prompt"),
+    ],
+)
+async def test_malformed_request_gets_one_error_line_and_the_model_does_not_run(
+    torch_engine: TorchEngine, body: bytes, param: str | None
+) -> None:
+    body = body.replace(b"MODEL", torch_engine.model_id.encode())
+    before = torch_engine.stats().prefill_tokens_computed + torch_engine.stats().prefill_tokens_cached
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        lines = await _raw_reply(net, session, body)
+    assert len(lines) == 1
+    error = lines[0]["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "invalid_request"
+    if param is not None:
+        assert error["param"] == param
+    after = torch_engine.stats().prefill_tokens_computed + torch_engine.stats().prefill_tokens_cached
+    assert after == before
+
+
+async def test_oversized_prompt_is_refused_without_running_the_model(torch_engine: TorchEngine) -> None:
+    body = json.dumps({"model": torch_engine.model_id, "prompt": "x" * 65_537}).encode()
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        lines = await _raw_reply(net, session, body)
+    assert len(lines) == 1
+    assert lines[0]["error"] == {
+        "code": "invalid_request",
+        "message": "String should have at most 65536 characters",
+        "param": "prompt",
+    }
+
+
+async def test_prompt_longer_than_the_model_context_is_an_invalid_params_error(torch_engine: TorchEngine) -> None:
+    request = CompletionRequest(model=torch_engine.model_id, prompt="7+8=15\n" * 600, max_tokens=4)
+    async with await _network(torch_engine) as net, aiohttp.ClientSession() as session:
+        with pytest.raises(CompletionError) as info:
+            await _all(complete(session, request, _paths(net), net.destination))
+    assert info.value.code == "invalid_params"
+    assert info.value.param == "prompt"
+    assert "7+8" not in str(info.value)  # the error names the field and its length, never the prompt's text
+
+
+async def test_a_full_engine_answers_overloaded_instead_of_queueing_without_bound(tiny_model_dir: Path) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_queue=1, max_running=1))
+    request = CompletionRequest(model=engine.model_id, prompt=PROMPT, max_tokens=200, temperature=1.0, seed=1)
+    try:
+        async with await _network(engine) as net, aiohttp.ClientSession() as session:
+
+            async def one() -> str:
+                try:
+                    await _all(complete(session, request, _paths(net), net.destination))
+                except CompletionError as exc:
+                    return exc.code
+                return "ok"
+
+            outcomes = await asyncio.gather(*(one() for _ in range(6)))
+    finally:
+        await engine.close()
+    assert "overloaded" in outcomes
+    assert "ok" in outcomes
+    assert set(outcomes) <= {"ok", "overloaded"}

@@ -1,0 +1,147 @@
+"""``ps-node serve`` and ``ps-client ask`` as users run them: separate processes, registered on a real anvil, a
+private request over 4 onion paths of 3 relays, clean shutdown on SIGTERM, one clear line for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.exit_codes import ExitCode
+from ledger import Role, model_id
+from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, read_info
+from tests.fixtures.chain import ChainEnv
+from tests.test_chain_cli import _env, _failed, _ok_json, _run
+
+PROMPT = "3+4=7\n10+5="
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    code = "import sys; from cli.node import main; sys.argv[0] = 'ps-node'; main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The JSON object ``serve --json`` prints once it listens (pretty-printed over several lines)."""
+    assert proc.stdout is not None
+    text = ""
+    for line in proc.stdout:
+        text += line
+        if line.rstrip() == "}":
+            return dict(json.loads(text))
+    raise AssertionError(f"serve exited early: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _local_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    async def run() -> str:
+        engine = TorchEngine.from_folder(model_dir, EngineConfig(device="cpu"))
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            request = GenerationRequest(request_id="local", prompt=prompt, params=params)
+            return "".join([chunk.text async for chunk in engine.generate(request)])
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def test_served_nodes_answer_a_private_request_and_stop_cleanly(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    info = read_info(tiny_model_dir)
+    assert info is not None
+    model = f"{info.name}@{info.revision}"
+    roles = ["model", "relay", "relay", "relay"]
+    for index, role in enumerate(roles):
+        env = _env(None, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
+        args = ["serve", "--role", role, "--port", "0", "--json"]
+        if role == "model":
+            args += ["--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
+        processes.append(_spawn(args, env))
+    ready = [_ready(proc) for proc in processes]
+    assert ready[0]["model_id"] == info.model_id and ready[0]["engine"] == "TorchEngine"
+    for index, (role, node) in enumerate(zip(roles, ready, strict=True), start=1):
+        assert node["role"] == role and node["endpoint"].startswith("http://127.0.0.1:")
+        chain.registry(index).register(
+            role=Role.MODEL if role == "model" else Role.RELAY,
+            endpoint=node["endpoint"],
+            x25519_public_key=bytes.fromhex(node["x25519_public_key"][2:]),
+            model_id=model_id(model) if role == "model" else None,
+            price_per_1k_tokens=1000,
+            stake=10**18,
+        )
+
+    client_env = _env(chain, tmp_path, None, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
+    ask = ["ask", PROMPT, "--model", model, "--max-tokens", "6", "--paths", "4", "--hops", "3", "--json"]
+    answer = _ok_json(_run("client", ask, client_env))
+    assert answer["text"] == _local_greedy(tiny_model_dir, PROMPT, 6)
+    assert answer["completion_tokens"] >= 1 and answer["finish_reason"] in ("stop", "length")
+    relay_operators = {chain.account(i).address for i in (2, 3, 4)}
+    assert len(answer["paths"]) == 4 and all(set(path) == relay_operators for path in answer["paths"])
+    assert answer["model_node"] == chain.account(1).address
+
+    # Plain output streams the text itself.
+    plain = _run("client", ask[:-1], client_env)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.rstrip("\n") == answer["text"]
+
+    unknown = _run("client", ["ask", PROMPT, "--model", "other-model@v1"], client_env)
+    _failed(unknown, ExitCode.NETWORK_ERROR, "no routable model node")
+
+    for proc in processes:
+        proc.send_signal(signal.SIGTERM)
+    for proc in processes:
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr is not None and "stopped" in proc.stderr.read()
+
+
+def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
+    env = _env(None, tmp_path, None)
+    no_model = _run("node", ["serve", "--role", "model", "--port", "0"], env)
+    _failed(no_model, ExitCode.INVALID_INPUT, "model_dir")
+    missing = _run(
+        "node", ["serve", "--role", "model", "--model-dir", str(tmp_path / "absent"), "--engine", "torch"], env
+    )
+    _failed(missing, ExitCode.MODEL_ERROR, "absent")
+    bad_role = _run("node", ["serve", "--role", "verifier"], env)
+    _failed(bad_role, ExitCode.INVALID_INPUT, "role")
+    bad_engine = _run("node", ["serve", "--role", "model", "--model-dir", str(tmp_path), "--engine", "vllm"], env)
+    _failed(bad_engine, ExitCode.INVALID_INPUT, "engine")
+
+
+def test_ask_rejects_bad_input_before_touching_the_network(tmp_path: Path) -> None:
+    env = _env(None, tmp_path, None, PS_RPC_URL="http://127.0.0.1:9")
+    _failed(_run("client", ["ask", "hi", "--model", "not a model"], env), ExitCode.INVALID_INPUT, "model")
+    _failed(
+        _run("client", ["ask", "hi", "--model", "m@v1", "--temperature", "3"], env),
+        ExitCode.INVALID_INPUT,
+        "temperature",
+    )
+    _failed(_run("client", ["ask", "", "--model", "m@v1"], env), ExitCode.INVALID_INPUT, "prompt")
+    _failed(
+        _run("client", ["ask", "hi", "--model", "m@v1", "--paths", "2", "--threshold", "3"], env),
+        ExitCode.INVALID_INPUT,
+    )
+    _failed(_run("client", ["ask", "hi", "--model", "m@v1"], env), ExitCode.CHAIN_UNAVAILABLE)
