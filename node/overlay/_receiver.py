@@ -202,7 +202,9 @@ class CloveReceiver:
                 log.info("reply stream to a path ended after %d frames: %s", sent, type(exc).__name__)
                 return response
             self._metrics.streams_completed += 1
-            await response.write_eof()
+            # The path may already be gone (the client got FINAL on another path and moved on): not an error.
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
             return response
         finally:
             msg.subscribers.discard(queue)

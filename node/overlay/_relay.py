@@ -4,6 +4,7 @@ hop's reply layer added (``docs/protocol.md`` §5.4, §6.2)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -90,5 +91,7 @@ async def forward(
             log.info("reply stream aborted after %d frames: %s", index, type(exc).__name__)
             return response
         metrics.streams_completed += 1
-        await response.write_eof()
+        # The previous hop may already have hung up (its client got FINAL on another path and moved on): not an error.
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return response
