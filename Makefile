@@ -20,7 +20,7 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
-build/contracts/.compiled: node_modules/.installed scripts/compile_contracts.js $(wildcard contracts/*.sol)
+build/contracts/.compiled: node_modules/.installed scripts/compile_contracts.js $(shell find contracts -name '*.sol')
 	node scripts/compile_contracts.js
 	touch $@
 
@@ -43,6 +43,10 @@ test: lint typecheck pytest
 
 bench: bootstrap
 	$(BIN)/python bench/gas.py
+	$(BIN)/python bench/privacy.py
+	$(BIN)/python bench/anonymity.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

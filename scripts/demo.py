@@ -167,7 +167,9 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             async with aiohttp.ClientSession() as session:
                 for prompt in DEMO_PROMPTS:
                     route = directory.route(wanted, n=4, hops=3)
-                    request = CompletionRequest(model=wanted, prompt=prompt, max_tokens=8, temperature=0.0)
+                    request = CompletionRequest(
+                        model=wanted, prompt=prompt, max_tokens=8, temperature=0.0, stop=("\n",)
+                    )
                     sent = time.perf_counter()
                     deltas = [
                         d async for d in complete(session, request, route.paths, route.destination.hop(), settings)
