@@ -156,3 +156,28 @@ async def test_a_full_engine_answers_overloaded_instead_of_queueing_without_boun
     assert "overloaded" in outcomes
     assert "ok" in outcomes
     assert set(outcomes) <= {"ok", "overloaded"}
+
+
+async def test_model_node_is_not_ready_once_its_engine_is_closed(tiny_model_dir: Path) -> None:
+    from node.overlay import OverlayConfig
+    from node.overlay._serve import create_model_app, serve_until
+
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    app = create_model_app(OverlayConfig(x25519_secret=bytes(range(32)), role="model"), engine)
+    stop = asyncio.Event()
+    endpoints: list[str] = []
+    server = asyncio.create_task(serve_until(app, host="127.0.0.1", port=0, stop=stop, on_ready=endpoints.append))
+    try:
+        while not endpoints:
+            await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(endpoints[0] + "/overlay/readyz") as response:
+                assert response.status == 200
+            await engine.close()
+            async with session.get(endpoints[0] + "/overlay/readyz") as response:
+                assert response.status == 503
+            async with session.get(endpoints[0] + "/overlay/healthz") as response:
+                assert response.status == 200  # alive, just not ready
+    finally:
+        stop.set()
+        await server

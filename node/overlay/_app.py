@@ -121,9 +121,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not draining (and, on a model node, the receiver is in place)."""
+    """Readiness: not draining (and, on a model node, the receiver is in place and the engine healthy)."""
     app = request.app
     ready = not app[keys.RELAY_STATE].draining and (app[keys.CONFIG].role == "relay" or keys.RECEIVER in app)
+    health = app.get(keys.ENGINE_HEALTH)
+    if ready and health is not None:
+        ready = await health()
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 

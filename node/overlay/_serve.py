@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from node.inference import Engine
+from node.overlay import keys
 from node.overlay._app import create_app
 from node.overlay._completion import completion_handler
 from node.overlay._config import OverlayConfig
@@ -28,6 +29,7 @@ def create_model_app(config: OverlayConfig, engine: Engine) -> web.Application:
         await engine.close()
 
     app = create_app(config, completion_handler(engine))
+    app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
     app.cleanup_ctx.append(engine_ctx)
     return app
 

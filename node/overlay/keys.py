@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp
 from aiohttp import web
 
@@ -26,3 +28,5 @@ REQUEST_ID = web.RequestKey("planetserve.overlay.request_id", str)
 RELAY_STATE_PUBLIC = web.AppKey("planetserve.overlay.public_key", bytes)
 #: On the root application: the ``/overlay`` sub-application (for tests and tools that inspect its state).
 OVERLAY_APP = web.AppKey("planetserve.overlay.app", web.Application)
+#: Model nodes: the engine's health check; readiness fails while it answers False.
+ENGINE_HEALTH: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("planetserve.overlay.engine_health")
