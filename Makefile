@@ -47,6 +47,7 @@ bench: bootstrap
 	$(BIN)/python bench/anonymity.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/completion.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
