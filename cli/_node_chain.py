@@ -64,6 +64,12 @@ def state_dir_or_default(value: Path | None) -> Path:
     return value if value is not None else Path(user_data_dir("planetserve")) / "node"
 
 
+def default_index_db(folder: Path, chain_id: int) -> str:
+    """The SQLite URL of the registry index kept in ``folder`` (created 0700), one file per chain id."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return f"sqlite:///{folder / f'index-{chain_id}.sqlite'}"
+
+
 def load_operator(keystore: Path | None) -> LocalAccount:
     """The operator account from ``--keystore`` or ``PS_PRIVATE_KEY``; the key never reaches output."""
     if keystore is not None:
@@ -261,9 +267,7 @@ def list_nodes(
     """The registry as the event indexer sees it (syncs the index first)."""
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
-        directory = state_dir_or_default(state_dir)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = f"sqlite:///{directory / f'index-{dep.chain_id}.sqlite'}"
+        db = default_index_db(state_dir_or_default(state_dir), dep.chain_id)
     with Indexer(registry, dep, db) as indexer:
         report = indexer.sync()
         info(f"indexed blocks {report.from_block}..{report.to_block}: {report.applied} new events")

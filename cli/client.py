@@ -16,7 +16,7 @@ import typer
 from platformdirs import user_data_dir
 
 from cli._main import new_app, run
-from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, open_chain
+from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
 from cli._output import emit, info
 from node.inference import InvalidParams
 
@@ -62,10 +62,11 @@ def ask(
 
     from ledger import Indexer
     from node.overlay import ClientSettings, CompletionRequest, Directory, complete
+    from node.overlay._completion import MAX_PROMPT_CHARS
 
     text = sys.stdin.read() if prompt == "-" else prompt
-    if not text or len(text) > 65_536:
-        raise InvalidParams(param="prompt", value=len(text), reason="1..65536 characters")
+    if not text or len(text) > MAX_PROMPT_CHARS:
+        raise InvalidParams(param="prompt", value=len(text), reason=f"1..{MAX_PROMPT_CHARS} characters")
     try:
         wanted = _model_id(model)
     except ValueError as exc:
@@ -75,9 +76,7 @@ def ask(
     settings = ClientSettings(n=paths, k=threshold)
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
-        folder = Path(user_data_dir("planetserve")) / "client"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = f"sqlite:///{folder / f'index-{dep.chain_id}.sqlite'}"
+        db = default_index_db(Path(user_data_dir("planetserve")) / "client", dep.chain_id)
     with Indexer(registry, dep, db) as indexer:
         indexer.sync()
         directory = Directory.from_registry(indexer.nodes())
