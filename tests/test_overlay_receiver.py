@@ -86,3 +86,24 @@ async def test_finished_messages_make_room_when_the_message_table_is_full() -> N
             body = f"request {i}".encode()
             reply = b"".join([p async for p in send_request(session, body, [[]] * 4, net.destination)])
             assert reply == b"echo:" + body
+
+
+async def test_the_sweeper_forgets_finished_and_never_assembled_messages() -> None:
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), message_linger_s=0.05, assembly_timeout_s=0.3)
+    async with (
+        LocalNetwork(relays=0, handler=echo, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        assert net.model is not None
+        for i in range(3):
+            assert b"".join([p async for p in send_request(session, b"%d" % i, [[]] * 4, net.destination)])
+        lone = split(Envelope(reply_key=bytes(32), body=b"x").to_bytes(), 3, 2)[0].to_bytes()
+        assert await _post_clove(session, net, lone, bytes(32)) == []
+        in_flight = []
+        async with asyncio.timeout(5):
+            while not in_flight or in_flight[-1]:
+                async with session.get(net.model.endpoint + "/overlay/metrics") as response:
+                    in_flight.append((await response.json())["messages_in_flight"])
+                await asyncio.sleep(0.1)
+        # Three finished (lingering) and the lone clove's, until the once-a-second sweep forgets them all.
+        assert in_flight[-1] == 0 and max(in_flight) <= 4

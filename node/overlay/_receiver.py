@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -60,21 +61,37 @@ class CloveReceiver:
         self._handler = handler
         self._config = config
         self._metrics = metrics
+        # Insertion order is creation order; ``_finished`` holds finished messages in the order they finished. Both
+        # let sweeping and eviction stop at the first entry still in time instead of scanning every message.
         self._messages: dict[bytes, _Message] = {}
+        self._finished: OrderedDict[bytes, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._messages)
 
     def sweep(self, now: float | None = None) -> None:
-        """Forget messages that never assembled or whose reply is done and past the linger time."""
+        """Forget messages that never assembled or whose reply is done and past the linger time.
+
+        Cost is the number of messages dropped plus those older than the assembly timeout still being served: it
+        walks both orders only up to the first message that is still in time.
+        """
         current = time.monotonic() if now is None else now
-        for message_id, msg in list(self._messages.items()):
-            assembling_expired = not msg.ready.is_set() and current - msg.created > self._config.assembly_timeout_s
-            lingered = msg.finished_at is not None and current - msg.finished_at > self._config.message_linger_s
-            if assembling_expired or lingered:
-                self._drop(message_id)
+        while self._finished:
+            message_id, finished_at = next(iter(self._finished.items()))
+            if current - finished_at <= self._config.message_linger_s:
+                break
+            self._drop(message_id)
+        stale = []
+        for message_id, msg in self._messages.items():
+            if current - msg.created <= self._config.assembly_timeout_s:
+                break
+            if not msg.ready.is_set():
+                stale.append(message_id)
+        for message_id in stale:
+            self._drop(message_id)
 
     def _drop(self, message_id: bytes) -> None:
+        self._finished.pop(message_id, None)
         msg = self._messages.pop(message_id, None)
         if msg is None:
             return
@@ -100,10 +117,9 @@ class CloveReceiver:
                 self.sweep()
             if len(self._messages) >= self._config.max_messages:
                 # Lingering is a courtesy to late cloves; make room by forgetting the longest-finished message.
-                finished = [(m.finished_at, mid) for mid, m in self._messages.items() if m.finished_at is not None]
-                if not finished:
+                if not self._finished:
                     raise MalformedPacket(RejectReason.OVERLOADED, "too many messages in flight")
-                self._drop(min(finished)[1])
+                self._drop(next(iter(self._finished)))
             msg = _Message(created=time.monotonic())
             self._messages[clove.message_id] = msg
         return msg
@@ -133,7 +149,7 @@ class CloveReceiver:
         for queue in list(msg.subscribers):
             queue.put_nowait(frame)
 
-    async def _serve(self, msg: _Message, envelope: Envelope) -> None:
+    async def _serve(self, message_id: bytes, msg: _Message, envelope: Envelope) -> None:
         seq = 0
         key = envelope.reply_key
         limit = self._config.max_backlog_frames - 1
@@ -154,6 +170,8 @@ class CloveReceiver:
             self._publish(msg, encode_frame(seal_reply(key, seq, b"destination failed", final=True, error=True)))
         finally:
             msg.finished_at = time.monotonic()
+            if self._messages.get(message_id) is msg:  # not dropped meanwhile
+                self._finished[message_id] = msg.finished_at
             for queue in list(msg.subscribers):
                 _close(queue)
 
@@ -172,7 +190,7 @@ class CloveReceiver:
             envelope = self._try_assemble(msg, clove.index)
             if envelope is not None:
                 msg.ready.set()
-                msg.task = asyncio.get_running_loop().create_task(self._serve(msg, envelope))
+                msg.task = asyncio.get_running_loop().create_task(self._serve(clove.message_id, msg, envelope))
         try:
             async with asyncio.timeout(self._config.assembly_timeout_s):
                 await msg.ready.wait()

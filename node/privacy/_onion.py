@@ -16,8 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from Crypto.Cipher import AES
-
+from node.privacy._aes import AuthenticationFailed, ctr_keystream, gcm_open, gcm_seal
 from node.privacy._constants import (
     ADDR_MAX,
     EXPIRY_GRANULARITY,
@@ -33,7 +32,6 @@ from node.privacy._constants import (
     PAYLOAD_QUANTUM,
     ROUTING_LEN,
     SLOT_LEN,
-    TAG_LEN,
     TYPE_ONION,
     VERSION,
 )
@@ -129,7 +127,7 @@ def derive_hop_keys(shared: bytes, eph_pub: bytes, node_pub: bytes) -> HopKeys:
 
 
 def _stream(key: bytes, nonce8: bytes, length: int) -> bytes:
-    return AES.new(key, AES.MODE_CTR, nonce=nonce8, initial_value=0).encrypt(bytes(length))
+    return ctr_keystream(key, nonce8, length)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -212,9 +210,7 @@ def build_onion(
             addr = path[i + 1].address.encode("ascii")
             slot = _SLOT.pack(HOP_FORWARD, expiry, len(addr), addr, eph_pubs[i + 1], tag, b"")
             routing = _xor(slot + routing[: ROUTING_LEN - SLOT_LEN], streams[i][:ROUTING_LEN])
-        cipher = AES.new(keys[i].gcm, AES.MODE_GCM, nonce=_ZERO12, mac_len=TAG_LEN)
-        cipher.update(_aad(eph_pubs[i], routing, payload_len))
-        inner, tag = cipher.encrypt_and_digest(inner)
+        inner, tag = gcm_seal(keys[i].gcm, _ZERO12, _aad(eph_pubs[i], routing, payload_len), inner)
     packet = bytes((VERSION, TYPE_ONION)) + eph_pubs[0] + tag + routing + payload_len.to_bytes(4, "big") + inner
     assert len(packet) == ONION_HEADER_LEN + payload_len
     return BuiltOnion(
@@ -256,11 +252,9 @@ def peel(
     routing = packet[50 : 50 + ROUTING_LEN]
     payload = packet[ONION_HEADER_LEN:]
     keys = derive_hop_keys(x25519(node_secret, eph_pub), eph_pub, node_public)
-    cipher = AES.new(keys.gcm, AES.MODE_GCM, nonce=_ZERO12, mac_len=TAG_LEN)
-    cipher.update(_aad(eph_pub, routing, payload_len))
     try:
-        inner = cipher.decrypt_and_verify(payload, tag)
-    except ValueError as exc:
+        inner = gcm_open(keys.gcm, _ZERO12, _aad(eph_pub, routing, payload_len), payload, tag)
+    except AuthenticationFailed as exc:
         raise MalformedPacket(RejectReason.BAD_MAC, "onion layer authentication failed") from exc
     dec = _xor(routing + bytes(SLOT_LEN), _stream(keys.rho, _ZERO8, ROUTING_LEN + SLOT_LEN))
     hop_type, expiry, addr_len, addr, next_eph, next_tag, pad = _SLOT.unpack_from(dec)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from Crypto.Cipher import AES
-
+from node.privacy._aes import AuthenticationFailed, ctr_xor, gcm_open, gcm_seal
 from node.privacy._constants import (
     ENVELOPE_HEADER_LEN,
     FRAME_LEN_BYTES,
@@ -96,9 +95,7 @@ def seal_reply(reply_key: bytes, seq: int, data: bytes, *, final: bool = False, 
     plain = len(data).to_bytes(4, "big") + data
     plain += bytes(-len(plain) % REPLY_PAD_QUANTUM)
     # The nonce is the sequence number: unique because seq never repeats under one fresh per-request key.
-    cipher = AES.new(reply_key, AES.MODE_GCM, nonce=_reply_nonce(seq), mac_len=TAG_LEN)
-    cipher.update(header)
-    ct, tag = cipher.encrypt_and_digest(plain)
+    ct, tag = gcm_seal(reply_key, _reply_nonce(seq), header, plain)
     return header + ct + tag
 
 
@@ -118,11 +115,11 @@ def open_reply(reply_key: bytes, body: bytes) -> ReplyChunk:
         raise MalformedPacket(RejectReason.BAD_LENGTH, "reply ciphertext length")
     if flags & ~(REPLY_FLAG_FINAL | REPLY_FLAG_ERROR):
         raise MalformedPacket(RejectReason.BAD_FIELD, "reply flags")
-    cipher = AES.new(reply_key, AES.MODE_GCM, nonce=_reply_nonce(seq), mac_len=TAG_LEN)
-    cipher.update(body[:REPLY_HEADER_LEN])
     try:
-        plain = cipher.decrypt_and_verify(body[REPLY_HEADER_LEN:-TAG_LEN], body[-TAG_LEN:])
-    except ValueError as exc:
+        plain = gcm_open(
+            reply_key, _reply_nonce(seq), body[:REPLY_HEADER_LEN], body[REPLY_HEADER_LEN:-TAG_LEN], body[-TAG_LEN:]
+        )
+    except AuthenticationFailed as exc:
         raise MalformedPacket(RejectReason.BAD_MAC, "reply authentication failed") from exc
     data_len = int.from_bytes(plain[:4], "big")
     if data_len > min(len(plain) - 4, MAX_REPLY_DATA) or any(plain[4 + data_len :]):
@@ -140,8 +137,7 @@ def apply_reply_layer(layer_key: bytes, frame_index: int, body: bytes) -> bytes:
 
     The nonce is the frame index, unique per link because each relay's ``k_reply`` is fresh per packet.
     """
-    stream = AES.new(layer_key, AES.MODE_CTR, nonce=frame_index.to_bytes(8, "big"), initial_value=0)
-    return stream.encrypt(body)
+    return ctr_xor(layer_key, frame_index.to_bytes(8, "big"), body)
 
 
 def strip_reply_layers(layer_keys: tuple[bytes, ...], frame_index: int, body: bytes) -> bytes:

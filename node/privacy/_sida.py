@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from Crypto.Cipher import AES
 
 from node.privacy import _gf256 as gf
+from node.privacy._aes import AuthenticationFailed, gcm_open, gcm_seal
 from node.privacy._constants import (
     CLOVE_HEADER_LEN,
     KEY_LEN,
@@ -23,7 +23,6 @@ from node.privacy._constants import (
     MAX_N,
     MESSAGE_ID_LEN,
     NONCE_LEN,
-    TAG_LEN,
     TYPE_CLOVE,
     VERSION,
 )
@@ -132,9 +131,7 @@ def split(data: bytes, n: int, k: int, *, randbytes: RandBytes | None = None) ->
     coefficients = rand(KEY_LEN * (k - 1))
 
     ct_len = len(data)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
-    cipher.update(_aad(n, k, message_id, ct_len))
-    ciphertext, tag = cipher.encrypt_and_digest(data)
+    ciphertext, tag = gcm_seal(key, nonce, _aad(n, k, message_id, ct_len), data)
 
     flen = _frag_len(ct_len, k)
     padded = np.zeros(flen * k, dtype=np.uint8)
@@ -206,11 +203,9 @@ def combine(cloves: Iterable[Clove]) -> bytes:
     shares = np.frombuffer(b"".join(c.key_share for c in chosen), dtype=np.uint8).reshape(k, KEY_LEN)
     poly = gf.matmul_rows(inverse, shares)
     key = poly[0].tobytes()
-    cipher = AES.new(key, AES.MODE_GCM, nonce=first.nonce, mac_len=TAG_LEN)
-    cipher.update(_aad(first.n, k, first.message_id, first.ct_len))
     try:
-        plaintext = cipher.decrypt_and_verify(ciphertext, first.tag)
-    except ValueError as exc:
+        plaintext = gcm_open(key, first.nonce, _aad(first.n, k, first.message_id, first.ct_len), ciphertext, first.tag)
+    except AuthenticationFailed as exc:
         raise MalformedPacket(RejectReason.BAD_MAC, "message authentication failed") from exc
     if extras:
         matrix = gf.vandermonde([c.index for c in extras], k)
