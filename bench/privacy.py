@@ -126,26 +126,35 @@ async def _direct_app() -> tuple[web.AppRunner, str]:
     return runner, f"http://{host}:{port}/direct"
 
 
-async def _timed(coro_fn: Callable[[], Any], iterations: int, cpu: list[float] | None = None) -> list[float]:
-    """Wall-clock seconds per call; ``cpu`` collects this process's CPU seconds per call.
+async def _round_robin(
+    variants: dict[str, Callable[[], Any]], iterations: int, settle: Callable[[], Any]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per call of each variant, measured side by side.
 
-    Everything (client, relays, model node) runs in this process, so CPU time per request is what the request
-    costs on an idle machine; wall time also includes waiting for cores that other processes hold.
+    Variants take turns (the order reverses every round), so a slow spell on this shared machine hits them all
+    alike; ``settle`` runs between calls, untimed, so that no request pays for another's leftovers (every node here
+    shares this process, where in deployment each is its own host). CPU time is this process's: the whole network.
     """
-    for _ in range(min(10, iterations)):
-        await coro_fn()
-    out = []
-    for _ in range(iterations):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        await coro_fn()
-        out.append(time.perf_counter() - start)
-        if cpu is not None:
-            cpu.append(time.process_time() - start_cpu)
-    return out
+    names = list(variants)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    warmup = min(10, iterations)
+    for round_ in range(warmup + iterations):
+        for name in names if round_ % 2 else reversed(names):
+            await settle()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            await variants[name]()
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if round_ >= warmup:
+                wall[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
+    return wall, cpu
 
 
 async def bench_loopback(iterations: int, size: int) -> dict[str, Any]:
     """Latency of one request: plain HTTP vs the overlay with 0 relays and with 3 relays per path."""
+    from node.overlay import ClientSettings
+
     body = secrets.token_bytes(size)
     runner, direct_url = await _direct_app()
     try:
@@ -155,37 +164,37 @@ async def bench_loopback(iterations: int, size: int) -> dict[str, Any]:
                 async with session.post(direct_url, data=body) as response:
                     assert await response.read() == b"ok"
 
-            async def overlay(paths: list[list[Any]], n: int, k: int) -> None:
-                from node.overlay import ClientSettings
-
+            def overlay(paths: list[list[Any]], n: int, k: int) -> Callable[[], Any]:
                 settings = ClientSettings(n=n, k=k)
-                pieces = [p async for p in send_request(session, body, paths, net.destination, settings)]
-                assert pieces == [b"ok"]
+
+                async def run() -> None:
+                    pieces = [p async for p in send_request(session, body, paths, net.destination, settings)]
+                    assert pieces == [b"ok"]
+
+                return run
 
             relays = net.descriptors()
-            direct_paths: list[list[Any]] = [[] for _ in range(N)]
-            three_hop = select_paths(relays, N, L)
             # One clove over 3 relays and one straight to the destination (n = k = 2): the request completes when
             # the 3-hop clove arrives, so this isolates one 3-hop path without 4 paths queueing on one event loop.
-            one_path = [select_paths(relays, 1, L)[0], []]
-            cpu: dict[str, list[float]] = {k: [] for k in ("plain", "direct", "full", "one_direct", "one_path")}
-            plain_t = await _timed(plain, iterations, cpu["plain"])
-            direct_t = await _timed(lambda: overlay(direct_paths, N, K), iterations, cpu["direct"])
-            full_t = await _timed(lambda: overlay(three_hop, N, K), iterations, cpu["full"])
-            one_direct_t = await _timed(lambda: overlay([[], []], 2, 2), iterations, cpu["one_direct"])
-            one_path_t = await _timed(lambda: overlay(one_path, 2, 2), iterations, cpu["one_path"])
+            variants = {
+                "plain": plain,
+                "direct": overlay([[] for _ in range(N)], N, K),
+                "full": overlay(select_paths(relays, N, L), N, K),
+                "one_direct": overlay([[], []], 2, 2),
+                "one_path": overlay([select_paths(relays, 1, L)[0], []], 2, 2),
+            }
+            walls, cpu = await _round_robin(variants, iterations, net.settle)
     finally:
         await runner.cleanup()
-    walls = {"plain": plain_t, "direct": direct_t, "full": full_t, "one_direct": one_direct_t, "one_path": one_path_t}
     med = {k: statistics.median(v) * 1e3 for k, v in walls.items()}
     cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     return {
         "message_bytes": size,
-        "plain_http": _stats(plain_t),
-        "overlay_0_relays_n4k3": _stats(direct_t),
-        "overlay_3_relays_n4k3": _stats(full_t),
-        "overlay_0_relays_n2k2": _stats(one_direct_t),
-        "overlay_one_3_relay_path_n2k2": _stats(one_path_t),
+        "plain_http": _stats(walls["plain"]),
+        "overlay_0_relays_n4k3": _stats(walls["direct"]),
+        "overlay_3_relays_n4k3": _stats(walls["full"]),
+        "overlay_0_relays_n2k2": _stats(walls["one_direct"]),
+        "overlay_one_3_relay_path_n2k2": _stats(walls["one_path"]),
         "overhead_one_3hop_path_ms": med["one_path"] - med["one_direct"],
         "overhead_3hop_n4k3_vs_0_relays_ms": med["full"] - med["direct"],
         "overhead_3hop_n4k3_vs_plain_http_ms": med["full"] - med["plain"],
@@ -193,6 +202,7 @@ async def bench_loopback(iterations: int, size: int) -> dict[str, Any]:
         "cpu_overhead_one_3hop_path_ms": cmed["one_path"] - cmed["one_direct"],
         "cpu_overhead_3hop_n4k3_vs_0_relays_ms": cmed["full"] - cmed["direct"],
         "load_average_at_start": os.getloadavg()[0],
+        "method": "variants interleaved (order reversed every round), network idle before each request",
         "note": (
             "all 12 relays, the model node and the client share one event loop and 2 CPU cores, so the n=4 figures"
             " serialise 12 relay hops that run on separate hosts in deployment"

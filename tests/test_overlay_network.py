@@ -150,3 +150,44 @@ async def test_a_long_reply_on_four_paths_finishes_even_with_a_slow_reader() -> 
                 received.append(piece)
                 await asyncio.sleep(0)
         assert b"".join(received) == b"".join(i.to_bytes(2, "big") for i in range(600))
+
+
+async def _relay_streams(session: aiohttp.ClientSession, net: LocalNetwork) -> tuple[int, int]:
+    completed = aborted = 0
+    for node in net.relay_nodes:
+        async with session.get(node.endpoint + "/overlay/metrics") as response:
+            metrics = await response.json()
+        completed += metrics["streams_completed"]
+        aborted += metrics["streams_aborted"]
+    return completed, aborted
+
+
+@pytest.mark.parametrize(("grace_s", "drained"), [(5.0, True), (0.0, False)])
+async def test_slower_paths_drain_after_a_complete_reply_so_their_connections_are_kept(
+    grace_s: float, drained: bool
+) -> None:
+    # n = k = 2: the request needs the 3-hop clove, but the reply reaches the client first on the direct path.
+    async with LocalNetwork(relays=3, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+        paths = [select_paths(net.descriptors(), 1, 3)[0], []]
+        settings = ClientSettings(n=2, k=2, drain_grace_s=grace_s)
+        for i in range(3):
+            body = b"request %d" % i
+            assert await _collect(send_request(session, body, paths, net.destination, settings)) == body[::-1]
+            await net.settle()
+        completed, aborted = await _relay_streams(session, net)
+        if drained:
+            # Every relay read its reply stream to the end: its connections went back to the pools for reuse.
+            assert (completed, aborted) == (9, 0)
+        else:
+            assert aborted > 0
+
+
+async def test_an_unfinished_reply_cancels_every_path_at_once() -> None:
+    async with LocalNetwork(relays=3, handler=slow_counter) as net, aiohttp.ClientSession() as session:
+        paths = [select_paths(net.descriptors(), 1, 3)[0], []]
+        stream = send_request(session, b"100", paths, net.destination, ClientSettings(n=2, k=2))
+        assert await anext(stream) == b"[0]"
+        await stream.aclose()  # the caller gave up mid-reply: nothing is drained, the paths are closed now
+        await net.settle(timeout_s=2.0)
+        completed, aborted = await _relay_streams(session, net)
+        assert completed == 0 and aborted > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -50,28 +51,43 @@ class ClientSettings:
     """Most seconds between two reply frames on a path before that path counts as failed."""
     reorder_window: int = 4096
     """Most out-of-order chunks buffered; later ones are dropped."""
+    drain_grace_s: float = 5.0
+    """After a complete reply, seconds the other paths may keep reading (and discarding) their copy of its end.
+
+    Reading a stream to its end lets its connection return to the pool; cancelling it closes the connection, and
+    every hop behind it closes its own, so the next request pays a TCP handshake per hop. 0 cancels at once.
+    """
 
     def __post_init__(self) -> None:
         if not (2 <= self.k <= self.n <= 16):
             raise InvalidPrivacyParam("n,k", (self.n, self.k), "2 <= k <= n <= 16")
+        if not (0 <= self.drain_grace_s <= 60):
+            raise InvalidPrivacyParam("drain_grace_s", self.drain_grace_s, "0..60 seconds")
 
 
 class _Inbox:
     """Reply chunks from every path, plus one end marker per path.
 
     Chunks are bounded by ``capacity``; the end markers have reserved room, so a path that ends (or is cancelled)
-    can always say so without waiting, and the reader never misses that every path is gone.
+    can always say so without waiting, and the reader never misses that every path is gone. Once the reader is done
+    (:meth:`close`), chunks from paths still draining are dropped.
     """
 
-    __slots__ = ("_queue", "_slots")
+    __slots__ = ("_closed", "_queue", "_slots")
 
     def __init__(self, paths: int, capacity: int) -> None:
         self._queue: asyncio.Queue[ReplyChunk | None] = asyncio.Queue(maxsize=capacity + paths)
         self._slots = asyncio.Semaphore(capacity)
+        self._closed = False
 
     async def put(self, chunk: ReplyChunk) -> None:
+        if self._closed:
+            return
         await self._slots.acquire()
         self._queue.put_nowait(chunk)
+
+    def close(self) -> None:
+        self._closed = True
 
     def end(self) -> None:
         self._queue.put_nowait(None)
@@ -154,6 +170,7 @@ async def send_request(
     live = len(tasks)
     next_seq = 0
     pending: dict[int, ReplyChunk] = {}
+    complete = False
     try:
         while True:
             item = await inbox.get()  # every path task ends (and says so) within its own timeouts
@@ -173,10 +190,33 @@ async def send_request(
                 if chunk.data:
                     yield chunk.data
                 if chunk.final:
+                    complete = True
                     return
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        inbox.close()
+        if complete and settings.drain_grace_s > 0:
+            _drain_in_background(tasks, settings.drain_grace_s)
+        else:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def _drain_in_background(tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+    """Let unfinished path readers finish on their own, each cancelled after ``grace_s`` at the latest.
+
+    The timer handle holds the only strong reference to a still-running task (the event loop keeps weak ones); the
+    task's done callback cancels the timer, which releases it.
+    """
+    loop = asyncio.get_running_loop()
+    for task in tasks:
+        if task.done():
+            continue
+        timer = loop.call_later(grace_s, task.cancel)
+        task.add_done_callback(functools.partial(_cancel_timer, timer))
+
+
+def _cancel_timer(timer: asyncio.TimerHandle, _task: asyncio.Task[None]) -> None:
+    timer.cancel()

@@ -5,6 +5,7 @@ Each node is a real aiohttp server (``web.AppRunner`` + ``TCPSite``) built by :f
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -115,6 +116,17 @@ class LocalNetwork:
     def descriptors(self) -> list[RelayDescriptor]:
         """Every relay as a descriptor (each its own operator)."""
         return [n.descriptor() for n in self.relay_nodes]
+
+    async def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait until no node is handling a request (reply streams still draining included).
+
+        Benchmarks call it between requests: every node here shares one process and event loop, so work left over
+        from one request would otherwise be billed to the next, which separate hosts would not do.
+        """
+        nodes = [n for n in [*self.relay_nodes, *([self.model] if self.model else [])] if n.running]
+        async with asyncio.timeout(timeout_s):
+            while any(n.overlay[keys.RELAY_STATE].inflight for n in nodes):
+                await asyncio.sleep(0.0005)
 
     def node_at(self, endpoint: str) -> LocalNode:
         """The relay serving ``endpoint``."""
