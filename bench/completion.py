@@ -6,7 +6,8 @@ Run ``python bench/completion.py``. Prints a table and writes ``bench/results/co
 Workload: the quick project model (built once under ``build/models``), short arithmetic prompts with a shared
 few-shot prefix, greedy decoding of ``--gen-tokens`` tokens, one request at a time. The three ways run interleaved
 (request i goes direct, then over 0 relays, then over 3 relays, in an order that rotates with i), so machine noise
-hits all three alike. Everything (client, relays, model node, engine) shares this process and 2 cores.
+hits all three alike, and the network is idle before each request. Everything (client, relays, model node, engine)
+shares this process and 2 cores.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ async def main_async(requests: int, gen_tokens: int) -> dict[str, Any]:
                 calls = ways(prompt)
                 order = names[i % 3 :] + names[: i % 3]
                 for name in order:
+                    await net.settle()  # untimed: no request pays for the previous one's draining paths
                     started = time.perf_counter()
                     first = await calls[name]()
                     if i >= 3:  # the first rounds warm up the engine, the connection pools and the prefix cache

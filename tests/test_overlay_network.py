@@ -191,3 +191,19 @@ async def test_an_unfinished_reply_cancels_every_path_at_once() -> None:
         await net.settle(timeout_s=2.0)
         completed, aborted = await _relay_streams(session, net)
         assert completed == 0 and aborted > 0
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.05])
+async def test_the_model_node_batches_reply_pieces_per_flush_interval(interval_s: float) -> None:
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), reply_flush_interval_s=interval_s)
+    async with (
+        LocalNetwork(relays=3, handler=slow_counter, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        paths = [select_paths(net.descriptors(), 1, 3)[0], [], []]
+        pieces = [p async for p in send_request(session, b"20", paths, net.destination, ClientSettings(n=3, k=2))]
+        assert b"".join(pieces) == b"".join(b"[%d]" % i for i in range(20))
+        if interval_s == 0:
+            assert len(pieces) == 20  # one sealed chunk per piece the handler yielded
+        else:
+            assert pieces[0] == b"[0]" and len(pieces) < 20  # the first at once, the rest batched

@@ -41,6 +41,9 @@ class OverlayConfig:
     """Model side: most reply chunks kept per message (for paths that join late)."""
     reply_timeout_s: float = 900.0
     """Model side: most seconds the handler may take to produce the whole reply."""
+    reply_flush_interval_s: float = 0.02
+    """Model side: reply bytes are sealed in batches at least this far apart (the first at once); 0: one chunk per
+    piece the handler yields. Fewer chunks cost every path and relay less and hide per-token sizes better."""
     _public: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class OverlayConfig:
             raise InvalidPrivacyParam("x25519_secret", len(self.x25519_secret), "32 bytes")
         if self.role not in ("relay", "model"):
             raise InvalidPrivacyParam("role", self.role, "relay or model")
+        if not (0 <= self.reply_flush_interval_s <= 1):
+            raise InvalidPrivacyParam("reply_flush_interval_s", self.reply_flush_interval_s, "0..1 seconds")
         for name in ("max_body", "max_inflight", "replay_capacity", "max_messages", "max_backlog_frames"):
             if getattr(self, name) < 1:
                 raise InvalidPrivacyParam(name, getattr(self, name), "at least 1")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from node.overlay._coalesce import coalesce
 from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
 from node.privacy import Clove, Envelope, MalformedPacket, PrivacyError, RejectReason, combine, seal_reply
@@ -154,8 +155,9 @@ class CloveReceiver:
         key = envelope.reply_key
         limit = self._config.max_backlog_frames - 1
         try:
-            async with asyncio.timeout(self._config.reply_timeout_s):
-                async for data in self._handler(envelope.body):
+            replies = coalesce(self._handler(envelope.body), self._config.reply_flush_interval_s, MAX_REPLY_DATA)
+            async with asyncio.timeout(self._config.reply_timeout_s), contextlib.aclosing(replies):
+                async for data in replies:
                     for start in range(0, max(len(data), 1), MAX_REPLY_DATA):
                         if seq >= limit:
                             raise OverflowError("reply longer than max_backlog_frames chunks")
