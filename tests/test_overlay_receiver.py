@@ -99,7 +99,7 @@ async def test_the_sweeper_forgets_finished_and_never_assembled_messages() -> No
             assert b"".join([p async for p in send_request(session, b"%d" % i, [[]] * 4, net.destination)])
         lone = split(Envelope(reply_key=bytes(32), body=b"x").to_bytes(), 3, 2)[0].to_bytes()
         assert await _post_clove(session, net, lone, bytes(32)) == []
-        in_flight = []
+        in_flight: list[int] = []
         async with asyncio.timeout(5):
             while not in_flight or in_flight[-1]:
                 async with session.get(net.model.endpoint + "/overlay/metrics") as response:

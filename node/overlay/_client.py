@@ -8,7 +8,7 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -148,7 +148,7 @@ async def send_request(
     paths: Sequence[Sequence[RelayDescriptor]],
     destination: Hop,
     settings: ClientSettings | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Send ``body`` to ``destination`` over ``paths`` (one clove per path) and yield the reply as it streams back.
 
     Raises :class:`ReplyIncomplete` when every path failed before the final chunk, :class:`DestinationFailed` when
