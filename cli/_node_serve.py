@@ -53,8 +53,13 @@ def serve(
         raise InvalidParams(param="role", value=role, reason="relay or model")
     if not (0 <= port <= 65535):
         raise InvalidParams(param="port", value=port, reason="0..65535")
-    identity = NodeIdentity.load_or_create(state_dir_or_default(state_dir))
-    config = OverlayConfig(x25519_secret=identity.private_key, role="model" if role == "model" else "relay")
+    state = state_dir_or_default(state_dir)
+    identity = NodeIdentity.load_or_create(state)
+    config = OverlayConfig(
+        x25519_secret=identity.private_key,
+        role="model" if role == "model" else "relay",
+        replay_journal=state / "replay.journal",
+    )
     ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
     if role == "model":
         if model_dir is None:

@@ -116,6 +116,8 @@ EXPECTED: dict[str, list[str]] = {
         "RejectReason",
         "RelayDescriptor",
         "ReplayCache",
+        "ReplayJournal",
+        "ReplayJournalError",
         "ReplyChunk",
         "build_onion",
         "combine",

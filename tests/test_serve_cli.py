@@ -115,6 +115,10 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     for proc in processes:
         assert proc.wait(timeout=30) == 0
         assert proc.stderr is not None and "stopped" in proc.stderr.read()
+    # Every node kept the replay tags of the packets it accepted, for its next start: 8-byte header + 20 per tag.
+    for index in range(len(processes)):
+        journal = tmp_path / f"node-{index}" / "replay.journal"
+        assert journal.stat().st_size > 8 and (journal.stat().st_size - 8) % 20 == 0
 
 
 def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:

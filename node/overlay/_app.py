@@ -26,7 +26,7 @@ from node.overlay._errors import OverlayError, status_for
 from node.overlay._metrics import OverlayMetrics
 from node.overlay._receiver import CloveReceiver, ReplyHandler
 from node.overlay._relay import RelayState, forward
-from node.privacy import MalformedPacket, PeeledExit, RejectReason, ReplayCache, peel
+from node.privacy import MalformedPacket, PeeledExit, RejectReason, ReplayCache, ReplayJournal, peel
 from node.privacy._constants import MAX_PACKET
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def _draining_ctx(overlay: web.Application) -> Callable[[web.Application], Async
     async def ctx(_root: web.Application) -> AsyncIterator[None]:
         yield
         overlay[keys.RELAY_STATE].draining = True
+        overlay[keys.RELAY_STATE].replay.close()
 
     return ctx
 
@@ -194,7 +195,8 @@ def create_overlay_app(config: OverlayConfig, handler: ReplyHandler | None = Non
     overlay[keys.RELAY_STATE_PUBLIC] = config.x25519_public
     metrics_ = OverlayMetrics()
     overlay[keys.METRICS] = metrics_
-    overlay[keys.RELAY_STATE] = RelayState(replay=ReplayCache(capacity=config.replay_capacity))
+    journal = ReplayJournal(config.replay_journal) if config.replay_journal is not None else None
+    overlay[keys.RELAY_STATE] = RelayState(replay=ReplayCache(capacity=config.replay_capacity, journal=journal))
     if handler is not None:
         overlay[keys.RECEIVER] = CloveReceiver(handler, config, metrics_)
     overlay.router.add_post("/v1/onion", onion_handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from node.privacy import InvalidPrivacyParam, public_key
@@ -31,6 +32,9 @@ class OverlayConfig:
     """Most seconds one forwarded exchange (request plus whole reply stream) may last."""
     replay_capacity: int = 200_000
     """Replay-cache entries (16-byte tags, kept until packet expiry)."""
+    replay_journal: Path | None = None
+    """File that keeps the replay cache across restarts (``ps-node serve``: in the state directory); ``None``: memory
+    only, so a restarted node would accept again, for up to ``MAX_TTL`` seconds, packets it saw before."""
     assembly_timeout_s: float = 20.0
     """Model side: seconds a clove waits for the rest of its message's k cloves."""
     max_messages: int = 256

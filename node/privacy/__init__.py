@@ -11,10 +11,11 @@ from node.privacy._errors import (
     NotEnoughCloves,
     PrivacyError,
     RejectReason,
+    ReplayJournalError,
 )
 from node.privacy._onion import BuiltOnion, Hop, PeeledExit, PeeledForward, build_onion, peel
 from node.privacy._paths import RelayDescriptor, select_paths
-from node.privacy._replay import ReplayCache
+from node.privacy._replay import ReplayCache, ReplayJournal
 from node.privacy._reply import Envelope, ReplyChunk, open_reply, seal_reply
 from node.privacy._sida import Clove, combine, split
 from node.privacy._x25519 import public_key
@@ -34,6 +35,8 @@ __all__ = [
     "RejectReason",
     "RelayDescriptor",
     "ReplayCache",
+    "ReplayJournal",
+    "ReplayJournalError",
     "ReplyChunk",
     "build_onion",
     "combine",

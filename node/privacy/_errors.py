@@ -83,3 +83,9 @@ class InsufficientRelays(PrivacyError):
         self.needed = needed
         self.available = available
         super().__init__(f"need at least {needed} eligible relays with distinct operators, found {available}")
+
+
+class ReplayJournalError(PrivacyError):
+    """The replay journal file is not one (refusing to overwrite what may be someone else's file), or is not open."""
+
+    code = "privacy_replay_journal"
