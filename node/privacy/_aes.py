@@ -14,7 +14,11 @@ import hmac
 from typing import Final
 
 from Crypto.Cipher import AES
-from Crypto.Cipher._mode_gcm import _GHASH, _ghash_clmul, _ghash_portable  # type: ignore[attr-defined]
+
+try:
+    from Crypto.Cipher._mode_gcm import _GHASH, _ghash_clmul, _ghash_portable  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a pycryptodome that moved its internals: use the public API (same bytes)
+    _GHASH = None
 
 from node.privacy._constants import MAX_MESSAGE, MAX_PACKET, TAG_LEN
 
@@ -26,7 +30,7 @@ _MAX_BLOCKS: Final = max(MAX_MESSAGE, MAX_PACKET) // _BLOCK + 4
 _GCM_COUNTERS: Final = b"".join(bytes(12) + i.to_bytes(4, "big") for i in range(_MAX_BLOCKS))
 #: Counter blocks ``0^8 || i`` (64-bit counter), CTR's layout with an 8-byte nonce.
 _CTR_COUNTERS: Final = b"".join(bytes(8) + i.to_bytes(8, "big") for i in range(_MAX_BLOCKS))
-_GHASH_IMPL: Final = _ghash_clmul or _ghash_portable
+_GHASH_IMPL: Final = (_ghash_clmul or _ghash_portable) if _GHASH is not None else None
 
 
 class AuthenticationFailed(ValueError):
@@ -86,6 +90,8 @@ def _tag(h: bytes, ej0: bytes, aad: bytes, ciphertext: bytes) -> bytes:
 
 def gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
     """AES-GCM: ``(ciphertext, 16-byte tag)``. The caller guarantees the ``(key, nonce)`` pair is never reused."""
+    if _GHASH_IMPL is None:
+        return library_gcm_seal(key, nonce, aad, plaintext)
     h, ej0, stream = _gcm_parts(key, nonce, len(plaintext))
     ciphertext = _xor(plaintext, stream)
     return ciphertext, _tag(h, ej0, aad, ciphertext)[:TAG_LEN]
@@ -93,7 +99,31 @@ def gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[by
 
 def gcm_open(key: bytes, nonce: bytes, aad: bytes, ciphertext: bytes, tag: bytes) -> bytes:
     """Check the tag (in constant time), then decrypt. Raises :class:`AuthenticationFailed`, never returns bad data."""
+    if _GHASH_IMPL is None:
+        return library_gcm_open(key, nonce, aad, ciphertext, tag)
     h, ej0, stream = _gcm_parts(key, nonce, len(ciphertext))
     if len(tag) != TAG_LEN or not hmac.compare_digest(_tag(h, ej0, aad, ciphertext), tag):
         raise AuthenticationFailed("GCM tag mismatch")
     return _xor(ciphertext, stream)
+
+
+def library_gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+    """:func:`gcm_seal` through ``AES.new``: the fallback, and the reference the tests compare against."""
+    if len(nonce) != _GCM_NONCE_LEN:
+        raise ValueError("GCM nonce must be 12 bytes")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(aad)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return ciphertext, tag
+
+
+def library_gcm_open(key: bytes, nonce: bytes, aad: bytes, ciphertext: bytes, tag: bytes) -> bytes:
+    """:func:`gcm_open` through ``AES.new``."""
+    if len(nonce) != _GCM_NONCE_LEN:
+        raise ValueError("GCM nonce must be 12 bytes")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(aad)
+    try:
+        return cipher.decrypt_and_verify(ciphertext, tag)
+    except ValueError as exc:
+        raise AuthenticationFailed("GCM tag mismatch") from exc
