@@ -50,6 +50,9 @@ def ask(
     paths: Annotated[int, typer.Option("--paths", envvar="PS_PATHS", help="Cloves and paths, n.")] = 4,
     threshold: Annotated[int, typer.Option("--threshold", envvar="PS_THRESHOLD", help="Cloves that rebuild, k.")] = 3,
     hops: Annotated[int, typer.Option("--hops", envvar="PS_HOPS", help="Relays per path, L.")] = 3,
+    attempts: Annotated[
+        int, typer.Option("--attempts", envvar="PS_ATTEMPTS", help="Routes tried when relays are dead (1: no retry).")
+    ] = 2,
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
     ] = None,
@@ -61,7 +64,7 @@ def ask(
     import aiohttp
 
     from ledger import Indexer
-    from node.overlay import ClientSettings, CompletionRequest, Directory, complete
+    from node.overlay import ClientSettings, CompletionRequest, Directory, Route, complete_routed
     from node.overlay._completion import MAX_PROMPT_CHARS
 
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -73,6 +76,8 @@ def ask(
         raise InvalidParams(param="model", value=model, reason="NAME@REVISION or 0x + 64 hex") from exc
     request = CompletionRequest(model=wanted, prompt=text, max_tokens=max_tokens, temperature=temperature, seed=seed)
     request.sampling()  # ranges checked here, before any network work (raises InvalidParams naming the option)
+    if attempts < 1:
+        raise InvalidParams(param="attempts", value=attempts, reason="at least 1")
     settings = ClientSettings(n=paths, k=threshold)
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
@@ -80,8 +85,12 @@ def ask(
     with Indexer(registry, dep, db) as indexer:
         indexer.sync()
         directory = Directory.from_registry(indexer.nodes())
-    route = directory.route(wanted, n=paths, hops=hops)
-    info(f"model node {route.destination.operator}; {paths} paths of {hops} relays")
+    routes: list[Route] = []
+
+    def on_route(route: Route) -> None:
+        routes.append(route)
+        again = " (re-routed around unreachable relays)" if len(routes) > 1 else ""
+        info(f"model node {route.destination.operator}; {paths} paths of {hops} relays{again}")
 
     async def go() -> dict[str, Any]:
         started = time.perf_counter()
@@ -89,7 +98,10 @@ def ask(
         pieces: list[str] = []
         last: Any = None
         async with aiohttp.ClientSession() as session:
-            async for delta in complete(session, request, route.paths, route.destination.hop(), settings):
+            replies = complete_routed(
+                session, directory, request, hops=hops, settings=settings, attempts=attempts, on_route=on_route
+            )
+            async for delta in replies:
                 if first is None:
                     first = time.perf_counter() - started
                 pieces.append(delta.text)
@@ -105,8 +117,9 @@ def ask(
             "prompt_tokens": last.prompt_tokens,
             "completion_tokens": last.completion_tokens,
             "cached_tokens": last.cached_tokens,
-            "model_node": route.destination.operator,
-            "paths": [[r.operator for r in p] for p in route.paths],
+            "model_node": routes[-1].destination.operator,
+            "paths": [[r.operator for r in p] for p in routes[-1].paths],
+            "routes_tried": len(routes),
             "first_delta_s": round(first or 0.0, 4),
             "total_s": round(time.perf_counter() - started, 4),
         }

@@ -16,12 +16,18 @@ from node.overlay import (
     CompletionDelta,
     CompletionError,
     CompletionRequest,
+    Directory,
+    ModelNode,
+    ReplyIncomplete,
+    Route,
     complete,
+    complete_routed,
     completion_handler,
     send_request,
 )
+from node.overlay._directory import common_suspects, suspect_relays
 from node.overlay._localnet import LocalNetwork
-from node.privacy import RelayDescriptor, select_paths
+from node.privacy import RelayDescriptor, public_key, select_paths
 
 PROMPT = "12+7="
 
@@ -181,3 +187,67 @@ async def test_model_node_is_not_ready_once_its_engine_is_closed(tiny_model_dir:
     finally:
         stop.set()
         await server
+
+
+def _directory(net: LocalNetwork, model_id: str) -> Directory:
+    assert net.model is not None
+    model = ModelNode(
+        operator="model-op",
+        endpoint=net.model.endpoint,
+        public_key=net.model.public_key,
+        model_id=model_id.lower(),
+        price_per_1k_tokens=1000,
+    )
+    return Directory(relays=tuple(net.descriptors()), model_nodes=(model,))
+
+
+async def test_a_request_is_rerouted_around_a_dead_relay(torch_engine: TorchEngine) -> None:
+    request = CompletionRequest(model=torch_engine.model_id, prompt=PROMPT, max_tokens=4, temperature=0.0)
+    async with (
+        LocalNetwork(relays=6, handler=completion_handler(torch_engine)) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        directory = _directory(net, torch_engine.model_id)
+        dead = net.relay_nodes[0]
+        await dead.stop()
+        for _ in range(3):
+            routes: list[Route] = []
+            async with asyncio.timeout(15):  # never the model node's 20 s assembly timeout: a hopeless try ends at once
+                deltas = await _all(complete_routed(session, directory, request, on_route=routes.append))
+            assert deltas[-1].finish_reason is not None
+            # 4 paths of 3 over 6 relays use each relay twice, so the first try always loses 2 paths (more than
+            # n - k = 1) before any reply; the second avoids every relay that could explain those failures.
+            assert len(routes) == 2
+            assert sum(dead.endpoint in [r.endpoint for r in p] for p in routes[0].paths) == 2
+            assert not any(r.endpoint == dead.endpoint for p in routes[1].paths for r in p)
+
+
+async def test_without_retries_a_dead_relay_fails_the_request_at_once(torch_engine: TorchEngine) -> None:
+    request = CompletionRequest(model=torch_engine.model_id, prompt=PROMPT, max_tokens=4, temperature=0.0)
+    async with (
+        LocalNetwork(relays=6, handler=completion_handler(torch_engine)) as net,
+        aiohttp.ClientSession() as session,
+    ):
+        await net.relay_nodes[0].stop()
+        with pytest.raises(ReplyIncomplete) as info:
+            async with asyncio.timeout(15):
+                await _all(complete_routed(session, _directory(net, torch_engine.model_id), request, attempts=1))
+        assert len(info.value.failed_early) == 2 and info.value.received == 0 and not info.value.started
+
+
+def _relay(name: str) -> RelayDescriptor:
+    return RelayDescriptor(
+        node_id=name, operator=name, endpoint=f"http://127.0.0.1:{9000 + ord(name)}", public_key=public_key(b"k" * 32)
+    )
+
+
+def test_suspects_are_the_relays_that_can_explain_each_early_failure() -> None:
+    a, b, c, d, e, f = (_relay(x) for x in "abcdef")
+    model = ModelNode(
+        operator="m", endpoint="http://127.0.0.1:9999", public_key=bytes(32), model_id="0x1", price_per_1k_tokens=1
+    )
+    route = Route(destination=model, paths=((d, a, b), (c, e, d), (a, c, f), (b, e, f)))
+    # Path 0's first hop never answered; path 1's first hop answered 502; path 2 started; path 3 still in flight.
+    failure = ReplyIncomplete(paths=4, received=0, failed_early=(0, 1), started=(2,), unanswered=(0,))
+    assert suspect_relays(route, failure) == {"d", "e"}  # "c" answered and path 2 proves "a", "c", "f" are up
+    assert common_suspects(route, failure) == {"d"}

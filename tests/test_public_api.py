@@ -97,6 +97,7 @@ EXPECTED: dict[str, list[str]] = {
         "ReplyIncomplete",
         "Route",
         "complete",
+        "complete_routed",
         "completion_handler",
         "create_app",
         "send_request",

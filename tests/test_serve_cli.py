@@ -16,6 +16,8 @@ import pytest
 
 from cli.exit_codes import ExitCode
 from ledger import Role, model_id
+from ledger._anvil import free_port
+from node import NodeIdentity
 from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, read_info
 from tests.fixtures.chain import ChainEnv
 from tests.test_chain_cli import _env, _failed, _ok_json, _run
@@ -93,9 +95,21 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
             stake=10**18,
         )
 
+    # A fourth relay is registered but down (nothing listens at its endpoint). 4 paths of 3 over 4 relays put it on
+    # 3 paths, so the first route always fails before any reply and the client must re-route around it.
+    dead_port = free_port()  # bound and released at once: nothing listens there
+    chain.registry(5).register(
+        role=Role.RELAY,
+        endpoint=f"http://127.0.0.1:{dead_port}",
+        x25519_public_key=NodeIdentity.load_or_create(tmp_path / "dead-relay").public_key,
+        model_id=None,
+        price_per_1k_tokens=0,
+        stake=10**18,
+    )
     client_env = _env(chain, tmp_path, None, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
     ask = ["ask", PROMPT, "--model", model, "--max-tokens", "6", "--paths", "4", "--hops", "3", "--json"]
     answer = _ok_json(_run("client", ask, client_env))
+    assert answer["routes_tried"] == 2
     assert answer["text"] == _local_greedy(tiny_model_dir, PROMPT, 6)
     assert answer["completion_tokens"] >= 1 and answer["finish_reason"] in ("stop", "length")
     relay_operators = {chain.account(i).address for i in (2, 3, 4)}

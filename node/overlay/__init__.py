@@ -22,6 +22,7 @@ from node.overlay._completion import (
     CompletionError,
     CompletionRequest,
     complete,
+    complete_routed,
     completion_handler,
 )
 from node.overlay._config import OverlayConfig
@@ -45,6 +46,7 @@ __all__ = [
     "ReplyIncomplete",
     "Route",
     "complete",
+    "complete_routed",
     "completion_handler",
     "create_app",
     "send_request",

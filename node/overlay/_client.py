@@ -57,12 +57,28 @@ class ClientSettings:
     Reading a stream to its end lets its connection return to the pool; cancelling it closes the connection, and
     every hop behind it closes its own, so the next request pays a TCP handshake per hop. 0 cancels at once.
     """
+    evidence_window_s: float = 0.2
+    """Once too many paths failed for the request to be rebuilt, keep listening for the other paths' failures this
+    many seconds, or as long again as the failures took to show up if that is longer (a loaded machine): what each
+    path's first hop said is how a retry finds the dead relay."""
 
     def __post_init__(self) -> None:
         if not (2 <= self.k <= self.n <= 16):
             raise InvalidPrivacyParam("n,k", (self.n, self.k), "2 <= k <= n <= 16")
         if not (0 <= self.drain_grace_s <= 60):
             raise InvalidPrivacyParam("drain_grace_s", self.drain_grace_s, "0..60 seconds")
+        if not (0 <= self.evidence_window_s <= 10):
+            raise InvalidPrivacyParam("evidence_window_s", self.evidence_window_s, "0..10 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class _PathEnded:
+    """A path's reader finished; ``started``: its first hop answered 200, so its clove went all the way;
+    ``answered``: its first hop answered at all (so that relay is up, whatever failed behind it)."""
+
+    index: int
+    started: bool
+    answered: bool
 
 
 class _Inbox:
@@ -76,7 +92,7 @@ class _Inbox:
     __slots__ = ("_closed", "_queue", "_slots")
 
     def __init__(self, paths: int, capacity: int) -> None:
-        self._queue: asyncio.Queue[ReplyChunk | None] = asyncio.Queue(maxsize=capacity + paths)
+        self._queue: asyncio.Queue[ReplyChunk | _PathEnded] = asyncio.Queue(maxsize=capacity + paths)
         self._slots = asyncio.Semaphore(capacity)
         self._closed = False
 
@@ -89,24 +105,26 @@ class _Inbox:
     def close(self) -> None:
         self._closed = True
 
-    def end(self) -> None:
-        self._queue.put_nowait(None)
+    def end(self, marker: _PathEnded) -> None:
+        self._queue.put_nowait(marker)
 
-    async def get(self) -> ReplyChunk | None:
+    async def get(self) -> ReplyChunk | _PathEnded:
         item = await self._queue.get()
-        if item is not None:
+        if isinstance(item, ReplyChunk):
             self._slots.release()
         return item
 
 
 async def _read_path(
     session: aiohttp.ClientSession,
+    index_of_path: int,
     built: BuiltOnion,
     reply_key: bytes,
     settings: ClientSettings,
     out: _Inbox,
 ) -> None:
-    """POST one packet and push every authenticated reply chunk into ``out``; push ``None`` when the path ends."""
+    """POST one packet and push every authenticated reply chunk into ``out``; push a marker when the path ends."""
+    started = answered = False
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s, sock_read=settings.idle_timeout_s)
     try:
         async with asyncio.timeout(settings.headers_timeout_s):
@@ -116,10 +134,12 @@ async def _read_path(
                 headers={"Content-Type": "application/octet-stream"},
                 timeout=timeout,
             )
+        answered = True
         async with response:
             if response.status != 200:
                 log.info("path rejected with HTTP %d", response.status)
                 return
+            started = True
             index = 0
             while True:
                 async with asyncio.timeout(settings.idle_timeout_s):
@@ -139,7 +159,7 @@ async def _read_path(
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, MalformedPacket, ConnectionError) as exc:
         log.info("path failed: %s", type(exc).__name__)
     finally:
-        out.end()
+        out.end(_PathEnded(index_of_path, started, answered))
 
 
 async def send_request(
@@ -151,8 +171,10 @@ async def send_request(
 ) -> AsyncGenerator[bytes, None]:
     """Send ``body`` to ``destination`` over ``paths`` (one clove per path) and yield the reply as it streams back.
 
-    Raises :class:`ReplyIncomplete` when every path failed before the final chunk, :class:`DestinationFailed` when
-    the destination reported an error. Chunks arriving on several paths are yielded once, in sequence order.
+    Raises :class:`ReplyIncomplete` when every path failed before the final chunk, or at once when more than
+    ``n - k`` paths failed before their first hop answered (the destination cannot have ``k`` cloves then, and the
+    surviving paths would only wait for its assembly timeout); :class:`DestinationFailed` when the destination
+    reported an error. Chunks arriving on several paths are yielded once, in sequence order.
     """
     settings = settings or ClientSettings()
     if len(paths) != settings.n:
@@ -166,18 +188,48 @@ async def send_request(
         for path, clove in zip(paths, cloves, strict=True)
     ]
     inbox = _Inbox(paths=len(onions), capacity=settings.n * 64)
-    tasks = [asyncio.create_task(_read_path(session, built, reply_key, settings, inbox)) for built in onions]
+    tasks = [
+        asyncio.create_task(_read_path(session, i, built, reply_key, settings, inbox)) for i, built in enumerate(onions)
+    ]
     live = len(tasks)
+    failed_early: list[int] = []
+    started: list[int] = []
+    unanswered: list[int] = []
     next_seq = 0
     pending: dict[int, ReplyChunk] = {}
     complete = False
+    give_up_at: float | None = None
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
     try:
         while True:
-            item = await inbox.get()  # every path task ends (and says so) within its own timeouts
-            if item is None:
-                live -= 1
-                if live == 0:
-                    raise ReplyIncomplete(paths=len(tasks), received=next_seq)
+            # Every path task ends (and says so) within its own timeouts; once hopeless, wait only a short while.
+            try:
+                async with asyncio.timeout_at(give_up_at):
+                    item = await inbox.get()
+            except TimeoutError:
+                item = None
+            if item is None or isinstance(item, _PathEnded):
+                if isinstance(item, _PathEnded):
+                    live -= 1
+                    (started if item.started else failed_early).append(item.index)
+                    if not item.answered:
+                        unanswered.append(item.index)
+                # A 200 from a first hop means the destination rebuilt the request (it answers only then), so the
+                # request is hopeless only while no path has started and too few are left to carry k cloves.
+                hopeless = not started and len(failed_early) > settings.n - settings.k
+                if hopeless and give_up_at is None:
+                    now = loop.time()
+                    give_up_at = now + max(settings.evidence_window_s, now - sent_at)
+                expired = give_up_at is not None and loop.time() >= give_up_at
+                if live == 0 or (hopeless and expired):
+                    raise ReplyIncomplete(
+                        paths=len(tasks),
+                        received=next_seq,
+                        failed_early=tuple(failed_early),
+                        started=tuple(started),
+                        unanswered=tuple(unanswered),
+                    )
                 continue
             if item.seq < next_seq or item.seq in pending or item.seq >= next_seq + settings.reorder_window:
                 continue

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Literal
 
 import aiohttp
@@ -28,9 +28,10 @@ from node.inference import (
     SamplingParams,
 )
 from node.overlay._client import ClientSettings, send_request
-from node.overlay._errors import OverlayError
+from node.overlay._directory import Directory, Route, common_suspects, suspect_relays
+from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.overlay._receiver import ReplyHandler
-from node.privacy import Hop, RelayDescriptor
+from node.privacy import Hop, InsufficientRelays, RelayDescriptor
 
 log = logging.getLogger(__name__)
 
@@ -229,3 +230,49 @@ async def complete(
                 finished = True
     if buffer.strip() or not finished:
         raise CompletionError("bad_reply", "the reply ended without a final delta")
+
+
+async def complete_routed(
+    session: aiohttp.ClientSession,
+    directory: Directory,
+    request: CompletionRequest,
+    *,
+    hops: int = 3,
+    settings: ClientSettings | None = None,
+    attempts: int = 2,
+    on_route: Callable[[Route], None] | None = None,
+) -> AsyncGenerator[CompletionDelta, None]:
+    """Route ``request`` with ``directory`` and :func:`complete` it, re-routing around dead relays.
+
+    A try is repeated (up to ``attempts`` tries in all) only when it failed before any path answered (so the model
+    node never rebuilt the request and nothing is served twice), over paths that avoid the suspects: relays seen only
+    on paths that failed early, or if that leaves too few, the relays common to all of them; and another model node
+    when every path failed. ``on_route`` sees each route before it is tried.
+    """
+    if attempts < 1:
+        raise InvalidParams(param="attempts", value=attempts, reason="at least 1")
+    settings = settings or ClientSettings()
+    route = directory.route(request.model, n=settings.n, hops=hops)
+    for attempt in range(1, attempts + 1):
+        if on_route is not None:
+            on_route(route)
+        try:
+            async for delta in complete(session, request, route.paths, route.destination.hop(), settings):
+                yield delta
+            return
+        except ReplyIncomplete as failure:
+            if attempt == attempts or failure.received or failure.started or not failure.failed_early:
+                raise
+            log.info("try %d failed before any path answered; re-routing around suspects", attempt)
+            route = _reroute(directory, request.model, settings.n, hops, route, failure)
+
+
+def _reroute(directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete) -> Route:
+    # The destination may be the culprit too (a dead model node fails every path the same way): prefer another one.
+    avoid_nodes = (route.destination.operator,)
+    for suspects in (suspect_relays(route, failure), common_suspects(route, failure)):
+        try:
+            return directory.route(model, n=n, hops=hops, avoid_relays=suspects, avoid_model_nodes=avoid_nodes)
+        except InsufficientRelays:
+            continue
+    raise failure

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from node.overlay._errors import OverlayError
+from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.privacy import Hop, InvalidPrivacyParam, RelayDescriptor, select_paths
 
 if TYPE_CHECKING:
@@ -108,17 +108,64 @@ class Directory:
         """Model nodes serving ``model_id`` (0x-hex)."""
         return [m for m in self.model_nodes if m.model_id == model_id.lower()]
 
-    def route(self, model_id: str, *, n: int, hops: int) -> Route:
+    def route(
+        self,
+        model_id: str,
+        *,
+        n: int,
+        hops: int,
+        avoid_relays: Iterable[str] = (),
+        avoid_model_nodes: Iterable[str] = (),
+    ) -> Route:
         """A model node for ``model_id`` and ``n`` relay paths of ``hops`` relays to it.
 
         The model node is drawn uniformly among the cheapest tenth of the candidates (at least one): price is the only
         signal the registry gives a client on its own. Load- and cache-aware forwarding refines this choice with
-        heartbeats; relay paths avoid the model node's own operator.
+        heartbeats; relay paths avoid the model node's own operator. ``avoid_relays`` (``node_id``) and
+        ``avoid_model_nodes`` (operators; ignored when no other node serves the model) are suspects from a failed try.
         """
         candidates = sorted(self.serving(model_id), key=lambda m: m.price_per_1k_tokens)
         if not candidates:
             raise NoModelNode(model_id)
+        avoided = set(avoid_model_nodes)
+        candidates = [m for m in candidates if m.operator not in avoided] or candidates
         cheapest = candidates[: max(1, len(candidates) // 10)]
         destination = cheapest[secrets.randbelow(len(cheapest))]
-        paths = select_paths(self.relays, n, hops, exclude_operators=(destination.operator,))
+        paths = select_paths(
+            self.relays, n, hops, exclude_operators=(destination.operator,), exclude_nodes=avoid_relays
+        )
         return Route(destination=destination, paths=tuple(tuple(p) for p in paths))
+
+
+def _cleared(route: Route, failure: ReplyIncomplete) -> set[str]:
+    """Relays proven up: every relay of a path whose reply started, and each first hop that answered at all."""
+    cleared = {r.node_id for i in failure.started for r in route.paths[i]}
+    answered = [i for i in failure.failed_early if i not in failure.unanswered and route.paths[i]]
+    cleared |= {route.paths[i][0].node_id for i in answered}
+    return cleared
+
+
+def _suspects_per_path(route: Route, failure: ReplyIncomplete) -> list[set[str]]:
+    """For each early-failed path, the relays that may explain it: only the first hop when it never answered (the
+    packet got no further), else every relay not proven up (the destination itself may also be the culprit)."""
+    cleared = _cleared(route, failure)
+    out = []
+    for i in failure.failed_early:
+        path = route.paths[i]
+        if not path:
+            continue
+        nodes = {path[0].node_id} if i in failure.unanswered else {r.node_id for r in path}
+        out.append(nodes - cleared)
+    return out
+
+
+def suspect_relays(route: Route, failure: ReplyIncomplete) -> set[str]:
+    """Relays (``node_id``) to avoid when retrying a request that failed with ``failure`` on ``route``: every relay
+    that may explain some early-failed path. When avoiding them leaves too few relays, try :func:`common_suspects`."""
+    return set().union(*_suspects_per_path(route, failure))
+
+
+def common_suspects(route: Route, failure: ReplyIncomplete) -> set[str]:
+    """The narrower guess: the relays that could explain *every* early-failed path (one dead relay explains all)."""
+    per_path = [s for s in _suspects_per_path(route, failure) if s]
+    return set.intersection(*per_path) if per_path else set()

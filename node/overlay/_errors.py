@@ -14,15 +14,34 @@ class OverlayError(PlanetServeError):
 
 
 class ReplyIncomplete(OverlayError):
-    """Every path failed before the destination's final reply chunk arrived."""
+    """The paths failed before the destination's final reply chunk arrived.
+
+    Indexes of paths: ``failed_early`` ended before their first hop answered 200 (their clove probably never reached
+    the destination: a dead or refusing relay on them), ``unanswered`` (a subset) got no HTTP answer at all from their
+    first hop, and ``started`` had their reply begin. With ``received == 0`` and nothing ``started`` the destination
+    never rebuilt the request, so a client may retry it over paths that avoid the suspects.
+    """
 
     code = "network_reply_incomplete"
     status = 502
 
-    def __init__(self, paths: int, received: int) -> None:
+    def __init__(
+        self,
+        paths: int,
+        received: int,
+        failed_early: tuple[int, ...] = (),
+        started: tuple[int, ...] = (),
+        unanswered: tuple[int, ...] = (),
+    ) -> None:
         self.paths = paths
         self.received = received
-        super().__init__(f"all {paths} paths failed after {received} reply chunks")
+        self.failed_early = failed_early
+        self.started = started
+        self.unanswered = unanswered
+        super().__init__(
+            f"{len(failed_early) + len(started)} of {paths} paths failed ({len(failed_early)} before any reply)"
+            f" after {received} reply chunks"
+        )
 
 
 class DestinationFailed(OverlayError):

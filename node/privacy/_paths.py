@@ -66,19 +66,22 @@ def select_paths(
     length: int,
     *,
     exclude_operators: Iterable[str] = (),
+    exclude_nodes: Iterable[str] = (),
 ) -> list[list[RelayDescriptor]]:
     """Pick ``n`` paths of ``length`` relays.
 
     Within a path every relay has a distinct operator. Across paths a relay is reused only when the pool has too few
     unused relays with distinct operators (then the relay least used so far is preferred). Relays of
-    ``exclude_operators`` (the destination's operator, the client's own) and relays of weight 0 are never chosen.
+    ``exclude_operators`` (the destination's operator, the client's own), the relays in ``exclude_nodes`` (by
+    ``node_id``: e.g. suspected dead) and relays of weight 0 are never chosen.
     """
     if not (1 <= n <= MAX_N):
         raise InvalidPrivacyParam("n", n, f"1..{MAX_N}")
     if not (1 <= length <= MAX_HOPS - 1):
         raise InvalidPrivacyParam("length", length, f"1..{MAX_HOPS - 1}")
     excluded = set(exclude_operators)
-    eligible = [r for r in relays if r.weight > 0 and r.operator not in excluded]
+    excluded_nodes = set(exclude_nodes)
+    eligible = [r for r in relays if r.weight > 0 and r.operator not in excluded and r.node_id not in excluded_nodes]
     operators = {r.operator for r in eligible}
     if len(operators) < length:
         raise InsufficientRelays(needed=length, available=len(operators))
