@@ -43,7 +43,16 @@ from ledger import (
 )
 from node import NodeIdentity
 from node.inference import EngineConfig, ModelRecipe, TorchEngine, ensure_model, read_info
-from node.overlay import ClientSettings, CompletionRequest, Directory, OverlayConfig, complete, completion_handler
+from node.overlay import (
+    ClientSettings,
+    CompletionRequest,
+    Directory,
+    OverlayConfig,
+    Route,
+    complete,
+    complete_routed,
+    completion_handler,
+)
 from node.overlay._localnet import LocalNode, start_node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +92,13 @@ class DemoResult:
     cached_tokens: list[int] = field(default_factory=list)
     """Each reply's prefix-cache hit tokens at the model node."""
     relay_forwards: dict[str, int] = field(default_factory=dict)
-    """Packets each relay forwarded, by endpoint."""
+    """Packets each relay forwarded, by endpoint (before one relay is stopped)."""
+    stopped_relay: str = ""
+    """The relay stopped before the last request, by endpoint."""
+    rerouted_reply: str = ""
+    """The last request's completion, sent with that relay still in the registry but down."""
+    routes_tried: int = 0
+    """Routes the last request needed (the first includes the dead relay on several paths)."""
     seconds: float = 0.0
     """Wall time of the whole demo."""
 
@@ -186,6 +201,27 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     )
                 for relay in relays:
                     result.relay_forwards[relay.endpoint] = await _forwarded(session, relay)
+
+                # A relay dies but is still registered: the client finds out from its paths and re-routes.
+                victim = relays[0]
+                await victim.stop()
+                result.stopped_relay = victim.endpoint
+                routes: list[Route] = []
+                request = CompletionRequest(
+                    model=wanted, prompt=_SHOTS + "8+9=", max_tokens=8, temperature=0.0, stop=("\n",)
+                )
+                sent = time.perf_counter()
+                replies = complete_routed(
+                    session, directory, request, settings=settings, attempts=3, on_route=routes.append
+                )
+                deltas = [d async for d in replies]
+                result.rerouted_reply = "".join(d.text for d in deltas)
+                result.routes_tried = len(routes)
+                console.print(
+                    f"relay :{victim.endpoint.rsplit(':', 1)[1]} stopped (still registered): the next request "
+                    f"failed before any reply on {len(routes) - 1} route(s), was re-routed around it and answered "
+                    f"{result.rerouted_reply!r} in {(time.perf_counter() - sent) * 1e3:.0f} ms"
+                )
             console.print(
                 "packets forwarded per relay: "
                 + ", ".join(

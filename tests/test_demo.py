@@ -26,6 +26,9 @@ async def test_demo_serves_private_requests_through_registered_relays(tiny_model
     assert all(count > 0 for count in result.relay_forwards.values())
     # 2 requests x 4 paths x 3 relays: each packet is forwarded once by each relay it crosses.
     assert sum(result.relay_forwards.values()) == len(DEMO_PROMPTS) * 4 * 3
+    # One relay then stopped while still registered: the client re-routed around it.
+    assert result.stopped_relay in result.relay_forwards and result.rerouted_reply
+    assert result.routes_tried >= 2
     text = out.getvalue()
     assert f"PlanetServe network on chain {result.deployment.chain_id}" in text
     assert result.model in text and "chain and nodes stopped" in text
