@@ -247,7 +247,7 @@ def test_suspects_are_the_relays_that_can_explain_each_early_failure() -> None:
         operator="m", endpoint="http://127.0.0.1:9999", public_key=bytes(32), model_id="0x1", price_per_1k_tokens=1
     )
     route = Route(destination=model, paths=((d, a, b), (c, e, d), (a, c, f), (b, e, f)))
-    # Path 0's first hop never answered; path 1's first hop answered 502; path 2 started; path 3 still in flight.
-    failure = ReplyIncomplete(paths=4, received=0, failed_early=(0, 1), started=(2,), unanswered=(0,))
+    # Path 0's first hop failed itself; path 1's first hop blamed a hop behind it; path 2 started; path 3 in flight.
+    failure = ReplyIncomplete(paths=4, received=0, failed_early=(0, 1), started=(2,), first_hop_failed=(0,))
     assert suspect_relays(route, failure) == {"d", "e"}  # "c" answered and path 2 proves "a", "c", "f" are up
     assert common_suspects(route, failure) == {"d"}

@@ -206,3 +206,14 @@ async def test_the_model_node_batches_reply_pieces_per_flush_interval(interval_s
             assert len(pieces) == 20  # one sealed chunk per piece the handler yielded
         else:
             assert pieces[0] == b"[0]" and len(pieces) < 20  # the first at once, the rest batched
+
+
+async def test_the_client_tells_a_first_hop_refusal_from_a_failure_behind_it() -> None:
+    async with LocalNetwork(relays=12, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+        paths = select_paths(net.descriptors(), 4, 3)
+        net.node_at(paths[0][0].endpoint).overlay[keys.RELAY_STATE].draining = True  # answers 503 itself
+        await net.node_at(paths[1][1].endpoint).stop()  # path 1's first hop answers 502 upstream_failed
+        with pytest.raises(ReplyIncomplete) as info:
+            async with asyncio.timeout(10):
+                await _collect(send_request(session, b"x", paths, net.destination))
+        assert sorted(info.value.failed_early) == [0, 1] and info.value.first_hop_failed == (0,)

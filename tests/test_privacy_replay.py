@@ -45,6 +45,7 @@ def test_a_restarted_cache_refuses_tags_it_saw_and_forgets_expired_ones(tmp_path
     second.check_and_add(stale, expiry=1100)  # forgotten with its expiry: a new packet may reuse nothing of it
     assert len(second) == 2
     second.close()
+    assert journal_path.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_record_cut_short_by_a_crash_is_ignored(tmp_path: Path) -> None:

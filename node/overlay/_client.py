@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 from collections.abc import AsyncGenerator, Sequence
@@ -21,6 +22,7 @@ from node.privacy import (
     Hop,
     InvalidPrivacyParam,
     MalformedPacket,
+    RejectReason,
     RelayDescriptor,
     ReplyChunk,
     build_onion,
@@ -31,6 +33,11 @@ from node.privacy._constants import FRAME_LEN_BYTES
 from node.privacy._reply import check_frame_len, strip_reply_layers
 
 log = logging.getLogger(__name__)
+
+#: Error codes with which a hop says the failure is behind it (``docs/protocol.md`` §7).
+_UPSTREAM_CODES = frozenset({RejectReason.UPSTREAM_FAILED.value, RejectReason.UPSTREAM_TIMEOUT.value})
+#: Most bytes of an error answer a client reads (they are a few hundred).
+_ERROR_BODY_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +80,13 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class _PathEnded:
-    """A path's reader finished; ``started``: its first hop answered 200, so its clove went all the way;
-    ``answered``: its first hop answered at all (so that relay is up, whatever failed behind it)."""
+    """A path's reader finished. ``started``: its first hop answered 200, so its clove went all the way;
+    ``first_hop_failed``: the failure is the first hop's own (no answer at all, or a refusal that is not about a hop
+    behind it); otherwise the first hop is up and forwarding and something behind it failed."""
 
     index: int
     started: bool
-    answered: bool
+    first_hop_failed: bool
 
 
 class _Inbox:
@@ -124,7 +132,8 @@ async def _read_path(
     out: _Inbox,
 ) -> None:
     """POST one packet and push every authenticated reply chunk into ``out``; push a marker when the path ends."""
-    started = answered = False
+    started = False
+    first_hop_failed = True
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s, sock_read=settings.idle_timeout_s)
     try:
         async with asyncio.timeout(settings.headers_timeout_s):
@@ -134,12 +143,13 @@ async def _read_path(
                 headers={"Content-Type": "application/octet-stream"},
                 timeout=timeout,
             )
-        answered = True
         async with response:
             if response.status != 200:
+                first_hop_failed = not await _blames_a_later_hop(response)
                 log.info("path rejected with HTTP %d", response.status)
                 return
             started = True
+            first_hop_failed = False
             index = 0
             while True:
                 async with asyncio.timeout(settings.idle_timeout_s):
@@ -159,7 +169,17 @@ async def _read_path(
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, MalformedPacket, ConnectionError) as exc:
         log.info("path failed: %s", type(exc).__name__)
     finally:
-        out.end(_PathEnded(index_of_path, started, answered))
+        out.end(_PathEnded(index_of_path, started, first_hop_failed))
+
+
+async def _blames_a_later_hop(response: aiohttp.ClientResponse) -> bool:
+    """Whether a first hop's error answer says a hop behind it failed (§7 ``upstream_*`` codes)."""
+    try:
+        async with asyncio.timeout(1.0):
+            body = json.loads(await response.content.read(_ERROR_BODY_MAX))
+        return isinstance(body, dict) and body.get("error", {}).get("code") in _UPSTREAM_CODES
+    except (ValueError, AttributeError, TimeoutError, aiohttp.ClientError):
+        return False
 
 
 async def send_request(
@@ -194,7 +214,7 @@ async def send_request(
     live = len(tasks)
     failed_early: list[int] = []
     started: list[int] = []
-    unanswered: list[int] = []
+    first_hop_failed: list[int] = []
     next_seq = 0
     pending: dict[int, ReplyChunk] = {}
     complete = False
@@ -213,8 +233,8 @@ async def send_request(
                 if isinstance(item, _PathEnded):
                     live -= 1
                     (started if item.started else failed_early).append(item.index)
-                    if not item.answered:
-                        unanswered.append(item.index)
+                    if item.first_hop_failed and not item.started:
+                        first_hop_failed.append(item.index)
                 # A 200 from a first hop means the destination rebuilt the request (it answers only then), so the
                 # request is hopeless only while no path has started and too few are left to carry k cloves.
                 hopeless = not started and len(failed_early) > settings.n - settings.k
@@ -228,7 +248,7 @@ async def send_request(
                         received=next_seq,
                         failed_early=tuple(failed_early),
                         started=tuple(started),
-                        unanswered=tuple(unanswered),
+                        first_hop_failed=tuple(first_hop_failed),
                     )
                 continue
             if item.seq < next_seq or item.seq in pending or item.seq >= next_seq + settings.reorder_window:

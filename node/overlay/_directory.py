@@ -138,23 +138,23 @@ class Directory:
 
 
 def _cleared(route: Route, failure: ReplyIncomplete) -> set[str]:
-    """Relays proven up: every relay of a path whose reply started, and each first hop that answered at all."""
+    """Relays proven up: every relay of a path whose reply started, and each first hop that blamed a hop behind it."""
     cleared = {r.node_id for i in failure.started for r in route.paths[i]}
-    answered = [i for i in failure.failed_early if i not in failure.unanswered and route.paths[i]]
-    cleared |= {route.paths[i][0].node_id for i in answered}
+    forwarding = [i for i in failure.failed_early if i not in failure.first_hop_failed and route.paths[i]]
+    cleared |= {route.paths[i][0].node_id for i in forwarding}
     return cleared
 
 
 def _suspects_per_path(route: Route, failure: ReplyIncomplete) -> list[set[str]]:
-    """For each early-failed path, the relays that may explain it: only the first hop when it never answered (the
-    packet got no further), else every relay not proven up (the destination itself may also be the culprit)."""
+    """For each early-failed path, the relays that may explain it: only the first hop when the failure was its own
+    (the packet got no further), else every relay not proven up (the destination itself may also be the culprit)."""
     cleared = _cleared(route, failure)
     out = []
     for i in failure.failed_early:
         path = route.paths[i]
         if not path:
             continue
-        nodes = {path[0].node_id} if i in failure.unanswered else {r.node_id for r in path}
+        nodes = {path[0].node_id} if i in failure.first_hop_failed else {r.node_id for r in path}
         out.append(nodes - cleared)
     return out
 

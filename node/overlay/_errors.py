@@ -17,8 +17,9 @@ class ReplyIncomplete(OverlayError):
     """The paths failed before the destination's final reply chunk arrived.
 
     Indexes of paths: ``failed_early`` ended before their first hop answered 200 (their clove probably never reached
-    the destination: a dead or refusing relay on them), ``unanswered`` (a subset) got no HTTP answer at all from their
-    first hop, and ``started`` had their reply begin. With ``received == 0`` and nothing ``started`` the destination
+    the destination: a dead or refusing relay on them), ``first_hop_failed`` (a subset) failed at their first hop
+    itself (no answer, or a refusal of its own rather than an ``upstream_*`` error), and ``started`` had their reply
+    begin. With ``received == 0`` and nothing ``started`` the destination
     never rebuilt the request, so a client may retry it over paths that avoid the suspects.
     """
 
@@ -31,13 +32,13 @@ class ReplyIncomplete(OverlayError):
         received: int,
         failed_early: tuple[int, ...] = (),
         started: tuple[int, ...] = (),
-        unanswered: tuple[int, ...] = (),
+        first_hop_failed: tuple[int, ...] = (),
     ) -> None:
         self.paths = paths
         self.received = received
         self.failed_early = failed_early
         self.started = started
-        self.unanswered = unanswered
+        self.first_hop_failed = first_hop_failed
         super().__init__(
             f"{len(failed_early) + len(started)} of {paths} paths failed ({len(failed_early)} before any reply)"
             f" after {received} reply chunks"

@@ -56,7 +56,8 @@ class ReplayJournal:
         self.close()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(self._path.name + ".tmp")
-        with tmp.open("wb") as out:
+        # Owner-only, like the node's key beside it: the tags are not secret, but their expiries trace traffic.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             out.write(_MAGIC + b"".join(_RECORD.pack(expiry, tag) for expiry, tag in entries))
             out.flush()
             os.fsync(out.fileno())
