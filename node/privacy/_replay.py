@@ -57,6 +57,7 @@ class ReplayJournal:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(self._path.name + ".tmp")
         # Owner-only, like the node's key beside it: the tags are not secret, but their expiries trace traffic.
+        tmp.unlink(missing_ok=True)  # a leftover from a crash keeps its old mode otherwise
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             out.write(_MAGIC + b"".join(_RECORD.pack(expiry, tag) for expiry, tag in entries))
             out.flush()
