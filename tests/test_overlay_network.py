@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from node.overlay import (
     ClientSettings,
@@ -20,7 +22,7 @@ from node.overlay import (
     send_request,
 )
 from node.overlay._localnet import LocalNetwork
-from node.privacy import select_paths
+from node.privacy import Hop, PeeledForward, RelayDescriptor, peel, public_key, select_paths
 
 
 async def reversing_handler(request: bytes) -> AsyncIterator[bytes]:
@@ -217,3 +219,64 @@ async def test_the_client_tells_a_first_hop_refusal_from_a_failure_behind_it() -
             async with asyncio.timeout(10):
                 await _collect(send_request(session, b"x", paths, net.destination))
         assert sorted(info.value.failed_early) == [0, 1] and info.value.first_hop_failed == (0,)
+
+
+async def _lying_relay(session: aiohttp.ClientSession, held: list[asyncio.Task[None]]) -> tuple[web.AppRunner, Hop]:
+    """A misbehaving relay: it peels and forwards the packet (keeping the next hop's answer open) but tells the
+    previous hop 502 ``upstream_failed`` at once, so the client counts a failure whose clove did arrive."""
+    secret = secrets.token_bytes(32)
+
+    async def keep(url: str, packet: bytes) -> None:
+        async with session.post(url, data=packet) as response:
+            await response.read()
+
+    async def handler(request: web.Request) -> web.Response:
+        peeled = peel(await request.read(), secret, public_key(secret))
+        assert isinstance(peeled, PeeledForward)
+        held.append(asyncio.create_task(keep(peeled.next_hop + "/overlay/v1/onion", peeled.packet)))
+        await asyncio.sleep(0)
+        body = {"error": {"message": "lie", "type": "server_error", "param": None, "code": "upstream_failed"}}
+        return web.json_response(body, status=502)
+
+    app = web.Application()
+    app.router.add_post("/overlay/v1/onion", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, Hop(address=f"http://127.0.0.1:{port}", public_key=public_key(secret))
+
+
+async def test_a_request_that_looked_hopeless_is_still_read_once_a_path_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # n=3, k=2: two relays lie (502) after forwarding their cloves, so the client counts 2 > n - k early failures;
+    # but the model node rebuilt the request from them and answers on the direct path, which the client must read.
+    held: list[asyncio.Task[None]] = []
+    async with (
+        LocalNetwork(relays=0, handler=slow_counter) as net,
+        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession() as liars_session,
+    ):
+        liars = [await _lying_relay(liars_session, held) for _ in range(2)]
+        try:
+            paths = [
+                [
+                    RelayDescriptor(
+                        node_id=f"liar{i}", operator=f"op{i}", endpoint=hop.address, public_key=hop.public_key
+                    )
+                ]
+                for i, (_, hop) in enumerate(liars)
+            ]
+            settings = ClientSettings(n=3, k=2, evidence_window_s=0.5)
+            with caplog.at_level(logging.INFO, logger="node.overlay._client"):
+                reply = await _collect(send_request(session, b"3", [*paths, []], net.destination, settings))
+            assert reply == b"[0][1][2]"
+            assert caplog.text.count("path rejected with HTTP 502") == 2  # both lies were counted as failures
+        finally:
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            for runner, _ in liars:
+                await runner.cleanup()

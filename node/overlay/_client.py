@@ -238,7 +238,9 @@ async def send_request(
                 # A 200 from a first hop means the destination rebuilt the request (it answers only then), so the
                 # request is hopeless only while no path has started and too few are left to carry k cloves.
                 hopeless = not started and len(failed_early) > settings.n - settings.k
-                if hopeless and give_up_at is None:
+                if not hopeless:
+                    give_up_at = None  # a path answered 200 meanwhile: the request is being served after all
+                elif give_up_at is None:
                     now = loop.time()
                     give_up_at = now + max(settings.evidence_window_s, now - sent_at)
                 expired = give_up_at is not None and loop.time() >= give_up_at
