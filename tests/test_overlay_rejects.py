@@ -155,3 +155,23 @@ async def test_fuzz_10000_random_and_mutated_packets_all_rejected_and_counted(re
     assert snapshot["rejected_total"] == 10_000
     assert snapshot["forwarded"] == 0
     assert len(relay.overlay[keys.RELAY_STATE].replay) == 0  # no forgery reached the replay cache
+
+
+async def test_a_slow_sender_is_cut_off_with_a_counted_reason() -> None:
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), body_timeout_s=0.3)
+    node = await start_node("relay", config)
+    try:
+        host, port = node.endpoint.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = f"POST {ONION} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4000\r\n\r\n"
+        writer.write(head.encode() + b"\x01" * 10)  # then nothing: a slowloris holding an in-flight slot
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+        assert status_line.split()[1] == b"408"
+        writer.close()
+        async with aiohttp.ClientSession() as session:
+            rejected = (await _metrics(session, node))["rejected"]
+        assert isinstance(rejected, dict) and rejected["slow_body"] == 1
+    finally:
+        await node.stop()

@@ -102,7 +102,11 @@ async def onion_handler(request: web.Request) -> web.StreamResponse:
     """Parse one packet, peel it, drop replays, then forward it or deliver its clove."""
     app = request.app
     config = app[keys.CONFIG]
-    packet = await request.read()
+    try:
+        async with asyncio.timeout(config.body_timeout_s):
+            packet = await request.read()
+    except TimeoutError as exc:
+        raise MalformedPacket(RejectReason.SLOW_BODY, "the packet did not arrive in time") from exc
     if len(packet) > MAX_PACKET:
         raise MalformedPacket(RejectReason.OVERSIZED)
     peeled = peel(packet, config.x25519_secret, app[keys.RELAY_STATE_PUBLIC])

@@ -22,6 +22,8 @@ class OverlayConfig:
     """Largest request body accepted, bytes (the largest onion packet)."""
     max_inflight: int = 256
     """Most requests handled at once; more are rejected with 503 ``overloaded``."""
+    body_timeout_s: float = 10.0
+    """Most seconds a peer may take to send a whole packet: a slow sender must not hold one of the in-flight slots."""
     connect_timeout_s: float = 10.0
     """Seconds to connect to the next hop."""
     upstream_headers_timeout_s: float = 40.0

@@ -54,6 +54,7 @@ class DestinationFailed(OverlayError):
 
 #: HTTP status of each reject reason (``docs/protocol.md`` §7).
 REJECT_STATUS: dict[RejectReason, int] = {
+    RejectReason.SLOW_BODY: 408,
     RejectReason.REPLAY: 409,
     RejectReason.EXPIRED: 410,
     RejectReason.OVERSIZED: 413,

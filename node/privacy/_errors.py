@@ -30,6 +30,7 @@ class RejectReason(enum.StrEnum):
     NOT_EXIT = "not_exit"
     UPSTREAM_FAILED = "upstream_failed"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    SLOW_BODY = "slow_body"
 
 
 class PrivacyError(PlanetServeError):
