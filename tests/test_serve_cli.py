@@ -158,6 +158,8 @@ def test_ask_rejects_bad_input_before_touching_the_network(tmp_path: Path) -> No
         "temperature",
     )
     _failed(_run("client", ["ask", "", "--model", "m@v1"], env), ExitCode.INVALID_INPUT, "prompt")
+    no_tries = _run("client", ["ask", "hi", "--model", "m@v1", "--attempts", "0"], env)
+    _failed(no_tries, ExitCode.INVALID_INPUT, "attempts")
     _failed(
         _run("client", ["ask", "hi", "--model", "m@v1", "--paths", "2", "--threshold", "3"], env),
         ExitCode.INVALID_INPUT,
