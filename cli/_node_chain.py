@@ -2,6 +2,9 @@
 
 Secrets: the operator key comes from ``PS_PRIVATE_KEY`` or an encrypted ``--keystore`` (password from
 ``PS_KEYSTORE_PASSWORD`` or a prompt), never from a flag, and is never printed.
+
+web3 and eth-account take about two seconds to import, so they are imported inside the commands that talk to the
+chain: ``--help``, ``ps-node serve`` and ``ps-node model`` start without them.
 """
 
 from __future__ import annotations
@@ -9,33 +12,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from platformdirs import user_data_dir
 
 from cli._main import new_app
 from cli._output import emit, info
-from ledger import (
-    Deployment,
-    IndexedNode,
-    Indexer,
-    InvalidChainInput,
-    NodeInfo,
-    NodeRegistry,
-    OperatorKeyError,
-    Role,
-    TxReceipt,
-    connect,
-    default_deployment_path,
-    format_eth,
-    model_id,
-    open_registry,
-    parse_eth,
-)
 from node import NodeIdentity
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from ledger import Deployment, IndexedNode, NodeInfo, NodeRegistry, TxReceipt
 
 app = new_app("Register, stake, unbond and withdraw on chain.")
 stake_app = new_app("Manage the node's stake.")
@@ -72,6 +61,10 @@ def default_index_db(folder: Path, chain_id: int) -> str:
 
 def load_operator(keystore: Path | None) -> LocalAccount:
     """The operator account from ``--keystore`` or ``PS_PRIVATE_KEY``; the key never reaches output."""
+    from eth_account import Account
+
+    from ledger import OperatorKeyError
+
     if keystore is not None:
         try:
             encrypted = json.loads(keystore.read_text())
@@ -96,6 +89,8 @@ def load_operator(keystore: Path | None) -> LocalAccount:
 
 
 def open_chain(rpc_url: str, deployment: Path | None, account: LocalAccount | None) -> tuple[Deployment, NodeRegistry]:
+    from ledger import connect, default_deployment_path, open_registry
+
     if deployment is None:
         deployment = default_deployment_path(connect(rpc_url).eth.chain_id)
     return open_registry(rpc_url, deployment, account)
@@ -111,6 +106,8 @@ def _receipt_json(receipt: TxReceipt) -> dict[str, Any]:
 
 
 def _node_json(node: NodeInfo | IndexedNode) -> dict[str, Any]:
+    from ledger import format_eth
+
     return {
         "operator": node.operator,
         "role": node.role.name.lower(),
@@ -141,6 +138,8 @@ def register(
     as_json: JsonOpt = False,
 ) -> None:
     """Register this node on chain with a stake; its X25519 key is created in the state directory on first use."""
+    from ledger import InvalidChainInput, Role, format_eth, model_id, parse_eth
+
     parsed_role = Role.parse(role)
     if parsed_role is Role.RELAY and model is not None:
         raise InvalidChainInput("model", model, "relays serve no model; omit --model")
@@ -179,6 +178,8 @@ def stake_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add stake to this node."""
+    from ledger import InvalidChainInput, parse_eth
+
     wei = parse_eth(amount)
     if wei == 0:
         raise InvalidChainInput("amount", amount, "must be more than 0 ETH")
@@ -214,6 +215,8 @@ def withdraw(
     as_json: JsonOpt = False,
 ) -> None:
     """After the unbonding delay: deregister the node (if still registered) and withdraw its stake."""
+    from ledger import format_eth
+
     _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
     receipts = []
     if registry.get_node(registry.account) is not None:
@@ -265,6 +268,8 @@ def list_nodes(
     as_json: JsonOpt = False,
 ) -> None:
     """The registry as the event indexer sees it (syncs the index first)."""
+    from ledger import Indexer, format_eth
+
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
         db = default_index_db(state_dir_or_default(state_dir), dep.chain_id)

@@ -21,8 +21,6 @@ from cli._node_chain import JsonOpt, StateDir, state_dir_or_default
 from cli._output import emit, info
 from node import NodeIdentity
 from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
-from node.overlay import OverlayConfig, create_app
-from node.overlay._serve import create_model_app, serve_until
 
 app = new_app("Serve the overlay.")
 
@@ -48,6 +46,9 @@ def serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve as a relay, or as a model node answering completions from an inference engine."""
+    from node.overlay import OverlayConfig, create_app  # aiohttp: only when actually serving
+    from node.overlay._serve import create_model_app, serve_until
+
     logging.basicConfig(level=os.environ.get("PS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
     if role not in ("relay", "model"):
         raise InvalidParams(param="role", value=role, reason="relay or model")

@@ -1,4 +1,7 @@
-"""``ps-chain``: run a local chain with PlanetServe's contracts deployed."""
+"""``ps-chain``: run a local chain with PlanetServe's contracts deployed.
+
+The ledger (web3) is imported inside the commands: it takes about two seconds, which ``--help`` need not pay.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +15,6 @@ import typer
 
 from cli._main import new_app, run
 from cli._output import emit, info
-from ledger import (
-    Anvil,
-    AnvilConfig,
-    ChainError,
-    RegistryParams,
-    Wei,
-    default_deployment_path,
-    deploy_all,
-    dev_account,
-    load_deployment,
-    parse_eth,
-)
 
 app = new_app("Run a local PlanetServe chain (anvil) and deploy the contracts.")
 
@@ -50,6 +41,19 @@ def up(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM."""
+    from ledger import (
+        Anvil,
+        AnvilConfig,
+        ChainError,
+        RegistryParams,
+        Wei,
+        default_deployment_path,
+        deploy_all,
+        dev_account,
+        load_deployment,
+        parse_eth,
+    )
+
     params = RegistryParams(
         minimum_stake_model=Wei(parse_eth(min_stake_model, param="min-stake-model")),
         minimum_stake_relay=Wei(parse_eth(min_stake_relay, param="min-stake-relay")),
