@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from node.overlay import send_request
-from node.overlay._localnet import LocalNetwork
+from node.overlay._localnet import LocalNetwork, serve_ephemeral
 from node.privacy import (
     Clove,
     Envelope,
@@ -118,12 +118,8 @@ async def _direct_app() -> tuple[web.AppRunner, str]:
 
     app = web.Application()
     app.router.add_post("/direct", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}/direct"
+    runner, endpoint = await serve_ephemeral(app)
+    return runner, endpoint + "/direct"
 
 
 async def _round_robin(

@@ -21,7 +21,7 @@ from node.overlay import (
     keys,
     send_request,
 )
-from node.overlay._localnet import LocalNetwork
+from node.overlay._localnet import LocalNetwork, serve_ephemeral
 from node.privacy import Hop, PeeledForward, RelayDescriptor, peel, public_key, select_paths
 
 
@@ -240,12 +240,8 @@ async def _lying_relay(session: aiohttp.ClientSession, held: list[asyncio.Task[N
 
     app = web.Application()
     app.router.add_post("/overlay/v1/onion", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, Hop(address=f"http://127.0.0.1:{port}", public_key=public_key(secret))
+    runner, endpoint = await serve_ephemeral(app)
+    return runner, Hop(address=endpoint, public_key=public_key(secret))
 
 
 async def test_a_request_that_looked_hopeless_is_still_read_once_a_path_answers(

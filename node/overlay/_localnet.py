@@ -60,17 +60,21 @@ class LocalNode:
             await self.runner.cleanup()
 
 
-async def start_node(name: str, config: OverlayConfig, handler: ReplyHandler | None = None) -> LocalNode:
-    """Start one node on 127.0.0.1 with an ephemeral port."""
-    app = create_app(config, handler)
+async def serve_ephemeral(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on 127.0.0.1 at a free port; returns the runner (``cleanup()`` stops it) and ``http://host:port``."""
     runner = web.AppRunner(app, shutdown_timeout=_STOP_GRACE_S, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    node = LocalNode(name=name, config=config, app=app, runner=runner)
-    node.endpoint = f"http://{host}:{port}"
-    return node
+    return runner, f"http://{host}:{port}"
+
+
+async def start_node(name: str, config: OverlayConfig, handler: ReplyHandler | None = None) -> LocalNode:
+    """Start one node on 127.0.0.1 with an ephemeral port."""
+    app = create_app(config, handler)
+    runner, endpoint = await serve_ephemeral(app)
+    return LocalNode(name=name, config=config, app=app, runner=runner, endpoint=endpoint)
 
 
 @dataclass(slots=True)
