@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from node.overlay import send_request
+from node.overlay import ClientSettings, send_request
 from node.overlay._localnet import LocalNetwork, serve_ephemeral
 from node.privacy import (
     Clove,
@@ -149,8 +149,6 @@ async def _round_robin(
 
 async def bench_loopback(iterations: int, size: int) -> dict[str, Any]:
     """Latency of one request: plain HTTP vs the overlay with 0 relays and with 3 relays per path."""
-    from node.overlay import ClientSettings
-
     body = secrets.token_bytes(size)
     runner, direct_url = await _direct_app()
     try:

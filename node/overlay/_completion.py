@@ -245,9 +245,9 @@ async def complete_routed(
     """Route ``request`` with ``directory`` and :func:`complete` it, re-routing around dead relays.
 
     A try is repeated (up to ``attempts`` tries in all) only when it failed before any path answered (so the model
-    node never rebuilt the request and nothing is served twice), over paths that avoid the suspects: relays seen only
-    on paths that failed early, or if that leaves too few, the relays common to all of them; and another model node
-    when every path failed. ``on_route`` sees each route before it is tried.
+    node never rebuilt the request and nothing is served twice), over paths that avoid the suspects (every relay that
+    could explain an early failure, or if that leaves too few, the relays that could explain all of them) and to
+    another model node where one serves the model. ``on_route`` sees each route before it is tried.
     """
     if attempts < 1:
         raise InvalidParams(param="attempts", value=attempts, reason="at least 1")

@@ -19,8 +19,8 @@ class ReplyIncomplete(OverlayError):
     Indexes of paths: ``failed_early`` ended before their first hop answered 200 (their clove probably never reached
     the destination: a dead or refusing relay on them), ``first_hop_failed`` (a subset) failed at their first hop
     itself (no answer, or a refusal of its own rather than an ``upstream_*`` error), and ``started`` had their reply
-    begin. With ``received == 0`` and nothing ``started`` the destination
-    never rebuilt the request, so a client may retry it over paths that avoid the suspects.
+    begin. With ``received == 0`` and nothing ``started`` the destination never rebuilt the request, so a client may
+    retry it over paths that avoid the suspects.
     """
 
     code = "network_reply_incomplete"

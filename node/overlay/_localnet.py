@@ -106,9 +106,13 @@ class LocalNetwork:
     ) -> None:
         await self.close()
 
+    def nodes(self) -> list[LocalNode]:
+        """Every relay, then the model node."""
+        return [*self.relay_nodes, *([self.model] if self.model else [])]
+
     async def close(self) -> None:
         """Stop every node."""
-        for node in [*self.relay_nodes, *([self.model] if self.model else [])]:
+        for node in self.nodes():
             await node.stop()
 
     @property
@@ -127,7 +131,7 @@ class LocalNetwork:
         Benchmarks call it between requests: every node here shares one process and event loop, so work left over
         from one request would otherwise be billed to the next, which separate hosts would not do.
         """
-        nodes = [n for n in [*self.relay_nodes, *([self.model] if self.model else [])] if n.running]
+        nodes = [n for n in self.nodes() if n.running]
         async with asyncio.timeout(timeout_s):
             while any(n.overlay[keys.RELAY_STATE].inflight for n in nodes):
                 await asyncio.sleep(0.0005)

@@ -37,7 +37,7 @@ class AuthenticationFailed(ValueError):
     """The tag does not match: the key, nonce, associated data or ciphertext differ from what was sealed."""
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
+def xor_bytes(a: bytes, b: bytes) -> bytes:
     """``a XOR b[:len(a)]`` via Python's big integers: one C loop, much faster than a per-byte generator."""
     n = len(a)
     if n == 0:
@@ -50,7 +50,7 @@ def _blocks(nonce_pattern: bytes, counters: bytes, first: int, count: int) -> by
     template = counters[first * _BLOCK : (first + count) * _BLOCK]
     if not any(nonce_pattern):
         return template
-    return _xor(nonce_pattern * count, template)
+    return xor_bytes(nonce_pattern * count, template)
 
 
 def ctr_keystream(key: bytes, nonce: bytes, length: int, initial_value: int = 0) -> bytes:
@@ -66,7 +66,7 @@ def ctr_keystream(key: bytes, nonce: bytes, length: int, initial_value: int = 0)
 
 def ctr_xor(key: bytes, nonce: bytes, data: bytes) -> bytes:
     """AES-CTR encryption (and decryption: it is an XOR) of ``data`` from counter 0."""
-    return _xor(data, ctr_keystream(key, nonce, len(data)))
+    return xor_bytes(data, ctr_keystream(key, nonce, len(data)))
 
 
 def _gcm_parts(key: bytes, nonce: bytes, length: int) -> tuple[bytes, bytes, bytes]:
@@ -85,7 +85,7 @@ def _tag(h: bytes, ej0: bytes, aad: bytes, ciphertext: bytes) -> bytes:
     ghash = _GHASH(h, _GHASH_IMPL)
     lengths = (len(aad) * 8).to_bytes(8, "big") + (len(ciphertext) * 8).to_bytes(8, "big")
     ghash.update(aad + bytes(-len(aad) % _BLOCK) + ciphertext + bytes(-len(ciphertext) % _BLOCK) + lengths)
-    return _xor(ghash.digest(), ej0)
+    return xor_bytes(ghash.digest(), ej0)
 
 
 def gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
@@ -93,7 +93,7 @@ def gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[by
     if _GHASH_IMPL is None:
         return library_gcm_seal(key, nonce, aad, plaintext)
     h, ej0, stream = _gcm_parts(key, nonce, len(plaintext))
-    ciphertext = _xor(plaintext, stream)
+    ciphertext = xor_bytes(plaintext, stream)
     return ciphertext, _tag(h, ej0, aad, ciphertext)[:TAG_LEN]
 
 
@@ -104,7 +104,7 @@ def gcm_open(key: bytes, nonce: bytes, aad: bytes, ciphertext: bytes, tag: bytes
     h, ej0, stream = _gcm_parts(key, nonce, len(ciphertext))
     if len(tag) != TAG_LEN or not hmac.compare_digest(_tag(h, ej0, aad, ciphertext), tag):
         raise AuthenticationFailed("GCM tag mismatch")
-    return _xor(ciphertext, stream)
+    return xor_bytes(ciphertext, stream)
 
 
 def library_gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from node.privacy._aes import AuthenticationFailed, ctr_keystream, gcm_open, gcm_seal
+from node.privacy._aes import AuthenticationFailed, ctr_keystream, gcm_open, gcm_seal, xor_bytes
 from node.privacy._constants import (
     ADDR_MAX,
     EXPIRY_GRANULARITY,
@@ -126,14 +126,6 @@ def derive_hop_keys(shared: bytes, eph_pub: bytes, node_pub: bytes) -> HopKeys:
     return HopKeys(gcm=okm[0:32], rho=okm[32:64], reply=okm[64:96], replay_tag=okm[96:112])
 
 
-def _stream(key: bytes, nonce8: bytes, length: int) -> bytes:
-    return ctr_keystream(key, nonce8, length)
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
-
-
 def _check_address(addr: bytes) -> str:
     if not addr.startswith(b"http://") or len(addr) > ADDR_MAX or not set(addr) <= _ALLOWED_ADDR:
         raise MalformedPacket(RejectReason.BAD_SLOT, "next-hop address")
@@ -190,11 +182,11 @@ def build_onion(
         derive_hop_keys(x25519(e, hop.public_key), eph, hop.public_key)
         for e, eph, hop in zip(ephemeral_secrets, eph_pubs, path, strict=True)
     ]
-    streams = [_stream(k.rho, _ZERO8, ROUTING_LEN + SLOT_LEN) for k in keys]
+    streams = [ctr_keystream(k.rho, _ZERO8, ROUTING_LEN + SLOT_LEN) for k in keys]
 
     filler = b""
     for i in range(m - 1):
-        filler = _xor(filler + bytes(SLOT_LEN), streams[i][ROUTING_LEN - i * SLOT_LEN : ROUTING_LEN + SLOT_LEN])
+        filler = xor_bytes(filler + bytes(SLOT_LEN), streams[i][ROUTING_LEN - i * SLOT_LEN : ROUTING_LEN + SLOT_LEN])
 
     inner = len(clove).to_bytes(4, "big") + clove
     inner += bytes(payload_len - len(inner))
@@ -205,11 +197,11 @@ def build_onion(
         if i == m - 1:
             slot = _SLOT.pack(HOP_EXIT, expiry, 0, b"", b"", b"", b"")
             head = slot + rand(ROUTING_LEN - m * SLOT_LEN)
-            routing = _xor(head, streams[i][: len(head)]) + filler
+            routing = xor_bytes(head, streams[i][: len(head)]) + filler
         else:
             addr = path[i + 1].address.encode("ascii")
             slot = _SLOT.pack(HOP_FORWARD, expiry, len(addr), addr, eph_pubs[i + 1], tag, b"")
-            routing = _xor(slot + routing[: ROUTING_LEN - SLOT_LEN], streams[i][:ROUTING_LEN])
+            routing = xor_bytes(slot + routing[: ROUTING_LEN - SLOT_LEN], streams[i][:ROUTING_LEN])
         inner, tag = gcm_seal(keys[i].gcm, _ZERO12, _aad(eph_pubs[i], routing, payload_len), inner)
     packet = bytes((VERSION, TYPE_ONION)) + eph_pubs[0] + tag + routing + payload_len.to_bytes(4, "big") + inner
     assert len(packet) == ONION_HEADER_LEN + payload_len
@@ -256,7 +248,7 @@ def peel(
         inner = gcm_open(keys.gcm, _ZERO12, _aad(eph_pub, routing, payload_len), payload, tag)
     except AuthenticationFailed as exc:
         raise MalformedPacket(RejectReason.BAD_MAC, "onion layer authentication failed") from exc
-    dec = _xor(routing + bytes(SLOT_LEN), _stream(keys.rho, _ZERO8, ROUTING_LEN + SLOT_LEN))
+    dec = xor_bytes(routing + bytes(SLOT_LEN), ctr_keystream(keys.rho, _ZERO8, ROUTING_LEN + SLOT_LEN))
     hop_type, expiry, addr_len, addr, next_eph, next_tag, pad = _SLOT.unpack_from(dec)
     if any(pad):
         raise MalformedPacket(RejectReason.BAD_SLOT, "slot padding")
