@@ -38,7 +38,9 @@ def test_x25519_matches_rfc7748_vector_and_pycryptodome_public_api() -> None:
         a, b = secrets.token_bytes(32), secrets.token_bytes(32)
         key_a = DH.import_x25519_private_key(a)
         assert public_key(a) == key_a.public_key().export_key(format="raw")
-        expected = bytes(DH._compute_ecdh(key_a, DH.import_x25519_public_key(public_key(b))))  # type: ignore[attr-defined]
+        expected = DH.key_agreement(
+            static_priv=key_a, static_pub=DH.import_x25519_public_key(public_key(b)), kdf=lambda z: z
+        )
         assert x25519(a, public_key(b)) == x25519(b, public_key(a)) == expected
 
 
