@@ -1,0 +1,372 @@
+"""``create_openai_app(service, config)``: an OpenAI-compatible HTTP endpoint in front of the private network.
+
+Routes on the ``/v1`` sub-app: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, with
+``stream: true`` as server-sent events ending in ``data: [DONE]``. Every request goes through the
+:class:`~node.client.CompletionService` (the ``Client``: S-IDA cloves over onion paths), so a tool that speaks
+OpenAI's API uses PlanetServe by changing only its base URL.
+
+Errors before the first token are ordinary HTTP errors in OpenAI's shape; an error after a stream started is one
+``data: {"error": ...}`` event (which the official ``openai`` package raises as ``APIError``) and the stream ends.
+The endpoint is meant for 127.0.0.1: an optional bearer key (``OpenAIConfig.api_key``) guards it where it is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from node.client._chat import CHAT_STOP, ChatMessage, render_chat
+from node.client._errors import RequestTimeout, render
+from node.client._openai_wire import (
+    ChatCompletionsRequest,
+    CompletionsRequest,
+    error_body,
+    usage,
+)
+from node.client._service import CompletionService, ServedModel
+from node.inference import InvalidParams
+from node.overlay import CompletionDelta, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenAIConfig:
+    """Limits and defaults of the endpoint."""
+
+    max_body_bytes: int = 1 << 20
+    """Largest request body, bytes (a 64 Ki-character prompt as JSON fits with room)."""
+    max_concurrent: int = 64
+    """Requests in flight at once; more get ``429`` at once rather than queueing without bound."""
+    request_timeout_s: float = 300.0
+    """Whole-request deadline, seconds (a stream that stalls longer ends with an error event)."""
+    default_max_tokens: int = 16
+    """``max_tokens`` when the caller gives none (OpenAI's completions default)."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, callers must send ``Authorization: Bearer <key>``."""
+    created: int = field(default_factory=lambda: int(time.time()))
+    """``created`` of every model in ``/v1/models`` (the endpoint's start)."""
+
+
+SERVICE = web.AppKey("planetserve.client.service", CompletionService)
+CONFIG = web.AppKey("planetserve.client.openai_config", OpenAIConfig)
+SLOTS = web.AppKey("planetserve.client.slots", asyncio.Semaphore)
+
+
+def _json_error(status: int, message: str, *, error_type: str, code: str, param: str | None = None) -> web.Response:
+    return web.json_response(error_body(message, error_type=error_type, code=code, param=param), status=status)
+
+
+def _render_exception(exc: BaseException) -> web.Response:
+    shown = render(exc)
+    # A domain error's text is written for users and carries no prompt data; anything else stays in our logs.
+    message = str(exc) if shown.status < 500 or shown.code != "internal_error" else "internal error"
+    return _json_error(shown.status, message, error_type=shown.error_type, code=shown.code, param=shown.param)
+
+
+@web.middleware
+async def _limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """First: authentication and the in-flight bound, before any body is read."""
+    config = request.app[CONFIG]
+    if config.api_key is not None:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {config.api_key}".encode()):
+            return _json_error(
+                401, "missing or wrong API key", error_type="authentication_error", code="invalid_api_key"
+            )
+    slots = request.app[SLOTS]
+    if slots.locked():
+        return _json_error(
+            429, "too many requests in flight; retry shortly", error_type="rate_limit_error", code="busy"
+        )
+    async with slots:
+        return await handler(request)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Second: every error becomes OpenAI's error object; nothing leaks a traceback or request data."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = "not_found" if exc.status == 404 else "http_error"
+        if exc.status == 413:
+            code = "request_too_large"
+        return _json_error(exc.status, exc.reason, error_type="invalid_request_error", code=code)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        if render(exc).code == "internal_error":
+            log.exception("openai endpoint: unexpected error")
+        return _render_exception(exc)
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as exc:
+        raise InvalidParams(param="body", value=None, reason="the body is not JSON") from exc
+
+
+def _validation_error(exc: ValidationError) -> InvalidParams:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    param = ".".join(str(p) for p in first["loc"]) or "body"
+    return InvalidParams(param=param, value=None, reason=str(first["msg"]))
+
+
+def _completion_request(
+    served: ServedModel,
+    prompt: str,
+    *,
+    max_tokens: int,
+    req: CompletionsRequest | ChatCompletionsRequest,
+    stop: tuple[str, ...],
+) -> CompletionRequest:
+    return CompletionRequest(
+        model=served.model_id,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        # Every request carries a seed so that a sampled answer can be replayed by a verifier (docs/openai.md).
+        seed=req.seed if req.seed is not None else secrets.randbelow(2**63),
+        stop=stop,
+    )
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What a finished generation amounted to."""
+
+    text: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, delta: CompletionDelta) -> None:
+        self.text.append(delta.text)
+        self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens = delta.completion_tokens
+        self.cached_tokens = delta.cached_tokens
+        if delta.finish_reason is not None:
+            if delta.finish_reason == "abort":
+                raise _Aborted
+            self.finish_reason = delta.finish_reason
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+
+class _Aborted(Exception):
+    """The model node aborted the generation (shown to the caller as a server error)."""
+
+
+async def _deadline(stream: AsyncIterator[CompletionDelta], seconds: float) -> AsyncGenerator[CompletionDelta, None]:
+    """``stream`` with a whole-request deadline."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    iterator = aiter(stream)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(end):
+                    delta = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                raise RequestTimeout(seconds) from exc
+            yield delta
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _Exchange:
+    """One request's generation, shaped as a completion or a chat completion."""
+
+    def __init__(self, *, chat: bool, served: ServedModel, request: CompletionRequest, config: OpenAIConfig) -> None:
+        self.chat = chat
+        self.served = served
+        self.request = request
+        self.config = config
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.served.name, "choices": choices}
+
+    def body(self, tally: _Tally) -> dict[str, Any]:
+        text = "".join(tally.text)
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": tally.finish_reason,
+                "logprobs": None,
+            }
+            data = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": tally.finish_reason, "logprobs": None}
+            data = self._envelope("text_completion", [choice])
+        data["usage"] = tally.usage()
+        return data
+
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text or first else {}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        return self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish_reason}])
+
+    def usage_chunk(self, tally: _Tally) -> dict[str, Any]:
+        data = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        data["usage"] = tally.usage()
+        return data
+
+
+async def _respond(
+    http: web.Request, exchange: _Exchange, service: CompletionService, *, stream: bool, include_usage: bool
+) -> web.StreamResponse:
+    deltas = _deadline(service.stream(exchange.request), exchange.config.request_timeout_s)
+    tally = _Tally()
+    try:
+        if not stream:
+            async for delta in deltas:
+                tally.add(delta)
+            if tally.finish_reason is None:
+                raise _Aborted
+            return web.json_response(exchange.body(tally))
+        # The first delta comes before the 200: an error that early is an ordinary HTTP error.
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration as exc:
+            raise _Aborted from exc
+        tally.add(first)
+        response = web.StreamResponse(
+            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(http)
+
+        async def send(data: dict[str, Any] | str) -> None:
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            await response.write(f"data: {payload}\n\n".encode())
+
+        await send(exchange.chunk(first.text, first.finish_reason, first=True))
+        try:
+            async for delta in deltas:
+                tally.add(delta)
+                await send(exchange.chunk(delta.text, delta.finish_reason))
+            if tally.finish_reason is None:
+                raise _Aborted
+        except Exception as exc:
+            shown = render(exc) if not isinstance(exc, _Aborted) else None
+            code = shown.code if shown else "generation_aborted"
+            message = str(exc) if shown and shown.code != "internal_error" else "the generation did not complete"
+            if shown is not None and shown.code == "internal_error":
+                log.exception("openai endpoint: stream failed")
+            await send(error_body(message, error_type="server_error", code=code))
+            await response.write_eof()
+            return response
+        if include_usage:
+            await send(exchange.usage_chunk(tally))
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+    except _Aborted:
+        return _json_error(502, "the generation did not complete", error_type="server_error", code="generation_aborted")
+    finally:
+        await deltas.aclose()
+
+
+async def _models(request: web.Request) -> web.Response:
+    created = request.app[CONFIG].created
+    data = [
+        {"id": m.name, "object": "model", "created": created, "owned_by": "planetserve"}
+        for m in request.app[SERVICE].models()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    try:
+        req = CompletionsRequest.model_validate(await _read_json(request))
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    service, config = request.app[SERVICE], request.app[CONFIG]
+    served = service.resolve_model(req.model)
+    completion = _completion_request(
+        served,
+        req.prompt_text(),
+        max_tokens=req.max_tokens or config.default_max_tokens,
+        req=req,
+        stop=req.stop_strings(),
+    )
+    exchange = _Exchange(chat=False, served=served, request=completion, config=config)
+    return await _respond(request, exchange, service, stream=req.stream, include_usage=req.include_usage())
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        req = ChatCompletionsRequest.model_validate(await _read_json(request))
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    stops = req.stop_strings()
+    if len(stops) > 3:
+        raise InvalidParams(
+            param="stop", value=len(stops), reason="at most 3 stop strings for chat (the template adds one)"
+        )
+    messages = [
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=m.content) for m in req.messages
+    ]
+    service, config = request.app[SERVICE], request.app[CONFIG]
+    served = service.resolve_model(req.model)
+    completion = _completion_request(
+        served,
+        render_chat(messages),
+        max_tokens=req.token_limit(config.default_max_tokens),
+        req=req,
+        stop=(*stops, CHAT_STOP),
+    )
+    exchange = _Exchange(chat=True, served=served, request=completion, config=config)
+    return await _respond(request, exchange, service, stream=req.stream, include_usage=req.include_usage())
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_openai_app(service: CompletionService, config: OpenAIConfig | None = None) -> web.Application:
+    """The endpoint's root application; the OpenAI routes live on the ``/v1`` sub-app."""
+    config = config or OpenAIConfig()
+    root = web.Application(client_max_size=config.max_body_bytes)
+    # Middleware order is fixed: limits (auth, in-flight bound) first, then error mapping.
+    v1 = web.Application(client_max_size=config.max_body_bytes, middlewares=[_limits, _errors])
+    for app in (root, v1):
+        app[SERVICE] = service
+        app[CONFIG] = config
+    v1[SLOTS] = asyncio.Semaphore(config.max_concurrent)
+    v1.router.add_get("/models", _models)
+    v1.router.add_post("/completions", _completions)
+    v1.router.add_post("/chat/completions", _chat_completions)
+    root.router.add_get("/healthz", _healthz)
+    root.add_subapp("/v1", v1)
+    return root
