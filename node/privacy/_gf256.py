@@ -1,11 +1,15 @@
 """GF(2^8) arithmetic (polynomial 0x11D, generator 2), vectorised with numpy tables (``docs/protocol.md`` §1).
 
-A full 256x256 product table (64 KiB) turns "multiply a vector by a constant" into one fancy-indexing lookup, which is
-what makes IDA fast in Python.
+Why tables: a product of two bytes is one lookup in a 256x256 table (64 KiB, built once from the log/antilog
+tables), so a whole matrix product ``coeffs (m x k) · rows (k x L)`` is **one** fancy-indexing gather of ``m·k·L``
+products followed by ``k-1`` vector XORs, instead of ``m·k`` Python-level row operations. Vandermonde matrices and
+their inverses depend only on the index set, so :func:`vandermonde_matrix` and :func:`inverse_vandermonde` cache
+them (bounded LRU): a model node rebuilding many messages over the same ``k`` paths inverts once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import numpy as np
@@ -16,6 +20,8 @@ from node.privacy._errors import InvalidPrivacyParam
 U8 = npt.NDArray[np.uint8]
 
 _POLY: Final = 0x11D
+#: Cached matrices: the number of index sets of at most ``MAX_N = 16`` points is far larger than any node sees.
+_CACHE_ENTRIES: Final = 4096
 
 
 def _build_tables() -> tuple[U8, U8, U8]:
@@ -34,10 +40,14 @@ def _build_tables() -> tuple[U8, U8, U8]:
     table = exp[(la[:, None] + la[None, :]) % 255].astype(np.uint8)
     table[0, :] = 0
     table[:, 0] = 0
+    for t in (exp, log, table):
+        t.flags.writeable = False
     return exp, log, table
 
 
 EXP, LOG, MUL = _build_tables()
+#: ``MUL`` flattened: the product ``a·b`` is ``_FLAT[a << 8 | b]``.
+_FLAT: Final = MUL.reshape(-1)
 
 
 def mul(a: int, b: int) -> int:
@@ -85,14 +95,38 @@ def invert_matrix(m: list[list[int]]) -> list[list[int]]:
     return [row[size:] for row in a]
 
 
-def matmul_rows(coeffs: list[list[int]], rows: U8) -> U8:
-    """``out[i] = XOR_j coeffs[i][j] * rows[j]`` for byte vectors ``rows[j]`` (shape ``(k, L)``)."""
-    out = np.zeros((len(coeffs), rows.shape[1]), dtype=np.uint8)
-    for i, crow in enumerate(coeffs):
-        acc = out[i]
-        for j, c in enumerate(crow):
-            if c == 1:
-                acc ^= rows[j]
-            elif c != 0:
-                acc ^= MUL[c][rows[j]]
+def _index_matrix(m: list[list[int]]) -> npt.NDArray[np.intp]:
+    """``coeff << 8`` per entry, shaped ``(m, k, 1)``: OR-ing a byte row into it gives indices into ``_FLAT``."""
+    arr = np.array(m, dtype=np.intp).reshape(len(m), -1, 1) << 8
+    arr.flags.writeable = False
+    return arr
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def vandermonde_matrix(xs: tuple[int, ...], k: int) -> npt.NDArray[np.intp]:
+    """The Vandermonde matrix of ``xs`` (``len(xs) x k``) in :func:`matmul`'s index form; cached."""
+    return _index_matrix(vandermonde(list(xs), k))
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def inverse_vandermonde(xs: tuple[int, ...]) -> npt.NDArray[np.intp]:
+    """The inverse of the square Vandermonde matrix of distinct points ``xs`` in :func:`matmul`'s index form; cached."""
+    return _index_matrix(invert_matrix(vandermonde(list(xs), len(xs))))
+
+
+def matmul(coeffs: npt.NDArray[np.intp], rows: U8) -> U8:
+    """``out[i] = XOR_j coeffs[i][j] · rows[j]`` for byte rows ``rows`` (shape ``(k, L)``).
+
+    ``coeffs`` comes from :func:`vandermonde_matrix` or :func:`inverse_vandermonde`: one gather of every product,
+    then an XOR over ``j``.
+    """
+    products: U8 = _FLAT[coeffs | rows[None, :, :]]
+    out: U8 = products[:, 0].copy()
+    for j in range(1, products.shape[1]):
+        out ^= products[:, j]
     return out
+
+
+def matmul_rows(coeffs: list[list[int]], rows: U8) -> U8:
+    """:func:`matmul` for a matrix given as nested lists (not cached; tests and one-off use)."""
+    return matmul(_index_matrix(coeffs), rows)

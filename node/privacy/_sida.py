@@ -133,15 +133,18 @@ def split(data: bytes, n: int, k: int, *, randbytes: RandBytes | None = None) ->
     ct_len = len(data)
     ciphertext, tag = gcm_seal(key, nonce, _aad(n, k, message_id, ct_len), data)
 
+    # One (k, flen + 32) matrix: the interleaved ciphertext blocks (rows[j][b] = block_b[j]) beside the Shamir
+    # polynomial's coefficients (key first), so one product makes every fragment and every key share.
     flen = _frag_len(ct_len, k)
+    rows = np.empty((k, flen + KEY_LEN), dtype=np.uint8)
     padded = np.zeros(flen * k, dtype=np.uint8)
     padded[:ct_len] = np.frombuffer(ciphertext, dtype=np.uint8)
-    rows = padded.reshape(flen, k).T.copy()  # rows[j][b] = block_b[j]
-    xs = list(range(1, n + 1))
-    matrix = gf.vandermonde(xs, k)
-    fragments = gf.matmul_rows(matrix, rows)
-    poly = np.frombuffer(key + coefficients, dtype=np.uint8).reshape(k, KEY_LEN)
-    shares = gf.matmul_rows(matrix, poly)
+    rows[:, :flen] = padded.reshape(flen, k).T
+    rows[:, flen:] = np.frombuffer(key + coefficients, dtype=np.uint8).reshape(k, KEY_LEN)
+    xs = tuple(range(1, n + 1))
+    out = gf.matmul(gf.vandermonde_matrix(xs, k), rows)
+    fragments = out[:, :flen]
+    shares = out[:, flen:]
     return [
         Clove(
             n=n,
@@ -194,24 +197,18 @@ def combine(cloves: Iterable[Clove]) -> bytes:
             raise MalformedPacket(RejectReason.BAD_LENGTH, "fragment length")
     chosen = list(by_index.values())[:k]
     extras = list(by_index.values())[k:]
-    xs = [c.index for c in chosen]
-    inverse = gf.invert_matrix(gf.vandermonde(xs, k))
     flen = _frag_len(first.ct_len, k)
-    frags = np.frombuffer(b"".join(c.fragment for c in chosen), dtype=np.uint8).reshape(k, flen)
-    rows = gf.matmul_rows(inverse, frags)
-    ciphertext = rows.T.reshape(-1)[: first.ct_len].tobytes()
-    shares = np.frombuffer(b"".join(c.key_share for c in chosen), dtype=np.uint8).reshape(k, KEY_LEN)
-    poly = gf.matmul_rows(inverse, shares)
-    key = poly[0].tobytes()
+    stacked = np.frombuffer(b"".join(c.fragment + c.key_share for c in chosen), dtype=np.uint8).reshape(k, -1)
+    rows = gf.matmul(gf.inverse_vandermonde(tuple(c.index for c in chosen)), stacked)
+    ciphertext = rows[:, :flen].T.reshape(-1)[: first.ct_len].tobytes()
+    key = rows[0, flen:].tobytes()
     try:
         plaintext = gcm_open(key, first.nonce, _aad(first.n, k, first.message_id, first.ct_len), ciphertext, first.tag)
     except AuthenticationFailed as exc:
         raise MalformedPacket(RejectReason.BAD_MAC, "message authentication failed") from exc
     if extras:
-        matrix = gf.vandermonde([c.index for c in extras], k)
-        expect_frags = gf.matmul_rows(matrix, rows)
-        expect_shares = gf.matmul_rows(matrix, poly)
+        expect = gf.matmul(gf.vandermonde_matrix(tuple(c.index for c in extras), k), rows)
         for i, clove in enumerate(extras):
-            if expect_frags[i].tobytes() != clove.fragment or expect_shares[i].tobytes() != clove.key_share:
+            if expect[i].tobytes() != clove.fragment + clove.key_share:
                 raise MalformedPacket(RejectReason.INCONSISTENT, f"clove {clove.index} does not match the message")
     return bytes(plaintext)
