@@ -43,7 +43,9 @@ StateDir = Annotated[
     Path | None,
     typer.Option("--state-dir", envvar="PS_STATE_DIR", help="Node state directory (keys, index database)."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout (errors: one JSON line on stderr).")
+]
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 

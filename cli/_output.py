@@ -54,3 +54,9 @@ def info(message: str) -> None:
 def error(message: str) -> None:
     """The one actionable error line, on stderr."""
     _stderr.print(f"error: {message}", style="bold red", markup=False, highlight=False)
+
+
+def error_json(data: Mapping[str, Any]) -> None:
+    """The error as one JSON object on one line of stderr (``--json``): stdout is for results only."""
+    sys.stderr.write(json.dumps(data, default=_default, sort_keys=True) + "\n")
+    sys.stderr.flush()

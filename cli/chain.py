@@ -16,12 +16,7 @@ import typer
 from cli._main import new_app, run
 from cli._output import emit, info
 
-app = new_app("Run a local PlanetServe chain (anvil) and deploy the contracts.")
-
-
-@app.callback()
-def _root() -> None:
-    """Run a local PlanetServe chain (anvil) and deploy the contracts."""
+app = new_app("Run a local PlanetServe chain (anvil) and deploy the contracts.", root=True)
 
 
 @app.command()
@@ -38,7 +33,7 @@ def up(
     min_stake_relay: Annotated[str, typer.Option(help="Minimum relay stake, ETH.")] = "0.1",
     min_stake_verifier: Annotated[str, typer.Option(help="Minimum verifier stake, ETH.")] = "1",
     unbonding_delay: Annotated[int, typer.Option(min=0, help="Unbonding delay, seconds.")] = 86_400,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM."""
     from ledger import (

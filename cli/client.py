@@ -20,7 +20,7 @@ from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, def
 from cli._output import emit, info
 from node.inference import InvalidParams
 
-app = new_app("Send private requests to the PlanetServe network.")
+app = new_app("Send private requests to the PlanetServe network.", root=True)
 
 
 @app.command()

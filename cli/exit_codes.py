@@ -30,5 +30,7 @@ class ExitCode(enum.IntEnum):
     MODEL_ERROR = 8
     #: A peer, relay or model node could not be reached or answered badly.
     NETWORK_ERROR = 9
+    #: A port the command was told to listen on is taken (by a running chain or another program).
+    PORT_IN_USE = 10
     #: Interrupted by the user (Ctrl-C).
     INTERRUPTED = 130

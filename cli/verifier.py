@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cli._main import new_app, run
 
-app = new_app("Audit model nodes with challenge prompts and attest on chain.")
+app = new_app("Audit model nodes with challenge prompts and attest on chain.", root=True)
 
 
 @app.command()
