@@ -316,13 +316,13 @@ async def test_running_sequences_share_batched_decode_steps(
 ) -> None:
     engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_running=4))
     batch_sizes: list[int] = []
-    original = engine._decode_batched
+    original = engine._decode
 
-    def spy(seqs: list[Any], torch: Any) -> None:
+    def spy(seqs: list[Any]) -> None:
         batch_sizes.append(len(seqs))
-        original(seqs, torch)
+        original(seqs)
 
-    monkeypatch.setattr(engine, "_decode_batched", spy)
+    monkeypatch.setattr(engine, "_decode", spy)
     try:
         prompts = ["3+4=", PROMPT, LONG_PROMPT[:300], LONG_PROMPT]
         await asyncio.gather(

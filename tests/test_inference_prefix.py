@@ -1,4 +1,4 @@
-"""Prefix-chunk hashing (shared with routing) and the byte-bounded LRU prefix KV cache."""
+"""Prefix-chunk hashing (shared with routing) and the engine's block pool (shared, reference-counted KV blocks)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import hashlib
 import struct
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from node.inference import CHUNK_TOKENS, chunk_hashes, longest_match
-from node.inference._kvcache import PrefixKVCache
+from node.inference._kvcache import BlockPool
+from node.inference._prefix import ROOT, chain_hash
 
 
 def test_chunk_hashes_follow_the_documented_chained_blake2b_construction() -> None:
@@ -55,61 +55,102 @@ def test_longest_match_counts_exactly_the_shared_whole_chunks(a: list[int], b: l
     )
 
 
-def _layers(tokens: int, fill: float) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    k = torch.full((1, 2, tokens, 4), fill)
-    return ((k, k.clone()),)
+def test_chain_hash_extends_the_chain_one_chunk_at_a_time() -> None:
+    tokens = list(range(48))
+    expected = chunk_hashes(tokens)
+    prev = ROOT
+    for i, want in enumerate(expected):
+        prev = chain_hash(prev, tokens[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS])
+        assert prev == want
+    with pytest.raises(ValueError, match="exactly"):
+        chain_hash(ROOT, [1, 2, 3])
 
 
 def _hashes(seed: int, chunks: int) -> list[bytes]:
     return chunk_hashes([seed] * (chunks * CHUNK_TOKENS))
 
 
-def test_lookup_returns_the_longest_cached_prefix_sliced_to_the_shared_length() -> None:
-    cache = PrefixKVCache(max_bytes=1 << 20, chunk_tokens=CHUNK_TOKENS)
-    stored = _hashes(1, 4)
-    assert cache.insert(stored, _layers(64, 1.0))
-    n, layers = cache.lookup(stored[:2] + _hashes(9, 3)[2:])
-    assert n == 2 and layers is not None
-    assert layers[0][0].shape[2] == 32
-    n, layers = cache.lookup(stored)
-    assert n == 4 and layers is not None and layers[0][0].shape[2] == 64
-    assert cache.lookup(_hashes(2, 4)) == (0, None)
+def _fill(pool: BlockPool, hashes: list[bytes], shared: list[int] | None = None) -> list[int]:
+    """Simulate one sequence: reuse ``shared`` blocks, allocate and commit the rest; returns its block table."""
+    table = list(shared or [])
+    pool.acquire(table)
+    for i in range(len(table), len(hashes)):
+        block = pool.allocate()
+        assert block is not None
+        table.append(pool.commit(block, hashes[i], table[i - 1] if i else None))
+    return table
 
 
-def test_a_longer_prefix_supersedes_its_stored_prefix() -> None:
-    cache = PrefixKVCache(max_bytes=1 << 20, chunk_tokens=CHUNK_TOKENS)
-    long = _hashes(1, 4)
-    cache.insert(long[:2], _layers(32, 1.0))
-    cache.insert(long, _layers(64, 2.0))
-    assert len(cache) == 1
-    n, layers = cache.lookup(long[:2])
-    assert n == 2 and layers is not None and layers[0][0].shape[2] == 32 and float(layers[0][0][0, 0, 0, 0]) == 2.0
+def test_equal_prefixes_are_stored_once_even_when_computed_concurrently() -> None:
+    pool = BlockPool(32, CHUNK_TOKENS, max_cached=32)
+    prefix = _hashes(1, 3)
+    a = _fill(pool, prefix + _hashes(2, 5)[3:])
+    b = _fill(pool, prefix + _hashes(3, 5)[3:])  # computed its own copy of the prefix: committed onto a's blocks
+    assert a[:3] == b[:3]
+    assert pool.cached_blocks() == len(set(prefix + _hashes(2, 5)[3:] + _hashes(3, 5)[3:])) == 7
+    assert all(pool.refs(block) == 2 for block in a[:3])
+    assert pool.available() == 32 - 7
+    pool.release(a)
+    pool.release(b)
+    assert pool.available() == 32 and pool.cached_blocks() == 7
+    assert pool.match([*prefix, b"x" * 8]) == a[:3]
 
 
-def test_least_recently_used_entries_are_evicted_to_stay_within_bytes() -> None:
-    one = 2 * 2 * 64 * 4 * 4  # keys + values, 2 heads x 64 tokens x 4 dims x 4 bytes
-    cache = PrefixKVCache(max_bytes=2 * one, chunk_tokens=CHUNK_TOKENS)
-    a, b, c = _hashes(1, 4), _hashes(2, 4), _hashes(3, 4)
-    cache.insert(a, _layers(64, 1.0))
-    cache.insert(b, _layers(64, 2.0))
-    cache.lookup(a)  # a becomes most recently used
-    cache.insert(c, _layers(64, 3.0))
-    assert cache.nbytes <= 2 * one
-    assert cache.lookup(b) == (0, None)
-    assert cache.lookup(a)[0] == 4 and cache.lookup(c)[0] == 4
-    assert not cache.insert(_hashes(4, 20), _layers(320, 4.0)), "an entry larger than the cache is not stored"
+def test_eviction_takes_unused_leaves_lru_first_and_never_a_block_in_use() -> None:
+    pool = BlockPool(6, CHUNK_TOKENS, max_cached=6)
+    old = _fill(pool, _hashes(1, 2))
+    pool.release(old)
+    in_use = _fill(pool, _hashes(2, 2))
+    newer = _fill(pool, _hashes(3, 2))
+    pool.release(newer)
+    assert pool.available() == 4
+    # The oldest chain goes first, deepest block first; the chain in use is never touched.
+    first = pool.allocate()
+    assert first == old[1] and pool.match(_hashes(1, 2)) == old[:1]
+    assert pool.allocate() == old[0]
+    assert pool.allocate() == newer[1] and pool.allocate() == newer[0]
+    assert pool.allocate() is None, "only blocks in use are left"
+    assert pool.match(_hashes(2, 2)) == in_use and all(pool.refs(b) == 1 for b in in_use)
 
 
-def test_snapshot_lists_most_recent_hashes_first_and_is_bounded() -> None:
-    cache = PrefixKVCache(max_bytes=1 << 20, chunk_tokens=CHUNK_TOKENS)
+@given(st.lists(st.tuples(st.sampled_from(["start", "stop"]), st.integers(0, 5)), max_size=60))
+def test_random_workloads_never_evict_or_reallocate_a_block_in_use(ops: list[tuple[str, int]]) -> None:
+    pool = BlockPool(10, CHUNK_TOKENS, max_cached=8)
+    tables: dict[int, list[int]] = {}
+    for op, key in ops:
+        if op == "start" and key not in tables:
+            hashes = _hashes(key % 3, 2) + _hashes(key, 3)[2:]  # keys share prefixes modulo 3
+            shared = pool.match(hashes)
+            needed = len(hashes) - len(shared)
+            idle_shared = sum(1 for b in shared if pool.refs(b) == 0)
+            if pool.available() - idle_shared < needed:
+                continue
+            tables[key] = _fill(pool, hashes, shared)
+        elif op == "stop" and key in tables:
+            pool.release(tables.pop(key))
+        in_use = [b for table in tables.values() for b in table]
+        for key2, table in tables.items():
+            expected = _hashes(key2 % 3, 2) + _hashes(key2, 3)[2:]
+            assert [pool.hash_of(b) for b in table] == expected, "a block in use lost its contents"
+        assert all(pool.refs(b) >= 1 for b in in_use)
+        assert pool.cached_blocks() <= max(8, len(set(in_use)))
+
+
+def test_snapshot_lists_most_recently_used_hashes_first_and_is_bounded() -> None:
+    pool = BlockPool(16, CHUNK_TOKENS, max_cached=16)
     a, b = _hashes(1, 3), _hashes(2, 3)
-    cache.insert(a, _layers(48, 1.0))
-    cache.insert(b, _layers(48, 1.0))
-    assert cache.snapshot(10) == (*b, *a)
-    assert cache.snapshot(2) == tuple(b[:2])
+    pool.release(_fill(pool, a))
+    pool.release(_fill(pool, b))
+    assert pool.snapshot(10) == (*reversed(b), *reversed(a))
+    assert len(pool.snapshot(2)) == 2
 
 
-def test_a_zero_byte_cache_is_disabled() -> None:
-    cache = PrefixKVCache(max_bytes=0, chunk_tokens=CHUNK_TOKENS)
-    assert not cache.enabled
-    assert not cache.insert(_hashes(1, 2), _layers(32, 1.0))
+def test_max_cached_zero_disables_reuse_and_bounds_what_stays_cached() -> None:
+    off = BlockPool(8, CHUNK_TOKENS, max_cached=0)
+    table = _fill(off, _hashes(1, 3))
+    assert off.cached_blocks() == 0 and off.match(_hashes(1, 3)) == []
+    off.release(table)
+    assert off.available() == 8
+    bounded = BlockPool(8, CHUNK_TOKENS, max_cached=2)
+    bounded.release(_fill(bounded, _hashes(1, 4)))
+    assert bounded.cached_blocks() == 2 and len(bounded.match(_hashes(1, 4))) == 2

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 CHUNK_TOKENS = 16
 #: Bytes in one chunk hash.
 HASH_BYTES = 8
-_ROOT = bytes(HASH_BYTES)
+#: The chain's seed for an unsalted prompt.
+ROOT = bytes(HASH_BYTES)
 
 
-def chunk_hashes(token_ids: Sequence[int], *, salt: bytes = _ROOT, limit: int | None = None) -> list[bytes]:
+def chunk_hashes(token_ids: Sequence[int], *, salt: bytes = ROOT, limit: int | None = None) -> list[bytes]:
     """Chained hashes of the full chunks of ``token_ids`` (a trailing partial chunk is ignored).
 
     ``salt`` seeds the chain (use the model id's first 8 bytes to keep models apart); ``limit`` caps the number of
@@ -33,11 +34,20 @@ def chunk_hashes(token_ids: Sequence[int], *, salt: bytes = _ROOT, limit: int | 
     out: list[bytes] = []
     prev = salt
     for i in range(n_chunks):
-        chunk = token_ids[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS]
-        packed = struct.pack(f"<{CHUNK_TOKENS}I", *chunk)
-        prev = hashlib.blake2b(prev + packed, digest_size=HASH_BYTES).digest()
+        prev = chain_hash(prev, token_ids[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS])
         out.append(prev)
     return out
+
+
+def chain_hash(prev: bytes, chunk: Sequence[int]) -> bytes:
+    """The hash of one full chunk after the chunk whose hash is ``prev`` (``ROOT`` for the first chunk).
+
+    The engine's block cache calls this once per block as a sequence fills it, so a long generation never re-hashes
+    its whole history.
+    """
+    if len(chunk) != CHUNK_TOKENS:
+        raise ValueError(f"a chunk has exactly {CHUNK_TOKENS} tokens")
+    return hashlib.blake2b(prev + struct.pack(f"<{CHUNK_TOKENS}I", *chunk), digest_size=HASH_BYTES).digest()
 
 
 def longest_match(prompt_hashes: Sequence[bytes], cached: set[bytes] | frozenset[bytes]) -> int:
