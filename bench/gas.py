@@ -51,7 +51,7 @@ def measure(repeat: int) -> dict[str, list[int]]:
         deployment = deploy_all(w3, owner, params, path=Path(tmp) / "deployment.json")
         registry = NodeRegistry(w3, deployment.registry_address)
         slasher_index = 1
-        record("set_slasher", registry.with_account(owner).set_slasher, dev_account(slasher_index).address)
+        record("grant_slasher", registry.with_account(owner).grant_slasher, dev_account(slasher_index).address)
         slasher = registry.with_account(dev_account(slasher_index))
         operators = [registry.with_account(dev_account(2 + i)) for i in range(3 * repeat)]
         roles = [Role.MODEL, Role.RELAY, Role.VERIFIER]

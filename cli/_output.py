@@ -31,7 +31,7 @@ def emit(data: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, as_json: bool
     if isinstance(data, Mapping):
         table = Table(title=title, show_header=False)
         table.add_column("field", style="bold")
-        table.add_column("value")
+        table.add_column("value", overflow="fold")  # never an ellipsis: keys and hashes must survive a narrow pipe
         for key, value in data.items():
             table.add_row(str(key), str(value))
         _stdout.print(table)

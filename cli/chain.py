@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +17,88 @@ from cli._main import new_app, run
 from cli._output import emit, info
 
 app = new_app("Run a local PlanetServe chain (anvil) and deploy the contracts.", root=True)
+
+
+#: Shown next to every dev key, in both output forms.
+DEV_KEY_WARNING = "DEV ONLY: anvil's public test mnemonic; anyone can spend from it; never use on a real chain"
+
+
+def _probe_port(port: int) -> tuple[int, str] | None:
+    """The (chain id, client version) of a JSON-RPC chain answering on 127.0.0.1:``port``, or None if none does."""
+    import requests
+    from web3 import HTTPProvider, Web3
+
+    w3 = Web3(HTTPProvider(f"http://127.0.0.1:{port}", request_kwargs={"timeout": 2.0}))
+    try:
+        return int(w3.eth.chain_id), str(w3.client_version)
+    except (requests.RequestException, OSError, ValueError):
+        return None
+
+
+def _dev_keys(count: int) -> list[dict[str, Any]]:
+    from ledger import dev_account
+
+    keys = []
+    for index in range(count):
+        account = dev_account(index)
+        keys.append(
+            {"index": index, "address": account.address, "private_key": account.key.to_0x_hex(), "dev_only": True}
+        )
+    return keys
+
+
+def _summary(
+    *, rpc_url: str, chain_id: int, path: Path, dep: Any, dev_accounts: list[str], state_file: Path | None, reused: bool
+) -> dict[str, Any]:
+    return {
+        "rpc_url": rpc_url,
+        "chain_id": chain_id,
+        "deployment": str(path),
+        "contracts": {name: rec.address for name, rec in dep.contracts.items()},
+        "deploy_block": dep.deploy_block,
+        "dev_accounts": dev_accounts,
+        "state_file": None if state_file is None else str(state_file),
+        "reused": reused,
+    }
+
+
+def _print(summary: dict[str, Any], dev_keys: list[dict[str, Any]] | None, *, as_json: bool) -> None:
+    if as_json:
+        emit(summary | ({"dev_keys": dev_keys, "dev_keys_warning": DEV_KEY_WARNING} if dev_keys else {}), as_json=True)
+        return
+    rows = {k: v for k, v in summary.items() if k not in ("contracts", "dev_accounts")}
+    rows.update({f"contract {name}": address for name, address in summary["contracts"].items()})
+    if not dev_keys:
+        rows.update({f"dev account {i}": address for i, address in enumerate(summary["dev_accounts"])})
+    emit(rows, as_json=False, title="PlanetServe chain")
+    if dev_keys:
+        # Plain lines, not table cells: a table truncates a 66-character key to the terminal width, uncopyable.
+        for key in dev_keys:
+            print(f"dev key {key['index']}: {key['address']} {key['private_key']}  (dev only)")
+        info(DEV_KEY_WARNING)
+
+
+def _reuse(port: int, chain_id: int, deployment: Path | None, show_dev_keys: bool, as_json: bool) -> None:
+    """Print the running chain's deployment (verified against it) instead of starting or deploying anything."""
+    from ledger import connect, default_deployment_path, load_deployment
+    from ledger._anvil import ANVIL_CHAIN_ID  # not re-exported by ledger yet (see the report)
+
+    rpc_url = f"http://127.0.0.1:{port}"
+    w3 = connect(rpc_url, timeout=5.0)
+    path = deployment or default_deployment_path(chain_id)
+    dep = load_deployment(path)
+    dep.verify(w3)  # WrongChainId / DeploymentNotFound: the file is not this chain's; nothing is deployed then
+    anvil = chain_id == ANVIL_CHAIN_ID and str(w3.client_version).lower().startswith("anvil")
+    if show_dev_keys and not anvil:
+        from ledger import InvalidChainInput
+
+        raise InvalidChainInput("show-dev-keys", True, f"the chain at {rpc_url} is not a local anvil")
+    accounts = [str(a) for a in w3.eth.accounts] if anvil else []
+    summary = _summary(
+        rpc_url=rpc_url, chain_id=chain_id, path=path, dep=dep, dev_accounts=accounts, state_file=None, reused=True
+    )
+    _print(summary, _dev_keys(len(accounts)) if show_dev_keys else None, as_json=as_json)
+    info(f"reusing the chain already running at {rpc_url} (deployment {path}); nothing was started or deployed")
 
 
 @app.command()
@@ -29,13 +111,32 @@ def up(
     deployment: Annotated[
         Path | None, typer.Option("--deployment", envvar="PS_DEPLOYMENT", help="Where to write the deployment file.")
     ] = None,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse",
+            envvar="PS_CHAIN_REUSE",
+            help="If a chain already runs on --port, print its (verified) deployment and exit instead of refusing.",
+        ),
+    ] = False,
+    show_dev_keys: Annotated[
+        bool,
+        typer.Option(
+            "--show-dev-keys", help="Also print the dev accounts' private keys (anvil's public test keys; dev only)."
+        ),
+    ] = False,
     min_stake_model: Annotated[str, typer.Option(help="Minimum model-node stake, ETH.")] = "1",
     min_stake_relay: Annotated[str, typer.Option(help="Minimum relay stake, ETH.")] = "0.1",
     min_stake_verifier: Annotated[str, typer.Option(help="Minimum verifier stake, ETH.")] = "1",
     unbonding_delay: Annotated[int, typer.Option(min=0, help="Unbonding delay, seconds.")] = 86_400,
     as_json: Annotated[bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM."""
+    """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM.
+
+    A chain already running on the port is never redeployed into: the command refuses (exit 10), or with
+    ``--reuse`` prints that chain's deployment and exits.
+    """
+    from cli._errors import PortInUse
     from ledger import (
         Anvil,
         AnvilConfig,
@@ -48,6 +149,7 @@ def up(
         load_deployment,
         parse_eth,
     )
+    from ledger._anvil import port_is_free  # not re-exported by ledger yet (see the report)
 
     params = RegistryParams(
         minimum_stake_model=Wei(parse_eth(min_stake_model, param="min-stake-model")),
@@ -55,6 +157,19 @@ def up(
         minimum_stake_verifier=Wei(parse_eth(min_stake_verifier, param="min-stake-verifier")),
         unbonding_delay=unbonding_delay,
     )
+    if port and not port_is_free(port):
+        running = _probe_port(port)
+        if running is None:
+            raise PortInUse(host="127.0.0.1", port=port, what="another program (no JSON-RPC chain answers there)")
+        if reuse:
+            _reuse(port, running[0], deployment, show_dev_keys, as_json)
+            return
+        raise PortInUse(
+            host="127.0.0.1",
+            port=port,
+            what=f"a running chain (chain id {running[0]}, {running[1]})",
+            hint="stop it, choose another --port, or pass --reuse to use its deployment",
+        )
     state_file = None if state_dir is None else state_dir / "anvil-state.json"
     stop = threading.Event()
 
@@ -78,20 +193,19 @@ def up(
             if dep is None:
                 dep = deploy_all(w3, dev_account(0), params, path=path)
                 info(f"deployed NodeRegistry at {dep.registry_address}")
-            emit(
-                {
-                    "rpc_url": anvil.rpc_url,
-                    "chain_id": chain_id,
-                    "deployment": str(path),
-                    "contracts": {name: rec.address for name, rec in dep.contracts.items()},
-                    "deploy_block": dep.deploy_block,
-                    "dev_accounts": anvil.dev_addresses(),
-                    "state_file": None if state_file is None else str(state_file),
-                },
-                as_json=as_json,
-                title="PlanetServe chain",
+            accounts = [str(a) for a in anvil.dev_addresses()]
+            summary = _summary(
+                rpc_url=anvil.rpc_url,
+                chain_id=chain_id,
+                path=path,
+                dep=dep,
+                dev_accounts=accounts,
+                state_file=state_file,
+                reused=False,
             )
-            info("dev account keys are anvil's public test mnemonic; never use them on a real chain")
+            _print(summary, _dev_keys(len(accounts)) if show_dev_keys else None, as_json=as_json)
+            if not show_dev_keys:
+                info("dev account keys: `ps-chain up --show-dev-keys` prints them (anvil's public test keys, dev only)")
             info("running; Ctrl-C or SIGTERM stops the chain")
             try:
                 while not stop.wait(0.5):

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.28;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+import {AccessControlDefaultAdminRules} from "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {INodeSlasher} from "./interfaces/INodeSlasher.sol";
 
@@ -10,11 +10,17 @@ import {INodeSlasher} from "./interfaces/INodeSlasher.sol";
 /// An operator registers one node (role, endpoint, X25519 onion key, model id, price) with a stake of at least
 /// its role's minimum, may add stake and update its endpoint/key/price, and leaves by requesting unbonding,
 /// waiting `unbondingDelay` seconds (during which it is not routed to but can still be slashed), deregistering
-/// (which credits its stake to a pull-payment balance) and withdrawing.
-/// @dev Money leaves only through `withdraw` and `withdrawTreasury` (pull payments, nonReentrant, CEI).
+/// (which credits its stake to a pull-payment balance) and withdrawing. An unbonding operator may change its mind
+/// (`rebond`). Holders of `SLASHER_ROLE` (the attestation contract, the payment-channel contract) slash stake into
+/// the treasury; a slashed node is jailed (not routed to) until its operator calls `unjail` with its stake back at
+/// or above the minimum.
+/// @dev Roles: OpenZeppelin `AccessControlDefaultAdminRules`. The default admin grants and revokes `SLASHER_ROLE`
+/// and is handed over in two steps (`beginDefaultAdminTransfer`, then `acceptDefaultAdminTransfer` by the new admin
+/// after the admin delay), so a typo cannot give the registry away. The admin cannot touch stakes or slash.
+/// Money leaves only through `withdraw` and `withdrawTreasury` (pull payments, nonReentrant, CEI).
 /// Nothing loops over caller-growable data: enumeration is done off chain by the indexer from events.
 /// Invariant: address(this).balance == totalStaked + totalPendingWithdrawals + treasuryBalance.
-contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
+contract NodeRegistry is INodeSlasher, AccessControlDefaultAdminRules, ReentrancyGuardTransient {
     /// @notice The role a node plays in the network.
     enum Role {
         Model,
@@ -23,7 +29,7 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     }
 
     /// @notice A registered node as returned by `getNode`.
-    /// @dev Field order packs `registeredAt`, `unbondingEndsAt` and `role` into one storage slot.
+    /// @dev Field order packs `registeredAt`, `unbondingEndsAt`, `role` and `jailed` into one storage slot.
     /// @param stake The bonded stake in wei.
     /// @param x25519PublicKey The raw 32-byte X25519 public key used for onion encryption.
     /// @param modelId keccak256 of `name@revision` for model and verifier nodes, zero for relays.
@@ -31,6 +37,7 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     /// @param registeredAt The block timestamp of registration.
     /// @param unbondingEndsAt Zero while bonded; otherwise the timestamp from which `deregister` succeeds.
     /// @param role The node's role.
+    /// @param jailed True from a slash until the operator's `unjail`: a jailed node is not routed to.
     /// @param endpoint The node's public URL.
     struct Node {
         uint256 stake;
@@ -40,21 +47,27 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         uint64 registeredAt;
         uint64 unbondingEndsAt;
         Role role;
+        bool jailed;
         string endpoint;
     }
 
     /// @notice The longest accepted endpoint, in bytes.
     uint256 public constant MAX_ENDPOINT_LENGTH = 256;
+    /// @notice The longest accepted unbonding delay, in seconds (365 days): a longer one is a unit mistake
+    /// (milliseconds for seconds) that would lock every stake for years.
+    uint64 public constant MAX_UNBONDING_DELAY = 365 days;
+    /// @notice The role allowed to `slash`; several contracts may hold it. Its admin is the default admin.
+    bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
 
     uint256 private immutable _minimumStakeModel;
     uint256 private immutable _minimumStakeRelay;
     uint256 private immutable _minimumStakeVerifier;
     uint64 private immutable _unbondingDelay;
+    uint64 private immutable _verificationWindow;
     address private immutable _treasury;
 
     mapping(address operator => Node node) private _nodes;
     mapping(address account => uint256 amount) private _pendingWithdrawals;
-    address private _slasher;
     uint256 private _totalStaked;
     uint256 private _totalPendingWithdrawals;
     uint256 private _treasuryBalance;
@@ -108,7 +121,7 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
 
     /// @notice `slasher` moved `amount` wei of `operator`'s stake to the treasury.
     /// @param operator The slashed operator.
-    /// @param slasher The slashing contract.
+    /// @param slasher The slashing contract (a `SLASHER_ROLE` holder).
     /// @param amount The amount slashed, in wei (capped at the stake).
     /// @param remainingStake The stake left, in wei.
     /// @param evidenceHash keccak256 of the off-chain evidence.
@@ -116,9 +129,30 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         address indexed operator, address indexed slasher, uint256 amount, uint256 remainingStake, bytes32 evidenceHash
     );
 
-    /// @notice The owner authorised `slasher` (once, for the registry's lifetime).
+    /// @notice `slasher` asked to slash `operator`, which has no node (never registered or already deregistered):
+    /// nothing was taken. Emitted instead of reverting so that a batch of slashes never fails on one stale entry.
+    /// @param operator The operator named in the call.
     /// @param slasher The slashing contract.
-    event SlasherSet(address indexed slasher);
+    /// @param requestedAmount The amount asked for, in wei.
+    /// @param evidenceHash keccak256 of the off-chain evidence.
+    event SlashSkipped(address indexed operator, address indexed slasher, uint256 requestedAmount, bytes32 evidenceHash);
+
+    /// @notice `operator`'s node was jailed by a slash: it is not routed to until its operator calls `unjail`.
+    /// @param operator The jailed operator.
+    /// @param slasher The slashing contract.
+    /// @param evidenceHash keccak256 of the off-chain evidence of the slash that jailed it.
+    event NodeJailed(address indexed operator, address indexed slasher, bytes32 evidenceHash);
+
+    /// @notice `operator` left jail (its stake was at or above its role's minimum).
+    /// @param operator The operator.
+    /// @param stake Its stake at that moment, in wei.
+    event NodeUnjailed(address indexed operator, uint256 stake);
+
+    /// @notice `operator` cancelled its unbonding and is bonded again.
+    /// @param operator The operator.
+    /// @param stake Its stake, in wei.
+    /// @param cancelledUnbondingEndsAt When the cancelled unbonding would have ended.
+    event UnbondingCancelled(address indexed operator, uint256 stake, uint64 cancelledUnbondingEndsAt);
 
     /// @notice The treasury withdrew `amount` wei of slashed funds.
     /// @param treasury The treasury account.
@@ -170,42 +204,70 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     /// @param to The recipient.
     /// @param amount The amount in wei.
     error NodeRegistryTransferFailed(address to, uint256 amount);
-    /// @notice `caller` is not the authorised slasher.
-    /// @param caller The caller.
-    error NodeRegistryUnauthorizedSlasher(address caller);
-    /// @notice The slasher is already set to `slasher`.
-    /// @param slasher The current slasher.
-    error NodeRegistrySlasherAlreadySet(address slasher);
-    /// @notice `slasher` is not a usable slasher address (zero).
-    /// @param slasher The rejected address.
-    error NodeRegistryInvalidSlasher(address slasher);
+    /// @notice `operator`'s node is not jailed, so there is nothing to unjail.
+    /// @param operator The operator.
+    error NodeRegistryNotJailed(address operator);
     /// @notice `caller` is not the treasury.
     /// @param caller The caller.
     error NodeRegistryUnauthorizedTreasury(address caller);
     /// @notice A constructor argument is unusable (the treasury is zero).
     /// @param treasury The rejected treasury.
     error NodeRegistryInvalidTreasury(address treasury);
+    /// @notice A constructor argument is unusable: `role`'s minimum stake is zero (a free identity would make
+    /// Sybil relays and slashing meaningless).
+    /// @param role The role.
+    /// @param minimum The rejected minimum, in wei.
+    error NodeRegistryInvalidMinimumStake(Role role, uint256 minimum);
+    /// @notice A constructor argument is unusable: the verification window is zero.
+    /// @param verificationWindow The rejected window, in seconds.
+    error NodeRegistryInvalidVerificationWindow(uint64 verificationWindow);
+    /// @notice A constructor argument is unusable: the unbonding delay is shorter than the verification window, so
+    /// a node could leave with its stake before a verdict on its last answers.
+    /// @param unbondingDelay The rejected delay, in seconds.
+    /// @param verificationWindow The verification window, in seconds.
+    error NodeRegistryUnbondingDelayTooShort(uint64 unbondingDelay, uint64 verificationWindow);
+    /// @notice A constructor argument is unusable: the unbonding delay exceeds `maxUnbondingDelay`.
+    /// @param unbondingDelay The rejected delay, in seconds.
+    /// @param maxUnbondingDelay The longest accepted delay, in seconds.
+    error NodeRegistryUnbondingDelayTooLong(uint64 unbondingDelay, uint64 maxUnbondingDelay);
 
-    /// @notice Deploy a registry with fixed parameters.
-    /// @param initialOwner The account that may set the slasher (once).
-    /// @param treasury_ The account that withdraws slashed funds.
-    /// @param minimumStakeModel_ The minimum stake of a model node, in wei.
-    /// @param minimumStakeRelay_ The minimum stake of a relay, in wei.
-    /// @param minimumStakeVerifier_ The minimum stake of a verifier, in wei.
-    /// @param unbondingDelay_ The unbonding delay in seconds.
+    /// @notice Deploy a registry with fixed parameters; every bound is checked here, once.
+    /// @dev Emits OpenZeppelin's {RoleGranted} for the default admin. Grants no `SLASHER_ROLE`: the admin grants it
+    /// to the attestation and payment contracts once they are deployed with this registry's address.
+    /// @param initialAdmin The default admin: grants and revokes `SLASHER_ROLE` (non-zero).
+    /// @param adminTransferDelay Seconds a new default admin must wait before accepting a transfer.
+    /// @param treasury_ The account that withdraws slashed funds (non-zero).
+    /// @param minimumStakeModel_ The minimum stake of a model node, in wei (non-zero).
+    /// @param minimumStakeRelay_ The minimum stake of a relay, in wei (non-zero).
+    /// @param minimumStakeVerifier_ The minimum stake of a verifier, in wei (non-zero).
+    /// @param verificationWindow_ Seconds from an answer to the verifiers' verdict on it (non-zero).
+    /// @param unbondingDelay_ The unbonding delay in seconds, in [verificationWindow_, MAX_UNBONDING_DELAY].
     constructor(
-        address initialOwner,
+        address initialAdmin,
+        uint48 adminTransferDelay,
         address treasury_,
         uint256 minimumStakeModel_,
         uint256 minimumStakeRelay_,
         uint256 minimumStakeVerifier_,
+        uint64 verificationWindow_,
         uint64 unbondingDelay_
-    ) Ownable(initialOwner) {
+    ) AccessControlDefaultAdminRules(adminTransferDelay, initialAdmin) {
         if (treasury_ == address(0)) revert NodeRegistryInvalidTreasury(treasury_);
+        if (minimumStakeModel_ == 0) revert NodeRegistryInvalidMinimumStake(Role.Model, minimumStakeModel_);
+        if (minimumStakeRelay_ == 0) revert NodeRegistryInvalidMinimumStake(Role.Relay, minimumStakeRelay_);
+        if (minimumStakeVerifier_ == 0) revert NodeRegistryInvalidMinimumStake(Role.Verifier, minimumStakeVerifier_);
+        if (verificationWindow_ == 0) revert NodeRegistryInvalidVerificationWindow(verificationWindow_);
+        if (unbondingDelay_ < verificationWindow_) {
+            revert NodeRegistryUnbondingDelayTooShort(unbondingDelay_, verificationWindow_);
+        }
+        if (unbondingDelay_ > MAX_UNBONDING_DELAY) {
+            revert NodeRegistryUnbondingDelayTooLong(unbondingDelay_, MAX_UNBONDING_DELAY);
+        }
         _treasury = treasury_;
         _minimumStakeModel = minimumStakeModel_;
         _minimumStakeRelay = minimumStakeRelay_;
         _minimumStakeVerifier = minimumStakeVerifier_;
+        _verificationWindow = verificationWindow_;
         _unbondingDelay = unbondingDelay_;
     }
 
@@ -238,14 +300,16 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
             registeredAt: uint64(block.timestamp),
             unbondingEndsAt: 0,
             role: role,
+            jailed: false,
             endpoint: endpoint
         });
         _totalStaked += msg.value;
         emit NodeRegistered(msg.sender, role, modelId, endpoint, x25519PublicKey, pricePer1kTokens, msg.value);
     }
 
-    /// @notice Add `msg.value` to the caller's stake (e.g. to get back above the minimum after a slash).
-    /// @dev Emits {StakeAdded}. Not allowed while unbonding.
+    /// @notice Add `msg.value` to the caller's stake (e.g. to get back above the minimum after a slash, then
+    /// `unjail`).
+    /// @dev Emits {StakeAdded}. Not allowed while unbonding (`rebond` first). Allowed while jailed.
     function addStake() external payable {
         Node storage node = _bondedNode(msg.sender);
         if (msg.value == 0) revert NodeRegistryZeroAmount(msg.sender);
@@ -279,6 +343,33 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         emit UnbondingRequested(msg.sender, node.stake, endsAt);
     }
 
+    /// @notice Cancel the caller's unbonding: the node is bonded again (routable if not jailed and at or above its
+    /// minimum). Allowed even after the delay has passed, as long as the node was not deregistered.
+    /// @dev Emits {UnbondingCancelled}.
+    function rebond() external {
+        Node storage node = _nodes[msg.sender];
+        if (node.registeredAt == 0) revert NodeRegistryNotRegistered(msg.sender);
+        uint64 endsAt = node.unbondingEndsAt;
+        if (endsAt == 0) revert NodeRegistryNotUnbonding(msg.sender);
+        node.unbondingEndsAt = 0;
+        emit UnbondingCancelled(msg.sender, node.stake, endsAt);
+    }
+
+    /// @notice Leave jail: the caller's node becomes routable again.
+    /// @dev Emits {NodeUnjailed}. Needs a bonded (not unbonding) node whose stake is at or above its role's minimum;
+    /// top up with `addStake` first after a large slash.
+    /// NOTE: leaving jail is the operator's explicit act (it fixed what was wrong and put the stake back), never
+    /// automatic; the reputation the attestation contract keeps is unaffected.
+    function unjail() external {
+        Node storage node = _bondedNode(msg.sender);
+        if (!node.jailed) revert NodeRegistryNotJailed(msg.sender);
+        uint256 stake = node.stake;
+        uint256 minimum = minimumStake(node.role);
+        if (stake < minimum) revert NodeRegistryStakeBelowMinimum(msg.sender, node.role, stake, minimum);
+        node.jailed = false;
+        emit NodeUnjailed(msg.sender, stake);
+    }
+
     /// @notice After the unbonding delay, remove the caller's node and credit its stake to pending withdrawals.
     /// @dev Emits {NodeDeregistered}. Pays nothing: call `withdraw` next.
     function deregister() external {
@@ -308,13 +399,20 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     }
 
     /// @inheritdoc INodeSlasher
-    /// @dev Emits {NodeSlashed}.
-    function slash(address operator, uint256 amount, bytes32 evidenceHash) external returns (uint256 slashed) {
-        // _slasher is zero until set and msg.sender is never zero, so nobody passes before `setSlasher`.
-        if (msg.sender != _slasher) revert NodeRegistryUnauthorizedSlasher(msg.sender);
-        Node storage node = _nodes[operator];
-        if (node.registeredAt == 0) revert NodeRegistryNotRegistered(operator);
+    /// @dev Emits {NodeSlashed}, then {NodeJailed} unless the node was already jailed; or {SlashSkipped} for an
+    /// operator with no node. Reverts `AccessControlUnauthorizedAccount` for a caller without `SLASHER_ROLE` and
+    /// `NodeRegistryZeroAmount` for a zero amount (a caller bug, not a stale entry).
+    function slash(address operator, uint256 amount, bytes32 evidenceHash)
+        external
+        onlyRole(SLASHER_ROLE)
+        returns (uint256 slashed)
+    {
         if (amount == 0) revert NodeRegistryZeroAmount(msg.sender);
+        Node storage node = _nodes[operator];
+        if (node.registeredAt == 0) {
+            emit SlashSkipped(operator, msg.sender, amount, evidenceHash);
+            return 0;
+        }
 
         uint256 stake = node.stake;
         slashed = amount < stake ? amount : stake;
@@ -322,17 +420,10 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         node.stake = remaining;
         _totalStaked -= slashed;
         _treasuryBalance += slashed;
+        bool newlyJailed = !node.jailed;
+        node.jailed = true;
         emit NodeSlashed(operator, msg.sender, slashed, remaining, evidenceHash);
-    }
-
-    /// @notice Authorise the slashing contract. Possible once: the slasher can never be replaced.
-    /// @dev Emits {SlasherSet}. Only the owner.
-    /// @param slasher_ The attestation/reputation contract (non-zero).
-    function setSlasher(address slasher_) external onlyOwner {
-        if (_slasher != address(0)) revert NodeRegistrySlasherAlreadySet(_slasher);
-        if (slasher_ == address(0)) revert NodeRegistryInvalidSlasher(slasher_);
-        _slasher = slasher_;
-        emit SlasherSet(slasher_);
+        if (newlyJailed) emit NodeJailed(operator, msg.sender, evidenceHash);
     }
 
     /// @notice Pay the whole treasury balance (slashed stake) to the treasury account.
@@ -363,7 +454,13 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     /// @inheritdoc INodeSlasher
     function isActive(address operator) external view returns (bool) {
         Node storage node = _nodes[operator];
-        return node.registeredAt != 0 && node.unbondingEndsAt == 0 && node.stake >= minimumStake(node.role);
+        return node.registeredAt != 0 && node.unbondingEndsAt == 0 && !node.jailed
+            && node.stake >= minimumStake(node.role);
+    }
+
+    /// @inheritdoc INodeSlasher
+    function isJailed(address operator) external view returns (bool) {
+        return _nodes[operator].jailed;
     }
 
     /// @inheritdoc INodeSlasher
@@ -380,10 +477,17 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
         return _minimumStakeVerifier;
     }
 
-    /// @notice The unbonding delay in seconds.
+    /// @notice The unbonding delay in seconds (at least `verificationWindow`).
     /// @return The delay.
     function unbondingDelay() external view returns (uint64) {
         return _unbondingDelay;
+    }
+
+    /// @notice Seconds from an answer to the verifiers' verdict on it; contracts that lock earnings until a verdict
+    /// (payment channels) read it here.
+    /// @return The window.
+    function verificationWindow() external view returns (uint64) {
+        return _verificationWindow;
     }
 
     /// @notice What `account` can withdraw now, in wei.
@@ -391,12 +495,6 @@ contract NodeRegistry is INodeSlasher, Ownable, ReentrancyGuardTransient {
     /// @return The pending amount in wei.
     function pendingWithdrawal(address account) external view returns (uint256) {
         return _pendingWithdrawals[account];
-    }
-
-    /// @notice The authorised slasher (zero until set).
-    /// @return The slasher.
-    function slasher() external view returns (address) {
-        return _slasher;
     }
 
     /// @notice The treasury account.

@@ -23,13 +23,24 @@ from ledger._errors import (
     InvalidChainInput,
     OperatorKeyError,
     TransactionFailed,
+    TransactionOutcomeUnknown,
     WrongChainId,
 )
 from ledger._indexer import IndexedNode, Indexer, IndexerError, SyncReport
 from ledger._registry import NodeRegistry
 from ledger._reverts import ContractRevert, UnknownRevert
 from ledger._tx import connect
-from ledger._types import NodeInfo, Role, TxReceipt, Wei, checksum, format_eth, model_id, parse_eth
+from ledger._types import (
+    NodeInfo,
+    Role,
+    TxReceipt,
+    Wei,
+    WithdrawalReceipts,
+    checksum,
+    format_eth,
+    model_id,
+    parse_eth,
+)
 
 __all__ = [
     "Anvil",
@@ -54,9 +65,11 @@ __all__ = [
     "Role",
     "SyncReport",
     "TransactionFailed",
+    "TransactionOutcomeUnknown",
     "TxReceipt",
     "UnknownRevert",
     "Wei",
+    "WithdrawalReceipts",
     "WrongChainId",
     "checksum",
     "connect",

@@ -50,6 +50,17 @@ def free_port() -> int:
         return port
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind ``host:port`` now (``SO_REUSEADDR``, so a port in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def dev_account(index: int) -> LocalAccount:
     """anvil's dev account ``index`` (0-based) derived from :data:`DEV_MNEMONIC`. Local chains only."""
     if not 0 <= index < 1000:
@@ -139,6 +150,11 @@ class Anvil:
             self.config.state_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--state", str(self.config.state_file)]
         self._port = port
+        # anvil reports a taken port only by exiting, and its readiness poll would meanwhile be answered by whatever
+        # chain already listens there: this launcher would then hand out (and callers deploy into) someone else's
+        # chain. So the port is checked first; the window between this check and anvil's bind is milliseconds.
+        if not port_is_free(port):
+            raise ChainNotReachable(f"http://127.0.0.1:{port}", f"port {port} on 127.0.0.1 is already in use")
         # stdout is discarded (it would grow without bound); stderr is kept small by --quiet and read on failure.
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.config.start_timeout
@@ -148,7 +164,7 @@ class Anvil:
                 stderr = self._proc.stderr.read(4096).decode(errors="replace") if self._proc.stderr else ""
                 raise ChainNotReachable(self.rpc_url, f"anvil exited with {self._proc.returncode}: {stderr.strip()}")
             with contextlib.suppress(Exception):
-                if w3.eth.chain_id:
+                if w3.eth.chain_id and self._proc.poll() is None:
                     return
             time.sleep(0.05)
         raise ChainNotReachable(self.rpc_url, f"anvil did not answer within {self.config.start_timeout} s")

@@ -24,6 +24,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT_FORMAT = 1
 _ONE_ETH = Wei(10**18)
 _TENTH_ETH = Wei(10**17)
+#: The contract's ``MAX_UNBONDING_DELAY`` (365 days), checked here too so a bad value fails before any transaction.
+MAX_UNBONDING_DELAY = 365 * 86_400
 
 
 def default_deployment_path(chain_id: int) -> Path:
@@ -34,26 +36,50 @@ def default_deployment_path(chain_id: int) -> Path:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryParams:
-    """Constructor parameters of ``NodeRegistry`` (immutable once deployed)."""
+    """Constructor parameters of ``NodeRegistry`` (immutable once deployed) and the roles ``deploy_all`` grants.
 
-    #: Minimum stake of a model node, in wei.
+    Validated on construction with the contract's own bounds, so a bad value fails before any transaction.
+    """
+
+    #: Minimum stake of a model node, in wei (> 0).
     minimum_stake_model: Wei = _ONE_ETH
-    #: Minimum stake of a relay, in wei (relays only forward: a smaller bond).
+    #: Minimum stake of a relay, in wei (> 0; relays only forward: a smaller bond).
     minimum_stake_relay: Wei = _TENTH_ETH
-    #: Minimum stake of a verifier, in wei.
+    #: Minimum stake of a verifier, in wei (> 0).
     minimum_stake_verifier: Wei = _ONE_ETH
-    #: Unbonding delay in seconds (must cover the verification window so misbehaviour can still be slashed).
+    #: Seconds from an answer to the verifiers' verdict on it, in [1, unbonding_delay].
+    verification_window: int = 3_600
+    #: Unbonding delay in seconds, in [verification_window, 365 days]: a leaving node stays slashable this long.
     unbonding_delay: int = 86_400
+    #: Seconds a new default admin waits between ``begin_admin_transfer`` and ``accept_admin_transfer``
+    #: (in [0, 2**48)).
+    admin_transfer_delay: int = 86_400
     #: Treasury for slashed stake; None means the deployer.
     treasury: ChecksumAddress | None = None
+    #: The default admin (grants the slasher role); None means the deployer.
+    admin: ChecksumAddress | None = None
+    #: Accounts ``deploy_all`` grants ``SLASHER_ROLE`` (the attestation and payment contracts once they exist;
+    #: a dev account in demos and tests until then). The deployer must be the admin for this.
+    slashers: tuple[ChecksumAddress, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("minimum_stake_model", "minimum_stake_relay", "minimum_stake_verifier"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise InvalidChainInput(name, value, "must be a non-negative number of wei")
-        if not 0 <= self.unbonding_delay < 2**63:
-            raise InvalidChainInput("unbonding_delay", self.unbonding_delay, "must be seconds in [0, 2**63)")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**256:
+                raise InvalidChainInput(name, value, "must be a positive number of wei")
+        if not 1 <= self.verification_window <= MAX_UNBONDING_DELAY:
+            raise InvalidChainInput(
+                "verification_window", self.verification_window, f"must be seconds in [1, {MAX_UNBONDING_DELAY}]"
+            )
+        if not self.verification_window <= self.unbonding_delay <= MAX_UNBONDING_DELAY:
+            raise InvalidChainInput(
+                "unbonding_delay",
+                self.unbonding_delay,
+                f"must be seconds in [verification_window={self.verification_window}, {MAX_UNBONDING_DELAY}]",
+            )
+        if not 0 <= self.admin_transfer_delay < 2**48:
+            raise InvalidChainInput("admin_transfer_delay", self.admin_transfer_delay, "must be seconds in [0, 2**48)")
+        object.__setattr__(self, "slashers", tuple(checksum(a, param="slasher") for a in self.slashers))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,22 +173,29 @@ def load_deployment(path: Path) -> Deployment:
 
 
 def deploy_all(
-    w3: Web3, deployer: LocalAccount, params: RegistryParams | None = None, *, path: Path | None = None
+    w3: Web3,
+    deployer: LocalAccount,
+    params: RegistryParams | None = None,
+    *,
+    path: Path | None = None,
 ) -> Deployment:
     """Deploy every contract from ``deployer`` and write the deployment file (``path`` or the default one)."""
     params = params or RegistryParams()
     artifact = load_artifact("NodeRegistry")
     factory = w3.eth.contract(abi=list(artifact.abi), bytecode=artifact.bytecode)
     treasury = params.treasury or deployer.address
+    admin = params.admin or deployer.address
     receipt = send_transaction(
         w3,
         deployer,
         factory.constructor(
-            deployer.address,
+            admin,
+            params.admin_transfer_delay,
             treasury,
             params.minimum_stake_model,
             params.minimum_stake_relay,
             params.minimum_stake_verifier,
+            params.verification_window,
             params.unbonding_delay,
         ),
         RevertDecoder([artifact.abi]),
@@ -170,6 +203,9 @@ def deploy_all(
     address = receipt["contractAddress"]
     assert address is not None, "a deployment receipt always carries the contract address"
     block = receipt["blockNumber"]
+    registry = NodeRegistry(w3, checksum(address), deployer)
+    for slasher in params.slashers:
+        registry.grant_slasher(slasher)
     deployment = Deployment(
         chain_id=w3.eth.chain_id,
         deploy_block=block,
@@ -180,8 +216,12 @@ def deploy_all(
             "minimumStakeModel": str(params.minimum_stake_model),
             "minimumStakeRelay": str(params.minimum_stake_relay),
             "minimumStakeVerifier": str(params.minimum_stake_verifier),
+            "verificationWindow": params.verification_window,
             "unbondingDelay": params.unbonding_delay,
+            "adminTransferDelay": params.admin_transfer_delay,
             "treasury": treasury,
+            "admin": admin,
+            "slashers": list(params.slashers),
         },
     )
     deployment.write(path or default_deployment_path(deployment.chain_id))

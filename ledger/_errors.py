@@ -1,19 +1,32 @@
 """The chain layer's error tree: one base, ``ChainError``, and a leaf per thing that goes wrong.
 
 Each ``code`` starts with a prefix the CLI maps to a named exit code (see ``cli/_main.py``): ``chain_unavailable``,
-``tx_reverted``, ``insufficient_funds``, ``invalid``, ``key``. Every Solidity custom error of our contracts has its own
-leaf under :class:`ContractRevert` (see ``ledger/_reverts.py``), carrying the decoded arguments as attributes.
+``tx_reverted``, ``tx_unknown``, ``insufficient_funds``, ``invalid``, ``key``. Every Solidity custom error of our
+contracts has its own leaf under :class:`ContractRevert` (see ``ledger/_reverts.py``), carrying the decoded
+arguments as attributes.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from node import PlanetServeError
+
+if TYPE_CHECKING:
+    from ledger._types import TxReceipt
 
 
 class ChainError(PlanetServeError):
-    """Base of every chain-layer error."""
+    """Base of every chain-layer error.
+
+    ``completed`` holds the receipts of transactions that the same operation already got mined before this error
+    (e.g. ``deregister`` before a failing ``withdraw``), so that a caller can report every one of them: those
+    transactions happened and must not be sent again.
+    """
 
     code = "chain_error"
+    #: Receipts of this operation's earlier transactions that were mined before the failure, in order.
+    completed: tuple[TxReceipt, ...] = ()
 
 
 class ArtifactsMissing(ChainError):
@@ -71,6 +84,24 @@ class TransactionFailed(ChainError):
     def __init__(self, message: str, *, tx_hash: str | None = None) -> None:
         self.tx_hash = tx_hash
         super().__init__(message)
+
+
+class TransactionOutcomeUnknown(ChainError):
+    """A transaction was sent but no receipt arrived in time: it may still be mined, or may never be.
+
+    Never a revert: retrying blindly could, for example, stake twice. Look ``tx_hash`` up (or wait) before
+    resending; a resend from the same key with the same nonce replaces it at most.
+    """
+
+    code = "tx_unknown"
+
+    def __init__(self, tx_hash: str, timeout_s: float) -> None:
+        self.tx_hash = tx_hash
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"sent, outcome unknown, transaction {tx_hash}: no receipt within {timeout_s:g} s; "
+            "check it on the chain before sending again"
+        )
 
 
 class InsufficientFunds(ChainError):

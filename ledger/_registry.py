@@ -13,10 +13,10 @@ from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt as Web3Receipt
 
 from ledger._artifacts import load_artifact
-from ledger._errors import InvalidChainInput, OperatorKeyError
+from ledger._errors import ChainError, InvalidChainInput, OperatorKeyError
 from ledger._reverts import RevertDecoder
 from ledger._tx import map_call_errors, send_transaction
-from ledger._types import NodeInfo, Role, TxReceipt, Wei, checksum
+from ledger._types import NodeInfo, Role, TxReceipt, Wei, WithdrawalReceipts, checksum
 
 _CONTRACT = "NodeRegistry"
 _ZERO32 = bytes(32)
@@ -38,8 +38,14 @@ class NodeRegistry:
     """One deployed ``NodeRegistry``. Reads need no account; writes are signed by ``account``.
 
     Writes return a :class:`TxReceipt`; a revert raises the contract's custom error as a
-    :class:`~ledger.ContractRevert` subclass with its decoded arguments.
+    :class:`~ledger.ContractRevert` subclass with its decoded arguments; a transaction without a receipt in time
+    raises :class:`~ledger.TransactionOutcomeUnknown` (never a revert).
     """
+
+    #: ``keccak256("SLASHER_ROLE")``: the role allowed to slash (the attestation and payment contracts).
+    SLASHER_ROLE: bytes = bytes(Web3.keccak(text="SLASHER_ROLE"))
+    #: OpenZeppelin's default admin role (all zero): grants and revokes the slasher role.
+    DEFAULT_ADMIN_ROLE: bytes = bytes(32)
 
     def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None) -> None:
         artifact = load_artifact(_CONTRACT)
@@ -89,7 +95,7 @@ class NodeRegistry:
         """The node of ``operator``, or None when it has none."""
         address = checksum(operator, param="operator")
         raw = self._call(self._contract.functions.getNode(address))
-        stake, key, mid, price, registered_at, unbonding_ends_at, role, endpoint = raw
+        stake, key, mid, price, registered_at, unbonding_ends_at, role, jailed, endpoint = raw
         if registered_at == 0:
             return None
         return NodeInfo(
@@ -103,11 +109,16 @@ class NodeRegistry:
             unbonding_ends_at=unbonding_ends_at,
             endpoint=endpoint,
             active=self.is_active(address),
+            jailed=bool(jailed),
         )
 
     def is_active(self, operator: str) -> bool:
         """Whether ``operator``'s node may be routed to."""
         return bool(self._call(self._contract.functions.isActive(checksum(operator, param="operator"))))
+
+    def is_jailed(self, operator: str) -> bool:
+        """Whether ``operator``'s node is jailed (slashed, not yet unjailed); False when it has no node."""
+        return bool(self._call(self._contract.functions.isJailed(checksum(operator, param="operator"))))
 
     def stake_of(self, operator: str) -> Wei:
         """The bonded stake of ``operator`` in wei."""
@@ -125,14 +136,37 @@ class NodeRegistry:
         """What ``account`` can withdraw now, in wei."""
         return Wei(self._call(self._contract.functions.pendingWithdrawal(checksum(account, param="account"))))
 
-    def slasher(self) -> ChecksumAddress | None:
-        """The authorised slasher, or None before it is set."""
-        value = checksum(self._call(self._contract.functions.slasher()))
+    def verification_window(self) -> int:
+        """Seconds from an answer to the verifiers' verdict (the unbonding delay is at least this)."""
+        return int(self._call(self._contract.functions.verificationWindow()))
+
+    def has_role(self, role: bytes, account: str) -> bool:
+        """Whether ``account`` holds ``role`` (32 bytes, e.g. :attr:`SLASHER_ROLE`)."""
+        fn = self._contract.functions.hasRole(_bytes32(role, "role"), checksum(account, param="account"))
+        return bool(self._call(fn))
+
+    def is_slasher(self, account: str) -> bool:
+        """Whether ``account`` may slash."""
+        return self.has_role(self.SLASHER_ROLE, account)
+
+    def admin(self) -> ChecksumAddress | None:
+        """The default admin (grants the slasher role), or None after it renounced."""
+        value = checksum(self._call(self._contract.functions.defaultAdmin()))
         return None if int(value, 16) == 0 else value
 
     def owner(self) -> ChecksumAddress:
-        """The owner (who may set the slasher once)."""
+        """The default admin under OpenZeppelin's ``owner()`` name (zero address after a renounce)."""
         return checksum(self._call(self._contract.functions.owner()))
+
+    def pending_admin(self) -> tuple[ChecksumAddress | None, int]:
+        """The admin a transfer is waiting for and the Unix time from which it may accept; ``(None, 0)`` if none."""
+        new_admin, schedule = self._call(self._contract.functions.pendingDefaultAdmin())
+        address = checksum(new_admin)
+        return (None, 0) if int(address, 16) == 0 else (address, int(schedule))
+
+    def admin_transfer_delay(self) -> int:
+        """Seconds between ``begin_admin_transfer`` and the earliest ``accept_admin_transfer``."""
+        return int(self._call(self._contract.functions.defaultAdminDelay()))
 
     def treasury(self) -> ChecksumAddress:
         """The treasury account."""
@@ -195,12 +229,40 @@ class NodeRegistry:
         """After the delay: remove the node and credit its stake to pending withdrawals."""
         return self._send(self._contract.functions.deregister())
 
+    def rebond(self) -> TxReceipt:
+        """Cancel the signer's unbonding: bonded (and routable unless jailed or below the minimum) again."""
+        return self._send(self._contract.functions.rebond())
+
+    def unjail(self) -> TxReceipt:
+        """Leave jail after a slash; the stake must be back at or above the role's minimum (``add_stake`` first)."""
+        return self._send(self._contract.functions.unjail())
+
     def withdraw(self) -> TxReceipt:
         """Pull the signer's pending withdrawals."""
         return self._send(self._contract.functions.withdraw())
 
+    def deregister_and_withdraw(self) -> WithdrawalReceipts:
+        """Deregister the signer's node if it still exists, then withdraw: up to two transactions, each reported.
+
+        If ``withdraw`` fails after ``deregister`` was mined, the raised error's ``completed`` holds the
+        ``deregister`` receipt (that transaction happened: the stake now waits in the pending withdrawal).
+        """
+        signer = self._signer().address
+        deregistered = self.deregister() if self.get_node(signer) is not None else None
+        done = () if deregistered is None else (deregistered,)
+        try:
+            amount = self.pending_withdrawal(signer)
+            withdrawn = self.withdraw()
+        except ChainError as exc:
+            exc.completed = (*exc.completed, *done)
+            raise
+        return WithdrawalReceipts(deregister=deregistered, withdraw=withdrawn, amount=amount)
+
     def slash(self, operator: str, amount: int, evidence_hash: bytes) -> TxReceipt:
-        """Slash ``operator`` by up to ``amount`` wei (the signer must be the authorised slasher)."""
+        """Slash ``operator`` by up to ``amount`` wei and jail it (the signer must hold the slasher role).
+
+        An operator without a node is skipped, not reverted: the receipt's events are ``("SlashSkipped",)``.
+        """
         fn = self._contract.functions.slash(
             checksum(operator, param="operator"),
             _non_negative(amount, "amount"),
@@ -208,9 +270,28 @@ class NodeRegistry:
         )
         return self._send(fn)
 
-    def set_slasher(self, slasher: str) -> TxReceipt:
-        """Authorise ``slasher`` (owner only, once)."""
-        return self._send(self._contract.functions.setSlasher(checksum(slasher, param="slasher")))
+    def grant_slasher(self, account: str) -> TxReceipt:
+        """Let ``account`` slash (default admin only). Granting it again is a no-op transaction without events."""
+        fn = self._contract.functions.grantRole(self.SLASHER_ROLE, checksum(account, param="slasher"))
+        return self._send(fn)
+
+    def revoke_slasher(self, account: str) -> TxReceipt:
+        """Stop ``account`` from slashing (default admin only)."""
+        fn = self._contract.functions.revokeRole(self.SLASHER_ROLE, checksum(account, param="slasher"))
+        return self._send(fn)
+
+    def begin_admin_transfer(self, new_admin: str) -> TxReceipt:
+        """Step 1 of 2 of handing the admin role to ``new_admin`` (current admin only)."""
+        fn = self._contract.functions.beginDefaultAdminTransfer(checksum(new_admin, param="new_admin"))
+        return self._send(fn)
+
+    def accept_admin_transfer(self) -> TxReceipt:
+        """Step 2 of 2: the pending admin (the signer) takes the role, once the admin delay has passed."""
+        return self._send(self._contract.functions.acceptDefaultAdminTransfer())
+
+    def cancel_admin_transfer(self) -> TxReceipt:
+        """Withdraw a pending admin transfer (current admin only)."""
+        return self._send(self._contract.functions.cancelDefaultAdminTransfer())
 
     def withdraw_treasury(self) -> TxReceipt:
         """Pay the treasury balance to the treasury (treasury only)."""

@@ -167,25 +167,11 @@ class NodeRegistryTransferFailed(ContractRevert):
     amount: int
 
 
-class NodeRegistryUnauthorizedSlasher(ContractRevert):
-    """Only the authorised slasher may slash."""
+class NodeRegistryNotJailed(ContractRevert):
+    """``unjail`` on a node that is not jailed."""
 
-    error_name = "NodeRegistryUnauthorizedSlasher"
-    caller: ChecksumAddress
-
-
-class NodeRegistrySlasherAlreadySet(ContractRevert):
-    """The slasher can be set once only."""
-
-    error_name = "NodeRegistrySlasherAlreadySet"
-    slasher: ChecksumAddress
-
-
-class NodeRegistryInvalidSlasher(ContractRevert):
-    """The slasher address is zero."""
-
-    error_name = "NodeRegistryInvalidSlasher"
-    slasher: ChecksumAddress
+    error_name = "NodeRegistryNotJailed"
+    operator: ChecksumAddress
 
 
 class NodeRegistryUnauthorizedTreasury(ContractRevert):
@@ -200,6 +186,80 @@ class NodeRegistryInvalidTreasury(ContractRevert):
 
     error_name = "NodeRegistryInvalidTreasury"
     treasury: ChecksumAddress
+
+
+class NodeRegistryInvalidMinimumStake(ContractRevert):
+    """A role's minimum stake (wei) is zero (deployment)."""
+
+    error_name = "NodeRegistryInvalidMinimumStake"
+    role: Role | int
+    minimum: int
+
+
+class NodeRegistryInvalidVerificationWindow(ContractRevert):
+    """The verification window (seconds) is zero (deployment)."""
+
+    error_name = "NodeRegistryInvalidVerificationWindow"
+    verificationWindow: int
+
+
+class NodeRegistryUnbondingDelayTooShort(ContractRevert):
+    """The unbonding delay is shorter than the verification window, both in seconds (deployment)."""
+
+    error_name = "NodeRegistryUnbondingDelayTooShort"
+    unbondingDelay: int
+    verificationWindow: int
+
+
+class NodeRegistryUnbondingDelayTooLong(ContractRevert):
+    """The unbonding delay exceeds the contract's maximum, both in seconds (deployment)."""
+
+    error_name = "NodeRegistryUnbondingDelayTooLong"
+    unbondingDelay: int
+    maxUnbondingDelay: int
+
+
+class AccessControlUnauthorizedAccount(ContractRevert):
+    """OpenZeppelin ``AccessControl``: ``account`` lacks ``neededRole`` (32-byte role id)."""
+
+    error_name = "AccessControlUnauthorizedAccount"
+    account: ChecksumAddress
+    neededRole: bytes
+
+
+class AccessControlBadConfirmation(ContractRevert):
+    """OpenZeppelin ``AccessControl``: ``renounceRole`` was not confirmed with the caller's own address."""
+
+    error_name = "AccessControlBadConfirmation"
+
+
+class AccessControlInvalidDefaultAdmin(ContractRevert):
+    """OpenZeppelin ``AccessControlDefaultAdminRules``: the new default admin is unusable (zero, or not pending)."""
+
+    error_name = "AccessControlInvalidDefaultAdmin"
+    defaultAdmin: ChecksumAddress
+
+
+class AccessControlEnforcedDefaultAdminRules(ContractRevert):
+    """OpenZeppelin ``AccessControlDefaultAdminRules``: the default admin role moves only by the two-step transfer."""
+
+    error_name = "AccessControlEnforcedDefaultAdminRules"
+
+
+class AccessControlEnforcedDefaultAdminDelay(ContractRevert):
+    """OpenZeppelin ``AccessControlDefaultAdminRules``: the admin transfer cannot be accepted before ``schedule``
+    (Unix seconds)."""
+
+    error_name = "AccessControlEnforcedDefaultAdminDelay"
+    schedule: int
+
+
+class SafeCastOverflowedUintDowncast(ContractRevert):
+    """OpenZeppelin ``SafeCast``: ``value`` does not fit in ``bits`` bits."""
+
+    error_name = "SafeCastOverflowedUintDowncast"
+    bits: int
+    value: int
 
 
 class OwnableUnauthorizedAccount(ContractRevert):
@@ -238,11 +298,19 @@ REVERT_CLASSES: dict[str, type[ContractRevert]] = {
         NodeRegistryUnbondingNotFinished,
         NodeRegistryNothingToWithdraw,
         NodeRegistryTransferFailed,
-        NodeRegistryUnauthorizedSlasher,
-        NodeRegistrySlasherAlreadySet,
-        NodeRegistryInvalidSlasher,
+        NodeRegistryNotJailed,
         NodeRegistryUnauthorizedTreasury,
         NodeRegistryInvalidTreasury,
+        NodeRegistryInvalidMinimumStake,
+        NodeRegistryInvalidVerificationWindow,
+        NodeRegistryUnbondingDelayTooShort,
+        NodeRegistryUnbondingDelayTooLong,
+        AccessControlUnauthorizedAccount,
+        AccessControlBadConfirmation,
+        AccessControlInvalidDefaultAdmin,
+        AccessControlEnforcedDefaultAdminRules,
+        AccessControlEnforcedDefaultAdminDelay,
+        SafeCastOverflowedUintDowncast,
         OwnableUnauthorizedAccount,
         OwnableInvalidOwner,
         ReentrancyGuardReentrantCall,

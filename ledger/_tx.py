@@ -1,17 +1,22 @@
 """Connecting to a chain and sending signed transactions, with every failure mapped onto the error tree.
 
 Sync ``Web3`` on purpose: the CLI, demo and bench are sequential; an aiohttp service can call the handles from a
-worker thread (``asyncio.to_thread``) until an async handle is needed.
+worker thread (``asyncio.to_thread``) until an async handle is needed. Sends from one key are safe from any number
+of threads (and so of asyncio tasks using worker threads): one :class:`NonceManager` per (RPC endpoint, account)
+hands out nonces, so concurrent transactions never collide.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import requests
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import (
@@ -22,9 +27,16 @@ from web3.exceptions import (
     Web3RPCError,
 )
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
-from web3.types import TxParams, TxReceipt, Wei
+from web3.types import Nonce, TxParams, TxReceipt, Wei
 
-from ledger._errors import ChainError, ChainNotReachable, InsufficientFunds, TransactionFailed, WrongChainId
+from ledger._errors import (
+    ChainError,
+    ChainNotReachable,
+    InsufficientFunds,
+    TransactionFailed,
+    TransactionOutcomeUnknown,
+    WrongChainId,
+)
 from ledger._reverts import RevertDecoder
 
 _T = TypeVar("_T")
@@ -78,6 +90,66 @@ def map_call_errors(decoder: RevertDecoder, account: str | None, call: Callable[
         raise ChainError(f"the chain rejected the request: {exc.rpc_response or exc}") from exc
 
 
+class NonceManager:
+    """Hands out the nonces of one account on one chain endpoint, so concurrent sends never reuse one.
+
+    Why hold the lock from reading the nonce until the node has accepted the signed transaction (gas estimate and
+    signing included), instead of only counting up: a nonce handed out and then never broadcast (the estimate
+    reverted, the node refused the transaction) would leave a gap, and every later transaction of the key would
+    wait behind it for ever. Under the lock nothing is handed out that is not sent. Only submission is serialised
+    (milliseconds); waiting for receipts happens outside the lock, concurrently.
+
+    The next nonce is the larger of the node's ``pending`` count and one past the last nonce this manager sent
+    while that transaction is still in flight (load-balanced RPCs may lag). With nothing in flight the chain's
+    count alone is trusted, so a restarted or reset chain is never fed a stale, too-high nonce.
+    """
+
+    def __init__(self, address: ChecksumAddress) -> None:
+        self._address = address
+        self._lock = threading.Lock()
+        self._next_local = 0
+        self._in_flight = 0
+
+    def submit(self, w3: Web3, submit: Callable[[int], _T]) -> _T:
+        """Call ``submit(nonce)`` (estimate, sign, send) with the account's next nonce, one caller at a time."""
+        with self._lock:
+            chain_next = int(w3.eth.get_transaction_count(self._address, "pending"))
+            nonce = max(chain_next, self._next_local) if self._in_flight else chain_next
+            result = submit(nonce)  # raises: nothing was sent, the nonce stays free
+            self._next_local = nonce + 1
+            self._in_flight += 1
+            return result
+
+    def settled(self) -> None:
+        """One transaction sent through :meth:`submit` got its receipt.
+
+        A transaction whose receipt never came stays counted as in flight: it may still be mined, and its nonce
+        must not be handed out again.
+        """
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - 1)
+
+
+_MANAGERS: dict[tuple[str, str], NonceManager] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def nonce_manager(w3: Web3, address: ChecksumAddress) -> NonceManager:
+    """The process-wide :class:`NonceManager` of ``address`` on ``w3``'s endpoint (created on first use).
+
+    Keyed by the provider's endpoint URI (not the ``Web3`` object), so every handle on the same chain and key
+    (``with_account`` copies, the CLI, the demo) shares one. Bounded by the number of (endpoint, key) pairs a process
+    uses: a handful.
+    """
+    endpoint = str(getattr(w3.provider, "endpoint_uri", None) or id(w3.provider))
+    key = (endpoint, address)
+    with _MANAGERS_LOCK:
+        manager = _MANAGERS.get(key)
+        if manager is None:
+            manager = _MANAGERS[key] = NonceManager(address)
+        return manager
+
+
 def send_transaction(
     w3: Web3,
     account: LocalAccount,
@@ -90,21 +162,26 @@ def send_transaction(
     """Estimate, sign locally, send and wait for a successful receipt of a call or a deployment.
 
     Reverts surface as the contract's custom error (decoded from the gas estimate's revert data, or by replaying
-    a mined failed transaction); lack of funds as ``InsufficientFunds``; a missing receipt as ``TransactionFailed``.
+    a mined failed transaction); lack of funds as ``InsufficientFunds``; no receipt within ``receipt_timeout``
+    seconds as ``TransactionOutcomeUnknown`` carrying the hash (the transaction was sent and may still be mined:
+    it is never reported as reverted). Safe to call concurrently for one account (see :class:`NonceManager`).
     """
-    params: TxParams = {
-        "from": account.address,
-        "value": Wei(value),
-        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-        "chainId": w3.eth.chain_id,
-    }
-    tx: dict[str, Any] = dict(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
-    signed = account.sign_transaction(tx)
-    tx_hash = map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
+    chain_id = w3.eth.chain_id
+    manager = nonce_manager(w3, account.address)
+
+    def submit(nonce: int) -> tuple[dict[str, Any], HexBytes]:
+        params: TxParams = {"from": account.address, "value": Wei(value), "nonce": Nonce(nonce), "chainId": chain_id}
+        tx: dict[str, Any] = dict(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
+        signed = account.sign_transaction(tx)
+        raw = signed.raw_transaction
+        return tx, map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(raw))
+
+    tx, tx_hash = manager.submit(w3, submit)
     try:
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
     except TimeExhausted as exc:
-        raise TransactionFailed(f"no receipt within {receipt_timeout} s", tx_hash=tx_hash.to_0x_hex()) from exc
+        raise TransactionOutcomeUnknown(tx_hash.to_0x_hex(), receipt_timeout) from exc
+    manager.settled()
     if receipt["status"] != 1:
         _raise_for_failed(w3, tx, receipt, decoder)
     return receipt

@@ -95,8 +95,10 @@ class NodeInfo:
     unbonding_ends_at: int
     #: The public URL.
     endpoint: str
-    #: Whether the node is routed to (bonded and at or above its role's minimum stake).
+    #: Whether the node is routed to (bonded, not jailed and at or above its role's minimum stake).
     active: bool
+    #: Whether a slash jailed the node and its operator has not called ``unjail`` yet (never routed to meanwhile).
+    jailed: bool
 
     @property
     def unbonding(self) -> bool:
@@ -120,3 +122,20 @@ class TxReceipt:
     events: tuple[str, ...]
     #: The deployed contract's address, for deployments only.
     contract_address: ChecksumAddress | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WithdrawalReceipts:
+    """What :meth:`ledger.NodeRegistry.deregister_and_withdraw` did: one or two mined transactions."""
+
+    #: The ``deregister`` transaction, or None when the node was already deregistered.
+    deregister: TxReceipt | None
+    #: The ``withdraw`` transaction.
+    withdraw: TxReceipt
+    #: Wei paid to the operator by ``withdraw`` (>= 1).
+    amount: Wei
+
+    @property
+    def receipts(self) -> tuple[TxReceipt, ...]:
+        """Every mined transaction, in the order sent."""
+        return (self.withdraw,) if self.deregister is None else (self.deregister, self.withdraw)

@@ -261,7 +261,7 @@ def test_relay_registers_without_a_model(
     assert table.returncode == 0 and "relay" in table.stdout and "1 node(s)" in table.stdout
 
 
-def test_chain_up_on_a_busy_port_fails_cleanly(tmp_path: Path) -> None:
+def test_chain_up_on_a_port_another_program_holds_is_one_line_and_port_in_use(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as busy:
@@ -269,4 +269,49 @@ def test_chain_up_on_a_busy_port_fails_cleanly(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         proc = _run("chain", ["up", "--port", str(port)], _env(None, tmp_path, key_index=None), timeout=60)
-    _failed(proc, ExitCode.CHAIN_UNAVAILABLE, "anvil exited")
+    _failed(proc, ExitCode.PORT_IN_USE, f"port {port}", "another program")
+
+
+def test_a_second_chain_up_on_the_same_port_refuses_or_reuses_and_never_redeploys(tmp_path: Path) -> None:
+    proc, first = _chain_up(tmp_path, tmp_path / "chain-state")
+    try:
+        port = first["rpc_url"].rsplit(":", 1)[1]
+        dep_file = Path(first["deployment"])
+        before = dep_file.read_bytes()
+        env = _env(None, tmp_path, key_index=None)
+        args = ["up", "--port", port, "--deployment", str(dep_file)]
+        refused = _run("chain", args, env)
+        _failed(refused, ExitCode.PORT_IN_USE, f"port {port}", "running chain", "--reuse")
+        assert refused.stdout == ""
+        reused = _ok_json(_run("chain", [*args, "--reuse", "--json"], env))
+        assert reused["reused"] is True and reused["contracts"] == first["contracts"]
+        assert reused["deploy_block"] == first["deploy_block"] and "dev_keys" not in reused
+        assert dep_file.read_bytes() == before  # nothing was redeployed, the file is untouched
+        w3 = connect(first["rpc_url"])
+        assert w3.eth.block_number == first["deploy_block"]  # no deployment transaction reached the running chain
+        # The library refuses the taken port too, instead of handing out the chain already listening there.
+        from ledger import Anvil, AnvilConfig, ChainNotReachable
+
+        with pytest.raises(ChainNotReachable, match="already in use"):
+            Anvil(AnvilConfig(port=int(port))).start()
+    finally:
+        _stop(proc)
+
+
+def test_chain_up_shows_dev_keys_only_when_asked_each_flagged_dev_only(tmp_path: Path) -> None:
+    env = _env(None, tmp_path, key_index=None)
+    code = "import sys; from cli.chain import main; sys.argv[0] = 'ps-chain'; main()"
+    args = ["up", "--port", "0", "--json", "--show-dev-keys", "--deployment", str(tmp_path / "dep.json")]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        shown = _read_json_object(proc)
+    finally:
+        stderr = _stop(proc)
+    keys = shown["dev_keys"]
+    assert len(keys) == len(shown["dev_accounts"]) == 10 and "DEV ONLY" in shown["dev_keys_warning"]
+    for index, key in enumerate(keys):
+        assert key["dev_only"] is True and key["address"] == shown["dev_accounts"][index]
+        assert Account.from_key(key["private_key"]).address == key["address"] == dev_account(index).address
+    assert "DEV ONLY" not in stderr or "never use on a real chain" in stderr

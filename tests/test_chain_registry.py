@@ -1,30 +1,41 @@
-"""NodeRegistry against a real anvil: happy paths, every revert with its custom error's arguments, slashing."""
+"""NodeRegistry against a real anvil: happy paths, every revert with its custom error's arguments, slashing,
+jailing, rebonding, roles and constructor bounds."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from ledger import ContractRevert, NodeRegistry, Role, model_id
+from ledger import ContractRevert, InvalidChainInput, NodeRegistry, RegistryParams, Role, deploy_all, model_id
+from ledger._artifacts import load_artifact
+from ledger._deploy import MAX_UNBONDING_DELAY
 from ledger._reverts import (
+    AccessControlEnforcedDefaultAdminDelay,
+    AccessControlInvalidDefaultAdmin,
+    AccessControlUnauthorizedAccount,
     NodeRegistryAlreadyRegistered,
     NodeRegistryInvalidEndpoint,
+    NodeRegistryInvalidMinimumStake,
     NodeRegistryInvalidModelId,
     NodeRegistryInvalidPublicKey,
-    NodeRegistryInvalidSlasher,
+    NodeRegistryInvalidTreasury,
+    NodeRegistryInvalidVerificationWindow,
     NodeRegistryNodeUnbonding,
     NodeRegistryNothingToWithdraw,
+    NodeRegistryNotJailed,
     NodeRegistryNotRegistered,
     NodeRegistryNotUnbonding,
-    NodeRegistrySlasherAlreadySet,
     NodeRegistryStakeBelowMinimum,
-    NodeRegistryUnauthorizedSlasher,
     NodeRegistryUnauthorizedTreasury,
+    NodeRegistryUnbondingDelayTooLong,
+    NodeRegistryUnbondingDelayTooShort,
     NodeRegistryUnbondingNotFinished,
     NodeRegistryZeroAmount,
-    OwnableUnauthorizedAccount,
+    RevertDecoder,
 )
+from ledger._tx import send_transaction
 from tests.fixtures.chain import OUTSIDER, OWNER, SLASHER, TEST_PARAMS, ChainEnv
 
 ETH = 10**18
@@ -56,9 +67,13 @@ def test_deployment_exposes_parameters(chain: ChainEnv) -> None:
     assert reg.minimum_stake(Role.RELAY) == TEST_PARAMS.minimum_stake_relay
     assert reg.minimum_stake(Role.VERIFIER) == TEST_PARAMS.minimum_stake_verifier
     assert reg.unbonding_delay() == TEST_PARAMS.unbonding_delay
-    assert reg.owner() == chain.account(OWNER).address
+    assert reg.verification_window() == TEST_PARAMS.verification_window
+    assert reg.admin_transfer_delay() == TEST_PARAMS.admin_transfer_delay
+    assert reg.owner() == reg.admin() == chain.account(OWNER).address
+    assert reg.has_role(NodeRegistry.DEFAULT_ADMIN_ROLE, chain.account(OWNER).address)
     assert reg.treasury() == chain.account(OWNER).address
-    assert reg.slasher() is None
+    assert reg.pending_admin() == (None, 0)
+    assert not any(reg.is_slasher(chain.account(i).address) for i in (OWNER, SLASHER, OUTSIDER))
 
 
 def test_register_records_node_and_activates_it(chain: ChainEnv) -> None:
@@ -77,7 +92,7 @@ def test_register_records_node_and_activates_it(chain: ChainEnv) -> None:
     assert node is not None
     assert (node.role, node.stake, node.endpoint) == (Role.MODEL, 3 * ETH // 2, "http://127.0.0.1:9001")
     assert (node.x25519_public_key, node.model_id, node.price_per_1k_tokens) == (KEY, MODEL, 1_234)
-    assert node.active and not node.unbonding and node.registered_at > 0
+    assert node.active and not node.unbonding and not node.jailed and node.registered_at > 0
     assert reg.is_active(reg.account)
     assert reg.balance() == 3 * ETH // 2
     assert chain.registry().get_node(chain.account(OUTSIDER).address) is None
@@ -217,47 +232,129 @@ def test_unbonding_node_is_frozen_until_the_delay_passes(chain: ChainEnv) -> Non
     reg.withdraw()
 
 
-def test_only_the_authorised_slasher_can_slash(chain: ChainEnv) -> None:
+def test_only_slasher_role_holders_can_slash(chain: ChainEnv) -> None:
     victim = chain.registry(6)
     _register(victim, stake=2 * ETH)
     evidence = bytes([9]) * 32
-    # before any slasher is set, nobody (not even the owner) can slash
+    # before any grant, nobody (not even the admin) can slash
     for index in (OWNER, SLASHER, 6):
-        with pytest.raises(NodeRegistryUnauthorizedSlasher) as exc:
+        with pytest.raises(AccessControlUnauthorizedAccount) as exc:
             chain.registry(index).slash(victim.account, ETH, evidence)
-        assert exc.value.caller == chain.account(index).address
-    with pytest.raises(OwnableUnauthorizedAccount) as not_owner:
-        chain.registry(OUTSIDER).set_slasher(chain.account(OUTSIDER).address)
-    assert not_owner.value.account == chain.account(OUTSIDER).address
-    with pytest.raises(NodeRegistryInvalidSlasher):
-        chain.registry(OWNER).set_slasher("0x" + "00" * 20)
-    assert chain.registry(OWNER).set_slasher(chain.account(SLASHER).address).events == ("SlasherSet",)
-    with pytest.raises(NodeRegistrySlasherAlreadySet) as again:
-        chain.registry(OWNER).set_slasher(chain.account(OUTSIDER).address)
-    assert again.value.slasher == chain.account(SLASHER).address
-    for index in (OWNER, OUTSIDER, 6):
-        with pytest.raises(NodeRegistryUnauthorizedSlasher):
+        assert (exc.value.account, exc.value.neededRole) == (chain.account(index).address, NodeRegistry.SLASHER_ROLE)
+    # only the admin grants: the role's admin is DEFAULT_ADMIN_ROLE
+    with pytest.raises(AccessControlUnauthorizedAccount) as not_admin:
+        chain.registry(OUTSIDER).grant_slasher(chain.account(OUTSIDER).address)
+    assert (not_admin.value.account, not_admin.value.neededRole) == (
+        chain.account(OUTSIDER).address,
+        NodeRegistry.DEFAULT_ADMIN_ROLE,
+    )
+    admin = chain.registry(OWNER)
+    assert admin.grant_slasher(chain.account(SLASHER).address).events == ("RoleGranted",)
+    assert admin.grant_slasher(chain.account(OUTSIDER).address).events == ("RoleGranted",)  # several holders
+    assert admin.grant_slasher(chain.account(OUTSIDER).address).events == ()  # again: no-op
+    assert admin.is_slasher(chain.account(SLASHER).address) and admin.is_slasher(chain.account(OUTSIDER).address)
+    for index in (OWNER, 6):
+        with pytest.raises(AccessControlUnauthorizedAccount):
             chain.registry(index).slash(victim.account, ETH, evidence)
 
     slasher = chain.registry(SLASHER)
     with pytest.raises(NodeRegistryZeroAmount):
         slasher.slash(victim.account, 0, evidence)
-    with pytest.raises(NodeRegistryNotRegistered):
-        slasher.slash(chain.account(OUTSIDER).address, ETH, evidence)
-    assert slasher.slash(victim.account, 3 * ETH // 2, evidence).events == ("NodeSlashed",)
-    assert victim.stake_of(victim.account) == ETH // 2
-    assert not victim.is_active(victim.account)  # below the model minimum: no longer routed to
-    assert victim.treasury_balance() == 3 * ETH // 2
-    victim.add_stake(ETH // 2)
-    assert victim.is_active(victim.account)
-    victim.request_unbond()
-    slasher.slash(victim.account, 10 * ETH, evidence)  # capped at the stake, also while unbonding
-    assert victim.stake_of(victim.account) == 0 and victim.treasury_balance() == 5 * ETH // 2
+    assert slasher.slash(victim.account, ETH // 2, evidence).events == ("NodeSlashed", "NodeJailed")
+    assert chain.registry(OUTSIDER).slash(victim.account, ETH, evidence).events == ("NodeSlashed",)  # already jailed
+    assert victim.stake_of(victim.account) == ETH // 2 and victim.treasury_balance() == 3 * ETH // 2
+    assert admin.revoke_slasher(chain.account(OUTSIDER).address).events == ("RoleRevoked",)
+    with pytest.raises(AccessControlUnauthorizedAccount):
+        chain.registry(OUTSIDER).slash(victim.account, ETH, evidence)
+    assert slasher.is_slasher(slasher.account)
     _assert_solvent(chain)
 
 
+def test_slash_jails_until_the_operator_restakes_and_unjails(chain: ChainEnv) -> None:
+    chain.registry(OWNER).grant_slasher(chain.account(SLASHER).address)
+    slasher = chain.registry(SLASHER)
+    victim = chain.registry(6)
+    _register(victim, stake=2 * ETH)
+    with pytest.raises(NodeRegistryNotJailed) as not_jailed:
+        victim.unjail()
+    assert not_jailed.value.operator == victim.account
+    # a small slash still leaves the stake above the minimum, but the node is jailed: not routed to
+    slasher.slash(victim.account, ETH // 2, b"\x01" * 32)
+    node = victim.get_node(victim.account)
+    assert node is not None and node.jailed and not node.active and node.stake == 3 * ETH // 2
+    assert victim.is_jailed(victim.account) and not victim.is_active(victim.account)
+    # a large one takes it below the minimum: unjail is refused until the operator tops up
+    slasher.slash(victim.account, ETH, b"\x02" * 32)
+    with pytest.raises(NodeRegistryStakeBelowMinimum) as below:
+        victim.unjail()
+    assert (below.value.operator, below.value.role, below.value.stake, below.value.minimum) == (
+        victim.account,
+        Role.MODEL,
+        ETH // 2,
+        ETH,
+    )
+    victim.add_stake(ETH // 2)
+    assert victim.is_jailed(victim.account) and not victim.is_active(victim.account)  # stake alone does not free it
+    assert victim.unjail().events == ("NodeUnjailed",)
+    node = victim.get_node(victim.account)
+    assert node is not None and not node.jailed and node.active
+    # unbonding forbids unjail (NodeUnbonding), and deregistering clears the record, jail included
+    slasher.slash(victim.account, 1, bytes(32))
+    victim.request_unbond()
+    with pytest.raises(NodeRegistryNodeUnbonding):
+        victim.unjail()
+    chain.advance(TEST_PARAMS.unbonding_delay)
+    victim.deregister()
+    assert not victim.is_jailed(victim.account)
+    _assert_solvent(chain)
+
+
+def test_slash_of_an_unknown_or_deregistered_node_is_skipped_not_reverted(chain: ChainEnv) -> None:
+    chain.registry(OWNER).grant_slasher(chain.account(SLASHER).address)
+    slasher = chain.registry(SLASHER)
+    assert slasher.slash(chain.account(OUTSIDER).address, ETH, b"\x03" * 32).events == ("SlashSkipped",)
+    leaver = chain.registry(8)
+    _register(leaver, Role.RELAY, stake=TEST_PARAMS.minimum_stake_relay)
+    leaver.request_unbond()
+    chain.advance(TEST_PARAMS.unbonding_delay)
+    leaver.deregister()
+    assert slasher.slash(leaver.account, ETH, b"\x04" * 32).events == ("SlashSkipped",)
+    # the stake already released to the pull balance is not touched
+    assert leaver.pending_withdrawal(leaver.account) == TEST_PARAMS.minimum_stake_relay
+    assert leaver.treasury_balance() == 0
+    logs = chain.registry().contract.events.SlashSkipped().get_logs(from_block=chain.deployment.deploy_block)
+    assert [(log["args"]["operator"], log["args"]["requestedAmount"]) for log in logs] == [
+        (chain.account(OUTSIDER).address, ETH),
+        (leaver.account, ETH),
+    ]
+    _assert_solvent(chain)
+
+
+def test_rebond_cancels_unbonding(chain: ChainEnv) -> None:
+    reg = chain.registry(9)
+    with pytest.raises(NodeRegistryNotRegistered):
+        reg.rebond()
+    _register(reg)
+    with pytest.raises(NodeRegistryNotUnbonding) as not_unbonding:
+        reg.rebond()
+    assert not_unbonding.value.operator == reg.account
+    reg.request_unbond()
+    assert not reg.is_active(reg.account)
+    assert reg.rebond().events == ("UnbondingCancelled",)
+    node = reg.get_node(reg.account)
+    assert node is not None and not node.unbonding and node.active
+    reg.add_stake(ETH)  # bonded again: the frozen calls work
+    # even past the end of the delay, a node not yet deregistered can come back
+    reg.request_unbond()
+    chain.advance(TEST_PARAMS.unbonding_delay + 5)
+    reg.rebond()
+    with pytest.raises(NodeRegistryNotUnbonding):
+        reg.deregister()
+    assert reg.is_active(reg.account) and reg.stake_of(reg.account) == 2 * ETH
+
+
 def test_treasury_withdraws_slashed_funds_by_pull(chain: ChainEnv) -> None:
-    chain.registry(OWNER).set_slasher(chain.account(SLASHER).address)
+    chain.registry(OWNER).grant_slasher(chain.account(SLASHER).address)
     victim = chain.registry(7)
     _register(victim)
     with pytest.raises(NodeRegistryNothingToWithdraw):
@@ -269,6 +366,95 @@ def test_treasury_withdraws_slashed_funds_by_pull(chain: ChainEnv) -> None:
     assert chain.registry(OWNER).withdraw_treasury().events == ("TreasuryWithdrawn",)
     assert victim.treasury_balance() == 0 and victim.balance() == 3 * ETH // 4
     _assert_solvent(chain)
+
+
+def test_admin_moves_only_in_two_steps_after_the_delay(chain: ChainEnv) -> None:
+    admin = chain.registry(OWNER)
+    new = chain.registry(OUTSIDER)
+    with pytest.raises(AccessControlUnauthorizedAccount):
+        new.begin_admin_transfer(new.account)  # not the admin
+    assert admin.begin_admin_transfer(new.account).events == ("DefaultAdminTransferScheduled",)
+    pending, schedule = admin.pending_admin()
+    assert pending == new.account and schedule == chain.now() + TEST_PARAMS.admin_transfer_delay
+    with pytest.raises(AccessControlInvalidDefaultAdmin) as wrong:
+        chain.registry(SLASHER).accept_admin_transfer()  # not the pending admin
+    assert wrong.value.defaultAdmin == chain.account(SLASHER).address
+    with pytest.raises(AccessControlEnforcedDefaultAdminDelay) as early:
+        new.accept_admin_transfer()
+    assert early.value.schedule == schedule
+    assert admin.admin() == admin.account  # nothing moved yet
+    chain.advance(TEST_PARAMS.admin_transfer_delay + 1)  # OpenZeppelin: accepted strictly after the schedule
+    assert new.accept_admin_transfer().events == ("RoleRevoked", "RoleGranted")
+    assert admin.admin() == new.account and admin.pending_admin() == (None, 0)
+    with pytest.raises(AccessControlUnauthorizedAccount):
+        admin.grant_slasher(admin.account)  # the old admin lost the power
+    assert new.grant_slasher(chain.account(SLASHER).address).events == ("RoleGranted",)
+
+
+def test_deploy_all_grants_the_configured_slashers(chain: ChainEnv, tmp_path: Any) -> None:
+    params = RegistryParams(verification_window=60, unbonding_delay=60, slashers=(chain.account(SLASHER).address,))
+    deployment = deploy_all(chain.w3, chain.account(OWNER), params, path=tmp_path / "d.json")
+    reg = NodeRegistry(chain.w3, deployment.registry_address)
+    assert reg.is_slasher(chain.account(SLASHER).address) and not reg.is_slasher(chain.account(OWNER).address)
+    assert deployment.params["slashers"] == [chain.account(SLASHER).address]
+    assert deployment.params["verificationWindow"] == 60
+
+
+def _deploy_raw(chain: ChainEnv, **overrides: Any) -> None:
+    """Send the constructor with ``overrides``, bypassing ``RegistryParams``' own checks."""
+    artifact = load_artifact("NodeRegistry")
+    args: dict[str, Any] = {
+        "admin": chain.account(OWNER).address,
+        "admin_delay": 0,
+        "treasury": chain.account(OWNER).address,
+        "model": ETH,
+        "relay": ETH,
+        "verifier": ETH,
+        "window": 600,
+        "unbonding": 3_600,
+        **overrides,
+    }
+    factory = chain.w3.eth.contract(abi=list(artifact.abi), bytecode=artifact.bytecode)
+    send_transaction(chain.w3, chain.account(OWNER), factory.constructor(*args.values()), RevertDecoder([artifact.abi]))
+
+
+def test_constructor_rejects_unusable_parameters_with_their_values(chain: ChainEnv) -> None:
+    zero = "0x" + "00" * 20
+    with pytest.raises(NodeRegistryInvalidTreasury):
+        _deploy_raw(chain, treasury=zero)
+    with pytest.raises(AccessControlInvalidDefaultAdmin):
+        _deploy_raw(chain, admin=zero)
+    for field, role in (("model", Role.MODEL), ("relay", Role.RELAY), ("verifier", Role.VERIFIER)):
+        with pytest.raises(NodeRegistryInvalidMinimumStake) as stake:
+            _deploy_raw(chain, **{field: 0})
+        assert (stake.value.role, stake.value.minimum) == (role, 0)
+    with pytest.raises(NodeRegistryInvalidVerificationWindow) as window:
+        _deploy_raw(chain, window=0, unbonding=0)
+    assert window.value.verificationWindow == 0
+    with pytest.raises(NodeRegistryUnbondingDelayTooShort) as short:
+        _deploy_raw(chain, window=600, unbonding=599)
+    assert (short.value.unbondingDelay, short.value.verificationWindow) == (599, 600)
+    with pytest.raises(NodeRegistryUnbondingDelayTooLong) as long:
+        _deploy_raw(chain, unbonding=MAX_UNBONDING_DELAY + 1)
+    assert (long.value.unbondingDelay, long.value.maxUnbondingDelay) == (MAX_UNBONDING_DELAY + 1, MAX_UNBONDING_DELAY)
+    _deploy_raw(chain, window=MAX_UNBONDING_DELAY, unbonding=MAX_UNBONDING_DELAY)  # both bounds are inclusive
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"minimum_stake_relay": 0}, "minimum_stake_relay"),
+        ({"verification_window": 0}, "verification_window"),
+        ({"verification_window": 601, "unbonding_delay": 600}, "unbonding_delay"),
+        ({"unbonding_delay": MAX_UNBONDING_DELAY + 1}, "unbonding_delay"),
+        ({"admin_transfer_delay": 2**48}, "admin_transfer_delay"),
+        ({"slashers": ("0x1234",)}, "slasher"),
+    ],
+)
+def test_registry_params_check_the_contract_bounds_before_sending(overrides: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidChainInput) as exc:
+        RegistryParams(**overrides)
+    assert exc.value.param == param
 
 
 def test_every_revert_is_a_contract_revert_with_code_tx_reverted(chain: ChainEnv) -> None:

@@ -1,6 +1,7 @@
 """Random sequences of registry operations against anvil, checked against a model and two invariants:
 the contract is always exactly solvent (balance == stakes + pending withdrawals + treasury), and nobody ever
-withdraws more than they deposited."""
+withdraws more than they deposited. The operations include jailing by slash, unjail, rebond, slashes of
+deregistered or unknown nodes, and granting/revoking the slasher role."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from ledger import Anvil, ContractRevert, Deployment, NodeRegistry, Role, model_id
 from ledger._reverts import (
+    AccessControlUnauthorizedAccount,
     NodeRegistryAlreadyRegistered,
     NodeRegistryNodeUnbonding,
     NodeRegistryNothingToWithdraw,
+    NodeRegistryNotJailed,
     NodeRegistryNotRegistered,
     NodeRegistryNotUnbonding,
     NodeRegistryStakeBelowMinimum,
     NodeRegistryUnbondingNotFinished,
     NodeRegistryZeroAmount,
 )
-from tests.fixtures.chain import OWNER, SLASHER, TEST_PARAMS, rpc
+from tests.fixtures.chain import OUTSIDER, OWNER, SLASHER, TEST_PARAMS, rpc
 
 TENTH = 10**17
 OPERATORS = (1, 2, 3, 4)
@@ -33,7 +36,10 @@ MINIMUM = {
     Role.VERIFIER: TEST_PARAMS.minimum_stake_verifier,
 }
 
+#: Accounts that may hold the slasher role (the model tracks which do).
+SLASHERS = (SLASHER, OUTSIDER)
 operators = st.sampled_from(OPERATORS)
+slashers = st.sampled_from(SLASHERS)
 amounts = st.integers(min_value=0, max_value=30).map(lambda n: n * TENTH)
 
 
@@ -48,11 +54,13 @@ class RegistryMachine(RuleBasedStateMachine):
         self.w3 = self.anvil.web3()
         self.snapshot = rpc(self.w3, "evm_snapshot", [])
         address = self.deployment.registry_address
-        self.regs = {i: NodeRegistry(self.w3, address, dev(i)) for i in (*OPERATORS, OWNER, SLASHER)}
-        self.regs[OWNER].set_slasher(dev(SLASHER).address)
+        self.regs = {i: NodeRegistry(self.w3, address, dev(i)) for i in (*OPERATORS, OWNER, *SLASHERS)}
+        self.regs[OWNER].grant_slasher(dev(SLASHER).address)
+        self.slashers = {SLASHER}
         self.stake: dict[int, int] = {}
         self.role: dict[int, Role] = {}
         self.unbonding: dict[int, bool] = {}
+        self.jailed: dict[int, bool] = {}
         self.pending = dict.fromkeys(OPERATORS, 0)
         self.deposited = dict.fromkeys(OPERATORS, 0)
         self.withdrawn = dict.fromkeys(OPERATORS, 0)
@@ -89,7 +97,7 @@ class RegistryMachine(RuleBasedStateMachine):
             ),
         )
         if error is None:
-            self.stake[op], self.role[op], self.unbonding[op] = stake, role, False
+            self.stake[op], self.role[op], self.unbonding[op], self.jailed[op] = stake, role, False, False
             self.deposited[op] += stake
 
     @rule(op=operators, amount=amounts)
@@ -117,6 +125,43 @@ class RegistryMachine(RuleBasedStateMachine):
         if error is None:
             self.unbonding[op] = True
 
+    @rule(op=operators)
+    def rebond(self, op: int) -> None:
+        error: type[ContractRevert] | None = None
+        if op not in self.stake:
+            error = NodeRegistryNotRegistered
+        elif not self.unbonding[op]:
+            error = NodeRegistryNotUnbonding
+        self._expect(error, self.regs[op].rebond)
+        if error is None:
+            self.unbonding[op] = False
+
+    @rule(op=operators)
+    def unjail(self, op: int) -> None:
+        error: type[ContractRevert] | None = None
+        if op not in self.stake:
+            error = NodeRegistryNotRegistered
+        elif self.unbonding[op]:
+            error = NodeRegistryNodeUnbonding
+        elif not self.jailed[op]:
+            error = NodeRegistryNotJailed
+        elif self.stake[op] < MINIMUM[self.role[op]]:
+            error = NodeRegistryStakeBelowMinimum
+        self._expect(error, self.regs[op].unjail)
+        if error is None:
+            self.jailed[op] = False
+
+    @rule(who=slashers, grant=st.booleans())
+    def set_slasher_role(self, who: int, grant: bool) -> None:
+        admin = self.regs[OWNER]
+        receipt = admin.grant_slasher(dev(who).address) if grant else admin.revoke_slasher(dev(who).address)
+        changed = (who in self.slashers) != grant
+        assert receipt.events == ((("RoleGranted",) if grant else ("RoleRevoked",)) if changed else ())
+        if grant:
+            self.slashers.add(who)
+        else:
+            self.slashers.discard(who)
+
     @rule(seconds=st.sampled_from([1, 600, TEST_PARAMS.unbonding_delay, 2 * TEST_PARAMS.unbonding_delay]))
     def advance(self, seconds: int) -> None:
         rpc(self.w3, "evm_increaseTime", [seconds])
@@ -136,7 +181,7 @@ class RegistryMachine(RuleBasedStateMachine):
             assert exc.currentTime < exc.unbondingEndsAt
             return
         self.pending[op] += self.stake.pop(op)
-        del self.role[op], self.unbonding[op]
+        del self.role[op], self.unbonding[op], self.jailed[op]
 
     @rule(op=operators)
     def withdraw(self, op: int) -> None:
@@ -151,18 +196,24 @@ class RegistryMachine(RuleBasedStateMachine):
         self.withdrawn[op] += paid
         self.pending[op] = 0
 
-    @rule(op=operators, amount=amounts)
-    def slash(self, op: int, amount: int) -> None:
+    @rule(op=operators, amount=amounts, by=slashers)
+    def slash(self, op: int, amount: int, by: int) -> None:
         error: type[ContractRevert] | None = None
-        if op not in self.stake:
-            error = NodeRegistryNotRegistered
+        if by not in self.slashers:
+            error = AccessControlUnauthorizedAccount
         elif amount == 0:
             error = NodeRegistryZeroAmount
-        self._expect(error, lambda: self.regs[SLASHER].slash(dev(op).address, amount, b"\x02" * 32))
-        if error is None:
-            taken = min(amount, self.stake[op])
-            self.stake[op] -= taken
-            self.treasury += taken
+        receipt = self._expect(error, lambda: self.regs[by].slash(dev(op).address, amount, b"\x02" * 32))
+        if error is not None:
+            return
+        if op not in self.stake:  # never registered or deregistered: skipped, nothing taken
+            assert receipt.events == ("SlashSkipped",)
+            return
+        assert receipt.events == (("NodeSlashed",) if self.jailed[op] else ("NodeSlashed", "NodeJailed"))
+        taken = min(amount, self.stake[op])
+        self.stake[op] -= taken
+        self.treasury += taken
+        self.jailed[op] = True
 
     @invariant()
     def contract_is_exactly_solvent(self) -> None:
@@ -179,8 +230,16 @@ class RegistryMachine(RuleBasedStateMachine):
             address = dev(op).address
             assert reg.stake_of(address) == self.stake.get(op, 0)
             assert reg.pending_withdrawal(address) == self.pending[op]
-            active = op in self.stake and not self.unbonding[op] and self.stake[op] >= MINIMUM[self.role[op]]
+            active = (
+                op in self.stake
+                and not self.unbonding[op]
+                and not self.jailed[op]
+                and self.stake[op] >= MINIMUM[self.role[op]]
+            )
             assert reg.is_active(address) == active
+            assert reg.is_jailed(address) == self.jailed.get(op, False)
+        for who in SLASHERS:
+            assert reg.is_slasher(dev(who).address) == (who in self.slashers)
 
     @invariant()
     def nobody_withdraws_more_than_deposited(self) -> None:
@@ -202,8 +261,8 @@ def test_random_registry_operations_keep_the_invariants(
     run_state_machine_as_test(
         RegistryMachine,
         settings=settings(
-            max_examples=6,
-            stateful_step_count=12,
+            max_examples=8,
+            stateful_step_count=16,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow],

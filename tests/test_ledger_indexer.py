@@ -34,8 +34,9 @@ def _activity(chain: ChainEnv) -> None:
     _register(chain.registry(4), Role.MODEL, ETH, 9004)
     chain.registry(1).add_stake(ETH)
     chain.registry(2).update(endpoint="http://127.0.0.1:9102", x25519_public_key=b"\x05" * 32, price_per_1k_tokens=5)
-    chain.registry(OWNER).set_slasher(chain.account(SLASHER).address)
+    chain.registry(OWNER).grant_slasher(chain.account(SLASHER).address)
     chain.registry(SLASHER).slash(chain.account(1).address, ETH // 2, b"\x0e" * 32)
+    chain.registry(1).unjail()  # a slash jails; the stake is still above the minimum, so the operator may leave
     chain.registry(4).request_unbond()
     chain.registry(3).request_unbond()
     chain.advance(TEST_PARAMS.unbonding_delay)
