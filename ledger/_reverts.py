@@ -282,6 +282,202 @@ class ReentrancyGuardReentrantCall(ContractRevert):
     error_name = "ReentrancyGuardReentrantCall"
 
 
+# -- PaymentChannels (engineer H7's block: contracts/PaymentChannels.sol) ---------------------------------------
+
+
+class PaymentChannelsZeroAmount(ContractRevert):
+    """A payable call carried no value, or a slash asked for zero."""
+
+    error_name = "PaymentChannelsZeroAmount"
+    caller: ChecksumAddress
+
+
+class PaymentChannelsDepositTooLarge(ContractRevert):
+    """A deposit (wei) would exceed the largest representable one (2**96 - 1 wei); ``channelId`` 0 when opening."""
+
+    error_name = "PaymentChannelsDepositTooLarge"
+    channelId: int
+    deposit: int
+    maximum: int
+
+
+class PaymentChannelsInvalidNode(ContractRevert):
+    """A channel's node is zero or the client itself."""
+
+    error_name = "PaymentChannelsInvalidNode"
+    node: ChecksumAddress
+
+
+class PaymentChannelsUnknownChannel(ContractRevert):
+    """No channel has this id."""
+
+    error_name = "PaymentChannelsUnknownChannel"
+    channelId: int
+
+
+class PaymentChannelsNotClient(ContractRevert):
+    """Only the channel's client may top it up or close it."""
+
+    error_name = "PaymentChannelsNotClient"
+    channelId: int
+    caller: ChecksumAddress
+    client: ChecksumAddress
+
+
+class PaymentChannelsNotNode(ContractRevert):
+    """Only the channel's node may redeem on it."""
+
+    error_name = "PaymentChannelsNotNode"
+    channelId: int
+    caller: ChecksumAddress
+    node: ChecksumAddress
+
+
+class PaymentChannelsChannelClosing(ContractRevert):
+    """The channel is already closing (``closesAt`` in Unix seconds): no top-up, no second close."""
+
+    error_name = "PaymentChannelsChannelClosing"
+    channelId: int
+    closesAt: int
+
+
+class PaymentChannelsChannelClosed(ContractRevert):
+    """The dispute delay is over (times in Unix seconds): the node can no longer redeem."""
+
+    error_name = "PaymentChannelsChannelClosed"
+    channelId: int
+    closesAt: int
+    currentTime: int
+
+
+class PaymentChannelsCloseNotStarted(ContractRevert):
+    """``finishClose`` on a channel whose client has not started closing it."""
+
+    error_name = "PaymentChannelsCloseNotStarted"
+    channelId: int
+
+
+class PaymentChannelsDisputeNotOver(ContractRevert):
+    """``finishClose`` before the dispute delay ended (times in Unix seconds)."""
+
+    error_name = "PaymentChannelsDisputeNotOver"
+    channelId: int
+    closesAt: int
+    currentTime: int
+
+
+class PaymentChannelsAlreadySettled(ContractRevert):
+    """The channel was already settled."""
+
+    error_name = "PaymentChannelsAlreadySettled"
+    channelId: int
+
+
+class PaymentChannelsInvalidSignature(ContractRevert):
+    """The voucher is not the client's signature (``signer`` is zero for a malformed or high-s signature)."""
+
+    error_name = "PaymentChannelsInvalidSignature"
+    channelId: int
+    signer: ChecksumAddress
+    client: ChecksumAddress
+
+
+class PaymentChannelsVoucherNotAboveRedeemed(ContractRevert):
+    """The voucher's cumulative amount (wei) is not above what was already redeemed: nothing new to pay."""
+
+    error_name = "PaymentChannelsVoucherNotAboveRedeemed"
+    channelId: int
+    cumulativeAmount: int
+    redeemed: int
+
+
+class PaymentChannelsVoucherExceedsDeposit(ContractRevert):
+    """The voucher asks for more (wei) than the channel's deposit (wei)."""
+
+    error_name = "PaymentChannelsVoucherExceedsDeposit"
+    channelId: int
+    cumulativeAmount: int
+    deposit: int
+
+
+class PaymentChannelsNodeJailed(ContractRevert):
+    """The registry has jailed the node: it may not redeem."""
+
+    error_name = "PaymentChannelsNodeJailed"
+    node: ChecksumAddress
+
+
+class PaymentChannelsInvalidBatchSize(ContractRevert):
+    """A batch redemption must carry 1..``maxLength`` vouchers."""
+
+    error_name = "PaymentChannelsInvalidBatchSize"
+    length: int
+    maxLength: int
+
+
+class PaymentChannelsNothingToWithdraw(ContractRevert):
+    """The account has nothing withdrawable (locked earnings do not count)."""
+
+    error_name = "PaymentChannelsNothingToWithdraw"
+    account: ChecksumAddress
+
+
+class PaymentChannelsTransferFailed(ContractRevert):
+    """The recipient refused the payment."""
+
+    error_name = "PaymentChannelsTransferFailed"
+    to: ChecksumAddress
+    amount: int
+
+
+class PaymentChannelsInvalidConfig(ContractRevert):
+    """A constructor argument is unusable: a zero registry or treasury, or a zero verification window (s)."""
+
+    error_name = "PaymentChannelsInvalidConfig"
+    registry: ChecksumAddress
+    treasury: ChecksumAddress
+    verificationWindow: int
+
+
+class InvalidShortString(ContractRevert):
+    """OpenZeppelin ``ShortStrings`` (EIP-712 name/version): a stored short string is malformed."""
+
+    error_name = "InvalidShortString"
+
+
+class StringTooLong(ContractRevert):
+    """OpenZeppelin ``ShortStrings`` (EIP-712 name/version): a string is too long to store inline."""
+
+    error_name = "StringTooLong"
+    str: str
+
+
+#: H7's PaymentChannels errors, registered below with the rest.
+_PAYMENT_CHANNEL_REVERTS: tuple[type[ContractRevert], ...] = (
+    PaymentChannelsZeroAmount,
+    PaymentChannelsDepositTooLarge,
+    PaymentChannelsInvalidNode,
+    PaymentChannelsUnknownChannel,
+    PaymentChannelsNotClient,
+    PaymentChannelsNotNode,
+    PaymentChannelsChannelClosing,
+    PaymentChannelsChannelClosed,
+    PaymentChannelsCloseNotStarted,
+    PaymentChannelsDisputeNotOver,
+    PaymentChannelsAlreadySettled,
+    PaymentChannelsInvalidSignature,
+    PaymentChannelsVoucherNotAboveRedeemed,
+    PaymentChannelsVoucherExceedsDeposit,
+    PaymentChannelsNodeJailed,
+    PaymentChannelsInvalidBatchSize,
+    PaymentChannelsNothingToWithdraw,
+    PaymentChannelsTransferFailed,
+    PaymentChannelsInvalidConfig,
+    InvalidShortString,
+    StringTooLong,
+)
+
+
 #: Every decodable error class, by Solidity name.
 REVERT_CLASSES: dict[str, type[ContractRevert]] = {
     cls.error_name: cls
@@ -316,6 +512,7 @@ REVERT_CLASSES: dict[str, type[ContractRevert]] = {
         ReentrancyGuardReentrantCall,
     )
 }
+REVERT_CLASSES.update({cls.error_name: cls for cls in _PAYMENT_CHANNEL_REVERTS})
 
 
 def _abi_type(param: Mapping[str, Any]) -> str:
