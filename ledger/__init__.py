@@ -27,6 +27,7 @@ from ledger._errors import (
     WrongChainId,
 )
 from ledger._indexer import IndexedNode, Indexer, IndexerError, SyncReport
+from ledger._payments import ChannelBalances, ChannelInfo, OpenedChannel, PaymentChannels, PaymentParams
 from ledger._registry import NodeRegistry
 from ledger._reverts import ContractRevert, UnknownRevert
 from ledger._tx import connect
@@ -41,8 +42,11 @@ from ledger._types import (
     model_id,
     parse_eth,
 )
+from ledger._voucher_store import AcceptedVoucher, ChannelBook, PriceRule, VoucherStore
+from ledger._vouchers import Voucher, VoucherDomain, VoucherRejected, sign_voucher, verify_voucher
 
 __all__ = [
+    "AcceptedVoucher",
     "Anvil",
     "AnvilConfig",
     "Artifact",
@@ -50,6 +54,9 @@ __all__ = [
     "ChainError",
     "ChainNotReachable",
     "ChainUnavailable",
+    "ChannelBalances",
+    "ChannelBook",
+    "ChannelInfo",
     "ContractRevert",
     "Deployment",
     "DeploymentNotFound",
@@ -60,7 +67,11 @@ __all__ = [
     "InvalidChainInput",
     "NodeInfo",
     "NodeRegistry",
+    "OpenedChannel",
     "OperatorKeyError",
+    "PaymentChannels",
+    "PaymentParams",
+    "PriceRule",
     "RegistryParams",
     "Role",
     "SyncReport",
@@ -68,6 +79,10 @@ __all__ = [
     "TransactionOutcomeUnknown",
     "TxReceipt",
     "UnknownRevert",
+    "Voucher",
+    "VoucherDomain",
+    "VoucherRejected",
+    "VoucherStore",
     "Wei",
     "WithdrawalReceipts",
     "WrongChainId",
@@ -82,4 +97,6 @@ __all__ = [
     "model_id",
     "open_registry",
     "parse_eth",
+    "sign_voucher",
+    "verify_voucher",
 ]

@@ -14,6 +14,7 @@ from web3 import Web3
 
 from ledger._artifacts import load_artifact
 from ledger._errors import DeploymentNotFound, InvalidChainInput, WrongChainId
+from ledger._payments import PaymentParams, deploy_payments
 from ledger._registry import NodeRegistry
 from ledger._reverts import RevertDecoder
 from ledger._tx import connect, send_transaction
@@ -114,6 +115,11 @@ class Deployment:
         """The ``NodeRegistry`` address."""
         return self.contracts["NodeRegistry"].address
 
+    @property
+    def payments_address(self) -> ChecksumAddress:
+        """The ``PaymentChannels`` address."""
+        return self.contracts["PaymentChannels"].address
+
     def to_json(self) -> dict[str, Any]:
         """The file's JSON object."""
         return {
@@ -178,8 +184,13 @@ def deploy_all(
     params: RegistryParams | None = None,
     *,
     path: Path | None = None,
+    payment_params: PaymentParams | None = None,
 ) -> Deployment:
-    """Deploy every contract from ``deployer`` and write the deployment file (``path`` or the default one)."""
+    """Deploy every contract from ``deployer`` and write the deployment file (``path`` or the default one).
+
+    ``PaymentChannels`` follows the registry (it reads ``isJailed`` from it); ``payment_params`` defaults to
+    :class:`PaymentParams` with the registry's treasury and verification window.
+    """
     params = params or RegistryParams()
     artifact = load_artifact("NodeRegistry")
     factory = w3.eth.contract(abi=list(artifact.abi), bytecode=artifact.bytecode)
@@ -206,12 +217,17 @@ def deploy_all(
     registry = NodeRegistry(w3, checksum(address), deployer)
     for slasher in params.slashers:
         registry.grant_slasher(slasher)
+    payment_params = payment_params or PaymentParams(treasury=treasury, verification_window=params.verification_window)
+    payments, _ = deploy_payments(w3, deployer, registry=checksum(address), params=payment_params)
     deployment = Deployment(
         chain_id=w3.eth.chain_id,
         deploy_block=block,
         deploy_block_hash=_block_hash(w3, block),
         deployer=deployer.address,
-        contracts={"NodeRegistry": ContractRecord(address=checksum(address), abi_hash=artifact.abi_hash)},
+        contracts={
+            "NodeRegistry": ContractRecord(address=checksum(address), abi_hash=artifact.abi_hash),
+            "PaymentChannels": ContractRecord(address=payments, abi_hash=load_artifact("PaymentChannels").abi_hash),
+        },
         params={
             "minimumStakeModel": str(params.minimum_stake_model),
             "minimumStakeRelay": str(params.minimum_stake_relay),
@@ -220,6 +236,11 @@ def deploy_all(
             "unbondingDelay": params.unbonding_delay,
             "adminTransferDelay": params.admin_transfer_delay,
             "treasury": treasury,
+            "payments": {
+                "disputeDelay": payment_params.dispute_delay,
+                "verificationWindow": payment_params.verification_window,
+                "treasury": payment_params.treasury or deployer.address,
+            },
             "admin": admin,
             "slashers": list(params.slashers),
         },
