@@ -42,7 +42,12 @@ def _dev_keys(count: int) -> list[dict[str, Any]]:
     for index in range(count):
         account = dev_account(index)
         keys.append(
-            {"index": index, "address": account.address, "private_key": account.key.to_0x_hex(), "dev_only": True}
+            {
+                "index": index,
+                "address": account.address,
+                "private_key": "0x" + bytes(account.key).hex(),
+                "dev_only": True,
+            }
         )
     return keys
 
