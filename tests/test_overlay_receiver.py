@@ -11,7 +11,8 @@ import aiohttp
 from node.overlay import OverlayConfig, send_request
 from node.overlay._localnet import LocalNetwork
 from node.privacy import Clove, Envelope, ReplyChunk, build_onion, open_reply, split
-from node.privacy._reply import check_frame_len
+from node.privacy._constants import REPLY_CHUNK_LEN
+from node.privacy._reply import apply_reply_layer, check_frame_len, destination_layer_key
 
 ONION = "/overlay/v1/onion"
 
@@ -31,7 +32,12 @@ async def _post_clove(session: aiohttp.ClientSession, net: LocalNetwork, clove: 
                 prefix = await response.content.readexactly(4)
             except asyncio.IncompleteReadError:
                 return chunks
-            chunks.append(open_reply(key, await response.content.readexactly(check_frame_len(prefix))))
+            body = await response.content.readexactly(check_frame_len(prefix))
+            # §6.2: strip the destination's per-path layer (keyed by the clove's index; byte 4 of the clove).
+            layered = body[:REPLY_CHUNK_LEN]
+            chunks.append(
+                open_reply(key, apply_reply_layer(destination_layer_key(key, clove[4]), len(chunks), layered))
+            )
 
 
 async def test_a_tampered_clove_is_skipped_and_the_other_k_rebuild_the_request() -> None:

@@ -11,8 +11,15 @@ import pytest
 
 from node.privacy import Clove, Envelope, MalformedPacket, PeeledExit, PeeledForward, combine, open_reply, peel
 from node.privacy import _gf256 as gf
+from node.privacy._constants import REPLY_FRAME_LEN
 from node.privacy._onion import Hop, build_onion
-from node.privacy._reply import check_frame_len, strip_reply_layers
+from node.privacy._reply import (
+    FrameReader,
+    check_frame_len,
+    destination_layer_key,
+    reply_link_key,
+    strip_reply_layers,
+)
 from node.privacy._sida import split
 from tests.vectors import generate
 
@@ -135,22 +142,47 @@ def test_onion_vector_packet_is_rejected_after_its_expiry() -> None:
 def test_reply_vector_frames_decrypt_in_order() -> None:
     v = load("reply.json")
     key = bytes.fromhex(v["reply_key"])
-    layers = tuple(bytes.fromhex(k) for k in v["relay_layer_keys"])
     envelope = Envelope.from_bytes(bytes.fromhex(v["envelope"]))
     assert envelope.reply_key == key
-    assert envelope.body.hex() == v["envelope_body"]
-    for chunk in v["chunks"]:
-        frame = bytes.fromhex(chunk["frame_at_client"])
-        length = check_frame_len(frame[:4])
-        body = strip_reply_layers(layers, chunk["seq"], frame[4 : 4 + length])
-        assert body.hex() == chunk["sealed"]
-        opened = open_reply(key, body)
-        assert (opened.seq, opened.data.hex(), opened.final) == (chunk["seq"], chunk["data"], chunk["final"])
+    assert envelope.body == bytes.fromhex(v["envelope_body"])
+    layers = (
+        *(bytes.fromhex(k) for k in v["relay_k_reply"]),
+        destination_layer_key(key, v["clove_index"]),
+    )
+    reader = FrameReader(reply_link_key(bytes.fromhex(v["relay_k_reply"][0])))
+    frames = [bytes.fromhex(f) for f in v["frames_by_link"]["hop0_to_client"]]
+    for index, (frame, chunk) in enumerate(zip(frames, v["chunks"], strict=False)):
+        assert len(frame) == REPLY_FRAME_LEN
+        body = reader.open(frame[4 : 4 + check_frame_len(frame[:4])])
+        opened = open_reply(key, strip_reply_layers(layers, index, body))
+        assert (opened.seq, opened.data.hex(), opened.final, opened.error) == (
+            chunk["seq"],
+            chunk["data"],
+            chunk["final"],
+            chunk["error"],
+        )
+
+
+def test_reply_vector_final_error_chunk_opens_as_a_failure() -> None:
+    v = load("reply.json")
+    chunk = v["chunks"][-1]
+    opened = open_reply(bytes.fromhex(v["reply_key"]), bytes.fromhex(chunk["sealed"]))
+    assert opened.final and opened.error and opened.data == b"destination failed"
 
 
 @pytest.mark.parametrize("case", load("reply.json")["must_reject"], ids=lambda c: c["name"])
 def test_reply_rejects_vector(case: dict[str, Any]) -> None:
     key = bytes.fromhex(load("reply.json")["reply_key"])
-    with pytest.raises(MalformedPacket) as info:
+    with pytest.raises(MalformedPacket) as err:
         open_reply(key, bytes.fromhex(case["chunk"]))
-    assert info.value.reason.value == case["reason"]
+    assert err.value.reason.value == case["reason"]
+
+
+@pytest.mark.parametrize("case", load("reply.json")["must_reject_frame"], ids=lambda c: c["name"])
+def test_reply_frame_rejects_vector(case: dict[str, Any]) -> None:
+    link_key = bytes.fromhex(load("reply.json")["client_link_key"])
+    frame = bytes.fromhex(case["frame"])
+    with pytest.raises(MalformedPacket) as err:
+        check_frame_len(frame[:4])
+        FrameReader(link_key).open(frame[4:])
+    assert err.value.reason.value == case["reason"]

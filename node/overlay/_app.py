@@ -115,7 +115,7 @@ async def onion_handler(request: web.Request) -> web.StreamResponse:
         receiver = app.get(keys.RECEIVER)
         if receiver is None:
             raise MalformedPacket(RejectReason.NOT_EXIT, "this node is a relay only")
-        return await receiver.deliver(request, peeled.clove)
+        return await receiver.deliver(request, peeled.clove, peeled.keys.reply)
     return await forward(request, peeled, app[keys.CLIENT_SESSION], config, app[keys.METRICS])
 
 

@@ -29,8 +29,14 @@ from node.privacy import (
     open_reply,
     split,
 )
-from node.privacy._constants import FRAME_LEN_BYTES
-from node.privacy._reply import check_frame_len, strip_reply_layers
+from node.privacy._constants import FRAME_LEN_BYTES, REPLY_CHUNK_LEN
+from node.privacy._reply import (
+    FrameReader,
+    check_frame_len,
+    destination_layer_key,
+    reply_link_key,
+    strip_reply_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +157,12 @@ async def _read_path(
             started = True
             first_hop_failed = False
             index = 0
+            # §6.2: frames from the first hop carry its link tag (a direct path's first hop is the destination, whose
+            # link key only the onion's exit keys give: its frames are then checked end to end only). Path i carries
+            # clove i + 1 (split numbers cloves 1..n in order), which keys the destination's layer on it.
+            reader = FrameReader(reply_link_key(built.relay_reply_keys[0])) if built.relay_reply_keys else None
+            layer_keys = (*built.relay_reply_keys, destination_layer_key(reply_key, index_of_path + 1))
+            poisoned = False
             while True:
                 async with asyncio.timeout(settings.idle_timeout_s):
                     try:
@@ -158,8 +170,18 @@ async def _read_path(
                     except asyncio.IncompleteReadError:
                         return
                     body = await response.content.readexactly(check_frame_len(prefix))
-                chunk = open_reply(reply_key, strip_reply_layers(built.relay_reply_keys, index, body))
+                layered = reader.open(body) if reader else body[:REPLY_CHUNK_LEN]
                 index += 1
+                if poisoned:
+                    continue
+                try:
+                    chunk = open_reply(reply_key, strip_reply_layers(layer_keys, index - 1, layered))
+                except MalformedPacket as exc:
+                    # Something upstream of the first hop changed the chunk. Read on exactly as from a healthy path
+                    # (§6.2): reacting would show the first hop that its upstream accomplice's mark arrived.
+                    log.info("path delivered a bad chunk (%s); reading it to its end", exc.reason.value)
+                    poisoned = True
+                    continue
                 await out.put(chunk)
                 if chunk.final:
                     # Read the end of the stream so that the connection goes back to the pool for the next request.
@@ -203,6 +225,7 @@ async def send_request(
         raise InvalidPrivacyParam("len(body)", len(body), f"at most {Envelope.max_body()} bytes")
     reply_key = secrets.token_bytes(32)
     cloves = split(Envelope(reply_key=reply_key, body=body).to_bytes(), settings.n, settings.k)
+    assert [c.index for c in cloves] == list(range(1, settings.n + 1))  # path i carries clove i + 1 (§6.2)
     onions = [
         build_onion([*(r.hop() for r in path), destination], clove.to_bytes(), ttl=settings.ttl_s)
         for path, clove in zip(paths, cloves, strict=True)

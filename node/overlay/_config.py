@@ -50,6 +50,9 @@ class OverlayConfig:
     reply_flush_interval_s: float = 0.02
     """Model side: reply bytes are sealed in batches at least this far apart (the first at once); 0: one chunk per
     piece the handler yields. Fewer chunks cost every path and relay less and hide per-token sizes better."""
+    reply_start_jitter_s: float = 0.005
+    """Model side: each path waits a random 0..this many seconds before answering 200 and sending its first frame
+    (``docs/protocol.md`` §6.3), so the paths of one request do not start at one instant; 0 turns it off."""
     _public: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class OverlayConfig:
             raise InvalidPrivacyParam("role", self.role, "relay or model")
         if not (0 <= self.reply_flush_interval_s <= 1):
             raise InvalidPrivacyParam("reply_flush_interval_s", self.reply_flush_interval_s, "0..1 seconds")
+        if not (0 <= self.reply_start_jitter_s <= 1):
+            raise InvalidPrivacyParam("reply_start_jitter_s", self.reply_start_jitter_s, "0..1 seconds")
         for name in ("max_body", "max_inflight", "replay_capacity", "max_messages", "max_backlog_frames"):
             if getattr(self, name) < 1:
                 raise InvalidPrivacyParam(name, getattr(self, name), "at least 1")

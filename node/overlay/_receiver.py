@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
 from node.privacy import Clove, Envelope, MalformedPacket, PrivacyError, RejectReason, combine, seal_reply
 from node.privacy._constants import MAX_REPLY_DATA
-from node.privacy._reply import encode_frame
+from node.privacy._reply import FrameWriter, destination_layer_key, reply_link_key
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ ReplyHandler = Callable[[bytes], AsyncIterator[bytes]]
 
 #: Most k-subsets tried when a combination fails authentication (a tampered clove among those received).
 _MAX_COMBINE_TRIES = 64
+#: Most reply bytes batched before a batch goes out early; a batch is cut into ``MAX_REPLY_DATA``-byte chunks.
+_MAX_BATCH = 16_384
 
 
 @dataclass(slots=True)
@@ -43,6 +46,8 @@ class _Message:
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
     tried: set[tuple[int, ...]] = field(default_factory=set)
+    reply_key: bytes = field(default=b"", repr=False)
+    """The rebuilt request's reply key (keys the chunks and each path's layer, §6); empty until assembled."""
 
 
 def _close(queue: asyncio.Queue[bytes | None]) -> None:
@@ -155,21 +160,21 @@ class CloveReceiver:
         key = envelope.reply_key
         limit = self._config.max_backlog_frames - 1
         try:
-            replies = coalesce(self._handler(envelope.body), self._config.reply_flush_interval_s, MAX_REPLY_DATA)
+            replies = coalesce(self._handler(envelope.body), self._config.reply_flush_interval_s, _MAX_BATCH)
             async with asyncio.timeout(self._config.reply_timeout_s), contextlib.aclosing(replies):
                 async for data in replies:
                     for start in range(0, max(len(data), 1), MAX_REPLY_DATA):
                         if seq >= limit:
                             raise OverflowError("reply longer than max_backlog_frames chunks")
-                        self._publish(msg, encode_frame(seal_reply(key, seq, data[start : start + MAX_REPLY_DATA])))
+                        self._publish(msg, seal_reply(key, seq, data[start : start + MAX_REPLY_DATA]))
                         seq += 1
-            self._publish(msg, encode_frame(seal_reply(key, seq, b"", final=True)))
+            self._publish(msg, seal_reply(key, seq, b"", final=True))
             self._metrics.messages_served += 1
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the handler is foreign code: report its failure to the client, never its details
             log.warning("reply handler failed: %s", type(exc).__name__)
-            self._publish(msg, encode_frame(seal_reply(key, seq, b"destination failed", final=True, error=True)))
+            self._publish(msg, seal_reply(key, seq, b"destination failed", final=True, error=True))
         finally:
             msg.finished_at = time.monotonic()
             if self._messages.get(message_id) is msg:  # not dropped meanwhile
@@ -177,8 +182,11 @@ class CloveReceiver:
             for queue in list(msg.subscribers):
                 _close(queue)
 
-    async def deliver(self, request: web.Request, clove_bytes: bytes) -> web.StreamResponse:
-        """Accept one clove that arrived over one path, and stream the message's reply back over that path."""
+    async def deliver(self, request: web.Request, clove_bytes: bytes, k_reply: bytes) -> web.StreamResponse:
+        """Accept one clove that arrived over one path, and stream the message's reply back over that path.
+
+        ``k_reply`` is this hop's §5.3 reply key for the packet: it keys the path's link tags (§6.2).
+        """
         clove = Clove.from_bytes(clove_bytes)
         msg = self._message_for(clove)
         existing = msg.cloves.get(clove.index)
@@ -191,6 +199,7 @@ class CloveReceiver:
         if not msg.ready.is_set():
             envelope = self._try_assemble(msg, clove.index)
             if envelope is not None:
+                msg.reply_key = envelope.reply_key
                 msg.ready.set()
                 msg.task = asyncio.get_running_loop().create_task(self._serve(clove.message_id, msg, envelope))
         try:
@@ -205,7 +214,15 @@ class CloveReceiver:
         if msg.finished_at is not None:
             queue.put_nowait(None)
         msg.subscribers.add(queue)
+        # §6.2: this path's own layer (from the request's reply key and this path's clove) and link key.
+        writer = FrameWriter(
+            layer_key=destination_layer_key(msg.reply_key, clove.index), link_key=reply_link_key(k_reply)
+        )
         try:
+            # §6.3: a random start per path, so that the paths of one request do not all answer 200 at one instant.
+            jitter = self._config.reply_start_jitter_s
+            if jitter > 0:
+                await asyncio.sleep(secrets.randbelow(1_000_001) / 1_000_000 * jitter)
             response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)
             sent = 0
@@ -215,7 +232,7 @@ class CloveReceiver:
                         item = await queue.get()
                     if item is None:
                         break
-                    await response.write(item)
+                    await response.write(writer.seal(item))
                     sent += 1
             except (TimeoutError, ConnectionError) as exc:
                 self._metrics.streams_aborted += 1

@@ -14,8 +14,8 @@ from aiohttp import web
 from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
 from node.privacy import MalformedPacket, PeeledForward, RejectReason, ReplayCache
-from node.privacy._constants import FRAME_LEN_BYTES
-from node.privacy._reply import apply_reply_layer, check_frame_len, encode_frame
+from node.privacy._constants import FRAME_LEN_BYTES, REPLY_CHUNK_LEN
+from node.privacy._reply import FrameReader, FrameWriter, check_frame_len
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ async def forward(
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
         await response.prepare(request)
         index = 0
+        # §6.2: check each frame's link tag under the key the sender put in this hop's slot (once the slot carries
+        # it), then add this hop's layer and tag it for the previous hop. Lengths are checked either way.
+        next_link_key: bytes | None = getattr(peeled, "next_link_key", None)
+        reader = FrameReader(next_link_key) if next_link_key else None
+        writer = FrameWriter.for_hop(peeled.keys.reply)
         try:
             async with asyncio.timeout(config.circuit_lifetime_s):
                 while True:
@@ -78,7 +83,7 @@ async def forward(
                         break
                     length = check_frame_len(prefix)
                     body = await upstream.content.readexactly(length)
-                    await response.write(encode_frame(apply_reply_layer(peeled.keys.reply, index, body)))
+                    await response.write(writer.seal(reader.open(body) if reader else body[:REPLY_CHUNK_LEN]))
                     index += 1
         except (
             MalformedPacket,

@@ -56,17 +56,23 @@ ONION_KDF_INFO: Final = b"planetserve/v1/onion"
 ONION_OKM_LEN: Final = 112
 REPLAY_TAG_LEN: Final = 16
 
-#: §6.1: reply chunk sizes.
+#: §6.1: reply chunk sizes: every chunk is exactly ``REPLY_CHUNK_LEN`` bytes.
 REPLY_HEADER_LEN: Final = 7
-REPLY_PAD_QUANTUM: Final = 64
-MAX_REPLY_DATA: Final = 16_384
+REPLY_CT_LEN: Final = 469
+REPLY_CHUNK_LEN: Final = REPLY_HEADER_LEN + REPLY_CT_LEN + TAG_LEN
+MAX_REPLY_DATA: Final = REPLY_CT_LEN - 4
 REPLY_FLAG_FINAL: Final = 0x01
 REPLY_FLAG_ERROR: Final = 0x02
-#: §6.2: the largest frame body on a reply stream.
-MAX_REPLY_FRAME: Final = (
-    REPLY_HEADER_LEN
-    + ((4 + MAX_REPLY_DATA + REPLY_PAD_QUANTUM - 1) // REPLY_PAD_QUANTUM) * (REPLY_PAD_QUANTUM)
-    + TAG_LEN
-)
 #: §6.2: frame length prefix.
 FRAME_LEN_BYTES: Final = 4
+#: §6.2: per-link key and tag.
+LINK_KEY_LEN: Final = 16
+LINK_TAG_LEN: Final = 16
+REPLY_LINK_INFO: Final = b"planetserve/v1/reply-link"
+#: §6.2: label of the destination's per-path layer key.
+REPLY_DEST_INFO: Final = b"planetserve/v1/reply-dest"
+#: §6.2: the ``len`` of every reply frame, and every frame's size on the wire (512).
+REPLY_FRAME_BODY: Final = REPLY_CHUNK_LEN + LINK_TAG_LEN
+REPLY_FRAME_LEN: Final = FRAME_LEN_BYTES + REPLY_FRAME_BODY
+#: §6.3: onion payload size classes of a request's cloves.
+REQUEST_CLASSES: Final = (1024, 4096, 16_384, 65_536, 131_072)

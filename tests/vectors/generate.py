@@ -13,7 +13,13 @@ from typing import Any
 
 from node.privacy import _gf256 as gf
 from node.privacy._onion import Hop, PeeledExit, PeeledForward, build_onion, peel
-from node.privacy._reply import Envelope, apply_reply_layer, encode_frame, seal_reply
+from node.privacy._reply import (
+    Envelope,
+    FrameWriter,
+    destination_layer_key,
+    reply_link_key,
+    seal_reply,
+)
 from node.privacy._sida import Clove, split
 from node.privacy._x25519 import public_key
 
@@ -176,42 +182,84 @@ def onion_vectors() -> dict[str, Any]:
 
 
 def reply_vectors() -> dict[str, Any]:
+    """§4 envelope, §6.1 chunks (data, FINAL, FINAL|ERROR) and §6.2 frames on every link of a 3-relay path."""
     rng = DetRandom("reply")
     reply_key = rng(32)
     envelope = Envelope(reply_key=reply_key, body=b'{"prompt": "hi"}')
-    layer_keys = [rng(32) for _ in range(3)]
-    chunks: list[dict[str, Any]] = []
-    for seq, (data, final) in enumerate(((b"Hello", False), (b", world", False), (b"", True))):
-        sealed = seal_reply(reply_key, seq, data, final=final)
-        layered = sealed
-        for key in layer_keys:
-            layered = apply_reply_layer(key, seq, layered)
-        chunks.append(
-            {
-                "seq": seq,
-                "data": data.hex(),
-                "final": final,
-                "sealed": sealed.hex(),
-                "frame_at_client": encode_frame(layered).hex(),
-            }
-        )
-    sealed0 = bytes.fromhex(chunks[0]["sealed"])
+    relay_keys = [rng(32) for _ in range(3)]  # k_reply of hops 0, 1, 2 (the relays)
+    exit_k_reply = rng(32)  # k_reply of hop 3 (the destination): keys its link tags only
+    clove_index = 2
+    dest_layer = destination_layer_key(reply_key, clove_index)
+    contents = ((b"Hello", False, False), (b", world" * 66, False, False), (b"", True, False))
+    sealed = [
+        seal_reply(reply_key, seq, data, final=final, error=error) for seq, (data, final, error) in enumerate(contents)
+    ]
+    error_chunk = seal_reply(reply_key, 3, b"destination failed", final=True, error=True)
+    # Frames as they leave each hop, destination first (hop 3), then relays 2, 1, 0 (the last is what the client reads).
+    writers = [FrameWriter(layer_key=dest_layer, link_key=reply_link_key(exit_k_reply))]
+    writers += [FrameWriter.for_hop(k) for k in reversed(relay_keys)]
+    links: list[list[str]] = []
+    bodies = sealed
+    for writer in writers:
+        frames = [writer.seal(body) for body in bodies]
+        links.append([f.hex() for f in frames])
+        bodies = [f[4:-16] for f in frames]
+    chunks = [
+        {"seq": seq, "data": data.hex(), "final": final, "error": error, "sealed": sealed[seq].hex()}
+        for seq, (data, final, error) in enumerate(contents)
+    ]
+    chunks.append(
+        {"seq": 3, "data": b"destination failed".hex(), "final": True, "error": True, "sealed": error_chunk.hex()}
+    )
+    s0 = sealed[0]
+    frame0 = bytes.fromhex(links[-1][0])
+    client_link_key = reply_link_key(relay_keys[0])
     return {
         "reply_key": reply_key.hex(),
         "envelope": envelope.to_bytes().hex(),
         "envelope_body": envelope.body.hex(),
-        "relay_layer_keys": [k.hex() for k in layer_keys],
+        "clove_index": clove_index,
+        "destination_layer_key": dest_layer.hex(),
+        "destination_k_reply": exit_k_reply.hex(),
+        "relay_k_reply": [k.hex() for k in relay_keys],
+        "link_keys": {
+            "hop3_destination": reply_link_key(exit_k_reply).hex(),
+            **{f"hop{i}": reply_link_key(k).hex() for i, k in enumerate(relay_keys)},
+        },
         "chunks": chunks,
+        "frames_by_link": {
+            "hop3_to_hop2": links[0],
+            "hop2_to_hop1": links[1],
+            "hop1_to_hop0": links[2],
+            "hop0_to_client": links[3],
+        },
         "must_reject": [
-            {"name": "flipped seq", "chunk": _flip(sealed0, 5).hex(), "reason": "bad_mac"},
-            {"name": "flipped ciphertext", "chunk": _flip(sealed0, 20).hex(), "reason": "bad_mac"},
-            {"name": "unknown flag", "chunk": (sealed0[:6] + b"\x04" + sealed0[7:]).hex(), "reason": "bad_field"},
-            {"name": "truncated", "chunk": sealed0[:40].hex(), "reason": "too_short"},
+            {"name": "flipped seq", "chunk": _flip(s0, 5).hex(), "reason": "bad_mac"},
+            {"name": "flipped ciphertext", "chunk": _flip(s0, 20).hex(), "reason": "bad_mac"},
+            {"name": "flipped tag", "chunk": _flip(s0, len(s0) - 1).hex(), "reason": "bad_mac"},
+            {"name": "unknown flag", "chunk": (s0[:6] + b"\x04" + s0[7:]).hex(), "reason": "bad_field"},
+            {"name": "error without final", "chunk": (s0[:6] + b"\x02" + s0[7:]).hex(), "reason": "bad_field"},
             {
-                "name": "ciphertext not padded",
-                "chunk": (sealed0[:7] + b"\x00" + sealed0[7:]).hex(),
+                "name": "unknown flag and bad MAC: flags first",
+                "chunk": _flip(s0[:6] + b"\x80" + s0[7:], 20).hex(),
+                "reason": "bad_field",
+            },
+            {"name": "version 2", "chunk": (b"\x02" + s0[1:]).hex(), "reason": "bad_version"},
+            {"name": "type onion", "chunk": (s0[:1] + b"\x02" + s0[2:]).hex(), "reason": "bad_type"},
+            {"name": "truncated", "chunk": s0[:40].hex(), "reason": "bad_length"},
+            {"name": "one byte long", "chunk": (s0 + b"\x00").hex(), "reason": "bad_length"},
+            {"name": "old variable-length chunk", "chunk": s0[: 7 + 64 + 16].hex(), "reason": "bad_length"},
+        ],
+        "client_link_key": client_link_key.hex(),
+        "must_reject_frame": [
+            {
+                "name": "length prefix 507",
+                "frame": ((507).to_bytes(4, "big") + frame0[4:]).hex(),
                 "reason": "bad_length",
             },
+            {"name": "flipped body bit", "frame": _flip(frame0, 100).hex(), "reason": "bad_mac"},
+            {"name": "flipped link tag bit", "frame": _flip(frame0, len(frame0) - 1).hex(), "reason": "bad_mac"},
+            {"name": "frame 1 in place of frame 0", "frame": links[-1][1], "reason": "bad_mac"},
         ],
     }
 

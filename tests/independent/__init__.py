@@ -1,0 +1,1 @@
+"""Independent implementations of parts of ``docs/protocol.md``, written from the spec text alone (no ``node``)."""
