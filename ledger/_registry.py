@@ -15,7 +15,7 @@ from web3.types import TxReceipt as Web3Receipt
 from ledger._artifacts import load_artifact
 from ledger._errors import ChainError, InvalidChainInput, OperatorKeyError
 from ledger._reverts import RevertDecoder
-from ledger._tx import map_call_errors, send_transaction
+from ledger._tx import RECEIPT_TIMEOUT, map_call_errors, send_transaction
 from ledger._types import NodeInfo, Role, TxReceipt, Wei, WithdrawalReceipts, checksum
 
 _CONTRACT = "NodeRegistry"
@@ -47,11 +47,22 @@ class NodeRegistry:
     #: OpenZeppelin's default admin role (all zero): grants and revokes the slasher role.
     DEFAULT_ADMIN_ROLE: bytes = bytes(32)
 
-    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None) -> None:
+    def __init__(
+        self,
+        w3: Web3,
+        address: str,
+        account: LocalAccount | None = None,
+        *,
+        receipt_timeout: float = RECEIPT_TIMEOUT,
+    ) -> None:
+        """``receipt_timeout``: seconds each write waits for its receipt before ``TransactionOutcomeUnknown``."""
+        if not receipt_timeout > 0:
+            raise InvalidChainInput("receipt_timeout", receipt_timeout, "must be a positive number of seconds")
         artifact = load_artifact(_CONTRACT)
         self._w3 = w3
         self._address = checksum(address, param="registry address")
         self._account = account
+        self._receipt_timeout = receipt_timeout
         self._contract: Contract = w3.eth.contract(address=self._address, abi=list(artifact.abi))
         self._decoder = RevertDecoder([artifact.abi])
         self._events_by_topic = {
@@ -86,8 +97,8 @@ class NodeRegistry:
         return self._signer().address
 
     def with_account(self, account: LocalAccount) -> NodeRegistry:
-        """The same registry, signing with ``account``."""
-        return NodeRegistry(self._w3, self._address, account)
+        """The same registry, signing with ``account`` (same receipt timeout)."""
+        return NodeRegistry(self._w3, self._address, account, receipt_timeout=self._receipt_timeout)
 
     # -- reads -------------------------------------------------------------------------------------------------
 
@@ -309,7 +320,9 @@ class NodeRegistry:
 
     def _send(self, fn: ContractFunction, *, value: int = 0) -> TxReceipt:
         account = self._signer()
-        receipt = send_transaction(self._w3, account, fn, self._decoder, value=value)
+        receipt = send_transaction(
+            self._w3, account, fn, self._decoder, value=value, receipt_timeout=self._receipt_timeout
+        )
         return self._typed_receipt(receipt)
 
     def _typed_receipt(self, receipt: Web3Receipt) -> TxReceipt:

@@ -1,0 +1,120 @@
+"""Transactions that never mislead: concurrent sends from one key all mine, a missing receipt is "outcome unknown"
+(with the hash, never a revert), and a command of two transactions reports both, even when the second fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from eth_typing import HexStr
+
+from ledger import (
+    InsufficientFunds,
+    InvalidChainInput,
+    NodeRegistry,
+    Role,
+    TransactionFailed,
+    TransactionOutcomeUnknown,
+    TxReceipt,
+    model_id,
+)
+from tests.fixtures.chain import OUTSIDER, OWNER, TEST_PARAMS, ChainEnv, rpc
+
+ETH = 10**18
+KEY = b"\x01" * 32
+
+
+def _register(reg: NodeRegistry, stake: int = ETH) -> None:
+    reg.register(
+        role=Role.MODEL,
+        endpoint="http://127.0.0.1:9001",
+        x25519_public_key=KEY,
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=1,
+        stake=stake,
+    )
+
+
+@pytest.fixture
+def paused_mining(chain: ChainEnv) -> Iterator[ChainEnv]:
+    """anvil with automine off for the test (``evm_revert`` does not restore it, so it is switched back here)."""
+    rpc(chain.w3, "evm_setAutomine", [False])
+    try:
+        yield chain
+    finally:
+        rpc(chain.w3, "evm_setAutomine", [True])
+
+
+async def test_eight_concurrent_sends_from_one_key_all_mine(chain: ChainEnv) -> None:
+    reg = chain.registry(10)
+    _register(reg)
+    before = chain.w3.eth.get_transaction_count(reg.account)
+    receipts: list[TxReceipt] = await asyncio.wait_for(
+        asyncio.gather(*(asyncio.to_thread(reg.with_account(chain.account(10)).add_stake, ETH) for _ in range(8))),
+        timeout=60,
+    )
+    assert all(r.events == ("StakeAdded",) for r in receipts)
+    assert len({r.tx_hash for r in receipts}) == 8
+    nonces = sorted(chain.w3.eth.get_transaction(HexStr(r.tx_hash))["nonce"] for r in receipts)
+    assert nonces == list(range(before, before + 8))
+    assert reg.stake_of(reg.account) == 9 * ETH
+
+
+def test_a_missing_receipt_is_outcome_unknown_not_a_revert(paused_mining: ChainEnv) -> None:
+    chain = paused_mining
+    admin = NodeRegistry(chain.w3, chain.deployment.registry_address, chain.account(OWNER), receipt_timeout=0.3)
+    first, second = chain.account(15).address, chain.account(OUTSIDER).address
+    with pytest.raises(TransactionOutcomeUnknown) as exc:
+        admin.grant_slasher(first)
+    assert not isinstance(exc.value, TransactionFailed)
+    assert exc.value.code == "tx_unknown" and exc.value.timeout_s == 0.3
+    assert exc.value.tx_hash.startswith("0x") and len(exc.value.tx_hash) == 66
+    assert str(exc.value).startswith(f"sent, outcome unknown, transaction {exc.value.tx_hash}")
+    # the key's next transaction does not reuse the pending nonce (it would replace the first one)
+    with pytest.raises(TransactionOutcomeUnknown) as again:
+        admin.with_account(chain.account(OWNER)).grant_slasher(second)
+    hashes = [HexStr(exc.value.tx_hash), HexStr(again.value.tx_hash)]
+    nonces = [chain.w3.eth.get_transaction(h)["nonce"] for h in hashes]
+    assert nonces[1] == nonces[0] + 1
+    assert not admin.is_slasher(first)  # nothing mined yet
+    rpc(chain.w3, "evm_mine", [])
+    assert [chain.w3.eth.get_transaction_receipt(h)["status"] for h in hashes] == [1, 1]  # both were fine
+    assert admin.is_slasher(first) and admin.is_slasher(second)
+
+
+def test_receipt_timeout_must_be_positive(chain: ChainEnv) -> None:
+    with pytest.raises(InvalidChainInput) as exc:
+        NodeRegistry(chain.w3, chain.deployment.registry_address, receipt_timeout=0)
+    assert exc.value.param == "receipt_timeout"
+
+
+def test_deregister_and_withdraw_reports_both_transactions(chain: ChainEnv) -> None:
+    reg = chain.registry(13)
+    _register(reg, 3 * ETH // 2)
+    reg.request_unbond()
+    chain.advance(TEST_PARAMS.unbonding_delay)
+    result = reg.deregister_and_withdraw()
+    assert result.deregister is not None and result.amount == 3 * ETH // 2
+    assert [r.events for r in result.receipts] == [("NodeDeregistered",), ("Withdrawn",)]
+    assert result.receipts[0].block_number < result.receipts[1].block_number
+
+
+class _DrainedBeforeWithdraw(NodeRegistry):
+    """The operator's account is emptied right before ``withdraw`` (a real failure, from anvil, of step two)."""
+
+    def withdraw(self) -> TxReceipt:
+        rpc(self.w3, "anvil_setBalance", [self.account, "0x0"])
+        return super().withdraw()
+
+
+def test_a_failing_second_transaction_still_reports_the_first(chain: ChainEnv) -> None:
+    reg = chain.registry(14)
+    _register(reg)
+    reg.request_unbond()
+    chain.advance(TEST_PARAMS.unbonding_delay)
+    drained = _DrainedBeforeWithdraw(chain.w3, reg.address, chain.account(14))
+    with pytest.raises(InsufficientFunds) as exc:
+        drained.deregister_and_withdraw()
+    assert [r.events for r in exc.value.completed] == [("NodeDeregistered",)]
+    assert reg.get_node(reg.account) is None and reg.pending_withdrawal(reg.account) == ETH
