@@ -1,0 +1,569 @@
+"""Forwarding benchmark: the paper's experiment shape, as a discrete-event simulation calibrated on the torch engine.
+
+Run ``python bench/forwarding.py`` (``--quick`` for a short run). Prints tables and writes
+``bench/results/forwarding.json``.
+
+Shape (PlanetServe/GenTorrent §6): prompts share prefixes drawn Zipf(1.1) from a set of documents, arrivals are
+Poisson, 8 model nodes. Every policy in ``node.client._policy`` (the same code the ``Client`` runs) routes the same
+arrival sequence, side by side, at 60/75/90/100% of round robin's measured capacity, for two workloads:
+
+- ``short``: short shared system prompts (32-256 tokens) and slow decode (64-256 output tokens);
+- ``long``: long shared documents (2-6k tokens) with short questions and answers.
+
+The model node in the simulation is the torch engine's scheduler as measured here (the calibration is printed): each
+iteration prefills at most one waiting prompt (its uncached tokens) and then runs one decode step over the running
+batch; a 16-token-block prefix cache with LRU eviction per node; the node's heartbeat reports queued tokens and a
+cache summary of blocks seen in at least K=3 distinct requests, published every ``heartbeat_s`` (so clients act on
+stale state, plus what they know of their own requests in flight).
+
+Also: heterogeneous nodes (2 of 8 three times slower, one of them reporting zero load), 8 independent clients whose
+heartbeats are 0.25 s and 1 s old, and a scale run of 1,000 nodes and 100 clients (heartbeat bytes per client per
+second). The 8-node simulation is checked against a real multi-process run by ``bench/forwarding_live.py`` where it
+exists. Performance figures come from this script's own output: nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from node.client._policy import POLICIES, LoadTracker, NodeView, Policy, make_policy
+
+RESULTS = Path(__file__).resolve().parent / "results" / "forwarding.json"
+MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
+BLOCK = 16
+#: Bytes of a heartbeat besides its cache summary (fields and signature).
+HEARTBEAT_FIXED_BYTES = 160
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Costs of the torch engine on this machine, seconds (``prefill = a + b * tokens``; ``step = c + d * batch``)."""
+
+    prefill_fixed_s: float
+    prefill_per_token_s: float
+    decode_fixed_s: float
+    decode_per_seq_s: float
+    source: str
+
+
+def measure_calibration() -> Calibration:
+    """Time the quick model's prefill at two lengths and its decode step at two batch sizes."""
+    import asyncio
+
+    from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, ensure_model
+    from node.inference._training import QUICK
+
+    folder = ensure_model(QUICK, MODELS)
+
+    async def run() -> Calibration:
+        engine = TorchEngine.from_folder(folder, EngineConfig(device="cpu", max_queue=64, max_running=16))
+        rng = random.Random(7)
+        vocab = 250
+
+        async def one(tokens: int, gen: int) -> tuple[float, float]:
+            prompt = tuple(rng.randrange(4, vocab) for _ in range(tokens))  # unique: never a cache hit
+            params = SamplingParams(max_tokens=gen, temperature=0.0)
+            start = time.perf_counter()
+            first = 0.0
+            async for chunk in engine.generate(
+                GenerationRequest(request_id=f"c{rng.random()}", prompt=prompt, params=params)
+            ):
+                if first == 0.0 and chunk.token_ids:
+                    first = time.perf_counter() - start
+            return first, time.perf_counter() - start
+
+        try:
+            await one(64, 2)  # warm-up
+            short = statistics.median([(await one(64, 1))[0] for _ in range(5)])
+            long = statistics.median([(await one(768, 1))[0] for _ in range(5)])
+            b = max(1e-7, (long - short) / (768 - 64))
+            a = max(0.0, short - 64 * b)
+            gen = 24
+            solo = statistics.median([(lambda r: (r[1] - r[0]) / (gen - 1))(await one(16, gen)) for _ in range(3)])
+            batch = 8
+            results = await asyncio.gather(*[one(16, gen) for _ in range(batch)])
+            step8 = statistics.median([(r[1] - r[0]) / (gen - 1) for r in results])
+            d = max(1e-6, (step8 - solo) / (batch - 1))
+            c = max(1e-6, solo - d)
+            return Calibration(a, b, c, d, "measured now on the quick model (torch, CPU)")
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+#: Fallback when the engine cannot run: figures of the committed bench/results/engine.json (1024-token prompts).
+DEFAULT_CALIBRATION = Calibration(0.005, 0.13e-3, 0.0066, 0.0053, "bench/results/engine.json (not measured now)")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    docs: int
+    doc_tokens: tuple[int, int]
+    suffix_tokens: tuple[int, int]
+    output_tokens: tuple[int, int]
+    cache_tokens: int
+    """Per-node prefix cache capacity, tokens."""
+
+
+WORKLOADS = {
+    "short": Workload("short", 60, (32, 256), (16, 64), (64, 256), 16_384),
+    "long": Workload("long", 200, (2_000, 6_000), (32, 128), (16, 48), 65_536),
+}
+
+
+@dataclass(slots=True)
+class Request:
+    rid: int
+    arrival: float
+    doc: int
+    doc_blocks: int
+    prompt_tokens: int
+    output_tokens: int
+    client: int
+    node: int = -1
+    matched: int = 0
+    first_token: float = 0.0
+    done: float = 0.0
+    remaining: int = 0
+    work_at_dispatch: int = 0
+
+
+def make_requests(wl: Workload, rate: float, count: int, clients: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    doc_rng = random.Random(1000 + seed)
+    docs = [doc_rng.randint(*wl.doc_tokens) for _ in range(wl.docs)]
+    weights = [1.0 / (i + 1) ** 1.1 for i in range(wl.docs)]
+    t = 0.0
+    out = []
+    for rid in range(count):
+        t += rng.expovariate(rate)
+        doc = rng.choices(range(wl.docs), weights=weights)[0]
+        doc_tokens = docs[doc] - docs[doc] % BLOCK
+        prompt = doc_tokens + rng.randint(*wl.suffix_tokens)
+        out.append(
+            Request(
+                rid=rid,
+                arrival=t,
+                doc=doc,
+                doc_blocks=doc_tokens // BLOCK,
+                prompt_tokens=prompt,
+                output_tokens=rng.randint(*wl.output_tokens),
+                client=rng.randrange(clients),
+            )
+        )
+    return out
+
+
+@dataclass(slots=True)
+class Node:
+    """One simulated model node. Its cache holds whole documents' blocks (each request inserts its document's
+    prefix at once), so LRU over documents is the block cache's leaf-first LRU for prompts that share only whole
+    documents."""
+
+    index: int
+    slowdown: float
+    liar: bool
+    cache_blocks: int
+    max_running: int = 16
+    cache: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    cached_blocks: int = 0
+    seen: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    waiting: deque[Request] = field(default_factory=deque)
+    running: list[Request] = field(default_factory=list)
+    busy: bool = False
+    summary: dict[int, int] = field(default_factory=dict)
+    reported_queue: int = 0
+
+    def matched_blocks(self, req: Request) -> int:
+        return min(self.cache.get(req.doc, 0), req.doc_blocks)
+
+    def queued_tokens(self) -> int:
+        waiting = sum(r.prompt_tokens - r.matched for r in self.waiting)
+        return waiting + sum(r.remaining for r in self.running)
+
+    def insert(self, req: Request) -> None:
+        self.seen[req.doc] = self.seen.get(req.doc, 0) + 1
+        self.seen.move_to_end(req.doc)
+        while len(self.seen) > 8 * max(1, len(self.cache)) + 64:
+            self.seen.popitem(last=False)
+        if req.doc in self.cache:
+            self.cache.move_to_end(req.doc)
+            return
+        self.cache[req.doc] = req.doc_blocks
+        self.cached_blocks += req.doc_blocks
+        while self.cached_blocks > self.cache_blocks and len(self.cache) > 1:
+            _, blocks = self.cache.popitem(last=False)
+            self.cached_blocks -= blocks
+
+    def publish(self, k_distinct: int) -> None:
+        self.summary = {doc: blocks for doc, blocks in self.cache.items() if self.seen.get(doc, 0) >= k_distinct}
+        self.reported_queue = 0 if self.liar else self.queued_tokens()
+
+
+#: Prefixes a client remembers having sent (``Client``'s affinity memory).
+MEMORY_ENTRIES = 4096
+
+
+class _Forgetful(OrderedDict[int, int]):
+    """The memory of a policy that does not use one."""
+
+    def __setitem__(self, key: int, value: int) -> None:
+        pass
+
+    def move_to_end(self, key: int, last: bool = True) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Scenario:
+    workload: Workload
+    nodes: int = 8
+    clients: int = 1
+    heartbeat_s: float = 0.1
+    slow: tuple[int, ...] = ()
+    liars: tuple[int, ...] = ()
+    k_distinct: int = 3
+    sample_candidates: int = 0
+    """0: every client weighs every node; else a random sample of this many plus the nodes holding the prefix."""
+
+
+def simulate(
+    sc: Scenario, policy_name: str, requests: Sequence[Request], cal: Calibration, seed: int = 0
+) -> dict[str, float]:
+    """Run ``requests`` through ``sc.nodes`` simulated model nodes with one policy per client; latency statistics."""
+    rng = random.Random(seed)
+    cache_blocks = sc.workload.cache_tokens // BLOCK
+    nodes = [Node(i, 3.0 if i in sc.slow else 1.0, i in sc.liars, cache_blocks) for i in range(sc.nodes)]
+    policies: list[Policy] = [make_policy(policy_name) for _ in range(sc.clients)]
+    trackers = [LoadTracker(prior_seconds_per_token=cal.prefill_per_token_s) for _ in range(sc.clients)]
+    reqs = [replace(r) for r in requests]  # fresh per run: the simulation writes timings into them
+    # Each client remembers where it sent each prefix (bounded LRU): private to it, never sent anywhere.
+    memories: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(sc.clients)]
+    if policy_name in ("round_robin", "least_load"):
+        memories = [_Forgetful() for _ in range(sc.clients)]
+    events: list[tuple[float, int, int, Any]] = []
+    rr_next = [rng.randrange(sc.nodes) for _ in range(sc.clients)]
+    seq = 0
+
+    def push(t: float, kind: int, payload: Any) -> None:
+        nonlocal seq
+        heapq.heappush(events, (t, seq, kind, payload))
+        seq += 1
+
+    ARRIVE, ITER_END, BEAT = 0, 1, 2
+    for r in reqs:
+        push(r.arrival, ARRIVE, r)
+    for node in nodes:
+        push(rng.random() * sc.heartbeat_s, BEAT, node)
+    horizon = reqs[-1].arrival if reqs else 0.0
+    finished = 0
+    prefilled: dict[int, Request | None] = {}
+
+    def start_iteration(node: Node, now: float) -> None:
+        prefill: Request | None = None
+        cost = 0.0
+        if node.waiting and len(node.running) < node.max_running:
+            prefill = node.waiting.popleft()
+            prefill.matched = node.matched_blocks(prefill) * BLOCK
+            cost += cal.prefill_fixed_s + cal.prefill_per_token_s * (prefill.prompt_tokens - prefill.matched)
+        if node.running:
+            cost += cal.decode_fixed_s + cal.decode_per_seq_s * len(node.running)
+        if prefill is None and not node.running:
+            node.busy = False
+            return
+        node.busy = True
+        prefilled[node.index] = prefill
+        push(now + cost * node.slowdown, ITER_END, node)
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == ARRIVE:
+            r = payload
+            tracker = trackers[r.client]
+            memory = memories[r.client]
+            if policy_name == "round_robin":
+                candidates = [nodes[rr_next[r.client] % len(nodes)]]
+                rr_next[r.client] += 1
+            elif sc.sample_candidates and sc.sample_candidates < len(nodes):
+                # At scale a client weighs a random sample plus the nodes known to hold the prefix.
+                # (It fetches heartbeats only from the nodes it samples; what others hold it knows from its memory.)
+                chosen = {n.index: n for n in rng.sample(nodes, sc.sample_candidates)}
+                remembered = memory.get(r.doc)
+                if remembered is not None:
+                    chosen.setdefault(remembered, nodes[remembered])
+                candidates = list(chosen.values())
+            else:
+                candidates = nodes
+            views = []
+            for node in candidates:
+                own = tracker.inflight_tokens(str(node.index))
+                matched = min(node.summary.get(r.doc, 0), r.doc_blocks)
+                if memory.get(r.doc) == node.index:
+                    matched = r.doc_blocks  # this client sent this prefix there itself (its own, private memory)
+                views.append(
+                    NodeView(
+                        node_id=str(node.index),
+                        queued_tokens=node.reported_queue + own,
+                        matched_tokens=matched * BLOCK,
+                        seconds_per_token=tracker.seconds_per_token(str(node.index)),
+                    )
+                )
+            pick = 0 if len(candidates) == 1 else policies[r.client].choose(views, r.prompt_tokens, rng)
+            index = candidates[pick].index
+            r.node = index
+            memory[r.doc] = index
+            memory.move_to_end(r.doc)
+            if len(memory) > MEMORY_ENTRIES:
+                memory.popitem(last=False)
+            r.work_at_dispatch = views[pick].queued_tokens + r.prompt_tokens - views[pick].matched_tokens
+            tracker.dispatched(str(index), r.prompt_tokens + r.output_tokens)
+            node = nodes[index]
+            node.waiting.append(r)
+            if not node.busy:
+                start_iteration(node, now)
+        elif kind == ITER_END:
+            node = payload
+            for running in list(node.running):
+                running.remaining -= 1
+                if running.remaining <= 0:
+                    running.done = now
+                    node.running.remove(running)
+                    trackers[running.client].finished(str(node.index), running.prompt_tokens + running.output_tokens)
+                    finished += 1
+            prefill = prefilled.pop(node.index, None)
+            if prefill is not None:
+                prefill.first_token = now
+                prefill.remaining = prefill.output_tokens - 1
+                node.insert(prefill)
+                trackers[prefill.client].first_token(
+                    str(node.index), ttft_s=now - prefill.arrival, work_tokens=max(1, prefill.work_at_dispatch)
+                )
+                if prefill.remaining > 0:
+                    node.running.append(prefill)
+                else:
+                    prefill.done = now
+                    trackers[prefill.client].finished(str(node.index), prefill.prompt_tokens + prefill.output_tokens)
+                    finished += 1
+            start_iteration(node, now)
+        else:
+            node = payload
+            node.publish(sc.k_distinct)
+            if finished < len(reqs):
+                push(now + sc.heartbeat_s, BEAT, node)
+    latencies = [r.done - r.arrival for r in reqs]
+    ttfts = [r.first_token - r.arrival for r in reqs]
+    hit = sum(r.matched for r in reqs) / max(1, sum(r.prompt_tokens for r in reqs))
+    lat_sorted = sorted(latencies)
+    return {
+        "mean_s": statistics.fmean(latencies),
+        "p50_s": statistics.median(latencies),
+        "p99_s": lat_sorted[min(len(lat_sorted) - 1, int(0.99 * len(lat_sorted)))],
+        "ttft_mean_s": statistics.fmean(ttfts),
+        "ttft_p50_s": statistics.median(ttfts),
+        "cache_hit_rate": hit,
+        "makespan_s": max(r.done for r in reqs) - reqs[0].arrival,
+        "horizon_s": horizon,
+    }
+
+
+def capacity(sc: Scenario, cal: Calibration, count: int, seed: int) -> float:
+    """Round robin's capacity (requests/s): its throughput with the queue never empty (all requests at time 0)."""
+    reqs = make_requests(sc.workload, 1e9, count, sc.clients, seed)
+    result = simulate(sc, "round_robin", reqs, cal, seed)
+    return count / result["makespan_s"]
+
+
+def _table(title: str, rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def run_loads(
+    sc: Scenario, cal: Calibration, loads: Sequence[float], count: int, seed: int, policies: Sequence[str]
+) -> tuple[float, list[dict[str, Any]]]:
+    cap = capacity(sc, cal, max(400, count // 2), seed)
+    rows = []
+    for load in loads:
+        reqs = make_requests(sc.workload, cap * load, count, sc.clients, seed + int(load * 100))
+        base = None
+        for name in policies:
+            r = simulate(sc, name, reqs, cal, seed)
+            row = {"workload": sc.workload.name, "load": load, "policy": name, **r}
+            if name == "round_robin":
+                base = r
+            if base is not None:
+                row["mean_vs_rr"] = r["mean_s"] / base["mean_s"]
+                row["ttft_vs_rr"] = r["ttft_mean_s"] / base["ttft_mean_s"]
+                row["p99_vs_rr"] = r["p99_s"] / base["p99_s"]
+            rows.append(row)
+    return cap, rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--no-measure", action="store_true", help="use the committed engine figures")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    count = 600 if args.quick else 3000
+    cal = DEFAULT_CALIBRATION if args.no_measure else measure_calibration()
+    print("calibration:", json.dumps(asdict(cal)))
+    loads = (0.6, 0.75, 0.9, 1.0)
+    results: dict[str, Any] = {
+        "bench": "forwarding",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "calibration": asdict(cal),
+        "requests_per_run": count,
+        "workloads": {k: asdict(v) for k, v in WORKLOADS.items()},
+    }
+    cols = (
+        "load",
+        "policy",
+        "mean_s",
+        "p50_s",
+        "p99_s",
+        "ttft_mean_s",
+        "cache_hit_rate",
+        "mean_vs_rr",
+        "ttft_vs_rr",
+        "p99_vs_rr",
+    )
+    for name in ("short", "long"):
+        cap, rows = run_loads(Scenario(WORKLOADS[name]), cal, loads, count, args.seed, POLICIES)
+        results[f"{name}_capacity_rps"] = cap
+        results[name] = rows
+        _table(
+            f"workload {name}: 8 nodes, 1 client, round robin capacity {cap:.2f} req/s (load 1.0 = saturation)",
+            rows,
+            cols,
+        )
+
+    # Heterogeneous: nodes 0 and 1 three times slower; node 1 also reports zero load.
+    wl = WORKLOADS["long"]
+    hetero_rows = []
+    for load in (0.6, 0.75):
+        equal = Scenario(wl)
+        cap = capacity(equal, cal, max(400, count // 2), args.seed)
+        reqs = make_requests(wl, cap * load, count, 1, args.seed + 7)
+        base = simulate(equal, "planetserve", reqs, cal, args.seed)
+        for name in ("round_robin", "planetserve"):
+            r = simulate(Scenario(wl, slow=(0, 1), liars=(1,)), name, reqs, cal, args.seed)
+            hetero_rows.append(
+                {
+                    "load": load,
+                    "policy": name,
+                    "mean_s": r["mean_s"],
+                    "p99_s": r["p99_s"],
+                    "vs_all_equal": r["mean_s"] / base["mean_s"],
+                }
+            )
+    results["heterogeneous"] = hetero_rows
+    _table(
+        "2 of 8 nodes 3x slower (one reports zero load); vs planetserve with all nodes equal",
+        hetero_rows,
+        ("load", "policy", "mean_s", "p99_s", "vs_all_equal"),
+    )
+
+    # Independent clients with stale heartbeats.
+    multi_rows = []
+    cap = capacity(Scenario(wl), cal, max(400, count // 2), args.seed)
+    for beat in (0.25, 1.0):
+        sc = Scenario(wl, clients=8, heartbeat_s=beat)
+        reqs = make_requests(wl, cap * 0.9, count, 8, args.seed + 3)
+        rr = simulate(sc, "round_robin", reqs, cal, args.seed)
+        ps = simulate(sc, "planetserve", reqs, cal, args.seed)
+        multi_rows.append(
+            {
+                "heartbeat_s": beat,
+                "rr_mean_s": rr["mean_s"],
+                "ps_mean_s": ps["mean_s"],
+                "ps_vs_rr": ps["mean_s"] / rr["mean_s"],
+                "ps_p99_vs_rr": ps["p99_s"] / rr["p99_s"],
+            }
+        )
+    results["independent_clients"] = multi_rows
+    _table(
+        "8 independent clients at 90% load, heartbeats 0.25 s and 1 s old",
+        multi_rows,
+        ("heartbeat_s", "rr_mean_s", "ps_mean_s", "ps_vs_rr", "ps_p99_vs_rr"),
+    )
+
+    # Scale: 1,000 nodes, 100 clients.
+    big_nodes, big_clients = (200, 20) if args.quick else (1000, 100)
+    sc = Scenario(
+        WorkloadScaled(wl, big_nodes), nodes=big_nodes, clients=big_clients, heartbeat_s=1.0, sample_candidates=16
+    )
+    big_count = count
+    cap = capacity(sc, cal, max(2000, big_nodes * 4), args.seed)
+    reqs = make_requests(sc.workload, cap * 0.9, big_count * 3, big_clients, args.seed + 5)
+    rr = simulate(sc, "round_robin", reqs, cal, args.seed)
+    ps = simulate(sc, "planetserve", reqs, cal, args.seed)
+    beat_bytes = HEARTBEAT_FIXED_BYTES + bloom_bytes(sc.workload.cache_tokens // BLOCK, 0.01)
+    fetched = 2 * sc.sample_candidates  # a client keeps heartbeats of about twice the nodes it samples per request
+    scale = {
+        "nodes": big_nodes,
+        "clients": big_clients,
+        "heartbeat_s": 1.0,
+        "rr_mean_s": rr["mean_s"],
+        "ps_mean_s": ps["mean_s"],
+        "ps_vs_rr": ps["mean_s"] / rr["mean_s"],
+        "heartbeat_bytes_max": beat_bytes,
+        "heartbeats_fetched_per_s": fetched,
+        "heartbeat_bytes_per_client_per_s": beat_bytes * fetched / 1.0,
+    }
+    results["scale"] = scale
+    _table(
+        f"scale: {big_nodes} nodes, {big_clients} clients, 90% load (each client samples 16 nodes per request)",
+        [scale],
+        tuple(scale),
+    )
+    results["wall_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out} in {results['wall_s']:.0f} s")
+    return results
+
+
+def bloom_bytes(entries: int, false_positive_rate: float) -> int:
+    """Size of a Bloom filter holding ``entries`` at the given false-positive rate (the heartbeat's cache summary)."""
+    bits = math.ceil(-entries * math.log(false_positive_rate) / math.log(2) ** 2)
+    return (bits + 7) // 8
+
+
+def WorkloadScaled(wl: Workload, nodes: int) -> Workload:
+    """The long workload with as many documents per node as at 8 nodes."""
+    return Workload(
+        wl.name + f"-x{nodes}", wl.docs * nodes // 8, wl.doc_tokens, wl.suffix_tokens, wl.output_tokens, wl.cache_tokens
+    )
+
+
+if __name__ == "__main__":
+    main()
