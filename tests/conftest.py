@@ -10,4 +10,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.models",
+    "tests.fixtures.postgres",
 ]
