@@ -38,22 +38,32 @@ ETH = 10**18
 
 
 def measure(repeat: int) -> dict[str, list[int]]:
-    """Gas used by each operation, ``repeat`` samples each."""
-    params = RegistryParams(unbonding_delay=3_600)
+    """Gas used by each operation, ``repeat`` samples each (3 x ``repeat`` for per-operator ones)."""
+    params = RegistryParams(verification_window=600, unbonding_delay=3_600, admin_transfer_delay=60)
     gas: dict[str, list[int]] = {}
 
     def record(name: str, action: Callable[..., TxReceipt], *args: Any, **kwargs: Any) -> None:
         gas.setdefault(name, []).append(action(*args, **kwargs).gas_used)
 
-    with Anvil(AnvilConfig(accounts=2 + 3 * repeat)) as anvil, tempfile.TemporaryDirectory() as tmp:
+    def advance(seconds: int) -> None:
+        w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    operators_n = 3 * repeat
+    extra = 2 + operators_n  # first account index after the operators: slasher candidates, then the next admin
+    with Anvil(AnvilConfig(accounts=extra + repeat + 1)) as anvil, tempfile.TemporaryDirectory() as tmp:
         w3 = anvil.web3()
         owner = dev_account(0)
         deployment = deploy_all(w3, owner, params, path=Path(tmp) / "deployment.json")
         registry = NodeRegistry(w3, deployment.registry_address)
+        admin = registry.with_account(owner)
         slasher_index = 1
-        record("grant_slasher", registry.with_account(owner).grant_slasher, dev_account(slasher_index).address)
+        record("grant_slasher", admin.grant_slasher, dev_account(slasher_index).address)
+        for i in range(repeat):  # more holders of the role, then revoke them again
+            record("grant_slasher", admin.grant_slasher, dev_account(extra + i).address)
+            record("revoke_slasher", admin.revoke_slasher, dev_account(extra + i).address)
         slasher = registry.with_account(dev_account(slasher_index))
-        operators = [registry.with_account(dev_account(2 + i)) for i in range(3 * repeat)]
+        operators = [registry.with_account(dev_account(2 + i)) for i in range(operators_n)]
         roles = [Role.MODEL, Role.RELAY, Role.VERIFIER]
         for i, reg in enumerate(operators):
             role = roles[i % 3]
@@ -78,14 +88,22 @@ def measure(repeat: int) -> dict[str, list[int]]:
                 x25519_public_key=b"\x07" * 32,
                 price_per_1k_tokens=2_000,
             )
-            record("slash", slasher.slash, reg.account, Wei(ETH // 10), b"\x0e" * 32)
+            record("slash (jails)", slasher.slash, reg.account, Wei(ETH // 10), b"\x0e" * 32)
+            record("slash (already jailed)", slasher.slash, reg.account, Wei(ETH // 10), b"\x0f" * 32)
+            record("unjail", reg.unjail)
             record("request_unbond", reg.request_unbond)
-        w3.provider.make_request("evm_increaseTime", [params.unbonding_delay])  # type: ignore[arg-type]
-        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+            record("rebond", reg.rebond)
+            reg.request_unbond()
+        advance(params.unbonding_delay)
         for reg in operators:
             record("deregister", reg.deregister)
             record("withdraw", reg.withdraw)
-        record("withdraw_treasury", registry.with_account(owner).withdraw_treasury)
+            record("slash (skipped: no node)", slasher.slash, reg.account, Wei(ETH), b"\x0d" * 32)
+        record("withdraw_treasury", admin.withdraw_treasury)
+        successor = registry.with_account(dev_account(extra + repeat))
+        record("begin_admin_transfer", admin.begin_admin_transfer, successor.account)
+        advance(params.admin_transfer_delay + 1)
+        record("accept_admin_transfer", successor.accept_admin_transfer)
     return gas
 
 
