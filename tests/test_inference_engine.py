@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from node.inference import (
     GenerationRequest,
     InvalidParams,
     SamplingParams,
+    ScoreResult,
     TorchEngine,
     chunk_hashes,
     load_engine,
@@ -84,7 +87,7 @@ async def _cache_settled(engine: TorchEngine) -> None:
         await asyncio.sleep(0.01)
 
 
-def _req(rid: str, prompt: str = PROMPT, **params: object) -> GenerationRequest:
+def _req(rid: str, prompt: str | tuple[int, ...] = PROMPT, **params: object) -> GenerationRequest:
     return GenerationRequest(request_id=rid, prompt=prompt, params=SamplingParams(**params))  # type: ignore[arg-type]
 
 
@@ -331,3 +334,189 @@ async def test_running_sequences_share_batched_decode_steps(
         assert batch_sizes and max(batch_sizes) == 4
     finally:
         await engine.close()
+
+
+# ---------------------------------------------------------------------- scheduler and block cache (issue 13)
+async def test_score_under_load_goes_through_the_bounded_queue(engine: Engine) -> None:
+    prompt = tuple(range(1, 300))
+    solo = await engine.score(prompt, [5, 6, 7])
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, engine.stats().queued_requests)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(*(engine.score(prompt, [5, 6, 7]) for _ in range(16)), return_exceptions=True)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    overloaded = [r for r in results if isinstance(r, EngineOverloaded)]
+    served = [r for r in results if isinstance(r, ScoreResult)]
+    assert len(overloaded) + len(served) == 16
+    assert overloaded and all(r.limit == 4 for r in overloaded)
+    assert peak <= 4
+    assert served and all(r.logprobs == pytest.approx(solo.logprobs, abs=1e-5) for r in served)
+
+
+async def test_event_loop_stays_responsive_while_a_long_prompt_is_tokenized(engine: Engine) -> None:
+    text = ("the red cat sees the dog. 12+7=19\n" * 8000)[: 4 * 65536]  # 256 KiB: over the context once tokenized
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.02)
+    with pytest.raises(InvalidParams) as info:
+        await anext(engine.generate(_req("huge", text, max_tokens=1)))
+    assert info.value.param == "prompt"
+    stop.set()
+    await ticker
+    assert max(gaps) < 0.06, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_chunked_prefill_gives_the_same_tokens_and_logprobs_as_whole_prefill(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunked = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_batch_tokens=16))
+    whole = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_batch_tokens=4096))
+    chunk_sizes: list[int] = []
+    original = chunked._prefill_chunk
+
+    def spy(seq: Any, n: int) -> None:
+        chunk_sizes.append(n)
+        original(seq, n)
+
+    monkeypatch.setattr(chunked, "_prefill_chunk", spy)
+    try:
+        n_prompt = len(chunked.tokenize(LONG_PROMPT))
+        a = await _collect(chunked, _req("a", LONG_PROMPT, max_tokens=16, temperature=0))
+        assert max(chunk_sizes) == 16 and sum(chunk_sizes) == n_prompt
+        b = await _collect(whole, _req("b", LONG_PROMPT, max_tokens=16, temperature=0))
+        assert _ids(a) == _ids(b)
+        assert _logprobs(a) == pytest.approx(_logprobs(b), abs=1e-5)
+        completion = _ids(a)
+        chunked.clear_prefix_cache()
+        whole.clear_prefix_cache()
+        sa, sb = await chunked.score(LONG_PROMPT, completion), await whole.score(LONG_PROMPT, completion)
+        assert sa.logprobs == pytest.approx(sb.logprobs, abs=1e-5)
+        assert sa.logprobs == pytest.approx(_logprobs(b), abs=1e-5)
+    finally:
+        await chunked.close()
+        await whole.close()
+
+
+def _kv_tokens(prompt: list[int], chunks: list[GenerationChunk]) -> list[int]:
+    """The tokens whose KV the engine computed: the prompt and every generated token but the last."""
+    generated = _ids(chunks)
+    return prompt + generated[:-1]
+
+
+async def test_shared_prefix_blocks_are_stored_once(torch_engine: TorchEngine) -> None:
+    base = torch_engine.tokenize(LONG_PROMPT * 2)[:600]
+    prompts = [base + torch_engine.tokenize(f"\n{i}+{i}={2 * i} the small bird") for i in range(8)]
+    results = await asyncio.gather(
+        *(_collect(torch_engine, _req(f"p{i}", tuple(p), max_tokens=4, temperature=0)) for i, p in enumerate(prompts))
+    )
+    await _cache_settled(torch_engine)
+    per_prompt = [chunk_hashes(_kv_tokens(p, r)) for p, r in zip(prompts, results, strict=True)]
+    distinct = {h for hashes in per_prompt for h in hashes}
+    stats = torch_engine.stats()
+    assert sum(len(h) for h in per_prompt) > 4 * len(distinct), "the prompts must share most of their blocks"
+    assert set(stats.cached_prefix_hashes) == distinct
+    assert stats.cache_bytes == len(distinct) * torch_engine.kv_block_bytes
+
+
+async def test_eviction_never_drops_a_block_in_use(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    try:
+        block = probe.kv_block_bytes
+        long_ids = probe.tokenize(LONG_PROMPT)
+        solo = await _collect(probe, _req("solo", LONG_PROMPT, max_tokens=300, temperature=0))
+        assert solo[-1].finish_reason == "length"
+    finally:
+        await probe.close()
+    a_blocks = -(-(len(long_ids) + 300) // CHUNK_TOKENS)
+    shorts = [f"{k}{k}{k} " + PROMPT for k in range(3)]
+    # Room for the long request plus two spare blocks: the short requests' cached blocks must make way for it.
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", kv_cache_bytes=(a_blocks + 2) * block))
+    pool = engine._pool
+    evicted: list[int] = []
+    original = pool._evict
+
+    def checked_evict(victim: int) -> None:
+        in_use = {b for seq in list(engine._running) for b in seq.table}
+        assert pool.refs(victim) == 0 and victim not in in_use, "evicted a block in use"
+        evicted.append(victim)
+        original(victim)
+
+    monkeypatch.setattr(pool, "_evict", checked_evict)
+    try:
+        for i, prompt in enumerate(shorts):
+            await _collect(engine, _req(f"s{i}", prompt, max_tokens=8, temperature=0))
+        cached_shorts = set(engine.stats().cached_prefix_hashes)
+        assert set(chunk_hashes(engine.tokenize(shorts[0]))) <= cached_shorts
+        got: list[GenerationChunk] = []
+        async for chunk in engine.generate(_req("long", LONG_PROMPT, max_tokens=300, temperature=0)):
+            got.append(chunk)
+            assert set(chunk_hashes(long_ids)) <= set(engine.stats().cached_prefix_hashes)
+        assert evicted, "the long request had to evict cached blocks"
+        assert not set(chunk_hashes(engine.tokenize(shorts[0]))) & set(engine.stats().cached_prefix_hashes)
+        assert _ids(got) == _ids(solo)
+        assert _logprobs(got) == pytest.approx(_logprobs(solo), abs=1e-5)
+    finally:
+        await engine.close()
+
+
+async def test_end_of_sequence_is_reported_with_its_logprob(tiny_model_dir: Path) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    try:
+        eos = engine._eos
+        assert eos is not None
+        # Sample until some seed ends with EOS (a sampled completion of the tiny model ends within a few seeds).
+        for seed in range(40):
+            chunks = await _collect(engine, _req(f"e{seed}", "3+4=", max_tokens=64, temperature=1.5, seed=seed))
+            if chunks[-1].finish_reason == "stop":
+                break
+        else:
+            pytest.fail("no sampled completion ended with end-of-sequence")
+        last = chunks[-1]
+        assert last.token_ids == (eos,) and len(last.logprobs) == 1 and last.logprobs[0] <= 0.0
+        assert last.completion_tokens == len(_ids(chunks))
+        score = await engine.score("3+4=", _ids(chunks))
+        assert score.logprobs[-1] == pytest.approx(last.logprobs[0], abs=1e-4)
+    finally:
+        await engine.close()
+
+
+async def test_garbage_in_unused_block_memory_never_reaches_attention(tiny_model_dir: Path) -> None:
+    reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    poisoned = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+    try:
+        # Padding rows of a partly filled block are read (masked) by batched decode; NaN there would poison it.
+        poisoned._pool.keys.fill_(float("nan"))
+        poisoned._pool.values.fill_(float("inf"))
+        prompts = ["3+4=", PROMPT, LONG_PROMPT[:200]]
+        expected = [
+            await _collect(reference, _req(f"r{i}", p, max_tokens=10, temperature=0)) for i, p in enumerate(prompts)
+        ]
+        got = await asyncio.gather(
+            *(_collect(poisoned, _req(f"p{i}", p, max_tokens=10, temperature=0)) for i, p in enumerate(prompts))
+        )
+        assert [_ids(c) for c in got] == [_ids(c) for c in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert _logprobs(a) == pytest.approx(_logprobs(b), abs=1e-4)
+    finally:
+        await reference.close()
+        await poisoned.close()

@@ -13,8 +13,8 @@ Why blocks (the design vLLM's block manager and SGLang's radix cache share, narr
   needs no copy-on-write.
 
 Storage is one tensor per keys/values, ``[layers, blocks, kv_heads, block_tokens, head_dim]``, created on the first
-``ensure_storage`` call (``torch.empty``, so untouched CPU pages cost nothing). Only the engine's worker thread calls
-the mutating methods; the event loop reads the counters under the engine's lock.
+``ensure_storage`` call (``torch.empty``, so untouched CPU pages cost nothing; a block is zeroed when allocated).
+Only the engine's worker thread calls the mutating methods; the event loop reads the counters under the engine's lock.
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ class BlockPool:
             self._evict(victim)
             block = self._free.pop()
         self._meta[block].refs = 1
+        if self.keys is not None:
+            # Rows past a sequence's end are read (masked) by batched attention: they must be finite, and storage
+            # from ``torch.empty`` or an evicted block may hold anything, NaN included (NaN x 0 weight is NaN).
+            self.keys[:, block].zero_()
+            self.values[:, block].zero_()
         return block
 
     def commit(self, block: int, block_hash: bytes, parent: int | None) -> int:
