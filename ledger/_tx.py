@@ -24,6 +24,7 @@ from web3.exceptions import (
     ContractLogicError,
     ContractPanicError,
     TimeExhausted,
+    TransactionNotFound,
     Web3RPCError,
 )
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
@@ -99,35 +100,48 @@ class NonceManager:
     wait behind it for ever. Under the lock nothing is handed out that is not sent. Only submission is serialised
     (milliseconds); waiting for receipts happens outside the lock, concurrently.
 
-    The next nonce is the larger of the node's ``pending`` count and one past the last nonce this manager sent
-    while that transaction is still in flight (load-balanced RPCs may lag). With nothing in flight the chain's
-    count alone is trusted, so a restarted or reset chain is never fed a stale, too-high nonce.
+    The next nonce is the larger of the node's ``pending`` count and one past the highest nonce of this manager's
+    transactions still in flight (sent, no receipt seen yet): load-balanced RPCs may lag, and a node may not count
+    its pool. When the node's count is below that, each in-flight transaction is looked up first and forgotten if
+    it was mined or the node no longer knows it (dropped, or a reset/reverted dev chain), so a stale local nonce
+    never opens a gap that would stall the key. The in-flight set is bounded by the transactions a process has
+    pending at once plus those whose receipt timed out and are still in the node's pool.
     """
 
     def __init__(self, address: ChecksumAddress) -> None:
         self._address = address
         self._lock = threading.Lock()
-        self._next_local = 0
-        self._in_flight = 0
+        self._in_flight: dict[HexBytes, int] = {}
 
-    def submit(self, w3: Web3, submit: Callable[[int], _T]) -> _T:
-        """Call ``submit(nonce)`` (estimate, sign, send) with the account's next nonce, one caller at a time."""
+    def submit(self, w3: Web3, send: Callable[[int], HexBytes]) -> HexBytes:
+        """Call ``send(nonce)`` (estimate, sign, send; returns the hash) with the next nonce, one caller at a time."""
         with self._lock:
             chain_next = int(w3.eth.get_transaction_count(self._address, "pending"))
-            nonce = max(chain_next, self._next_local) if self._in_flight else chain_next
-            result = submit(nonce)  # raises: nothing was sent, the nonce stays free
-            self._next_local = nonce + 1
-            self._in_flight += 1
-            return result
+            if self._in_flight and max(self._in_flight.values()) >= chain_next:
+                self._forget_settled(w3)
+            nonce = max([chain_next, *(n + 1 for n in self._in_flight.values())])
+            tx_hash = send(nonce)  # raises: nothing was sent, the nonce stays free
+            self._in_flight[tx_hash] = nonce
+            return tx_hash
 
-    def settled(self) -> None:
-        """One transaction sent through :meth:`submit` got its receipt.
+    def settled(self, tx_hash: HexBytes) -> None:
+        """The receipt of ``tx_hash`` (sent through :meth:`submit`) was seen: its nonce is spent on chain.
 
-        A transaction whose receipt never came stays counted as in flight: it may still be mined, and its nonce
-        must not be handed out again.
+        A transaction whose receipt never came stays in flight: it may still be mined, and its nonce must not be
+        handed out again while the node knows it.
         """
         with self._lock:
-            self._in_flight = max(0, self._in_flight - 1)
+            self._in_flight.pop(tx_hash, None)
+
+    def _forget_settled(self, w3: Web3) -> None:
+        for tx_hash in list(self._in_flight):
+            try:
+                tx = w3.eth.get_transaction(tx_hash)
+            except TransactionNotFound:
+                del self._in_flight[tx_hash]
+                continue
+            if tx.get("blockNumber") is not None:
+                del self._in_flight[tx_hash]
 
 
 _MANAGERS: dict[tuple[str, str], NonceManager] = {}
@@ -169,19 +183,20 @@ def send_transaction(
     chain_id = w3.eth.chain_id
     manager = nonce_manager(w3, account.address)
 
-    def submit(nonce: int) -> tuple[dict[str, Any], HexBytes]:
-        params: TxParams = {"from": account.address, "value": Wei(value), "nonce": Nonce(nonce), "chainId": chain_id}
-        tx: dict[str, Any] = dict(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
-        signed = account.sign_transaction(tx)
-        raw = signed.raw_transaction
-        return tx, map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(raw))
+    tx: dict[str, Any] = {}
 
-    tx, tx_hash = manager.submit(w3, submit)
+    def send(nonce: int) -> HexBytes:
+        params: TxParams = {"from": account.address, "value": Wei(value), "nonce": Nonce(nonce), "chainId": chain_id}
+        tx.update(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
+        raw = account.sign_transaction(tx).raw_transaction
+        return map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(raw))
+
+    tx_hash = manager.submit(w3, send)
     try:
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
     except TimeExhausted as exc:
         raise TransactionOutcomeUnknown(tx_hash.to_0x_hex(), receipt_timeout) from exc
-    manager.settled()
+    manager.settled(tx_hash)
     if receipt["status"] != 1:
         _raise_for_failed(w3, tx, receipt, decoder)
     return receipt

@@ -83,6 +83,20 @@ def test_a_missing_receipt_is_outcome_unknown_not_a_revert(paused_mining: ChainE
     assert admin.is_slasher(first) and admin.is_slasher(second)
 
 
+def test_a_timed_out_transaction_the_node_dropped_does_not_stall_the_key(paused_mining: ChainEnv) -> None:
+    """Its nonce is forgotten once the node no longer knows it, so the next send is not stuck behind a gap."""
+    chain = paused_mining
+    admin = NodeRegistry(chain.w3, chain.deployment.registry_address, chain.account(OWNER), receipt_timeout=0.3)
+    with pytest.raises(TransactionOutcomeUnknown) as exc:
+        admin.grant_slasher(chain.account(15).address)
+    nonce = chain.w3.eth.get_transaction(HexStr(exc.value.tx_hash))["nonce"]
+    rpc(chain.w3, "anvil_dropTransaction", [exc.value.tx_hash])
+    rpc(chain.w3, "evm_setAutomine", [True])
+    receipt = admin.grant_slasher(chain.account(OUTSIDER).address)  # would wait 0.3 s and fail with a gap
+    assert chain.w3.eth.get_transaction(HexStr(receipt.tx_hash))["nonce"] == nonce
+    assert admin.is_slasher(chain.account(OUTSIDER).address) and not admin.is_slasher(chain.account(15).address)
+
+
 def test_receipt_timeout_must_be_positive(chain: ChainEnv) -> None:
     with pytest.raises(InvalidChainInput) as exc:
         NodeRegistry(chain.w3, chain.deployment.registry_address, receipt_timeout=0)
