@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,8 +25,11 @@ from typing import Protocol
 import aiohttp
 
 from node.client._errors import UnknownModel
+from node.client._heartbeats import HeartbeatMonitor
+from node.client._policy import NEUTRAL_REPUTATION, POLICIES, LoadTracker, NodeView, Policy, make_policy
 from node.client._service import ServedModel
 from node.inference import InvalidParams
+from node.inference._prefix import CHUNK_TOKENS, chunk_hashes
 from node.overlay import (
     ClientSettings,
     CompletionDelta,
@@ -34,7 +39,8 @@ from node.overlay import (
     Route,
     complete,
 )
-from node.overlay._directory import common_suspects, suspect_relays
+from node.overlay._directory import ModelNode, NoModelNode, common_suspects, suspect_relays
+from node.overlay._heartbeat import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES
 from node.privacy import InsufficientRelays
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,10 @@ class Transport(Protocol):
 
     def send(self, request: CompletionRequest, route: Route) -> AsyncIterator[CompletionDelta]:
         """Send ``request`` over ``route``; raises ``ReplyIncomplete`` when the paths fail."""
+        ...
+
+    async def fetch_heartbeat(self, endpoint: str) -> bytes:
+        """The raw signed heartbeat the model node at ``endpoint`` serves (bounded in size and time)."""
         ...
 
     async def close(self) -> None:
@@ -74,7 +84,18 @@ class OverlayTransport:
         return self._session
 
     def send(self, request: CompletionRequest, route: Route) -> AsyncIterator[CompletionDelta]:
-        return complete(self._client_session(), request, route.paths, route.destination.hop(), self._settings)
+        return complete(self._client_session(), request, route.paths, route.destination.peer(), self._settings)
+
+    async def fetch_heartbeat(self, endpoint: str) -> bytes:
+        async with self._client_session().get(
+            endpoint + HEARTBEAT_PATH, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2.0)
+        ) as response:
+            if response.status != 200:
+                raise OSError(f"heartbeat answered {response.status}")
+            body = await response.content.read(MAX_HEARTBEAT_BYTES + 1)
+            if len(body) > MAX_HEARTBEAT_BYTES:
+                raise ValueError("heartbeat too large")
+            return body
 
     async def close(self) -> None:
         if self._session is not None:
@@ -96,6 +117,16 @@ class ClientConfig:
     """Longest a directory is used before it is rebuilt, seconds."""
     models: tuple[str, ...] = ()
     """``name@revision`` of models this client names (the chain stores only their keccak ids)."""
+    policy: str = "planetserve"
+    """Forwarding policy: ``round_robin``, ``least_load``, ``prefix_only`` or ``planetserve``."""
+    heartbeats: bool = True
+    """Fetch and use model nodes' signed heartbeats (load, cache summary); silent nodes are avoided."""
+    heartbeat_refresh_s: float = 0.5
+    """Heartbeats older than this are fetched again before routing, seconds."""
+    heartbeat_max_age_s: float = 5.0
+    """A heartbeat older than this does not count, seconds."""
+    memory_entries: int = 4096
+    """Prefix chunks this client remembers having sent, and where (its own affinity memory; never sent anywhere)."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -104,6 +135,8 @@ class ClientConfig:
             raise InvalidParams(param="hops", value=self.hops, reason="1..5 relays per path")
         if self.directory_refresh_s <= 0:
             raise InvalidParams(param="directory_refresh_s", value=self.directory_refresh_s, reason="positive")
+        if self.policy not in POLICIES:
+            raise InvalidParams(param="policy", value=self.policy, reason=f"one of {', '.join(POLICIES)}")
 
 
 @dataclass(slots=True)
@@ -129,12 +162,25 @@ class Client:
         *,
         transport: Transport | None = None,
         on_route: Callable[[Route], None] | None = None,
+        tokenizer: Callable[[str], Sequence[int]] | None = None,
+        reputation: Callable[[str], float] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config or ClientConfig()
         self._source = directory
         self._cache = _DirectoryCache()
         self._transport: Transport = transport or OverlayTransport(ClientSettings(n=self.config.paths))
         self._on_route = on_route
+        self._tokenizer = tokenizer
+        self._reputation = reputation or (lambda _operator: NEUTRAL_REPUTATION)
+        self._rng = rng or random.Random()
+        self.policy: Policy = make_policy(self.config.policy)
+        self.load = LoadTracker()
+        self.heartbeats = HeartbeatMonitor(
+            fetch=self._transport.fetch_heartbeat, max_age_s=self.config.heartbeat_max_age_s
+        )
+        self._heartbeats_at = 0.0
+        self._memory: OrderedDict[bytes, str] = OrderedDict()
         self._names: dict[str, str] = {}  # model id -> name@revision
         for name in self.config.models:
             self._names[_name_id(name)] = name
@@ -193,16 +239,81 @@ class Client:
                 return self.served(directory, model_id)
         raise UnknownModel(model)
 
+    async def _refresh_heartbeats(self, nodes: Sequence[ModelNode]) -> None:
+        if self.config.heartbeats and time.monotonic() - self._heartbeats_at >= self.config.heartbeat_refresh_s:
+            await self.heartbeats.refresh(nodes)
+            self._heartbeats_at = time.monotonic()
+
+    def _prompt_hashes(self, prompt: str) -> tuple[int, list[bytes]]:
+        """(prompt tokens, chained chunk hashes), computed here: the prompt never leaves the client for this."""
+        if self._tokenizer is None:
+            return max(1, len(prompt) // 4), []
+        ids = list(self._tokenizer(prompt))
+        return len(ids), chunk_hashes(ids)
+
+    def _remembered(self, hashes: Sequence[bytes], operator: str) -> int:
+        for i in range(len(hashes), 0, -1):
+            if self._memory.get(hashes[i - 1]) == operator:
+                return i
+        return 0
+
+    def _remember(self, hashes: Sequence[bytes], operator: str) -> None:
+        for h in hashes:
+            self._memory[h] = operator
+            self._memory.move_to_end(h)
+        while len(self._memory) > self.config.memory_entries:
+            self._memory.popitem(last=False)
+
+    def choose(
+        self, candidates: Sequence[ModelNode], prompt_tokens: int, hashes: Sequence[bytes]
+    ) -> tuple[ModelNode, NodeView]:
+        """The model node the policy picks for a prompt, and the view it was picked on."""
+        if self.config.heartbeats:
+            answering = [m for m in candidates if not self.heartbeats.silent(m.operator)]
+            candidates = answering or list(candidates)  # when none answers, try anyway rather than refuse
+        views = []
+        for node in candidates:
+            beat = self.heartbeats.latest(node.operator) if self.config.heartbeats else None
+            matched = 0
+            if beat is not None and beat.summary is not None and hashes:
+                matched = beat.summary.matched_chunks(hashes)
+            matched = max(matched, self._remembered(hashes, node.operator))
+            views.append(
+                NodeView(
+                    node_id=node.operator,
+                    reputation=self._reputation(node.operator),
+                    queued_tokens=(beat.queued_tokens if beat else 0) + self.load.inflight_tokens(node.operator),
+                    matched_tokens=matched * CHUNK_TOKENS,
+                    seconds_per_token=self.load.seconds_per_token(node.operator),
+                )
+            )
+        index = self.policy.choose(views, prompt_tokens, self._rng)
+        return candidates[index], views[index]
+
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionDelta, None]:
         """Route ``request`` and yield its deltas, re-routing a try that failed before any path answered."""
         directory = await self.directory()
-        route = directory.route(request.model, n=self.config.paths, hops=self.config.hops)
+        serving = directory.serving(request.model)
+        if not serving:
+            raise NoModelNode(request.model)
+        await self._refresh_heartbeats(serving)
+        prompt_tokens, hashes = self._prompt_hashes(request.prompt)
+        destination, view = self.choose(serving, prompt_tokens, hashes)
+        route = directory.route(request.model, n=self.config.paths, hops=self.config.hops, destination=destination)
+        avoid: set[str] = set()
         for attempt in range(1, self.config.attempts + 1):
             if self._on_route is not None:
                 self._on_route(route)
+            sent_to, work = destination.operator, prompt_tokens + request.max_tokens
+            self.load.dispatched(sent_to, work)
+            self._remember(hashes, sent_to)
+            started = time.monotonic()
             yielded = False
             try:
                 async for delta in self._transport.send(request, route):
+                    if not yielded:
+                        ahead = view.queued_tokens + max(0, prompt_tokens - view.matched_tokens)
+                        self.load.first_token(sent_to, ttft_s=time.monotonic() - started, work_tokens=ahead)
                     yielded = True
                     yield delta
                 return
@@ -211,7 +322,15 @@ class Client:
                 if yielded or attempt == self.config.attempts or not early:
                     raise
                 log.info("try %d failed before any path answered; re-routing around suspects", attempt)
-                route = _reroute(directory, request.model, self.config.paths, self.config.hops, route, failure)
+                # The destination may be the culprit too (a dead model node fails every path alike): prefer another.
+                avoid.add(sent_to)
+                remaining = [m for m in serving if m.operator not in avoid] or serving
+                destination, view = self.choose(remaining, prompt_tokens, hashes)
+                route = _reroute(
+                    directory, request.model, self.config.paths, self.config.hops, route, failure, destination
+                )
+            finally:
+                self.load.finished(sent_to, work)
 
     async def complete(self, request: CompletionRequest) -> Completion:
         """The whole completion at once."""
@@ -251,12 +370,13 @@ class Completion:
     """Prompt tokens the model node served from its prefix cache."""
 
 
-def _reroute(directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete) -> Route:
-    # The destination may be the culprit too (a dead model node fails every path the same way): prefer another one.
-    avoid_nodes = (route.destination.operator,)
+def _reroute(
+    directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete, destination: ModelNode
+) -> Route:
+    # Paths avoid every relay that can explain the failure, or if that leaves too few, those common to all failures.
     for suspects in (suspect_relays(route, failure), common_suspects(route, failure)):
         try:
-            return directory.route(model, n=n, hops=hops, avoid_relays=suspects, avoid_model_nodes=avoid_nodes)
+            return directory.route(model, n=n, hops=hops, avoid_relays=suspects, destination=destination)
         except InsufficientRelays:
             continue
     raise failure

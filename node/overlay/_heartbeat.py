@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from node.inference import EngineStats
 from node.overlay._errors import OverlayError
 
+#: Where a model node serves its latest signed heartbeat (GET, ``application/json``).
+HEARTBEAT_PATH = "/overlay/v1/heartbeat"
 #: Domain separation of the signed bytes (never valid as a transaction or another message of ours).
 HEARTBEAT_DOMAIN = b"planetserve/v1/heartbeat\n"
 #: Largest Bloom filter a client accepts, bytes (a 4096-chunk summary at 1% false positives is about 4.9 KiB).

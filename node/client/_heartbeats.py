@@ -1,0 +1,94 @@
+"""The client's view of model nodes' heartbeats: fetched, verified against the registry, dropped when silent.
+
+A heartbeat counts only if it is signed by the operator the registry names for that node, is fresh, and is newer
+than the last one seen (``HeartbeatCheck``). A node that fails to answer ``max_failures`` fetches in a row, or whose
+last good heartbeat is older than ``max_age_s``, is *silent*: the forwarding policy does not route to it while any
+node that answers serves the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from node.overlay import ModelNode
+from node.overlay._heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat, HeartbeatCheck, HeartbeatRejected, SignedHeartbeat
+
+log = logging.getLogger(__name__)
+
+#: Fetches the raw heartbeat body of the node at an endpoint (bounded in size and time by the implementation).
+HeartbeatFetch = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    check: HeartbeatCheck
+    latest: Heartbeat | None = None
+    received_at: float = 0.0
+    failures: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class HeartbeatMonitor:
+    """Latest verified heartbeat per model node."""
+
+    fetch: HeartbeatFetch
+    """How a heartbeat is fetched (the transport's ``fetch_heartbeat``)."""
+    max_age_s: float = 5.0
+    """A heartbeat older than this no longer counts, seconds."""
+    timeout_s: float = 1.0
+    """Per fetch, seconds."""
+    max_failures: int = 2
+    """Failed fetches in a row after which a node is silent."""
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+    rejected: int = 0
+    """Heartbeats that failed a check (forged, stale, replayed, malformed)."""
+
+    def _entry(self, node: ModelNode) -> _Entry:
+        entry = self._entries.get(node.operator)
+        if entry is None or entry.check.model_id != node.model_id:
+            entry = _Entry(HeartbeatCheck(operator=node.operator, model_id=node.model_id, max_age_s=self.max_age_s))
+            self._entries[node.operator] = entry
+        return entry
+
+    async def _one(self, node: ModelNode) -> None:
+        entry = self._entry(node)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.fetch(node.endpoint)
+            if len(raw) > MAX_HEARTBEAT_BYTES:
+                raise HeartbeatRejected("too large")
+            signed = SignedHeartbeat.model_validate_json(raw)
+            entry.latest = entry.check.accept(signed)
+            entry.received_at = time.time()
+            entry.failures = 0
+        except (HeartbeatRejected, ValidationError) as exc:
+            self.rejected += 1
+            entry.failures += 1
+            log.info("heartbeat of %s rejected: %s", node.operator, getattr(exc, "reason", "malformed"))
+        except (TimeoutError, OSError, ValueError) as exc:
+            entry.failures += 1
+            log.info("heartbeat of %s not fetched: %s", node.operator, type(exc).__name__)
+
+    async def refresh(self, nodes: Sequence[ModelNode]) -> None:
+        """Fetch every node's heartbeat concurrently (each bounded by ``timeout_s``)."""
+        await asyncio.gather(*(self._one(n) for n in nodes))
+
+    def latest(self, operator: str, *, now: float | None = None) -> Heartbeat | None:
+        """The node's last verified heartbeat if still fresh and the node still answers, else None."""
+        entry = self._entries.get(operator)
+        if entry is None or entry.latest is None or entry.failures >= self.max_failures:
+            return None
+        now = time.time() if now is None else now
+        if now - entry.latest.issued_at_ms / 1000 > self.max_age_s:
+            return None
+        return entry.latest
+
+    def silent(self, operator: str) -> bool:
+        """Whether the node has no usable heartbeat now."""
+        return self.latest(operator) is None
