@@ -38,6 +38,7 @@ import requests
 from sqlalchemy import Engine, and_, column, delete, event, func, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 from web3.exceptions import BlockNotFound, LogTopicError, MismatchedABI, ProviderConnectionError, Web3RPCError
 from web3.types import EventData, FilterParams, LogReceipt
@@ -293,9 +294,12 @@ def _open_engine(db_url: str) -> tuple[Engine, Engine]:
     shown = url.render_as_string(hide_password=True)
     sqlite = url.get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {"connect_args": {"timeout": LOCK_TIMEOUT_S}} if sqlite else {}
+    memory = sqlite and url.database in (None, "", ":memory:")
+    if memory:  # one connection shared by reads and writes, or each would see its own empty database
+        kwargs["poolclass"] = StaticPool
     try:
         read = create_engine(url, **kwargs)
-        write = create_engine(url, **kwargs) if sqlite else read
+        write = create_engine(url, **kwargs) if sqlite and not memory else read
     except ImportError as exc:
         extra = "postgres" if url.get_backend_name() == "postgresql" else url.get_backend_name()
         raise DatabaseDriverMissing(dialect=url.get_backend_name(), extra=extra) from exc

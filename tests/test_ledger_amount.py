@@ -138,3 +138,17 @@ def test_an_index_from_an_older_layout_is_rebuilt(chain: ChainEnv, tmp_path: Pat
         report = indexer.sync()
         assert report.applied == indexer.event_count() >= 1
         assert [n.operator for n in indexer.nodes()] == [chain.account(1).address]
+
+
+def test_an_in_memory_sqlite_index_sees_its_own_writes(chain: ChainEnv) -> None:
+    chain.registry(2).register(
+        role=Role.RELAY,
+        endpoint="http://127.0.0.1:9002",
+        x25519_public_key=bytes(range(32)),
+        model_id=None,
+        price_per_1k_tokens=1,
+        stake=10**17,
+    )
+    with Indexer(chain.registry(), chain.deployment, "sqlite://") as indexer:
+        assert indexer.sync().applied >= 1
+        assert [n.operator for n in indexer.nodes()] == [chain.account(2).address]
