@@ -16,6 +16,7 @@ import typer
 
 from cli._main import new_app
 from cli._output import emit, info
+from cli._progress import StepProgress
 
 app = new_app("Build the project's own small models and weaker variants.")
 
@@ -27,8 +28,16 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _print_made(model: Any, path: Path, seconds: float, *, as_json: bool, title: str) -> None:
+    """The model's fields; for people, then one last line with nothing but ``name@revision`` to copy."""
+    emit(_info_dict(model, path, seconds), as_json=as_json, title=title)
+    if not as_json:
+        print(f"{model.name}@{model.revision}")
+
+
 def _info_dict(model: Any, path: Path, seconds: float) -> dict[str, Any]:
     return {
+        "model": f"{model.name}@{model.revision}",
         "name": model.name,
         "kind": model.kind,
         "revision": model.revision,
@@ -59,8 +68,10 @@ def make(
         changes["steps"] = steps
     recipe = dataclasses.replace(recipe, **changes)
     started = time.perf_counter()
-    made = make_model(out, recipe, progress=info)
-    emit(_info_dict(made, out, time.perf_counter() - started), as_json=as_json, title="model")
+    info(f"building {recipe.name}: a tokenizer, then {recipe.steps} training steps (seed {recipe.seed})")
+    with StepProgress(f"training {recipe.name}") as bar:
+        made = make_model(out, recipe, on_step=bar.update)
+    _print_made(made, out, time.perf_counter() - started, as_json=as_json, title="model")
 
 
 @app.command("make-variant")
@@ -75,8 +86,9 @@ def make_variant(
     from node.inference import make_variant as build
 
     started = time.perf_counter()
-    made = build(source, kind, out, progress=info)
-    emit(_info_dict(made, out, time.perf_counter() - started), as_json=as_json, title="variant")
+    with StepProgress(f"variant {kind}") as bar:
+        made = build(source, kind, out, on_step=bar.update)
+    _print_made(made, out, time.perf_counter() - started, as_json=as_json, title="variant")
 
 
 @app.command("eval")

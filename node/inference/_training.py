@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 VariantKind = Literal["fewer-layers", "int8", "undertrained", "seed"]
 VARIANT_KINDS: tuple[str, ...] = ("fewer-layers", "int8", "undertrained", "seed")
 _SPECIALS = ["<|endoftext|>", "<|pad|>"]
+#: ``on_step(steps_done, steps_total, loss)``: called after each training step (feeds a progress bar).
+StepCallback = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +164,7 @@ def _train(
     tokenizer: PreTrainedTokenizerFast,
     recipe: ModelRecipe,
     progress: Callable[[str], None] | None,
+    on_step: StepCallback | None = None,
 ) -> None:
     import torch
 
@@ -192,6 +195,8 @@ def _train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step + 1, recipe.steps, float(loss.detach()))
         if progress and (step % 100 == 0 or step == recipe.steps - 1):
             progress(f"step {step + 1}/{recipe.steps} loss {float(loss.detach()):.3f}")
     model.eval()  # type: ignore[no-untyped-call]
@@ -225,13 +230,18 @@ def make_model(
     kind: str = "base",
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> ModelInfo:
-    """Train a model from ``recipe`` and save it to ``out`` (which must be absent or empty)."""
+    """Train a model from ``recipe`` and save it to ``out`` (which must be absent or empty).
+
+    ``on_step(done, total, loss)`` is called after every optimiser step (a progress bar's feed); ``progress`` gets
+    a line every 100 steps.
+    """
     _check_out(out)
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus_lines(0, min(recipe.corpus_lines, 20_000)), recipe.vocab_size)
     model = _new_model(recipe, len(tokenizer))
-    _train(model, tokenizer, recipe, progress)
+    _train(model, tokenizer, recipe, progress, on_step)
     return _save(model, tokenizer, out, name or recipe.name, kind, recipe.to_dict())
 
 
@@ -265,7 +275,14 @@ def ensure_model(recipe: ModelRecipe, root: Path, *, progress: Callable[[str], N
     return target
 
 
-def make_variant(source: Path, kind: str, out: Path, *, progress: Callable[[str], None] | None = None) -> ModelInfo:
+def make_variant(
+    source: Path,
+    kind: str,
+    out: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    on_step: StepCallback | None = None,
+) -> ModelInfo:
     """A weaker model derived from ``source``: "fewer-layers" (first half of the layers), "int8" (weights rounded to
     int8 per output channel, stored dequantized), "undertrained" (same recipe, 1/8 of the steps) or "seed" (same
     recipe, another seed). The tokenizer is kept, so token ids line up with the original for scoring.
@@ -286,7 +303,9 @@ def make_variant(source: Path, kind: str, out: Path, *, progress: Callable[[str]
             recipe = dataclasses.replace(recipe, steps=max(1, recipe.steps // 8))
         else:
             recipe = dataclasses.replace(recipe, seed=recipe.seed + 1)
-        return make_model(out, recipe, tokenizer=tokenizer, kind=kind, name=f"{base_name}-{kind}", progress=progress)
+        return make_model(
+            out, recipe, tokenizer=tokenizer, kind=kind, name=f"{base_name}-{kind}", progress=progress, on_step=on_step
+        )
     if kind == "fewer-layers":
         keep = max(1, model.config.num_hidden_layers // 2)
         model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:keep])
