@@ -26,7 +26,14 @@ from ledger._errors import (
     TransactionOutcomeUnknown,
     WrongChainId,
 )
-from ledger._indexer import IndexedNode, Indexer, IndexerError, SyncReport
+from ledger._indexer import (
+    DatabaseDriverMissing,
+    IndexedNode,
+    Indexer,
+    IndexerError,
+    IndexerUnavailable,
+    SyncReport,
+)
 from ledger._payments import ChannelBalances, ChannelInfo, OpenedChannel, PaymentChannels, PaymentParams
 from ledger._registry import NodeRegistry
 from ledger._reverts import ContractRevert, UnknownRevert
@@ -58,11 +65,13 @@ __all__ = [
     "ChannelBook",
     "ChannelInfo",
     "ContractRevert",
+    "DatabaseDriverMissing",
     "Deployment",
     "DeploymentNotFound",
     "IndexedNode",
     "Indexer",
     "IndexerError",
+    "IndexerUnavailable",
     "InsufficientFunds",
     "InvalidChainInput",
     "NodeInfo",
