@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import socket
@@ -173,5 +174,34 @@ async def test_a_slow_sender_is_cut_off_with_a_counted_reason() -> None:
         async with aiohttp.ClientSession() as session:
             rejected = (await _metrics(session, node))["rejected"]
         assert isinstance(rejected, dict) and rejected["slow_body"] == 1
+    finally:
+        await node.stop()
+
+
+async def test_a_client_that_trickles_header_bytes_is_cut_off() -> None:
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), header_timeout_s=0.5)
+    node = await start_node("relay", config)
+    try:
+        host, port = node.endpoint.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = f"POST {ONION} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4000\r\nX-Pad: {'a' * 400}\r\n\r\n"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        closed_after: float | None = None
+        for byte in head.encode()[:-4]:  # never the blank line: the request head is never complete
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.01)
+            if reader.at_eof() or writer.is_closing():
+                closed_after = loop.time() - started
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.001):
+                    if await reader.read(1) == b"":
+                        closed_after = loop.time() - started
+                        break
+        writer.close()
+        assert closed_after is not None, "the server kept a connection that sent header bytes for seconds"
+        assert closed_after < 2.0
+        assert node.overlay[keys.RELAY_STATE].inflight == 0
     finally:
         await node.stop()

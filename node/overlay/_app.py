@@ -221,6 +221,9 @@ def create_app(config: OverlayConfig, handler: ReplyHandler | None = None) -> we
         handler_args={
             "max_line_size": _MAX_LINE_SIZE,
             "max_field_size": _MAX_FIELD_SIZE,
+            # aiohttp closes a connection that has not sent a whole request head this long after connecting (or
+            # after its last response): the header-read timeout, which also ends idle kept-alive connections.
+            "keepalive_timeout": config.header_timeout_s,
         },
     )
     # One cleanup context per long-lived resource; they run on the root app, which owns the event loop's lifetime.

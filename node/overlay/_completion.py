@@ -9,6 +9,7 @@ never a crash and never a silent default.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -161,21 +162,25 @@ def completion_handler(engine: Engine) -> ReplyHandler:
         if request.model != engine.model_id:
             yield _error_line("model_not_served", "this node does not serve the requested model", "model")
             return
+        request_id = secrets.token_hex(8)
+        started = finished = False
         try:
-            generation = GenerationRequest(
-                request_id=secrets.token_hex(8), prompt=request.prompt, params=request.sampling()
-            )
-            async for chunk in engine.generate(generation):
-                yield _line(
-                    CompletionDelta(
-                        text=chunk.text,
-                        token_ids=chunk.token_ids,
-                        finish_reason=chunk.finish_reason,
-                        prompt_tokens=chunk.prompt_tokens,
-                        completion_tokens=chunk.completion_tokens,
-                        cached_tokens=chunk.cached_tokens,
+            generation = GenerationRequest(request_id=request_id, prompt=request.prompt, params=request.sampling())
+            stream = engine.generate(generation)
+            started = True
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    finished = chunk.finish_reason is not None
+                    yield _line(
+                        CompletionDelta(
+                            text=chunk.text,
+                            token_ids=chunk.token_ids,
+                            finish_reason=chunk.finish_reason,
+                            prompt_tokens=chunk.prompt_tokens,
+                            completion_tokens=chunk.completion_tokens,
+                            cached_tokens=chunk.cached_tokens,
+                        )
                     )
-                )
         except EngineOverloaded:
             yield _error_line("overloaded", "the model node is at capacity; retry later or elsewhere")
         except InvalidParams as exc:
@@ -185,6 +190,11 @@ def completion_handler(engine: Engine) -> ReplyHandler:
             # About the node (closed, stalled): the code is enough, the details stay in the node's own logs.
             log.warning("completion failed: %s", exc.code)
             yield _error_line(exc.code, "the model node could not serve the request")
+        finally:
+            if started and not finished:
+                # Closed before the last chunk: the receiver cancelled the reply because every path of the request
+                # is gone (or it failed). Tell the engine through its protocol, whatever the engine does on close.
+                await engine.abort(request_id)
 
     return handle
 

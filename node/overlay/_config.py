@@ -24,12 +24,17 @@ class OverlayConfig:
     """Most requests handled at once; more are rejected with 503 ``overloaded``."""
     body_timeout_s: float = 10.0
     """Most seconds a peer may take to send a whole packet: a slow sender must not hold one of the in-flight slots."""
+    header_timeout_s: float = 20.0
+    """Most seconds a connection may take to send a request's headers (from connecting, or from the end of its last
+    response), and the longest a kept-alive connection may sit idle: a client that trickles header bytes is cut off.
+    Above the usual 15 s client keep-alive, so that clients, not this server, close idle pooled connections."""
     connect_timeout_s: float = 10.0
     """Seconds to connect to the next hop."""
     upstream_headers_timeout_s: float = 40.0
     """Seconds to wait for the next hop's response headers (must exceed the destination's assembly timeout)."""
-    idle_timeout_s: float = 60.0
-    """Most seconds between two reply frames before a reply stream is abandoned."""
+    idle_timeout_s: float = 30.0
+    """Most seconds from one whole reply frame to the next before a reply stream is abandoned (a relay times every
+    frame, not every byte, so a next hop that answers 200 and then trickles bytes frees the slot within this)."""
     circuit_lifetime_s: float = 900.0
     """Most seconds one forwarded exchange (request plus whole reply stream) may last."""
     replay_capacity: int = 200_000
@@ -37,8 +42,13 @@ class OverlayConfig:
     replay_journal: Path | None = None
     """File that keeps the replay cache across restarts (``ps-node serve``: in the state directory); ``None``: memory
     only, so a restarted node would accept again, for up to ``MAX_TTL`` seconds, packets it saw before."""
-    assembly_timeout_s: float = 20.0
-    """Model side: seconds a clove waits for the rest of its message's k cloves."""
+    assembly_timeout_s: float = 5.0
+    """Model side: seconds a message with fewer than k cloves is kept (and its cloves' paths wait) after its first
+    clove. Short: the k cloves of an honest message are sent at once and arrive within path-latency differences,
+    while a lone clove otherwise holds a table entry and an in-flight slot for nothing."""
+    max_incomplete_per_source: int = 16
+    """Model side: most messages still short of k cloves that one source (the previous hop's IP address) may have
+    started; a source's next one evicts its own oldest. One flooding peer cannot then fill the message table."""
     max_messages: int = 256
     """Model side: messages being assembled or replied to at once (memory: up to n cloves of 128 KiB each)."""
     message_linger_s: float = 30.0
@@ -64,9 +74,28 @@ class OverlayConfig:
             raise InvalidPrivacyParam("reply_flush_interval_s", self.reply_flush_interval_s, "0..1 seconds")
         if not (0 <= self.reply_start_jitter_s <= 1):
             raise InvalidPrivacyParam("reply_start_jitter_s", self.reply_start_jitter_s, "0..1 seconds")
-        for name in ("max_body", "max_inflight", "replay_capacity", "max_messages", "max_backlog_frames"):
+        for name in (
+            "max_body",
+            "max_inflight",
+            "replay_capacity",
+            "max_messages",
+            "max_backlog_frames",
+            "max_incomplete_per_source",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidPrivacyParam(name, getattr(self, name), "at least 1")
+        for name in (
+            "body_timeout_s",
+            "header_timeout_s",
+            "connect_timeout_s",
+            "upstream_headers_timeout_s",
+            "idle_timeout_s",
+            "circuit_lifetime_s",
+            "assembly_timeout_s",
+            "reply_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise InvalidPrivacyParam(name, getattr(self, name), "more than 0 seconds")
         # Derived once: a scalar multiplication is too costly to repeat per request.
         object.__setattr__(self, "_public", public_key(self.x25519_secret))
 

@@ -74,15 +74,17 @@ async def forward(
         try:
             async with asyncio.timeout(config.circuit_lifetime_s):
                 while True:
-                    # Each read is bounded by the session timeout's sock_read (idle_timeout_s).
-                    try:
-                        prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
-                    except asyncio.IncompleteReadError as exc:
-                        if exc.partial:
-                            raise MalformedPacket(RejectReason.BAD_LENGTH, "truncated frame") from exc
-                        break
-                    length = check_frame_len(prefix)
-                    body = await upstream.content.readexactly(length)
+                    # Each whole frame within idle_timeout_s of the previous one: a per-read timeout (sock_read)
+                    # alone would let a next hop that trickles a byte at a time hold this slot for the lifetime.
+                    async with asyncio.timeout(config.idle_timeout_s):
+                        try:
+                            prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
+                        except asyncio.IncompleteReadError as exc:
+                            if exc.partial:
+                                raise MalformedPacket(RejectReason.BAD_LENGTH, "truncated frame") from exc
+                            break
+                        length = check_frame_len(prefix)
+                        body = await upstream.content.readexactly(length)
                     await response.write(writer.seal(reader.open(body) if reader else body[:REPLY_CHUNK_LEN]))
                     index += 1
         except (
