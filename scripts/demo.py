@@ -54,6 +54,7 @@ from node.overlay import (
     completion_handler,
 )
 from node.overlay._localnet import LocalNode, start_node
+from node.overlay._peers import StaticPeerDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where the demo's model is cached (``ensure_model`` names the folder by its recipe's hash).
@@ -144,9 +145,12 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
         registry = NodeRegistry(w3, deployment.registry_address)
         try:
             relays: list[LocalNode] = []
+            # The relays' view of the registry: each node is added under its operator address as it starts.
+            peers = StaticPeerDirectory()
             for index, (role, stake, price) in enumerate(DEMO_NODES, start=1):
                 operator = dev_account(index)
                 identity = NodeIdentity.load_or_create(root / f"node-{index}")
+                node_id = bytes.fromhex(operator.address[2:])  # the registry keys nodes by operator address
                 endpoint = f"http://127.0.0.1:{8600 + index}"  # verifiers: registered, no process yet
                 if role is not Role.VERIFIER:
                     config = OverlayConfig(
@@ -155,9 +159,11 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     if role is Role.MODEL:
                         engine = TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4))
                         engines.append(engine)
-                        node = await start_node(f"model-{index}", config, completion_handler(engine))
+                        node = await start_node(
+                            f"model-{index}", config, completion_handler(engine), peers=peers, node_id=node_id
+                        )
                     else:
-                        node = await start_node(f"relay-{index}", config)
+                        node = await start_node(f"relay-{index}", config, peers=peers, node_id=node_id)
                         relays.append(node)
                     nodes_up.append(node)
                     endpoint = node.endpoint
@@ -187,7 +193,7 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     )
                     sent = time.perf_counter()
                     deltas = [
-                        d async for d in complete(session, request, route.paths, route.destination.hop(), settings)
+                        d async for d in complete(session, request, route.paths, route.destination.peer(), settings)
                     ]
                     took = time.perf_counter() - sent
                     text = "".join(d.text for d in deltas)

@@ -192,7 +192,7 @@ async def test_model_node_is_not_ready_once_its_engine_is_closed(tiny_model_dir:
 def _directory(net: LocalNetwork, model_id: str) -> Directory:
     assert net.model is not None
     model = ModelNode(
-        operator="model-op",
+        operator="0x" + net.model.node_id.hex(),
         endpoint=net.model.endpoint,
         public_key=net.model.public_key,
         model_id=model_id.lower(),

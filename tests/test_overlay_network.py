@@ -22,7 +22,8 @@ from node.overlay import (
     send_request,
 )
 from node.overlay._localnet import LocalNetwork, serve_ephemeral
-from node.privacy import Hop, PeeledForward, RelayDescriptor, peel, public_key, select_paths
+from node.overlay._peers import Peer, StaticPeerDirectory
+from node.privacy import OnionKey, PeeledForward, RelayDescriptor, keyring, peel, select_paths
 
 
 async def reversing_handler(request: bytes) -> AsyncIterator[bytes]:
@@ -221,19 +222,23 @@ async def test_the_client_tells_a_first_hop_refusal_from_a_failure_behind_it() -
         assert sorted(info.value.failed_early) == [0, 1] and info.value.first_hop_failed == (0,)
 
 
-async def _lying_relay(session: aiohttp.ClientSession, held: list[asyncio.Task[None]]) -> tuple[web.AppRunner, Hop]:
+async def _lying_relay(
+    session: aiohttp.ClientSession, held: list[asyncio.Task[None]], peers: StaticPeerDirectory
+) -> tuple[web.AppRunner, Peer]:
     """A misbehaving relay: it peels and forwards the packet (keeping the next hop's answer open) but tells the
     previous hop 502 ``upstream_failed`` at once, so the client counts a failure whose clove did arrive."""
-    secret = secrets.token_bytes(32)
+    key = OnionKey(secrets.token_bytes(32))
 
     async def keep(url: str, packet: bytes) -> None:
         async with session.post(url, data=packet) as response:
             await response.read()
 
     async def handler(request: web.Request) -> web.Response:
-        peeled = peel(await request.read(), secret, public_key(secret))
+        peeled = peel(await request.read(), keyring(key))
         assert isinstance(peeled, PeeledForward)
-        held.append(asyncio.create_task(keep(peeled.next_hop + "/overlay/v1/onion", peeled.packet)))
+        peer = await peers.resolve(peeled.next_node)
+        assert peer is not None
+        held.append(asyncio.create_task(keep(peer.endpoint + "/overlay/v1/onion", peeled.packet)))
         await asyncio.sleep(0)
         body = {"error": {"message": "lie", "type": "server_error", "param": None, "code": "upstream_failed"}}
         return web.json_response(body, status=502)
@@ -241,7 +246,7 @@ async def _lying_relay(session: aiohttp.ClientSession, held: list[asyncio.Task[N
     app = web.Application()
     app.router.add_post("/overlay/v1/onion", handler)
     runner, endpoint = await serve_ephemeral(app)
-    return runner, Hop(address=endpoint, public_key=public_key(secret))
+    return runner, Peer(node_id=secrets.token_bytes(20), endpoint=endpoint, public_key=key.public)
 
 
 async def test_a_request_that_looked_hopeless_is_still_read_once_a_path_answers(
@@ -255,12 +260,15 @@ async def test_a_request_that_looked_hopeless_is_still_read_once_a_path_answers(
         aiohttp.ClientSession() as session,
         aiohttp.ClientSession() as liars_session,
     ):
-        liars = [await _lying_relay(liars_session, held) for _ in range(2)]
+        liars = [await _lying_relay(liars_session, held, net.peers) for _ in range(2)]
         try:
             paths = [
                 [
                     RelayDescriptor(
-                        node_id=f"liar{i}", operator=f"op{i}", endpoint=hop.address, public_key=hop.public_key
+                        node_id="0x" + hop.node_id.hex(),
+                        operator=f"op{i}",
+                        endpoint=hop.endpoint,
+                        public_key=hop.public_key,
                     )
                 ]
                 for i, (_, hop) in enumerate(liars)

@@ -22,8 +22,8 @@ async def echo(request: bytes) -> AsyncIterator[bytes]:
 
 
 async def _post_clove(session: aiohttp.ClientSession, net: LocalNetwork, clove: bytes, key: bytes) -> list[ReplyChunk]:
-    packet = build_onion([net.destination], clove).packet
-    async with session.post(net.destination.address + ONION, data=packet) as response:
+    packet = build_onion([net.destination.hop()], clove).packet
+    async with session.post(net.destination.endpoint + ONION, data=packet) as response:
         if response.status != 200:
             return []
         chunks: list[ReplyChunk] = []
@@ -72,8 +72,8 @@ async def test_a_lone_clove_times_out_with_a_counted_reason() -> None:
         aiohttp.ClientSession() as session,
     ):
         clove = split(Envelope(reply_key=bytes(32), body=b"x").to_bytes(), 3, 2)[0].to_bytes()
-        packet = build_onion([net.destination], clove).packet
-        async with session.post(net.destination.address + ONION, data=packet) as response:
+        packet = build_onion([net.destination.hop()], clove).packet
+        async with session.post(net.destination.endpoint + ONION, data=packet) as response:
             assert response.status == 504
             assert (await response.json())["error"]["code"] == "upstream_timeout"
         assert net.model is not None

@@ -15,7 +15,7 @@ import pytest
 
 from node.overlay import OverlayConfig, keys
 from node.overlay._localnet import LocalNode, start_node
-from node.privacy import Hop, PeeledForward, RejectReason, build_onion, peel, public_key
+from node.privacy import Hop, OnionKey, PeeledForward, RejectReason, build_onion, keyring, peel, public_key
 from node.privacy._constants import MAX_PACKET, ONION_HEADER_LEN
 
 ONION = "/overlay/v1/onion"
@@ -39,7 +39,7 @@ def _dead_endpoint() -> str:
 
 
 def _packet_for(node: LocalNode, clove: bytes = b"clove") -> bytes:
-    path = [node.hop(), Hop(address=_dead_endpoint(), public_key=public_key(secrets.token_bytes(32)))]
+    path = [node.hop(), Hop(node_id=secrets.token_bytes(20), public_key=public_key(secrets.token_bytes(32)))]
     return build_onion(path, clove).packet
 
 
@@ -53,14 +53,14 @@ async def test_replayed_packet_is_dropped_with_a_counted_reason(relay: LocalNode
     packet = _packet_for(relay)
     async with aiohttp.ClientSession() as session:
         async with session.post(relay.endpoint + ONION, data=packet) as first:
-            assert first.status == 502  # peeled and forwarded; the next hop is down
-            assert (await first.json())["error"]["code"] == "upstream_failed"
+            assert first.status == 400  # peeled and accepted; the next hop is no registered node, so not dialled
+            assert (await first.json())["error"]["code"] == "unknown_next_hop"
         async with session.post(relay.endpoint + ONION, data=packet) as second:
             assert second.status == 409
             assert (await second.json())["error"]["code"] == "replay"
         rejected = (await _metrics(session, relay))["rejected"]
         assert isinstance(rejected, dict)
-        assert rejected["replay"] == 1 and rejected["upstream_failed"] == 1
+        assert rejected["replay"] == 1 and rejected["unknown_next_hop"] == 1
 
 
 async def test_oversized_packets_are_dropped_before_reading(relay: LocalNode) -> None:
@@ -82,9 +82,9 @@ async def test_oversized_packets_are_dropped_before_reading(relay: LocalNode) ->
 
 async def test_exit_packet_at_a_relay_only_node_is_rejected(relay: LocalNode) -> None:
     # A 2-hop path whose destination is the relay: peel the first hop here, send the exit layer to the relay.
-    secret = secrets.token_bytes(32)
-    first = Hop(address=_dead_endpoint(), public_key=public_key(secret))
-    peeled = peel(build_onion([first, relay.hop()], b"c").packet, secret, public_key(secret))
+    key = OnionKey(secrets.token_bytes(32))
+    first = Hop(node_id=secrets.token_bytes(20), public_key=key.public)
+    peeled = peel(build_onion([first, relay.hop()], b"c").packet, keyring(key))
     assert isinstance(peeled, PeeledForward)
     async with aiohttp.ClientSession() as session, session.post(relay.endpoint + ONION, data=peeled.packet) as response:
         assert response.status == 400

@@ -15,12 +15,13 @@ from node.privacy import (
     Hop,
     MalformedPacket,
     NotEnoughCloves,
+    OnionKey,
     PeeledExit,
     PeeledForward,
     build_onion,
     combine,
+    keyring,
     peel,
-    public_key,
     split,
 )
 from node.privacy._constants import MAX_HOPS, ONION_HEADER_LEN
@@ -78,10 +79,10 @@ def test_any_single_flipped_bit_in_any_clove_is_detected(
         combine([Clove.from_bytes(w) for w in wire])
 
 
-def _path(length: int) -> tuple[list[Hop], list[bytes]]:
-    secrets_ = [secrets.token_bytes(32) for _ in range(length)]
-    hops = [Hop(address=f"http://127.0.0.1:{20000 + i}", public_key=public_key(s)) for i, s in enumerate(secrets_)]
-    return hops, secrets_
+def _path(length: int) -> tuple[list[Hop], list[dict[bytes, OnionKey]]]:
+    keys = [OnionKey(secrets.token_bytes(32)) for _ in range(length)]
+    hops = [Hop(node_id=secrets.token_bytes(20), public_key=k.public) for k in keys]
+    return hops, [keyring(k) for k in keys]
 
 
 @settings(max_examples=25, deadline=None)
@@ -96,14 +97,16 @@ def test_peel_at_each_hop_yields_the_next_hop_only_and_constant_size(length: int
     for i, secret in enumerate(secrets_):
         assert len(packet) == size
         assert b"MARKER-CLOVE-PLAINTEXT" not in packet
-        # A node that is not this hop learns nothing: its key does not open the layer.
-        other = secrets.token_bytes(32)
+        # A node that is not this hop learns nothing: it does not hold the key, even under this key id.
+        other = OnionKey(secrets.token_bytes(32))
         with pytest.raises(MalformedPacket):
-            peel(packet, other, public_key(other))
-        result = peel(packet, secret, public_key(secret))
+            peel(packet, keyring(other))
+        with pytest.raises(MalformedPacket):
+            peel(packet, {packet[2:10]: other})
+        result = peel(packet, secret)
         if i < length - 1:
             assert isinstance(result, PeeledForward)
-            assert result.next_hop == hops[i + 1].address
+            assert result.next_node == hops[i + 1].node_id
             packet = result.packet
         else:
             assert isinstance(result, PeeledExit)
@@ -126,14 +129,14 @@ def test_any_single_flipped_bit_in_an_onion_packet_is_detected(length: int, hop:
     packet = build_onion(hops, b"clove" * 20).packet
     hop %= length
     for secret in secrets_[:hop]:
-        result = peel(packet, secret, public_key(secret))
+        result = peel(packet, secret)
         assert isinstance(result, PeeledForward)
         packet = result.packet
     mutable = bytearray(packet)
     position = bit % (len(mutable) * 8)
     mutable[position // 8] ^= 1 << (position % 8)
     with pytest.raises(MalformedPacket):
-        peel(bytes(mutable), secrets_[hop], public_key(secrets_[hop]))
+        peel(bytes(mutable), secrets_[hop])
 
 
 @pytest.mark.parametrize(("n", "k"), PAIRS, ids=[f"n{n}k{k}" for n, k in PAIRS])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import pytest
@@ -15,13 +16,17 @@ from node.privacy import (
     InvalidPrivacyParam,
     MalformedPacket,
     NotEnoughCloves,
+    OnionKey,
     PrivacyError,
     RejectReason,
     RelayDescriptor,
     ReplayCache,
     build_onion,
     combine,
+    key_id,
+    keyring,
     open_reply,
+    peel,
     public_key,
     seal_reply,
     select_paths,
@@ -92,16 +97,49 @@ def test_errors_share_the_privacy_base_and_root() -> None:
 
 
 def test_build_onion_rejects_bad_paths() -> None:
-    hop = Hop(address="http://127.0.0.1:1", public_key=public_key(secrets.token_bytes(32)))
+    hop = Hop(node_id=secrets.token_bytes(20), public_key=public_key(secrets.token_bytes(32)))
     with pytest.raises(InvalidPrivacyParam):
         build_onion([], b"x")
     with pytest.raises(InvalidPrivacyParam):
         build_onion([hop] * 7, b"x")
     with pytest.raises(InvalidPrivacyParam):
         build_onion([hop, hop], b"x" * 200_000)
+
+
+@pytest.mark.parametrize(
+    ("node_id", "key", "param"), [(b"x" * 19, 32, "node_id"), (bytes(20), 32, "node_id"), (b"x" * 20, 31, "public_key")]
+)
+def test_a_hop_is_a_20_byte_registry_id_and_a_32_byte_key(node_id: bytes, key: int, param: str) -> None:
     with pytest.raises(InvalidPrivacyParam) as info:
-        build_onion([hop, Hop(address="ftp://x", public_key=hop.public_key)], b"x")
-    assert info.value.param == "address"
+        Hop(node_id=node_id, public_key=bytes(key))
+    assert info.value.param == param
+
+
+def test_a_relay_descriptor_hop_needs_a_hex_registry_id() -> None:
+    address = "0x" + secrets.token_hex(20)
+    good = RelayDescriptor(node_id=address, operator="o", endpoint="http://h:1", public_key=bytes(32))
+    assert good.hop().node_id == bytes.fromhex(address[2:])
+    with pytest.raises(InvalidPrivacyParam) as info:
+        RelayDescriptor(node_id="relay0", operator="o", endpoint="http://h:1", public_key=bytes(32)).hop()
+    assert info.value.param == "node_id"
+
+
+def test_key_ids_are_the_first_8_bytes_of_sha256_of_the_public_key() -> None:
+    key = OnionKey(secrets.token_bytes(32))
+    assert key.key_id == key_id(key.public) == hashlib.sha256(key.public).digest()[:8]
+    assert "secret" not in repr(key) and key.secret.hex() not in repr(key)
+
+
+def test_peel_rejects_an_unknown_key_id_and_a_key_that_is_not_the_recipients() -> None:
+    mine, other = OnionKey(secrets.token_bytes(32)), OnionKey(secrets.token_bytes(32))
+    packet = build_onion([Hop(node_id=b"n" * 20, public_key=mine.public)], b"clove").packet
+    with pytest.raises(MalformedPacket) as unknown:
+        peel(packet, keyring(other))
+    assert unknown.value.reason is RejectReason.UNKNOWN_KEY
+    with pytest.raises(MalformedPacket) as wrong:
+        peel(packet, {mine.key_id: other})  # a keyring that files a wrong key under the id: the header MAC fails
+    assert wrong.value.reason is RejectReason.BAD_MAC
+    assert peel(packet, keyring(other, mine)).keys.replay_tag
 
 
 def test_reply_chunks_round_trip_and_bind_the_key() -> None:

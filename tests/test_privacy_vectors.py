@@ -9,15 +9,26 @@ from typing import Any
 
 import pytest
 
-from node.privacy import Clove, Envelope, MalformedPacket, PeeledExit, PeeledForward, combine, open_reply, peel
+from node.privacy import (
+    Clove,
+    Envelope,
+    MalformedPacket,
+    OnionKey,
+    PeeledExit,
+    PeeledForward,
+    combine,
+    key_id,
+    keyring,
+    open_reply,
+    peel,
+)
 from node.privacy import _gf256 as gf
 from node.privacy._constants import REPLY_FRAME_LEN
-from node.privacy._onion import Hop, build_onion
+from node.privacy._onion import Hop, build_onion, reply_link_key
 from node.privacy._reply import (
     FrameReader,
     check_frame_len,
     destination_layer_key,
-    reply_link_key,
     strip_reply_layers,
 )
 from node.privacy._sida import split
@@ -77,66 +88,75 @@ def test_sida_combine_rejects_vector(case: dict[str, Any]) -> None:
     assert info.value.reason.value == case["reason"]
 
 
-def test_onion_vector_hops_peel_to_expected_keys_and_next_hops() -> None:
-    v = load("onion.json")
-    hops = v["hops"]
-    path = [
-        Hop(address=a, public_key=bytes.fromhex(h["node_public"])) for a, h in zip(v["addresses"], hops, strict=True)
-    ]
+ONION = load("onion.json")
+
+
+def _ring(hop: dict[str, Any]) -> dict[bytes, OnionKey]:
+    return keyring(OnionKey(bytes.fromhex(hop["node_secret"])))
+
+
+def test_onion_vectors_cover_every_path_length() -> None:
+    assert [c["length"] for c in ONION["cases"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("case", ONION["cases"], ids=lambda c: f"{c['length']}-hops")
+def test_onion_vector_hops_peel_to_expected_keys_and_next_hops(case: dict[str, Any]) -> None:
+    hops = case["hops"]
+    path = [Hop(node_id=bytes.fromhex(h["node_id"]), public_key=bytes.fromhex(h["node_public"])) for h in hops]
     built = build_onion(
         path,
-        bytes.fromhex(v["clove"]),
-        ttl=v["ttl"],
-        now=v["now"],
+        bytes.fromhex(case["clove"]),
+        ttl=ONION["ttl"],
+        now=ONION["now"],
         ephemeral_secrets=[bytes.fromhex(h["ephemeral_secret"]) for h in hops],
-        randbytes=lambda size: bytes.fromhex(v["routing_padding"]),
+        randbytes=lambda size: bytes.fromhex(case["routing_padding"]),
     )
     assert built.packet.hex() == hops[0]["packet_in"]
+    assert built.expiry == case["expiry"]
     for i, hop in enumerate(hops):
-        result = peel(
-            bytes.fromhex(hop["packet_in"]),
-            bytes.fromhex(hop["node_secret"]),
-            bytes.fromhex(hop["node_public"]),
-            now=v["now"],
-        )
+        packet = bytes.fromhex(hop["packet_in"])
+        assert packet[2:10].hex() == hop["key_id"] == key_id(bytes.fromhex(hop["node_public"])).hex()
+        assert packet[10:42].hex() == hop["ephemeral_public"]
+        result = peel(packet, _ring(hop), now=ONION["now"])
+        assert result.keys.mac.hex() == hop["k_mac"]
         assert result.keys.gcm.hex() == hop["k_gcm"]
         assert result.keys.rho.hex() == hop["k_rho"]
         assert result.keys.reply.hex() == hop["k_reply"]
         assert result.keys.replay_tag.hex() == hop["replay_tag"]
+        assert len(packet) == len(bytes.fromhex(hops[0]["packet_in"]))
         if i < len(hops) - 1:
             assert isinstance(result, PeeledForward)
-            assert result.next_hop == hop["next_hop"]
+            assert result.next_node.hex() == hop["next_node"] == hops[i + 1]["node_id"]
+            next_link = reply_link_key(bytes.fromhex(hops[i + 1]["k_reply"]))
+            assert result.next_link_key.hex() == hop["next_link_key"] == next_link.hex()
             assert result.packet.hex() == hops[i + 1]["packet_in"]
         else:
             assert isinstance(result, PeeledExit)
-            assert result.clove.hex() == v["clove"]
+            assert result.clove.hex() == case["clove"]
 
 
-@pytest.mark.parametrize("case", load("onion.json")["must_reject"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", ONION["must_reject"], ids=lambda c: c["name"])
 def test_onion_rejects_vector(case: dict[str, Any]) -> None:
-    v = load("onion.json")
-    hop = v["hops"][0]
+    assert ONION["must_reject_hop"] == "cases[3].hops[0]"
     with pytest.raises(MalformedPacket) as info:
-        peel(
-            bytes.fromhex(case["packet"]),
-            bytes.fromhex(hop["node_secret"]),
-            bytes.fromhex(hop["node_public"]),
-            now=v["now"],
-        )
+        peel(bytes.fromhex(case["packet"]), _ring(ONION["cases"][3]["hops"][0]), now=ONION["now"])
     assert info.value.reason.value == case["reason"]
 
 
 def test_onion_vector_packet_is_rejected_after_its_expiry() -> None:
-    v = load("onion.json")
-    hop = v["hops"][0]
+    hop = ONION["cases"][3]["hops"][0]
     with pytest.raises(MalformedPacket) as info:
-        peel(
-            bytes.fromhex(hop["packet_in"]),
-            bytes.fromhex(hop["node_secret"]),
-            bytes.fromhex(hop["node_public"]),
-            now=v["expired_at"],
-        )
+        peel(bytes.fromhex(hop["packet_in"]), _ring(hop), now=ONION["expired_at"])
     assert info.value.reason.value == "expired"
+
+
+def test_onion_replay_lookup_comes_before_the_expiry_check() -> None:
+    """§5.4: a replayed packet is REPLAY even when it has expired meanwhile (step 5 before step 6)."""
+    hop = ONION["cases"][3]["hops"][0]
+    tag = bytes.fromhex(hop["replay_tag"])
+    with pytest.raises(MalformedPacket) as info:
+        peel(bytes.fromhex(hop["packet_in"]), _ring(hop), now=ONION["expired_at"], seen=lambda t: t == tag)
+    assert info.value.reason.value == "replay"
 
 
 def test_reply_vector_frames_decrypt_in_order() -> None:

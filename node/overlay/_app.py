@@ -24,9 +24,19 @@ from node.overlay import keys
 from node.overlay._config import OverlayConfig
 from node.overlay._errors import OverlayError, status_for
 from node.overlay._metrics import OverlayMetrics
+from node.overlay._peers import PeerDirectory, StaticPeerDirectory
 from node.overlay._receiver import CloveReceiver, ReplyHandler
 from node.overlay._relay import RelayState, forward
-from node.privacy import MalformedPacket, PeeledExit, RejectReason, ReplayCache, ReplayJournal, peel
+from node.privacy import (
+    MalformedPacket,
+    OnionKey,
+    PeeledExit,
+    RejectReason,
+    ReplayCache,
+    ReplayJournal,
+    keyring,
+    peel,
+)
 from node.privacy._constants import MAX_PACKET
 
 log = logging.getLogger(__name__)
@@ -109,14 +119,17 @@ async def onion_handler(request: web.Request) -> web.StreamResponse:
         raise MalformedPacket(RejectReason.SLOW_BODY, "the packet did not arrive in time") from exc
     if len(packet) > MAX_PACKET:
         raise MalformedPacket(RejectReason.OVERSIZED)
-    peeled = peel(packet, config.x25519_secret, app[keys.RELAY_STATE_PUBLIC])
-    app[keys.RELAY_STATE].replay.check_and_add(peeled.keys.replay_tag, peeled.expiry)
+    replay = app[keys.RELAY_STATE].replay
+    # §5.4: the replay lookup happens inside peel (after the header MAC, before the slot); the tag is recorded only
+    # once every check passed, so junk never takes a cache entry.
+    peeled = peel(packet, app[keys.ONION_KEYRING], seen=replay.seen)
+    replay.check_and_add(peeled.keys.replay_tag, peeled.expiry)
     if isinstance(peeled, PeeledExit):
         receiver = app.get(keys.RECEIVER)
         if receiver is None:
             raise MalformedPacket(RejectReason.NOT_EXIT, "this node is a relay only")
         return await receiver.deliver(request, peeled.clove, peeled.keys.reply)
-    return await forward(request, peeled, app[keys.CLIENT_SESSION], config, app[keys.METRICS])
+    return await forward(request, peeled, app[keys.CLIENT_SESSION], config, app[keys.METRICS], app[keys.PEERS])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -186,8 +199,11 @@ def _draining_ctx(overlay: web.Application) -> Callable[[web.Application], Async
     return ctx
 
 
-def create_overlay_app(config: OverlayConfig, handler: ReplyHandler | None = None) -> web.Application:
-    """The ``/overlay`` sub-application alone (mount it with ``add_subapp``)."""
+def create_overlay_app(
+    config: OverlayConfig, handler: ReplyHandler | None = None, *, peers: PeerDirectory | None = None
+) -> web.Application:
+    """The ``/overlay`` sub-application alone (mount it with ``add_subapp``). Without ``peers`` the node knows no
+    other node and forwards nothing."""
     if config.role == "model" and handler is None:
         raise OverlayError("a model node needs a reply handler")
     # Middleware order is fixed: limits, then error mapping, then request id and metrics.
@@ -197,6 +213,8 @@ def create_overlay_app(config: OverlayConfig, handler: ReplyHandler | None = Non
     )
     overlay[keys.CONFIG] = config
     overlay[keys.RELAY_STATE_PUBLIC] = config.x25519_public
+    overlay[keys.ONION_KEYRING] = keyring(OnionKey(config.x25519_secret))
+    overlay[keys.PEERS] = peers if peers is not None else StaticPeerDirectory()
     metrics_ = OverlayMetrics()
     overlay[keys.METRICS] = metrics_
     journal = ReplayJournal(config.replay_journal) if config.replay_journal is not None else None
@@ -210,12 +228,15 @@ def create_overlay_app(config: OverlayConfig, handler: ReplyHandler | None = Non
     return overlay
 
 
-def create_app(config: OverlayConfig, handler: ReplyHandler | None = None) -> web.Application:
+def create_app(
+    config: OverlayConfig, handler: ReplyHandler | None = None, *, peers: PeerDirectory | None = None
+) -> web.Application:
     """The whole application of an overlay node: a root app with the ``/overlay`` sub-app mounted.
 
-    A relay needs only ``config``; a model node also passes the ``handler`` that serves rebuilt requests.
+    A relay needs ``config`` and ``peers``, its view of the registry (the only nodes it forwards to); a model node
+    also passes the ``handler`` that serves rebuilt requests.
     """
-    overlay = create_overlay_app(config, handler)
+    overlay = create_overlay_app(config, handler, peers=peers)
     root = web.Application(
         client_max_size=config.max_body,
         handler_args={

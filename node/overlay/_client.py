@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import aiohttp
 
 from node.overlay._errors import DestinationFailed, ReplyIncomplete
+from node.overlay._peers import Peer
 from node.overlay._relay import ONION_PATH
 from node.privacy import (
     BuiltOnion,
     Envelope,
-    Hop,
     InvalidPrivacyParam,
     MalformedPacket,
     RejectReason,
@@ -132,6 +132,7 @@ class _Inbox:
 async def _read_path(
     session: aiohttp.ClientSession,
     index_of_path: int,
+    first_endpoint: str,
     built: BuiltOnion,
     reply_key: bytes,
     settings: ClientSettings,
@@ -144,10 +145,11 @@ async def _read_path(
     try:
         async with asyncio.timeout(settings.headers_timeout_s):
             response = await session.post(
-                built.first_hop + ONION_PATH,
+                first_endpoint + ONION_PATH,
                 data=built.packet,
                 headers={"Content-Type": "application/octet-stream"},
                 timeout=timeout,
+                allow_redirects=False,  # a first hop must not send the client anywhere else
             )
         async with response:
             if response.status != 200:
@@ -208,7 +210,7 @@ async def send_request(
     session: aiohttp.ClientSession,
     body: bytes,
     paths: Sequence[Sequence[RelayDescriptor]],
-    destination: Hop,
+    destination: Peer,
     settings: ClientSettings | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Send ``body`` to ``destination`` over ``paths`` (one clove per path) and yield the reply as it streams back.
@@ -227,12 +229,14 @@ async def send_request(
     cloves = split(Envelope(reply_key=reply_key, body=body).to_bytes(), settings.n, settings.k)
     assert [c.index for c in cloves] == list(range(1, settings.n + 1))  # path i carries clove i + 1 (§6.2)
     onions = [
-        build_onion([*(r.hop() for r in path), destination], clove.to_bytes(), ttl=settings.ttl_s)
+        build_onion([*(r.hop() for r in path), destination.hop()], clove.to_bytes(), ttl=settings.ttl_s)
         for path, clove in zip(paths, cloves, strict=True)
     ]
+    first_endpoints = [path[0].endpoint if path else destination.endpoint for path in paths]
     inbox = _Inbox(paths=len(onions), capacity=settings.n * 64)
     tasks = [
-        asyncio.create_task(_read_path(session, i, built, reply_key, settings, inbox)) for i, built in enumerate(onions)
+        asyncio.create_task(_read_path(session, i, first_endpoints[i], built, reply_key, settings, inbox))
+        for i, built in enumerate(onions)
     ]
     live = len(tasks)
     failed_early: list[int] = []

@@ -31,8 +31,9 @@ from node.inference import (
 from node.overlay._client import ClientSettings, send_request
 from node.overlay._directory import Directory, Route, common_suspects, suspect_relays
 from node.overlay._errors import OverlayError, ReplyIncomplete
+from node.overlay._peers import Peer
 from node.overlay._receiver import ReplyHandler
-from node.privacy import Hop, InsufficientRelays, RelayDescriptor
+from node.privacy import InsufficientRelays, RelayDescriptor
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ async def complete(
     session: aiohttp.ClientSession,
     request: CompletionRequest,
     paths: Sequence[Sequence[RelayDescriptor]],
-    destination: Hop,
+    destination: Peer,
     settings: ClientSettings | None = None,
 ) -> AsyncIterator[CompletionDelta]:
     """Send ``request`` to the model node ``destination`` over ``paths`` and yield its deltas as they stream back.
@@ -267,7 +268,7 @@ async def complete_routed(
         if on_route is not None:
             on_route(route)
         try:
-            async for delta in complete(session, request, route.paths, route.destination.hop(), settings):
+            async for delta in complete(session, request, route.paths, route.destination.peer(), settings):
                 yield delta
             return
         except ReplyIncomplete as failure:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from node.overlay._errors import OverlayError, ReplyIncomplete
+from node.overlay._peers import Peer
 from node.privacy import Hop, InvalidPrivacyParam, RelayDescriptor, select_paths
+from node.privacy._paths import node_id_bytes
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
@@ -49,8 +51,12 @@ class ModelNode:
     """Wei per 1000 tokens."""
 
     def hop(self) -> Hop:
-        """This node as the final onion hop."""
-        return Hop(address=self.endpoint, public_key=self.public_key)
+        """This node as the final onion hop (named by its registry id, the operator's address)."""
+        return Hop(node_id=node_id_bytes(self.operator), public_key=self.public_key)
+
+    def peer(self) -> Peer:
+        """This node as a peer: its id, endpoint and onion key (what a client sends the last clove hop to)."""
+        return Peer(node_id=node_id_bytes(self.operator), endpoint=self.endpoint, public_key=self.public_key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +104,7 @@ class Directory:
                         model_id="0x" + node.model_id.hex(),
                         price_per_1k_tokens=int(node.price_per_1k_tokens),
                     )
-                    model.hop()  # validates the endpoint and key now, not at send time
+                    model.peer()  # validates the id, endpoint and key now, not at send time
                     models.append(model)
             except InvalidPrivacyParam as exc:
                 log.info("skipping %s: unusable on the overlay (%s)", node.operator, exc.param)

@@ -1,6 +1,8 @@
 """A network of real overlay nodes on 127.0.0.1 (ephemeral ports) for tests, benchmarks and local demos.
 
 Each node is a real aiohttp server (``web.AppRunner`` + ``TCPSite``) built by :func:`create_app`; nothing is mocked.
+Every node gets a random 20-byte node id (standing in for its operator's address) and the nodes of a network share one
+in-memory :class:`StaticPeerDirectory` (standing in for the registry): a relay forwards only to nodes listed there.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from aiohttp import web
 from node.overlay import keys
 from node.overlay._app import create_app
 from node.overlay._config import OverlayConfig
+from node.overlay._peers import Peer, PeerDirectory, StaticPeerDirectory
 from node.overlay._receiver import ReplyHandler
 from node.privacy import Hop, RelayDescriptor
 
@@ -32,6 +35,8 @@ class LocalNode:
     runner: web.AppRunner
     endpoint: str = ""
     running: bool = True
+    node_id: bytes = field(default_factory=lambda: secrets.token_bytes(20))
+    """Registry id standing in for the operator's address."""
 
     @property
     def overlay(self) -> web.Application:
@@ -46,12 +51,19 @@ class LocalNode:
     def descriptor(self, operator: str | None = None) -> RelayDescriptor:
         """This node as a relay descriptor (operator defaults to its own name)."""
         return RelayDescriptor(
-            node_id=self.name, operator=operator or self.name, endpoint=self.endpoint, public_key=self.public_key
+            node_id="0x" + self.node_id.hex(),
+            operator=operator or self.name,
+            endpoint=self.endpoint,
+            public_key=self.public_key,
         )
 
     def hop(self) -> Hop:
         """This node as an onion hop."""
-        return Hop(address=self.endpoint, public_key=self.public_key)
+        return Hop(node_id=self.node_id, public_key=self.public_key)
+
+    def peer(self) -> Peer:
+        """This node as a peer (what a directory lists and a client sends to)."""
+        return Peer(node_id=self.node_id, endpoint=self.endpoint, public_key=self.public_key)
 
     async def stop(self) -> None:
         """Stop serving at once; exchanges in progress are cut (a crashed relay, as far as peers can tell)."""
@@ -70,11 +82,24 @@ async def serve_ephemeral(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://{host}:{port}"
 
 
-async def start_node(name: str, config: OverlayConfig, handler: ReplyHandler | None = None) -> LocalNode:
-    """Start one node on 127.0.0.1 with an ephemeral port."""
-    app = create_app(config, handler)
+async def start_node(
+    name: str,
+    config: OverlayConfig,
+    handler: ReplyHandler | None = None,
+    *,
+    peers: PeerDirectory | None = None,
+    node_id: bytes | None = None,
+) -> LocalNode:
+    """Start one node on 127.0.0.1 with an ephemeral port. It forwards only to the nodes ``peers`` resolves (none
+    when omitted); when ``peers`` is a :class:`StaticPeerDirectory` the node is added to it."""
+    app = create_app(config, handler, peers=peers)
     runner, endpoint = await serve_ephemeral(app)
-    return LocalNode(name=name, config=config, app=app, runner=runner, endpoint=endpoint)
+    node = LocalNode(name=name, config=config, app=app, runner=runner, endpoint=endpoint)
+    if node_id is not None:
+        node.node_id = node_id
+    if isinstance(peers, StaticPeerDirectory):
+        peers.add(node.peer())
+    return node
 
 
 @dataclass(slots=True)
@@ -86,6 +111,8 @@ class LocalNetwork:
     template: OverlayConfig | None = None
     relay_nodes: list[LocalNode] = field(default_factory=list)
     model: LocalNode | None = None
+    peers: StaticPeerDirectory = field(default_factory=StaticPeerDirectory)
+    """The network's registry stand-in: every node started here is in it."""
 
     def _config(self, role: str) -> OverlayConfig:
         base = self.template or OverlayConfig(x25519_secret=secrets.token_bytes(32))
@@ -94,8 +121,8 @@ class LocalNetwork:
     async def __aenter__(self) -> LocalNetwork:
         try:
             for i in range(self.relays):
-                self.relay_nodes.append(await start_node(f"relay{i}", self._config("relay")))
-            self.model = await start_node("model", self._config("model"), self.handler)
+                self.relay_nodes.append(await start_node(f"relay{i}", self._config("relay"), peers=self.peers))
+            self.model = await start_node("model", self._config("model"), self.handler, peers=self.peers)
         except BaseException:
             await self.close()
             raise
@@ -116,10 +143,10 @@ class LocalNetwork:
             await node.stop()
 
     @property
-    def destination(self) -> Hop:
-        """The model node as the final onion hop."""
+    def destination(self) -> Peer:
+        """The model node as a peer (the final onion hop)."""
         assert self.model is not None, "network not started"
-        return self.model.hop()
+        return self.model.peer()
 
     def descriptors(self) -> list[RelayDescriptor]:
         """Every relay as a descriptor (each its own operator)."""

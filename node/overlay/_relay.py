@@ -13,6 +13,7 @@ from aiohttp import web
 
 from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
+from node.overlay._peers import PeerDirectory
 from node.privacy import MalformedPacket, PeeledForward, RejectReason, ReplayCache
 from node.privacy._constants import FRAME_LEN_BYTES, REPLY_CHUNK_LEN
 from node.privacy._reply import FrameReader, FrameWriter, check_frame_len
@@ -40,20 +41,31 @@ async def forward(
     session: aiohttp.ClientSession,
     config: OverlayConfig,
     metrics: OverlayMetrics,
+    peers: PeerDirectory,
 ) -> web.StreamResponse:
     """Send the peeled packet to the next hop and relay its reply frames back, adding this hop's layer.
 
+    The next hop is a registry id: it is resolved in this node's own view of the registry, and an id that is not a
+    routable node there is refused (``UNKNOWN_NEXT_HOP``) before any connection is opened, so a packet can never make
+    a relay dial an address of the sender's choosing. Redirects are never followed, for the same reason.
     Before the reply starts, failures are HTTP errors (502/504); once it has started they end the stream, which the
     client sees as a failed path.
     """
-    url = peeled.next_hop + ONION_PATH
+    peer = await peers.resolve(peeled.next_node)
+    if peer is None:
+        raise MalformedPacket(RejectReason.UNKNOWN_NEXT_HOP, "next hop is not a routable registered node")
+    url = peer.endpoint + ONION_PATH
     timeout = aiohttp.ClientTimeout(
         total=None, connect=config.connect_timeout_s, sock_read=config.idle_timeout_s, sock_connect=None
     )
     try:
         async with asyncio.timeout(config.upstream_headers_timeout_s):
             upstream = await session.post(
-                url, data=peeled.packet, headers={"Content-Type": "application/octet-stream"}, timeout=timeout
+                url,
+                data=peeled.packet,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=timeout,
+                allow_redirects=False,
             )
     except TimeoutError as exc:
         raise MalformedPacket(RejectReason.UPSTREAM_TIMEOUT) from exc

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -14,6 +16,10 @@ from node.overlay import keys
 from node.overlay._app import create_app
 from node.overlay._completion import completion_handler
 from node.overlay._config import OverlayConfig
+from node.overlay._peers import RegistryPeerDirectory
+
+if TYPE_CHECKING:
+    from ledger import IndexedNode
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +27,41 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 
 
-def create_model_app(config: OverlayConfig, engine: Engine) -> web.Application:
+def registry_peer_directory(
+    rpc_url: str, deployment: Path | None, db_url: str, *, refresh_interval_s: float = 15.0
+) -> RegistryPeerDirectory:
+    """The node's own view of the registry, read through the ledger's indexer into ``db_url`` and refreshed every
+    ``refresh_interval_s`` (and on a miss, at most every 2 s). Nothing connects until the first refresh, so a node
+    whose chain is down still starts; it then forwards nothing until the registry can be read."""
+    state: dict[str, object] = {}
+
+    def read() -> list[IndexedNode]:
+        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
+
+        indexer = state.get("indexer")
+        if not isinstance(indexer, Indexer):
+            path = deployment if deployment is not None else default_deployment_path(connect(rpc_url).eth.chain_id)
+            dep, registry = open_registry(rpc_url, path)
+            indexer = Indexer(registry, dep, db_url)
+            state["indexer"] = indexer
+        indexer.sync()
+        return indexer.nodes()
+
+    return RegistryPeerDirectory(read, refresh_interval_s=refresh_interval_s)
+
+
+def create_model_app(
+    config: OverlayConfig, engine: Engine, *, peers: RegistryPeerDirectory | None = None
+) -> web.Application:
     """A model node: the overlay serving completions from ``engine``, which it closes on shutdown."""
 
     async def engine_ctx(_app: web.Application) -> AsyncIterator[None]:
         yield
         await engine.close()
 
-    app = create_app(config, completion_handler(engine))
+    app = create_app(config, completion_handler(engine), peers=peers)
+    if peers is not None:
+        app.cleanup_ctx.append(peers.cleanup_ctx())
     app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
     app.cleanup_ctx.append(engine_ctx)
     return app

@@ -9,8 +9,10 @@ from aiohttp import web
 
 from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
+from node.overlay._peers import PeerDirectory
 from node.overlay._receiver import CloveReceiver
 from node.overlay._relay import RelayState
+from node.privacy import OnionKeyring
 
 #: The node's configuration.
 CONFIG = web.AppKey("planetserve.overlay.config", OverlayConfig)
@@ -26,6 +28,11 @@ RECEIVER = web.AppKey("planetserve.overlay.receiver", CloveReceiver)
 REQUEST_ID = web.RequestKey("planetserve.overlay.request_id", str)
 #: The node's raw X25519 public key (derived once from the secret).
 RELAY_STATE_PUBLIC = web.AppKey("planetserve.overlay.public_key", bytes)
+#: The node's onion keys by key id (one key, or the current and previous ones during a rotation): what ``peel``
+#: looks the packet's key id up in. Replace the mapping to rotate; never mutate it while a request may read it.
+ONION_KEYRING: web.AppKey[OnionKeyring] = web.AppKey("planetserve.overlay.onion_keyring")
+#: The node's own view of the registry: the only nodes it sends packets to (``docs/protocol.md`` §5.4 step 8).
+PEERS: web.AppKey[PeerDirectory] = web.AppKey("planetserve.overlay.peers")
 #: On the root application: the ``/overlay`` sub-application (for tests and tools that inspect its state).
 OVERLAY_APP = web.AppKey("planetserve.overlay.app", web.Application)
 #: Model nodes: the engine's health check; readiness fails while it answers False.

@@ -13,6 +13,7 @@ from node.privacy._errors import (
     RejectReason,
     ReplayJournalError,
 )
+from node.privacy._keys import OnionKey, OnionKeyring, key_id, keyring
 from node.privacy._onion import BuiltOnion, Hop, PeeledExit, PeeledForward, build_onion, peel
 from node.privacy._paths import RelayDescriptor, select_paths
 from node.privacy._replay import ReplayCache, ReplayJournal
@@ -29,6 +30,8 @@ __all__ = [
     "InvalidPrivacyParam",
     "MalformedPacket",
     "NotEnoughCloves",
+    "OnionKey",
+    "OnionKeyring",
     "PeeledExit",
     "PeeledForward",
     "PrivacyError",
@@ -40,6 +43,8 @@ __all__ = [
     "ReplyChunk",
     "build_onion",
     "combine",
+    "key_id",
+    "keyring",
     "open_reply",
     "peel",
     "public_key",

@@ -30,16 +30,29 @@ TAG_LEN: Final = 16
 #: §4: envelope header (version, type, reply key, body length).
 ENVELOPE_HEADER_LEN: Final = 38
 
+#: §5.1: version byte of onion packets (version 2 added the key id and the header MAC; other structures stay 0x01).
+ONION_VERSION: Final = 0x02
 #: §5: routing slots per header (relays plus destination); the longest path.
 MAX_HOPS: Final = 6
 #: §5.2: bytes per routing slot.
 SLOT_LEN: Final = 128
 #: §5.1: routing bytes in every header.
 ROUTING_LEN: Final = MAX_HOPS * SLOT_LEN
+#: §5.1: recipient key id, ``SHA-256(node_pub)[0:8]``.
+KEY_ID_LEN: Final = 8
+#: §5.1: truncated HMAC-SHA256 over the header.
+HEADER_MAC_LEN: Final = 16
+#: §5.1: field offsets of the fixed header.
+OFF_KEY_ID: Final = 2
+OFF_EPH_PUB: Final = OFF_KEY_ID + KEY_ID_LEN
+OFF_HEADER_MAC: Final = OFF_EPH_PUB + 32
+OFF_PAYLOAD_TAG: Final = OFF_HEADER_MAC + HEADER_MAC_LEN
+OFF_ROUTING: Final = OFF_PAYLOAD_TAG + TAG_LEN
+OFF_PAYLOAD_LEN: Final = OFF_ROUTING + ROUTING_LEN
 #: §5.1: fixed header bytes before the payload.
-ONION_HEADER_LEN: Final = 2 + 32 + TAG_LEN + ROUTING_LEN + 4
-#: §5.2: longest next-hop address.
-ADDR_MAX: Final = 64
+ONION_HEADER_LEN: Final = OFF_PAYLOAD_LEN + 4
+#: §5.2: registry id of a node (the operator's 20-byte Ethereum address, as ``NodeRegistry`` keys nodes).
+NODE_ID_LEN: Final = 20
 #: §5.1: payload sizes.
 PAYLOAD_QUANTUM: Final = 256
 MAX_PAYLOAD: Final = 131_072
@@ -52,8 +65,8 @@ HOP_EXIT: Final = 0x02
 MAX_TTL: Final = 120
 EXPIRY_GRANULARITY: Final = 10
 #: §5.3: HKDF label and output split.
-ONION_KDF_INFO: Final = b"planetserve/v1/onion"
-ONION_OKM_LEN: Final = 112
+ONION_KDF_INFO: Final = b"planetserve/v2/onion"
+ONION_OKM_LEN: Final = 144
 REPLAY_TAG_LEN: Final = 16
 
 #: §6.1: reply chunk sizes: every chunk is exactly ``REPLY_CHUNK_LEN`` bytes.

@@ -8,7 +8,7 @@ from node._errors import PlanetServeError
 
 
 class RejectReason(enum.StrEnum):
-    """Why a packet, clove or reply chunk was rejected (``docs/protocol.md`` §3.3, §5.4, §5.6, §6).
+    """Why a packet, clove or reply chunk was rejected (``docs/protocol.md`` §3.3, §5.4, §5.6, §6, §7).
 
     Metrics count these; they are stable identifiers and never carry payload bytes.
     """
@@ -20,6 +20,7 @@ class RejectReason(enum.StrEnum):
     BAD_LENGTH = "bad_length"
     BAD_FIELD = "bad_field"
     BAD_KEY = "bad_key"
+    UNKNOWN_KEY = "unknown_key"
     BAD_MAC = "bad_mac"
     BAD_SLOT = "bad_slot"
     BAD_PAYLOAD = "bad_payload"
@@ -28,6 +29,7 @@ class RejectReason(enum.StrEnum):
     INCONSISTENT = "inconsistent"
     OVERLOADED = "overloaded"
     NOT_EXIT = "not_exit"
+    UNKNOWN_NEXT_HOP = "unknown_next_hop"
     UPSTREAM_FAILED = "upstream_failed"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     SLOW_BODY = "slow_body"

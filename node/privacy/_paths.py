@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from node.privacy._constants import MAX_HOPS, MAX_N
+from node.privacy._constants import MAX_HOPS, MAX_N, NODE_ID_LEN
 from node.privacy._errors import InsufficientRelays, InvalidPrivacyParam
 from node.privacy._onion import Hop
 
@@ -17,7 +17,8 @@ class RelayDescriptor:
     """A relay as the client knows it from the registry (membership) and heartbeats (liveness)."""
 
     node_id: str
-    """Registry id of the node (e.g. its checksummed address)."""
+    """Registry id of the node: ``0x`` + 40 hex digits, its operator's address (checksummed or not). Paths are
+    compared by it; :meth:`hop` turns it into the 20 bytes an onion slot carries."""
     operator: str
     """Operator address that staked the node; paths never repeat an operator."""
     endpoint: str
@@ -45,8 +46,20 @@ class RelayDescriptor:
         return self.reputation * self.liveness
 
     def hop(self) -> Hop:
-        """This relay as an onion hop."""
-        return Hop(address=self.endpoint, public_key=self.public_key)
+        """This relay as an onion hop (raises ``InvalidPrivacyParam`` when ``node_id`` is not a 20-byte hex id)."""
+        return Hop(node_id=node_id_bytes(self.node_id), public_key=self.public_key)
+
+
+def node_id_bytes(node_id: str) -> bytes:
+    """The 20 bytes of a ``0x``-hex registry id (an Ethereum address, any case)."""
+    digits = node_id.removeprefix("0x")
+    try:
+        raw = bytes.fromhex(digits)
+    except ValueError as exc:
+        raise InvalidPrivacyParam("node_id", node_id[:44], "0x + 40 hex digits") from exc
+    if len(raw) != NODE_ID_LEN or len(digits) != 2 * NODE_ID_LEN:
+        raise InvalidPrivacyParam("node_id", node_id[:44], "0x + 40 hex digits")
+    return raw
 
 
 def _weighted_pick(rng: secrets.SystemRandom, pool: Sequence[RelayDescriptor]) -> RelayDescriptor:

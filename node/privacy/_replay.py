@@ -125,6 +125,12 @@ class ReplayCache:
             _, tag = heapq.heappop(self._heap)
             self._tags.pop(tag, None)
 
+    def seen(self, tag: bytes) -> bool:
+        """Whether ``tag`` is remembered: the §5.4 step-5 lookup, made before the slot's expiry is checked. Expired
+        tags are purged first, so a tag past its expiry plus one granularity is not "seen"."""
+        self._purge()
+        return tag in self._tags
+
     def check_and_add(self, tag: bytes, expiry: int) -> None:
         """Record ``tag``; raise ``MalformedPacket(REPLAY)`` if it was seen, ``OVERLOADED`` if the cache is full."""
         self._purge()

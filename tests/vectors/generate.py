@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from node.privacy import _gf256 as gf
+from node.privacy._keys import OnionKey, keyring
 from node.privacy._onion import Hop, PeeledExit, PeeledForward, build_onion, peel
 from node.privacy._reply import (
     Envelope,
@@ -121,63 +122,93 @@ def sida_vectors() -> dict[str, Any]:
     return {"cases": cases, "must_reject_parse": reject, "must_reject_combine": combine_reject}
 
 
-def onion_vectors() -> dict[str, Any]:
-    rng = DetRandom("onion/hops")
-    node_secrets = [rng(32) for _ in range(4)]
-    eph_secrets = [rng(32) for _ in range(4)]
-    addresses = [f"http://127.0.0.1:{9100 + i}" for i in range(4)]
-    path = [Hop(address=a, public_key=public_key(s)) for a, s in zip(addresses, node_secrets, strict=True)]
-    clove = b"clove bytes travel inside the onion"
-    pad = DetRandom("onion/pad")
+#: Path lengths (hops, the destination included) with a vector case each (§9).
+ONION_LENGTHS = (1, 2, 3, 4, 5, 6)
+
+
+def onion_case(length: int) -> dict[str, Any]:
+    """One path of ``length`` hops: every hop's inputs, derived keys and the packet it receives."""
+    rng = DetRandom(f"onion/v2/{length}")
+    node_secrets = [rng(32) for _ in range(length)]
+    eph_secrets = [rng(32) for _ in range(length)]
+    node_ids = [rng(20) for _ in range(length)]
+    keys = [OnionKey(s) for s in node_secrets]
+    path = [Hop(node_id=n, public_key=k.public) for n, k in zip(node_ids, keys, strict=True)]
+    clove = f"clove bytes travel inside a {length}-hop onion".encode()
+    pad = DetRandom(f"onion/v2/{length}/pad")
     built = build_onion(path, clove, ttl=60, now=NOW, ephemeral_secrets=eph_secrets, randbytes=pad)
     hops = []
     packet = built.packet
-    for i, secret in enumerate(node_secrets):
-        result = peel(packet, secret, public_key(secret), now=NOW)
+    for i, key in enumerate(keys):
+        result = peel(packet, keyring(key), now=NOW)
         entry: dict[str, Any] = {
-            "node_secret": secret.hex(),
-            "node_public": public_key(secret).hex(),
+            "node_secret": key.secret.hex(),
+            "node_public": key.public.hex(),
+            "key_id": key.key_id.hex(),
+            "node_id": node_ids[i].hex(),
             "ephemeral_secret": eph_secrets[i].hex(),
+            "ephemeral_public": public_key(eph_secrets[i]).hex(),
             "packet_in": packet.hex(),
+            "k_mac": result.keys.mac.hex(),
             "k_gcm": result.keys.gcm.hex(),
             "k_rho": result.keys.rho.hex(),
             "k_reply": result.keys.reply.hex(),
             "replay_tag": result.keys.replay_tag.hex(),
         }
         if isinstance(result, PeeledForward):
-            entry["next_hop"] = result.next_hop
+            entry["next_node"] = result.next_node.hex()
+            entry["next_link_key"] = result.next_link_key.hex()
             packet = result.packet
         else:
             assert isinstance(result, PeeledExit)
             entry["exit_clove"] = result.clove.hex()
         hops.append(entry)
-    first = built.packet
+    return {
+        "length": length,
+        "expiry": built.expiry,
+        "clove": clove.hex(),
+        "routing_padding": pad.draws[0] if pad.draws else "",
+        "hops": hops,
+    }
+
+
+def onion_vectors() -> dict[str, Any]:
+    cases = [onion_case(m) for m in ONION_LENGTHS]
+    first = bytes.fromhex(cases[3]["hops"][0]["packet_in"])  # the 4-hop path's first packet, read by its hop 0
     reject = [
         {"name": "one byte short", "packet": first[:-1].hex(), "reason": "too_short"},
         {"name": "one byte extra", "packet": (first + b"\x00").hex(), "reason": "bad_length"},
-        {"name": "header only", "packet": first[:822].hex(), "reason": "too_short"},
-        {"name": "version 0", "packet": (b"\x00" + first[1:]).hex(), "reason": "bad_version"},
+        {"name": "header only", "packet": first[:846].hex(), "reason": "too_short"},
+        {"name": "over the maximum", "packet": (first + bytes(131_072)).hex(), "reason": "oversized"},
+        {"name": "version 1", "packet": (b"\x01" + first[1:]).hex(), "reason": "bad_version"},
         {"name": "type clove", "packet": (first[:1] + b"\x01" + first[2:]).hex(), "reason": "bad_type"},
         {
             "name": "payload_len not a multiple of 256",
-            "packet": (first[:818] + (257).to_bytes(4, "big") + first[822:]).hex(),
+            "packet": (first[:842] + (257).to_bytes(4, "big") + first[846:]).hex(),
             "reason": "bad_length",
         },
+        {
+            "name": "payload_len disagrees with the packet length",
+            "packet": (first[:842] + (512).to_bytes(4, "big") + first[846:]).hex(),
+            "reason": "bad_length",
+        },
+        {"name": "unknown key id", "packet": _flip(first, 5).hex(), "reason": "unknown_key"},
+        {"name": "low-order ephemeral key", "packet": (first[:10] + bytes(32) + first[42:]).hex(), "reason": "bad_key"},
+        {"name": "flipped ephemeral key bit", "packet": _flip(first, 20).hex(), "reason": "bad_mac"},
+        {"name": "flipped header MAC bit", "packet": _flip(first, 50).hex(), "reason": "bad_mac"},
+        {"name": "flipped payload tag bit", "packet": _flip(first, 60).hex(), "reason": "bad_mac"},
         {"name": "flipped routing bit", "packet": _flip(first, 400).hex(), "reason": "bad_mac"},
-        {"name": "flipped tag bit", "packet": _flip(first, 40).hex(), "reason": "bad_mac"},
+        {"name": "flipped payload_len bit", "packet": _flip(first, 845, 7).hex(), "reason": "bad_length"},
         {"name": "flipped payload bit", "packet": _flip(first, 900).hex(), "reason": "bad_mac"},
-        {"name": "low-order ephemeral key", "packet": (first[:2] + bytes(32) + first[34:]).hex(), "reason": "bad_key"},
     ]
     return {
+        "version": 2,
         "now": NOW,
         "ttl": 60,
-        "expiry": built.expiry,
-        "clove": clove.hex(),
-        "addresses": addresses,
-        "routing_padding": pad.draws[0],
-        "hops": hops,
+        "cases": cases,
         "must_reject": reject,
-        "expired_at": built.expiry + 1,
+        "must_reject_hop": "cases[3].hops[0]",
+        "expired_at": cases[3]["expiry"] + 1,
     }
 
 
