@@ -77,7 +77,8 @@ class DeploymentNotFound(ChainUnavailable):
 
 
 class TransactionFailed(ChainError):
-    """A transaction was mined but failed, or never got a receipt in time."""
+    """A transaction was mined and failed (or could not be sent). A missing receipt is not this: it is
+    :class:`TransactionOutcomeUnknown`, because the transaction may still succeed."""
 
     code = "tx_reverted"
 
