@@ -44,6 +44,7 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     ("ledger", "InvalidChainInput", ExitCode.INVALID_INPUT),
     ("ledger", "ChainUnavailable", ExitCode.CHAIN_UNAVAILABLE),
     ("ledger", "TransactionFailed", ExitCode.TX_REVERTED),
+    ("ledger", "TransactionOutcomeUnknown", ExitCode.TX_OUTCOME_UNKNOWN),
     ("ledger", "InsufficientFunds", ExitCode.INSUFFICIENT_FUNDS),
     ("ledger", "OperatorKeyError", ExitCode.KEY_ERROR),
 )

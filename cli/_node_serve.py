@@ -8,16 +8,19 @@ scripts can wait for it; then it serves until SIGINT or SIGTERM and shuts down c
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from cli._errors import PortInUse
 from cli._main import new_app
-from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
+from cli._node_chain import JsonOpt, StateDir, state_dir_or_default
 from cli._output import emit, info
 from node import NodeIdentity
 from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
@@ -42,39 +45,26 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", envvar="PS_MAX_QUEUE", help="Requests waiting before 'overloaded'.")
     ] = 64,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
-    deployment: DeploymentOpt = None,
-    registry_refresh: Annotated[
-        float,
-        typer.Option(
-            "--registry-refresh", envvar="PS_REGISTRY_REFRESH", min=1.0, help="Seconds between registry reads."
-        ),
-    ] = 15.0,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve as a relay, or as a model node answering completions from an inference engine.
-
-    The node forwards packets only to nodes it finds routable in the registry (read from ``--rpc-url`` into an
-    index in the state directory, refreshed every ``--registry-refresh`` seconds).
-    """
+    """Serve as a relay, or as a model node answering completions from an inference engine."""
     from node.overlay import OverlayConfig, create_app  # aiohttp: only when actually serving
-    from node.overlay._serve import create_model_app, registry_peer_directory, serve_until
+    from node.overlay._serve import create_model_app, serve_until
 
     logging.basicConfig(level=os.environ.get("PS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
     if role not in ("relay", "model"):
         raise InvalidParams(param="role", value=role, reason="relay or model")
     if not (0 <= port <= 65535):
         raise InvalidParams(param="port", value=port, reason="0..65535")
+    if port and not _port_free(host, port):  # before a model load that could take a while
+        raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there")
     state = state_dir_or_default(state_dir)
     identity = NodeIdentity.load_or_create(state)
     config = OverlayConfig(
         x25519_secret=identity.private_key,
         role="model" if role == "model" else "relay",
         replay_journal=state / "replay.journal",
-    )
-    peers = registry_peer_directory(
-        rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
     )
     ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
     if role == "model":
@@ -83,10 +73,9 @@ def serve(
         engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
         loaded = load_engine(engine, model_dir, engine_config)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
-        application = create_model_app(config, loaded, peers=peers)
+        application = create_model_app(config, loaded)
     else:
-        application = create_app(config, peers=peers)
-        application.cleanup_ctx.append(peers.cleanup_ctx())
+        application = create_app(config)
 
     def on_ready(endpoint: str) -> None:
         ready["endpoint"] = endpoint
@@ -101,5 +90,25 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         await serve_until(application, host=host, port=port, stop=stop, on_ready=on_ready)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        # The bind itself is the authority (the check above can race with another process).
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there") from exc
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise InvalidParams(param="host", value=host, reason="not an address of this machine") from exc
+        raise
     info("stopped")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (``SO_REUSEADDR``, as aiohttp binds, so TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno != errno.EADDRINUSE
+        return True

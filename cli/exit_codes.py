@@ -32,5 +32,7 @@ class ExitCode(enum.IntEnum):
     NETWORK_ERROR = 9
     #: A port the command was told to listen on is taken (by a running chain or another program).
     PORT_IN_USE = 10
+    #: A transaction was sent but its receipt did not arrive in time: it may still be mined. Check before resending.
+    TX_OUTCOME_UNKNOWN = 11
     #: Interrupted by the user (Ctrl-C).
     INTERRUPTED = 130

@@ -141,6 +141,8 @@ def test_exit_codes_map_by_class_not_by_code_text() -> None:
     assert exit_code_for(ledger.InvalidChainInput("stake", "x", "r")) is ExitCode.INVALID_INPUT
     assert exit_code_for(ledger.WrongChainId(1, 2)) is ExitCode.CHAIN_UNAVAILABLE
     assert exit_code_for(ledger.TransactionFailed("boom")) is ExitCode.TX_REVERTED
+    # "sent, outcome unknown" is not a revert: a script must not retry it as one (it could stake twice).
+    assert exit_code_for(ledger.TransactionOutcomeUnknown("0x" + "ab" * 32, 1.0)) is ExitCode.TX_OUTCOME_UNKNOWN
     assert exit_code_for(ledger.OperatorKeyError("no key")) is ExitCode.KEY_ERROR
     assert exit_code_for(node.privacy.InsufficientRelays(3, 1)) is ExitCode.NETWORK_ERROR
     assert exit_code_for(_errors.PortInUse(host="127.0.0.1", port=1)) is ExitCode.PORT_IN_USE

@@ -77,8 +77,7 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     model = f"{info.name}@{info.revision}"
     roles = ["model", "relay", "relay", "relay"]
     for index, role in enumerate(roles):
-        # The nodes read the registry themselves: a relay forwards only to nodes registered there.
-        env = _env(chain, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
+        env = _env(None, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
         args = ["serve", "--role", role, "--port", "0", "--json"]
         if role == "model":
             args += ["--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
@@ -148,6 +147,22 @@ def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
     _failed(bad_role, ExitCode.INVALID_INPUT, "role")
     bad_engine = _run("node", ["serve", "--role", "model", "--model-dir", str(tmp_path), "--engine", "vllm"], env)
     _failed(bad_engine, ExitCode.INVALID_INPUT, "engine")
+
+
+def test_serve_on_a_busy_port_is_one_line_and_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    env = _env(None, tmp_path, None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        relay = _run("node", ["serve", "--role", "relay", "--port", str(port)], env)
+        _failed(relay, ExitCode.PORT_IN_USE, f"port {port}", "--port")
+        as_json = _run("node", ["serve", "--role", "relay", "--port", str(port), "--json"], env)
+    assert as_json.returncode == ExitCode.PORT_IN_USE and as_json.stdout == ""
+    err = json.loads(as_json.stderr.strip().splitlines()[-1])["error"]
+    assert err["type"] == "PortInUse" and err["port"] == port and err["exit_name"] == "PORT_IN_USE"
 
 
 def test_ask_rejects_bad_input_before_touching_the_network(tmp_path: Path) -> None:
