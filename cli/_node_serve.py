@@ -20,7 +20,7 @@ import typer
 
 from cli._errors import PortInUse
 from cli._main import new_app
-from cli._node_chain import JsonOpt, StateDir, state_dir_or_default
+from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
 from cli._output import emit, info
 from node import NodeIdentity
 from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
@@ -45,12 +45,24 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", envvar="PS_MAX_QUEUE", help="Requests waiting before 'overloaded'.")
     ] = 64,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    registry_refresh: Annotated[
+        float,
+        typer.Option(
+            "--registry-refresh", envvar="PS_REGISTRY_REFRESH", min=1.0, help="Seconds between registry reads."
+        ),
+    ] = 15.0,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve as a relay, or as a model node answering completions from an inference engine."""
+    """Serve as a relay, or as a model node answering completions from an inference engine.
+
+    The node forwards packets only to nodes it finds routable in the registry (read from ``--rpc-url`` into an
+    index in the state directory, refreshed every ``--registry-refresh`` seconds).
+    """
     from node.overlay import OverlayConfig, create_app  # aiohttp: only when actually serving
-    from node.overlay._serve import create_model_app, serve_until
+    from node.overlay._serve import create_model_app, registry_peer_directory, serve_until
 
     logging.basicConfig(level=os.environ.get("PS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
     if role not in ("relay", "model"):
@@ -66,6 +78,9 @@ def serve(
         role="model" if role == "model" else "relay",
         replay_journal=state / "replay.journal",
     )
+    peers = registry_peer_directory(
+        rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
+    )
     ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
     if role == "model":
         if model_dir is None:
@@ -73,9 +88,10 @@ def serve(
         engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
         loaded = load_engine(engine, model_dir, engine_config)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
-        application = create_model_app(config, loaded)
+        application = create_model_app(config, loaded, peers=peers)
     else:
-        application = create_app(config)
+        application = create_app(config, peers=peers)
+        application.cleanup_ctx.append(peers.cleanup_ctx())
 
     def on_ready(endpoint: str) -> None:
         ready["endpoint"] = endpoint

@@ -77,7 +77,8 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     model = f"{info.name}@{info.revision}"
     roles = ["model", "relay", "relay", "relay"]
     for index, role in enumerate(roles):
-        env = _env(None, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
+        # The nodes read the registry themselves: a relay forwards only to nodes registered there.
+        env = _env(chain, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
         args = ["serve", "--role", role, "--port", "0", "--json"]
         if role == "model":
             args += ["--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
