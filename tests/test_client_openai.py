@@ -47,7 +47,7 @@ class Endpoint:
 def _directory(net: LocalNetwork, model_id: str) -> Directory:
     assert net.model is not None
     node = ModelNode(
-        operator="model-operator",
+        operator="0x" + net.model.node_id.hex(),
         endpoint=net.model.endpoint,
         public_key=net.model.public_key,
         model_id=model_id,
@@ -62,7 +62,9 @@ async def endpoint(torch_engine: TorchEngine, tiny_model_dir: Path) -> AsyncIter
     assert info is not None
     name = f"{info.name}@{info.revision}"
     async with LocalNetwork(relays=6, handler=completion_handler(torch_engine)) as net:
-        client = Client(_directory(net, torch_engine.model_id), ClientConfig(models=(name,)))
+        # No heartbeats here: this test is about the endpoint (tests/test_client_forwarding.py covers forwarding).
+        config = ClientConfig(models=(name,), heartbeats=False)
+        client = Client(_directory(net, torch_engine.model_id), config)
         service = ClientService(client)
         await service.refresh()
         runner, url = await serve_ephemeral(create_openai_app(service))
