@@ -159,7 +159,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 def _client_session_ctx(overlay: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(_root: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=overlay[keys.CONFIG].max_inflight, ttl_dns_cache=60)
+        config = overlay[keys.CONFIG]
+        # Idle upstream connections are dropped before half our header timeout: peers run the same limit, so they
+        # never close a pooled connection just as this node reuses it (which would fail a request for nothing).
+        keepalive = min(15.0, config.header_timeout_s / 2)
+        connector = aiohttp.TCPConnector(limit=config.max_inflight, ttl_dns_cache=60, keepalive_timeout=keepalive)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         overlay[keys.CLIENT_SESSION] = session
         yield
