@@ -45,6 +45,10 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", envvar="PS_MAX_QUEUE", help="Requests waiting before 'overloaded'.")
     ] = 64,
+    upstream: Annotated[
+        str | None,
+        typer.Option("--upstream", envvar="PS_UPSTREAM", help="openai-http engine: the OpenAI-compatible server URL."),
+    ] = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     registry_refresh: Annotated[
@@ -86,7 +90,7 @@ def serve(
         if model_dir is None:
             raise InvalidParams(param="model_dir", value=None, reason="a model node needs --model-dir")
         engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
-        loaded = load_engine(engine, model_dir, engine_config)
+        loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
         application = create_model_app(config, loaded, peers=peers)
     else:

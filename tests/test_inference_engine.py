@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from node.inference import (
     CHUNK_TOKENS,
@@ -28,6 +29,8 @@ from node.inference import (
     chunk_hashes,
     load_engine,
 )
+from node.inference._modelio import load_tokenizer
+from node.inference.testing import ThreadedServer, openai_app
 
 PROMPT = "the red cat sees the dog.\n12+7=19\nthe color of kalo is"
 LONG_PROMPT = "\n".join(f"{i}+{i + 3}={2 * i + 3}" for i in range(40)) + "\nthe small bird"
@@ -44,6 +47,7 @@ def _trt_ready() -> bool:
 @pytest.fixture(
     params=[
         "torch",
+        "openai-http",
         pytest.param(
             "tensorrt_llm",
             marks=[
@@ -54,11 +58,30 @@ def _trt_ready() -> bool:
     ]
 )
 async def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> AsyncIterator[Engine]:
-    built = load_engine(request.param, tiny_model_dir, EngineConfig(max_queue=4, max_running=2))
-    try:
-        yield built
-    finally:
-        await built.close()
+    config = EngineConfig(max_queue=4, max_running=2)
+    if request.param != "openai-http":
+        built = load_engine(request.param, tiny_model_dir, config)
+        try:
+            yield built
+        finally:
+            await built.close()
+        return
+    # openai-http: our torch engine behind the OpenAI-compatible test server, in its own thread and event loop.
+    upstream: list[TorchEngine] = []
+
+    async def make_app() -> web.Application:
+        upstream.append(TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_queue=4, max_running=2)))
+        return openai_app(upstream[0], model="ps-test-tiny", tokenizer=load_tokenizer(tiny_model_dir))
+
+    async def stop() -> None:
+        await upstream[0].close()
+
+    with ThreadedServer(make_app, on_stop=stop) as server:
+        built = load_engine("openai-http", tiny_model_dir, config, upstream=server.url)
+        try:
+            yield built
+        finally:
+            await built.close()
 
 
 async def _collect(engine: Engine, request: GenerationRequest) -> list[GenerationChunk]:
@@ -358,12 +381,16 @@ async def test_score_under_load_goes_through_the_bounded_queue(engine: Engine) -
     overloaded = [r for r in results if isinstance(r, EngineOverloaded)]
     served = [r for r in results if isinstance(r, ScoreResult)]
     assert len(overloaded) + len(served) == 16
-    assert overloaded and all(r.limit == 4 for r in overloaded)
+    assert overloaded
+    if isinstance(engine, TorchEngine):
+        assert all(r.limit == 4 == r.queued for r in overloaded)
     assert peak <= 4
     assert served and all(r.logprobs == pytest.approx(solo.logprobs, abs=1e-5) for r in served)
 
 
-async def test_event_loop_stays_responsive_while_a_long_prompt_is_tokenized(engine: Engine) -> None:
+async def test_event_loop_stays_responsive_while_a_long_prompt_is_tokenized(
+    engine: Engine, tiny_model_dir: Path
+) -> None:
     text = ("the red cat sees the dog. 12+7=19\n" * 8000)[: 4 * 65536]  # 256 KiB: over the context once tokenized
     gaps: list[float] = []
     stop = asyncio.Event()
@@ -376,6 +403,11 @@ async def test_event_loop_stays_responsive_while_a_long_prompt_is_tokenized(engi
             gaps.append(now - last)
             last = now
 
+    # Tokenizing on the loop would stall it for the whole tokenization: time that here, on this machine, now.
+    tokenizer = load_tokenizer(tiny_model_dir)
+    started = time.perf_counter()
+    tokenizer.encode(text, add_special_tokens=False)
+    tokenize_s = time.perf_counter() - started
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0.02)
     with pytest.raises(InvalidParams) as info:
@@ -383,7 +415,8 @@ async def test_event_loop_stays_responsive_while_a_long_prompt_is_tokenized(engi
     assert info.value.param == "prompt"
     stop.set()
     await ticker
-    assert max(gaps) < 0.06, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
+    bound = max(0.05, tokenize_s / 3)
+    assert max(gaps) < bound, f"the event loop stalled for {max(gaps) * 1000:.0f} ms (tokenizing: {tokenize_s:.3f} s)"
 
 
 async def test_chunked_prefill_gives_the_same_tokens_and_logprobs_as_whole_prefill(

@@ -83,6 +83,7 @@ EXPECTED: dict[str, list[str]] = {
         "ModelInfo",
         "ModelLoadError",
         "ModelRecipe",
+        "OpenAIHttpEngine",
         "SamplingParams",
         "ScoreResult",
         "TensorRtLlmEngine",

@@ -17,6 +17,7 @@ from node.inference._errors import (
 )
 from node.inference._factory import ENGINE_KINDS, load_engine, resolve_kind
 from node.inference._modelio import ModelInfo, model_id_for, read_info
+from node.inference._openai_http import OpenAIHttpEngine
 from node.inference._prefix import CHUNK_TOKENS, chunk_hashes, longest_match
 from node.inference._torch_engine import EngineConfig, TorchEngine
 from node.inference._training import (
@@ -48,6 +49,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "ModelRecipe",
+    "OpenAIHttpEngine",
     "SamplingParams",
     "ScoreResult",
     "TensorRtLlmEngine",
