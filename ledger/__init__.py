@@ -5,6 +5,7 @@ Importing it is cheap: nothing connects to a chain or reads artefacts until a ha
 
 from ledger._anvil import Anvil, AnvilConfig, dev_account
 from ledger._artifacts import Artifact, load_artifact
+from ledger._attestations import AttestationParams, Attestations, EpochTally, ReputationRecord
 from ledger._deploy import (
     Deployment,
     RegistryParams,
@@ -58,6 +59,8 @@ __all__ = [
     "AnvilConfig",
     "Artifact",
     "ArtifactsMissing",
+    "AttestationParams",
+    "Attestations",
     "ChainError",
     "ChainNotReachable",
     "ChainUnavailable",
@@ -68,6 +71,7 @@ __all__ = [
     "DatabaseDriverMissing",
     "Deployment",
     "DeploymentNotFound",
+    "EpochTally",
     "IndexedNode",
     "Indexer",
     "IndexerError",
@@ -82,6 +86,7 @@ __all__ = [
     "PaymentParams",
     "PriceRule",
     "RegistryParams",
+    "ReputationRecord",
     "Role",
     "SyncReport",
     "TransactionFailed",

@@ -13,8 +13,9 @@ from eth_typing import ChecksumAddress
 from web3 import Web3
 
 from ledger._artifacts import load_artifact
+from ledger._attestations import AttestationParams, Attestations, deploy_attestations
 from ledger._errors import DeploymentNotFound, InvalidChainInput, WrongChainId
-from ledger._payments import PaymentParams, deploy_payments
+from ledger._payments import PaymentChannels, PaymentParams, deploy_payments
 from ledger._registry import NodeRegistry
 from ledger._reverts import RevertDecoder
 from ledger._tx import connect, send_transaction
@@ -120,6 +121,12 @@ class Deployment:
         """The ``PaymentChannels`` address."""
         return self.contracts["PaymentChannels"].address
 
+    @property
+    def attestations_address(self) -> ChecksumAddress | None:
+        """The ``Attestations`` address; None for a deployment made before the contract existed."""
+        record = self.contracts.get("Attestations")
+        return None if record is None else record.address
+
     def to_json(self) -> dict[str, Any]:
         """The file's JSON object."""
         return {
@@ -185,11 +192,14 @@ def deploy_all(
     *,
     path: Path | None = None,
     payment_params: PaymentParams | None = None,
+    attestation_params: AttestationParams | None = None,
 ) -> Deployment:
     """Deploy every contract from ``deployer`` and write the deployment file (``path`` or the default one).
 
     ``PaymentChannels`` follows the registry (it reads ``isJailed`` from it); ``payment_params`` defaults to
-    :class:`PaymentParams` with the registry's treasury and verification window.
+    :class:`PaymentParams` with the registry's treasury and verification window. ``Attestations`` follows both
+    (``attestation_params`` defaults to :class:`AttestationParams`) and is granted ``SLASHER_ROLE`` on each, which
+    needs the deployer to be the registry's admin (the default).
     """
     params = params or RegistryParams()
     artifact = load_artifact("NodeRegistry")
@@ -219,6 +229,13 @@ def deploy_all(
         registry.grant_slasher(slasher)
     payment_params = payment_params or PaymentParams(treasury=treasury, verification_window=params.verification_window)
     payments, _ = deploy_payments(w3, deployer, registry=checksum(address), params=payment_params)
+    attestation_params = attestation_params or AttestationParams()
+    attestations, _ = deploy_attestations(
+        w3, deployer, registry=checksum(address), payments=payments, params=attestation_params
+    )
+    registry.grant_slasher(attestations)
+    PaymentChannels(w3, payments, deployer).grant_slasher(attestations)
+    attestation_handle = Attestations(w3, attestations)
     deployment = Deployment(
         chain_id=w3.eth.chain_id,
         deploy_block=block,
@@ -227,6 +244,7 @@ def deploy_all(
         contracts={
             "NodeRegistry": ContractRecord(address=checksum(address), abi_hash=artifact.abi_hash),
             "PaymentChannels": ContractRecord(address=payments, abi_hash=load_artifact("PaymentChannels").abi_hash),
+            "Attestations": ContractRecord(address=attestations, abi_hash=load_artifact("Attestations").abi_hash),
         },
         params={
             "minimumStakeModel": str(params.minimum_stake_model),
@@ -240,6 +258,15 @@ def deploy_all(
                 "disputeDelay": payment_params.dispute_delay,
                 "verificationWindow": payment_params.verification_window,
                 "treasury": payment_params.treasury or deployer.address,
+            },
+            "attestations": {
+                "epochStart": attestation_handle.epoch_start(),
+                "epochLength": attestation_handle.epoch_length(),
+                "committeeSize": attestation_params.committee_size,
+                "quorum": attestation_params.quorum,
+                "scoreThreshold": attestation_params.score_threshold,
+                "stakeSlashFraction": attestation_params.stake_slash_fraction,
+                "earningsSlashFraction": attestation_params.earnings_slash_fraction,
             },
             "admin": admin,
             "slashers": list(params.slashers),

@@ -1,5 +1,8 @@
 """The registry as the indexer sees it: ``NodeRegistry`` events folded into SQL tables (SQLModel).
 
+The deployment's ``Attestations`` events (when it has that contract) are read in the same batches, keyed the same
+way: a node's row carries its reputation, failure streak and penalty count, and each attestation is kept.
+
 Design (see ``docs/chain.md``): the indexer reads only events. Each log is applied at most once, keyed by
 (registry, block number, log index) in ``ledger_events``; a batch of blocks is applied in one database transaction
 together with the cursor (last indexed block and its hash), so stopping at any point loses nothing and repeats
@@ -45,6 +48,7 @@ from web3.types import EventData, FilterParams, LogReceipt
 
 from ledger._amount import WeiAmount, sum_wei
 from ledger._artifacts import load_artifact
+from ledger._attestations import NEUTRAL_REPUTATION
 from ledger._deploy import Deployment
 from ledger._errors import ChainError, ChainUnavailable, InvalidChainInput
 from ledger._registry import NodeRegistry
@@ -69,7 +73,7 @@ MAX_BACKOFF_S = 4.0
 #: Seconds a writer waits for another process's write lock before failing.
 LOCK_TIMEOUT_S = 30.0
 #: Bumped when a table's columns or an encoding change: an older index is dropped and rebuilt from the chain.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _T = TypeVar("_T")
 #: One advisory lock for every indexer writing to a PostgreSQL database (schema creation included); writes are short.
@@ -128,6 +132,12 @@ class NodeRow(SQLModel, table=True):
     jailed: bool = False
     registered_block: int
     updated_block: int
+    #: Reputation from the attestation contract, fixed-point (1e6 = 1.0); neutral until first rated.
+    reputation: int = NEUTRAL_REPUTATION
+    #: Failing epochs in a row up to the latest verdict.
+    failure_streak: int = 0
+    #: Epochs the attestation contract penalized the node for.
+    penalties: int = 0
 
 
 class StakeChangeRow(SQLModel, table=True):
@@ -166,6 +176,20 @@ class SlashRow(SQLModel, table=True):
     slasher: str
     amount: int = Field(sa_type=WeiAmount)
     remaining_stake: int = Field(sa_type=WeiAmount)
+    evidence_hash: str
+
+
+class AttestationRow(SQLModel, table=True):
+    """One verifier's attestation of a model node for an epoch."""
+
+    __tablename__ = "ledger_attestations"
+    source: str = Field(primary_key=True)
+    block_number: int = Field(primary_key=True)
+    log_index: int = Field(primary_key=True)
+    node: str = Field(index=True)
+    verifier: str
+    epoch: int
+    score: int
     evidence_hash: str
 
 
@@ -214,8 +238,17 @@ class SchemaRow(SQLModel, table=True):
 
 
 #: Tables holding one registry's data (all keyed by ``source``); details share the event's key.
-_DATA_TABLES: list[type[SQLModel]] = [NodeRow, StakeChangeRow, UnbondingRow, SlashRow, EventRow, BlockRow, CursorRow]
-_DETAIL_TABLES: list[type[SQLModel]] = [StakeChangeRow, UnbondingRow, SlashRow]
+_DATA_TABLES: list[type[SQLModel]] = [
+    NodeRow,
+    StakeChangeRow,
+    UnbondingRow,
+    SlashRow,
+    AttestationRow,
+    EventRow,
+    BlockRow,
+    CursorRow,
+]
+_DETAIL_TABLES: list[type[SQLModel]] = [StakeChangeRow, UnbondingRow, SlashRow, AttestationRow]
 _ALL_TABLES: list[type[SQLModel]] = [*_DATA_TABLES, SchemaRow]
 
 
@@ -263,6 +296,12 @@ class IndexedNode:
     unbonding_ends_at: int
     #: Jailed by a slash (not routable) until its operator's ``unjail``.
     jailed: bool = False
+    #: Reputation from the attestation contract, fixed-point (1e6 = 1.0; 500000 = neutral, never rated).
+    reputation: int = NEUTRAL_REPUTATION
+    #: Failing epochs in a row up to the latest verdict.
+    failure_streak: int = 0
+    #: Epochs the attestation contract penalized (slashed) the node for.
+    penalties: int = 0
 
 
 @dataclass(slots=True)
@@ -356,14 +395,22 @@ class Indexer:
             Role.RELAY: int(deployment.params.get("minimumStakeRelay", 0)),
             Role.VERIFIER: int(deployment.params.get("minimumStakeVerifier", 0)),
         }
-        contract = registry.contract
-        self._decoders: dict[bytes, tuple[str, Callable[[LogReceipt], EventData]]] = {}
-        for item in load_artifact("NodeRegistry").abi:
-            if item.get("type") == "event":
-                name = str(item["name"])
-                signature = f"{name}({','.join(str(p['type']) for p in item['inputs'])})"
-                topic = bytes(registry.w3.keccak(text=signature))
-                self._decoders[topic] = (name, contract.events[name]().process_log)
+        #: Contracts whose logs are read, and their decoders by (address, topic): strict per contract.
+        self._addresses: list[str] = [registry.address]
+        self._decoders: dict[tuple[str, bytes], tuple[str, Callable[[LogReceipt], EventData]]] = {}
+        sources = [("NodeRegistry", registry.address)]
+        if deployment.attestations_address is not None:
+            sources.append(("Attestations", deployment.attestations_address))
+            self._addresses.append(deployment.attestations_address)
+        for contract_name, address in sources:
+            abi = list(load_artifact(contract_name).abi)
+            contract = registry.w3.eth.contract(address=checksum(address), abi=abi)
+            for item in abi:
+                if item.get("type") == "event":
+                    name = str(item["name"])
+                    signature = f"{name}({','.join(str(p['type']) for p in item['inputs'])})"
+                    topic = bytes(registry.w3.keccak(text=signature))
+                    self._decoders[(checksum(address), topic)] = (name, contract.events[name]().process_log)
 
     def close(self) -> None:
         """Release database connections."""
@@ -443,7 +490,8 @@ class Indexer:
         if end_hash is None:
             raise _ChainMoved
         w3 = self._registry.w3
-        query = FilterParams(address=self._registry.address, fromBlock=start, toBlock=end)
+        addresses: Any = self._addresses if len(self._addresses) > 1 else self._addresses[0]
+        query = FilterParams(address=addresses, fromBlock=start, toBlock=end)
         logs = list(self._rpc("eth_getLogs", lambda: w3.eth.get_logs(query)))
         hashes = {end: end_hash}
         for step in range(CHECKPOINTS):
@@ -641,9 +689,10 @@ class Indexer:
 
     def _decode(self, log: LogReceipt) -> tuple[str, dict[str, Any]]:
         topics = log["topics"]
-        if not topics or bytes(topics[0]) not in self._decoders:
+        key = (checksum(log["address"]), bytes(topics[0]) if topics else b"")
+        if key not in self._decoders:
             raise IndexerError(f"unknown event topic in log {log['blockNumber']}:{log['logIndex']}")
-        name, process = self._decoders[bytes(topics[0])]
+        name, process = self._decoders[key]
         try:
             event = process(log)
         except (MismatchedABI, LogTopicError, ValueError) as exc:
@@ -668,7 +717,8 @@ class Indexer:
             return False
         name, args = self._decode(log)
         handler = getattr(self, f"_on_{name}", None)
-        operator = checksum(args["operator"]) if handler is not None and "operator" in args else None
+        subject = "operator" if "operator" in args else "node"  # registry events name it operator, attestations node
+        operator = checksum(args[subject]) if handler is not None and subject in args else None
         prior = None if operator is None else self._node_json(session.get(NodeRow, (self._key, operator)))
         session.add(
             EventRow(
@@ -797,6 +847,32 @@ class Indexer:
         row.status, row.unbonding_ends_at, row.stake, row.updated_block = "active", 0, int(a["stake"]), block
         session.add(row)
 
+    def _on_AttestationSubmitted(self, session: Session, block: int, index: int, a: dict[str, Any]) -> None:
+        self._node(session, a["node"])  # attested nodes are registered model nodes: strict
+        session.add(
+            AttestationRow(
+                source=self._key,
+                block_number=block,
+                log_index=index,
+                node=checksum(a["node"]),
+                verifier=checksum(a["verifier"]),
+                epoch=int(a["epoch"]),
+                score=int(a["score"]),
+                evidence_hash=bytes(a["evidenceHash"]).hex(),
+            )
+        )
+
+    def _on_ReputationUpdated(self, session: Session, block: int, index: int, a: dict[str, Any]) -> None:
+        row = self._node(session, a["node"])
+        row.reputation, row.failure_streak = int(a["newReputation"]), int(a["failureStreak"])
+        row.updated_block = block
+        session.add(row)
+
+    def _on_NodePenalized(self, session: Session, block: int, index: int, a: dict[str, Any]) -> None:
+        row = self._node(session, a["node"])
+        row.penalties, row.updated_block = row.penalties + 1, block
+        session.add(row)
+
     # -- queries -----------------------------------------------------------------------------------------------
 
     def nodes(self, *, include_deregistered: bool = False) -> list[IndexedNode]:
@@ -833,6 +909,15 @@ class Indexer:
             rows = sorted(session.exec(query).all(), key=lambda r: (r.block_number, r.log_index))
         return [(r.kind, int(r.delta), int(r.new_stake)) for r in rows]
 
+    def attestations(self, node: str) -> list[tuple[int, str, int, str]]:
+        """``(epoch, verifier, score, evidence_hash_hex)`` of every attestation of ``node``, in chain order."""
+        with Session(self._engine) as session:
+            query = select(AttestationRow).where(
+                col(AttestationRow.source) == self._key, col(AttestationRow.node) == checksum(node)
+            )
+            rows = sorted(session.exec(query).all(), key=lambda r: (r.block_number, r.log_index))
+        return [(r.epoch, r.verifier, r.score, r.evidence_hash) for r in rows]
+
     def event_count(self) -> int:
         """How many logs have been applied."""
         with Session(self._engine) as session:
@@ -859,4 +944,7 @@ class Indexer:
             active=row.status == "active" and not row.jailed and stake >= self._minimums[role],
             unbonding_ends_at=row.unbonding_ends_at,
             jailed=row.jailed,
+            reputation=row.reputation,
+            failure_streak=row.failure_streak,
+            penalties=row.penalties,
         )

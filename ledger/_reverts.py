@@ -478,6 +478,152 @@ _PAYMENT_CHANNEL_REVERTS: tuple[type[ContractRevert], ...] = (
 )
 
 
+# -- Attestations (engineer H9's block: contracts/Attestations.sol) ---------------------------------------------
+
+
+class AttestationsNotVerifier(ContractRevert):
+    """The caller has no verifier node in the registry."""
+
+    error_name = "AttestationsNotVerifier"
+    account: ChecksumAddress
+
+
+class AttestationsVerifierInactive(ContractRevert):
+    """The caller's verifier node is unbonding, jailed or below the minimum stake."""
+
+    error_name = "AttestationsVerifierInactive"
+    verifier: ChecksumAddress
+
+
+class AttestationsNotModelNode(ContractRevert):
+    """The attested address is not a registered model node."""
+
+    error_name = "AttestationsNotModelNode"
+    node: ChecksumAddress
+
+
+class AttestationsScoreOutOfRange(ContractRevert):
+    """The score exceeds ``maximum`` (the fixed-point scale, 1e6 = 1.0)."""
+
+    error_name = "AttestationsScoreOutOfRange"
+    score: int
+    maximum: int
+
+
+class AttestationsMissingEvidence(ContractRevert):
+    """The evidence hash is zero."""
+
+    error_name = "AttestationsMissingEvidence"
+    verifier: ChecksumAddress
+    node: ChecksumAddress
+    epoch: int
+
+
+class AttestationsFutureEpoch(ContractRevert):
+    """The attested epoch has not started yet."""
+
+    error_name = "AttestationsFutureEpoch"
+    epoch: int
+    currentEpoch: int
+
+
+class AttestationsEpochTooOld(ContractRevert):
+    """The attested epoch is more than ``maxAge`` epochs before the current one."""
+
+    error_name = "AttestationsEpochTooOld"
+    epoch: int
+    currentEpoch: int
+    maxAge: int
+
+
+class AttestationsAlreadyAttested(ContractRevert):
+    """The verifier already attested this node for this epoch."""
+
+    error_name = "AttestationsAlreadyAttested"
+    verifier: ChecksumAddress
+    node: ChecksumAddress
+    epoch: int
+
+
+class AttestationsEpochFinalized(ContractRevert):
+    """The node's epoch already reached quorum with ``median``; later attestations are refused."""
+
+    error_name = "AttestationsEpochFinalized"
+    node: ChecksumAddress
+    epoch: int
+    median: int
+
+
+class AttestationsInvalidContracts(ContractRevert):
+    """A constructor argument is unusable: a zero registry or payment contract."""
+
+    error_name = "AttestationsInvalidContracts"
+    registry: ChecksumAddress
+    payments: ChecksumAddress
+
+
+class AttestationsInvalidEpochLength(ContractRevert):
+    """A constructor argument is unusable: the epoch length (s) is outside [minimum, maximum]."""
+
+    error_name = "AttestationsInvalidEpochLength"
+    epochLength: int
+    minimum: int
+    maximum: int
+
+
+class AttestationsInvalidEpochStart(ContractRevert):
+    """A constructor argument is unusable: epoch 0 starts (unix s) after the deployment block."""
+
+    error_name = "AttestationsInvalidEpochStart"
+    epochStart: int
+    currentTime: int
+
+
+class AttestationsInvalidCommitteeSize(ContractRevert):
+    """A constructor argument is unusable: the committee size is outside [1, maximum]."""
+
+    error_name = "AttestationsInvalidCommitteeSize"
+    committeeSize: int
+    maximum: int
+
+
+class AttestationsInvalidThreshold(ContractRevert):
+    """A constructor argument is unusable: the score threshold exceeds the fixed-point scale."""
+
+    error_name = "AttestationsInvalidThreshold"
+    scoreThreshold: int
+    scale: int
+
+
+class AttestationsInvalidSlashFraction(ContractRevert):
+    """A constructor argument is unusable: a stake fraction outside [1, scale] or an earnings one above scale."""
+
+    error_name = "AttestationsInvalidSlashFraction"
+    stakeSlashFraction: int
+    earningsSlashFraction: int
+    scale: int
+
+
+#: H9's Attestations errors, registered below with the rest.
+_ATTESTATION_REVERTS: tuple[type[ContractRevert], ...] = (
+    AttestationsNotVerifier,
+    AttestationsVerifierInactive,
+    AttestationsNotModelNode,
+    AttestationsScoreOutOfRange,
+    AttestationsMissingEvidence,
+    AttestationsFutureEpoch,
+    AttestationsEpochTooOld,
+    AttestationsAlreadyAttested,
+    AttestationsEpochFinalized,
+    AttestationsInvalidContracts,
+    AttestationsInvalidEpochLength,
+    AttestationsInvalidEpochStart,
+    AttestationsInvalidCommitteeSize,
+    AttestationsInvalidThreshold,
+    AttestationsInvalidSlashFraction,
+)
+
+
 #: Every decodable error class, by Solidity name.
 REVERT_CLASSES: dict[str, type[ContractRevert]] = {
     cls.error_name: cls
@@ -513,6 +659,7 @@ REVERT_CLASSES: dict[str, type[ContractRevert]] = {
     )
 }
 REVERT_CLASSES.update({cls.error_name: cls for cls in _PAYMENT_CHANNEL_REVERTS})
+REVERT_CLASSES.update({cls.error_name: cls for cls in _ATTESTATION_REVERTS})
 
 
 def _abi_type(param: Mapping[str, Any]) -> str:
