@@ -29,7 +29,7 @@ from node.privacy import (
     open_reply,
     split,
 )
-from node.privacy._constants import FRAME_LEN_BYTES, REPLY_CHUNK_LEN
+from node.privacy._constants import EXPIRY_GRANULARITY, FRAME_LEN_BYTES, MAX_TTL
 from node.privacy._reply import (
     FrameReader,
     check_frame_len,
@@ -37,6 +37,7 @@ from node.privacy._reply import (
     reply_link_key,
     strip_reply_layers,
 )
+from node.privacy._sizeclass import size_class
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,13 @@ class ClientSettings:
     k: int = 3
     """Cloves that rebuild a request, 2..n."""
     ttl_s: int = 60
-    """Packet lifetime in seconds (1..120): relays drop it afterwards."""
+    """Longest packet lifetime in seconds (1..120): relays drop a packet afterwards."""
+    ttl_jitter_s: int = 2 * EXPIRY_GRANULARITY
+    """§6.3: each path's lifetime is drawn uniformly from ``ttl_s - ttl_jitter_s .. ttl_s`` seconds (0..ttl_s-1), so
+    the paths of one request do not share one expiry."""
+    size_classes: bool = True
+    """§6.3: pad every clove's onion payload to the smallest request size class (1, 4, 16, 64, 128 KiB) that holds
+    it, so the packets show a request's class, not its length. False: the smallest multiple of 256 bytes."""
     connect_timeout_s: float = 10.0
     """Seconds to connect to a first hop."""
     headers_timeout_s: float = 45.0
@@ -78,6 +85,10 @@ class ClientSettings:
     def __post_init__(self) -> None:
         if not (2 <= self.k <= self.n <= 16):
             raise InvalidPrivacyParam("n,k", (self.n, self.k), "2 <= k <= n <= 16")
+        if not (1 <= self.ttl_s <= MAX_TTL):
+            raise InvalidPrivacyParam("ttl_s", self.ttl_s, f"1..{MAX_TTL} seconds")
+        if not (0 <= self.ttl_jitter_s < self.ttl_s):
+            raise InvalidPrivacyParam("ttl_jitter_s", self.ttl_jitter_s, f"0..{self.ttl_s - 1} seconds")
         if not (0 <= self.drain_grace_s <= 60):
             raise InvalidPrivacyParam("drain_grace_s", self.drain_grace_s, "0..60 seconds")
         if not (0 <= self.evidence_window_s <= 10):
@@ -159,10 +170,10 @@ async def _read_path(
             started = True
             first_hop_failed = False
             index = 0
-            # §6.2: frames from the first hop carry its link tag (a direct path's first hop is the destination, whose
-            # link key only the onion's exit keys give: its frames are then checked end to end only). Path i carries
-            # clove i + 1 (split numbers cloves 1..n in order), which keys the destination's layer on it.
-            reader = FrameReader(reply_link_key(built.relay_reply_keys[0])) if built.relay_reply_keys else None
+            # §6.2: frames from the first hop carry its link tag, keyed by hop 0's k_reply (on a direct path hop 0 is
+            # the destination). Path i carries clove i + 1 (split numbers cloves 1..n in order), which keys the
+            # destination's layer on it.
+            reader = FrameReader(reply_link_key(built.reply_keys[0]))
             layer_keys = (*built.relay_reply_keys, destination_layer_key(reply_key, index_of_path + 1))
             poisoned = False
             while True:
@@ -172,7 +183,7 @@ async def _read_path(
                     except asyncio.IncompleteReadError:
                         return
                     body = await response.content.readexactly(check_frame_len(prefix))
-                layered = reader.open(body) if reader else body[:REPLY_CHUNK_LEN]
+                layered = reader.open(body)
                 index += 1
                 if poisoned:
                     continue
@@ -228,8 +239,16 @@ async def send_request(
     reply_key = secrets.token_bytes(32)
     cloves = split(Envelope(reply_key=reply_key, body=body).to_bytes(), settings.n, settings.k)
     assert [c.index for c in cloves] == list(range(1, settings.n + 1))  # path i carries clove i + 1 (§6.2)
+    # §6.3: one size class for the whole request (every clove has the same length) and a lifetime drawn per path.
+    clove_len = len(cloves[0].to_bytes())
+    payload_len = size_class(clove_len) if settings.size_classes else None
     onions = [
-        build_onion([*(r.hop() for r in path), destination.hop()], clove.to_bytes(), ttl=settings.ttl_s)
+        build_onion(
+            [*(r.hop() for r in path), destination.hop()],
+            clove.to_bytes(),
+            ttl=settings.ttl_s - secrets.randbelow(settings.ttl_jitter_s + 1),
+            payload_len=payload_len,
+        )
         for path, clove in zip(paths, cloves, strict=True)
     ]
     first_endpoints = [path[0].endpoint if path else destination.endpoint for path in paths]

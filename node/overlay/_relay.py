@@ -15,7 +15,7 @@ from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
 from node.overlay._peers import PeerDirectory
 from node.privacy import MalformedPacket, PeeledForward, RejectReason, ReplayCache
-from node.privacy._constants import FRAME_LEN_BYTES, REPLY_CHUNK_LEN
+from node.privacy._constants import FRAME_LEN_BYTES
 from node.privacy._reply import FrameReader, FrameWriter, check_frame_len
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,9 @@ async def forward(
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
         await response.prepare(request)
         index = 0
-        # §6.2: check each frame's link tag under the key the sender put in this hop's slot (once the slot carries
-        # it), then add this hop's layer and tag it for the previous hop. Lengths are checked either way.
-        next_link_key: bytes | None = getattr(peeled, "next_link_key", None)
-        reader = FrameReader(next_link_key) if next_link_key else None
+        # §6.2: check each frame's link tag under the key the sender put in this hop's slot before passing anything
+        # on, then add this hop's layer and tag it for the previous hop.
+        reader = FrameReader(peeled.next_link_key)
         writer = FrameWriter.for_hop(peeled.keys.reply)
         try:
             async with asyncio.timeout(config.circuit_lifetime_s):
@@ -97,7 +96,7 @@ async def forward(
                             break
                         length = check_frame_len(prefix)
                         body = await upstream.content.readexactly(length)
-                    await response.write(writer.seal(reader.open(body) if reader else body[:REPLY_CHUNK_LEN]))
+                    await response.write(writer.seal(reader.open(body)))
                     index += 1
         except (
             MalformedPacket,
