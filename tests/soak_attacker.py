@@ -68,6 +68,7 @@ class Attack:
         host, port = self.relay_endpoint.removeprefix("http://").split(":")
         self.host, self.port = host, int(port)
         self._runner: web.AppRunner | None = None
+        self.evil_key = public_key(secrets.token_bytes(32))
 
     def _count(self, status: int | str) -> None:
         self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
@@ -178,13 +179,9 @@ class Attack:
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
-    async def trickle(self, session: aiohttp.ClientSession, endpoint: str) -> None:
-        fields: dict[str, Any] = {"public_key": public_key(secrets.token_bytes(32))}
-        if "address" in Hop.__dataclass_fields__:
-            fields["address"] = endpoint
-        else:  # registry ids: the test registers EVIL_NODE_ID at this process's endpoint in the relay's directory
-            fields["node_id"] = EVIL_NODE_ID
-        evil = Hop(**fields)
+    async def trickle(self, session: aiohttp.ClientSession) -> None:
+        # The test registers EVIL_NODE_ID at this process's endpoint in the relay's view of the registry.
+        evil = Hop(node_id=EVIL_NODE_ID, public_key=self.evil_key)
 
         def packets() -> Any:
             while True:
@@ -197,7 +194,8 @@ class Attack:
         endpoint = await self.start_next_hop() if self.kind == "trickle" else ""
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                print(json.dumps({"ready": True, "next_hop": endpoint}), flush=True)
+                ready = {"ready": True, "next_hop": endpoint, "next_hop_key": self.evil_key.hex()}
+                print(json.dumps(ready), flush=True)
                 if self.kind == "junk":
                     await self.junk(session)
                 elif self.kind == "replay":
@@ -207,7 +205,7 @@ class Attack:
                 elif self.kind == "slow_body":
                     await self.slow_body()
                 elif self.kind == "trickle":
-                    await self.trickle(session, endpoint)
+                    await self.trickle(session)
                 elif self.kind == "lone_cloves":
                     await self.lone_cloves(session)
                 else:

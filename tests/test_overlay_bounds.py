@@ -17,6 +17,7 @@ from node.overlay import CompletionRequest, OverlayConfig, complete, keys, send_
 from node.overlay import _receiver as receiver_module
 from node.overlay._completion import completion_handler
 from node.overlay._localnet import LocalNetwork, LocalNode, serve_ephemeral, start_node
+from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._receiver import MAX_COMBINE_ATTEMPTS, CloveReceiver
 from node.privacy import Clove, Envelope, Hop, build_onion, combine, public_key, split
 from node.privacy._constants import FRAME_LEN_BYTES, REPLY_FRAME_BODY
@@ -64,9 +65,11 @@ async def test_a_next_hop_that_trickles_bytes_after_200_frees_the_relay_slot_wit
     app.router.add_post(ONION, trickle)
     runner, endpoint = await serve_ephemeral(app)
     config = OverlayConfig(x25519_secret=secrets.token_bytes(32), idle_timeout_s=0.5, circuit_lifetime_s=60)
-    relay = await start_node("relay", config)
+    # The trickler is a registered node (in the relay's view of the registry): relays dial no one else.
+    hop = Hop(node_id=secrets.token_bytes(20), public_key=public_key(secrets.token_bytes(32)))
+    peers = StaticPeerDirectory([Peer(node_id=hop.node_id, endpoint=endpoint, public_key=hop.public_key)])
+    relay = await start_node("relay", config, peers=peers)
     try:
-        hop = Hop(address=endpoint, public_key=public_key(secrets.token_bytes(32)))
         packet = build_onion([relay.hop(), hop], b"clove").packet
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession() as session, session.post(relay.endpoint + ONION, data=packet) as response:

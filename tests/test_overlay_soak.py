@@ -23,7 +23,8 @@ import pytest
 
 from node.overlay import OverlayConfig, send_request
 from node.overlay._localnet import LocalNetwork
-from tests.soak_attacker import hop_to_json
+from node.overlay._peers import Peer
+from tests.soak_attacker import EVIL_NODE_ID, hop_to_json
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ async def _attack(kind: str, net: LocalNetwork, seconds: float) -> dict[str, Any
         "seconds": seconds,
         "relay": hop_to_json(net.relay_nodes[0].hop()),
         "relay_endpoint": net.relay_nodes[0].endpoint,
-        "model": hop_to_json(net.destination),
+        "model": hop_to_json(net.destination.hop()),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -84,6 +85,11 @@ async def _attack(kind: str, net: LocalNetwork, seconds: float) -> dict[str, Any
         async with asyncio.timeout(30):
             ready = json.loads(await proc.stdout.readline())
         assert ready["ready"]
+        if ready["next_hop"]:  # the attacker's own node: registered, so the relay may dial it
+            evil = Peer(
+                node_id=EVIL_NODE_ID, endpoint=ready["next_hop"], public_key=bytes.fromhex(ready["next_hop_key"])
+            )
+            net.peers.add(evil)
         return {"proc": proc, "ready": ready}
     except BaseException:
         proc.kill()
