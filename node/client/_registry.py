@@ -1,0 +1,53 @@
+"""Where a client's directory comes from: the on-chain registry, read through the ledger's event indexer.
+
+The indexer is synchronous (web3.py); its sync runs in a worker thread so the client's event loop keeps streaming
+replies while the registry is read. Each sync is incremental and reorg-safe (``ledger.Indexer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.overlay import Directory
+
+if TYPE_CHECKING:
+    from ledger import Indexer
+
+
+class RegistryDirectory:
+    """A :data:`~node.client.DirectorySource` over the registry at ``rpc_url`` (index kept in ``db_url``)."""
+
+    def __init__(self, rpc_url: str, *, deployment: Path | None = None, db_url: str = "sqlite://") -> None:
+        self.rpc_url = rpc_url
+        self.deployment = deployment
+        self.db_url = db_url
+        self._indexer: Indexer | None = None
+        self._lock = asyncio.Lock()
+
+    def _open(self) -> Indexer:
+        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when used
+
+        if self._indexer is None:
+            path = self.deployment
+            if path is None:
+                path = default_deployment_path(connect(self.rpc_url).eth.chain_id)
+            deployment, registry = open_registry(self.rpc_url, path)
+            self._indexer = Indexer(registry, deployment, self.db_url)
+        return self._indexer
+
+    def _read(self) -> Directory:
+        indexer = self._open()
+        indexer.sync()
+        return Directory.from_registry(indexer.nodes())
+
+    async def __call__(self) -> Directory:
+        async with self._lock:
+            return await asyncio.to_thread(self._read)
+
+    def close(self) -> None:
+        """Close the index database."""
+        if self._indexer is not None:
+            self._indexer.close()
+            self._indexer = None
