@@ -130,8 +130,13 @@ def build(
     ephemeral_secrets: Sequence[bytes],
     randbytes: Callable[[int], bytes],
     payload_len: int | None = None,
+    raw_slots: Mapping[int, bytes] | None = None,
 ) -> Built:
-    """§5.5 for ``path`` = ``[(node_id, pk), ...]`` (relays, then the destination)."""
+    """§5.5 for ``path`` = ``[(node_id, pk), ...]`` (relays, then the destination).
+
+    ``raw_slots`` replaces the decrypted slot of the given hops by hand-made 128-byte strings (abuse tests: a packet
+    whose MACs are right but whose slot a correct writer would never produce).
+    """
     m = len(path)
     assert 1 <= m <= MAX_HOPS and 1 <= ttl <= MAX_TTL and len(ephemeral_secrets) == m
     expiry = math.ceil((now + ttl) / EXPIRY_GRANULARITY) * EXPIRY_GRANULARITY
@@ -154,7 +159,7 @@ def build(
 
     exit_slot = bytes([EXIT]) + exp + bytes(123)
     tail = randbytes(ROUTING_LEN - m * SLOT_LEN)
-    head = exit_slot + tail
+    head = (raw_slots or {}).get(m - 1, exit_slot) + tail
     routing = xor(head, streams[m - 1][: ROUTING_LEN - (m - 1) * SLOT_LEN]) + phi
     tag = hmac_i = b""
     for i in range(m - 1, -1, -1):
@@ -170,6 +175,7 @@ def build(
                 + keys[i + 1].link_key
                 + bytes(15)
             )
+            slot = (raw_slots or {}).get(i, slot)
             assert len(slot) == SLOT_LEN
             routing = xor(slot + routing[: ROUTING_LEN - SLOT_LEN], streams[i][:ROUTING_LEN])
         sealed = AESGCM(keys[i].k_gcm).encrypt(bytes(12), inner, prefix + plen)
