@@ -22,7 +22,7 @@ from cli._errors import PortInUse
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
 from cli._output import emit, info
-from node import NodeIdentity
+from node import NodeIdentity, OnionKeyStore
 from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
 
 app = new_app("Serve the overlay.")
@@ -81,6 +81,7 @@ def serve(
         x25519_secret=identity.private_key,
         role="model" if role == "model" else "relay",
         replay_journal=state / "replay.journal",
+        onion_keyring=OnionKeyStore(state).keyring(),  # reloaded every 2 s: `ps-node keys rotate` needs no restart
     )
     peers = registry_peer_directory(
         rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
@@ -92,7 +93,9 @@ def serve(
         engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
         loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
-        application = create_model_app(config, loaded, peers=peers)
+        heartbeat = _heartbeat_publisher(loaded)
+        ready["heartbeats"] = heartbeat is not None
+        application = create_model_app(config, loaded, peers=peers, heartbeat=heartbeat)
     else:
         application = create_app(config, peers=peers)
         application.cleanup_ctx.append(peers.cleanup_ctx())
@@ -120,6 +123,26 @@ def serve(
             raise InvalidParams(param="host", value=host, reason="not an address of this machine") from exc
         raise
     info("stopped")
+
+
+def _heartbeat_publisher(engine: Any) -> Any:
+    """The model node's signed heartbeats, when the operator key is in the environment (``PS_PRIVATE_KEY`` or
+    ``--keystore`` via ``ps-node``'s usual rules); without it the node serves but clients see no load or cache."""
+    from node.inference._prefix import chunk_hashes
+    from node.overlay._heartbeat import HeartbeatPublisher
+
+    if not os.environ.get("PS_PRIVATE_KEY"):
+        info("no PS_PRIVATE_KEY: this model node publishes no heartbeats (clients route to it blind)")
+        return None
+    from cli._node_chain import load_operator
+
+    tokenize = getattr(engine, "tokenize", None)
+    return HeartbeatPublisher(
+        account=load_operator(None),
+        model_id=engine.model_id,
+        stats=engine.stats,
+        prefix_hashes=(lambda prompt: chunk_hashes(tokenize(prompt))) if callable(tokenize) else None,
+    )
 
 
 def _port_free(host: str, port: int) -> bool:

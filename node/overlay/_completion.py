@@ -14,8 +14,9 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from node.inference import (
     Engine,
     EngineOverloaded,
+    GenerationChunk,
     GenerationRequest,
     InferenceError,
     InvalidParams,
@@ -150,8 +152,31 @@ def _first_error(exc: ValidationError) -> tuple[str | None, str]:
     return loc, str(first["msg"])
 
 
-def completion_handler(engine: Engine) -> ReplyHandler:
-    """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``)."""
+class RequestObserver(Protocol):
+    """Sees each served request's shape (never its text beyond ``started``'s prompt, which stays in the node):
+    the heartbeat publisher (TTFT, prefix counts), metrics, the per-request log line."""
+
+    def started(self, prompt: str) -> None:
+        """A valid request for this node's model is about to be generated."""
+        ...
+
+    def first_token(self, seconds: float) -> None:
+        """Its first delta left ``seconds`` after it started."""
+        ...
+
+    def finished(
+        self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int, finish_reason: str, seconds: float
+    ) -> None:
+        """It ended (``finish_reason`` is ``stop``, ``length``, ``abort`` or an error code)."""
+        ...
+
+
+def completion_handler(engine: Engine, *, observers: Sequence[RequestObserver] = ()) -> ReplyHandler:
+    """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``).
+
+    Each request ends with one log line at INFO: its random id, token counts, cache hits, finish reason and timings,
+    never prompt or answer text.
+    """
 
     async def handle(body: bytes) -> AsyncIterator[bytes]:
         try:
@@ -165,13 +190,24 @@ def completion_handler(engine: Engine) -> ReplyHandler:
             return
         request_id = secrets.token_hex(8)
         started = finished = False
+        begun = time.monotonic()
+        outcome = "abort"
+        last: GenerationChunk | None = None
+        for observer in observers:
+            observer.started(request.prompt)
         try:
             generation = GenerationRequest(request_id=request_id, prompt=request.prompt, params=request.sampling())
             stream = engine.generate(generation)
             started = True
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
+                    if last is None:
+                        for observer in observers:
+                            observer.first_token(time.monotonic() - begun)
+                    last = chunk
                     finished = chunk.finish_reason is not None
+                    if chunk.finish_reason is not None:
+                        outcome = chunk.finish_reason
                     yield _line(
                         CompletionDelta(
                             text=chunk.text,
@@ -183,12 +219,15 @@ def completion_handler(engine: Engine) -> ReplyHandler:
                         )
                     )
         except EngineOverloaded:
+            outcome = "overloaded"
             yield _error_line("overloaded", "the model node is at capacity; retry later or elsewhere")
         except InvalidParams as exc:
             # About the request (a range, a prompt over the context): safe and useful to report; values are redacted.
+            outcome = exc.code
             yield _error_line(exc.code, str(exc), exc.param)
         except InferenceError as exc:
             # About the node (closed, stalled): the code is enough, the details stay in the node's own logs.
+            outcome = exc.code
             log.warning("completion failed: %s", exc.code)
             yield _error_line(exc.code, "the model node could not serve the request")
         finally:
@@ -196,6 +235,23 @@ def completion_handler(engine: Engine) -> ReplyHandler:
                 # Closed before the last chunk: the receiver cancelled the reply because every path of the request
                 # is gone (or it failed). Tell the engine through its protocol, whatever the engine does on close.
                 await engine.abort(request_id)
+            seconds = time.monotonic() - begun
+            counts = {
+                "prompt_tokens": last.prompt_tokens if last else 0,
+                "completion_tokens": last.completion_tokens if last else 0,
+                "cached_tokens": last.cached_tokens if last else 0,
+            }
+            for observer in observers:
+                observer.finished(**counts, finish_reason=outcome, seconds=seconds)
+            log.info(
+                "request %s: %s, %d prompt tokens (%d cached), %d generated, %.0f ms",
+                request_id,
+                outcome,
+                counts["prompt_tokens"],
+                counts["cached_tokens"],
+                counts["completion_tokens"],
+                seconds * 1000,
+            )
 
     return handle
 

@@ -14,16 +14,18 @@ hashes locally, salt them with the advertised salt and test membership; nothing 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.inference import EngineStats
@@ -301,6 +303,8 @@ class HeartbeatPublisher:
         builder: CacheSummaryBuilder | None = None,
         state: HeartbeatState | None = None,
         interval_s: float = 0.5,
+        prefix_hashes: Callable[[str], Sequence[bytes]] | None = None,
+        max_pending: int = 8,
     ) -> None:
         self._account = account
         self.operator = str(account.address)  # type: ignore[attr-defined]
@@ -312,6 +316,32 @@ class HeartbeatPublisher:
         self._seq = 0
         self._current: SignedHeartbeat | None = None
         self._issued_at = 0.0
+        self._prefix_hashes = prefix_hashes
+        self._pending: set[asyncio.Future[Sequence[bytes]]] = set()
+        self._max_pending = max_pending
+
+    # RequestObserver (node.overlay._completion): what the node's request handling tells the publisher.
+    def started(self, prompt: str) -> None:
+        """Count the prompt's prefix chunks (tokenized in a worker thread; skipped when ``max_pending`` are queued:
+        the counts are a threshold, not an audit)."""
+        if self._prefix_hashes is None or len(self._pending) >= self._max_pending:
+            return
+        future = asyncio.get_running_loop().run_in_executor(None, self._prefix_hashes, prompt)
+        self._pending.add(future)
+        future.add_done_callback(self._observed)
+
+    def _observed(self, future: asyncio.Future[Sequence[bytes]]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            self.builder.observe(future.result())
+
+    def first_token(self, seconds: float) -> None:
+        self.state.record_ttft(seconds)
+
+    def finished(
+        self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int, finish_reason: str, seconds: float
+    ) -> None:
+        return None
 
     def current(self, *, now: float | None = None) -> SignedHeartbeat:
         """The latest heartbeat, re-issued when older than ``interval_s``."""
@@ -333,3 +363,12 @@ class HeartbeatPublisher:
             self._current = sign_heartbeat(heartbeat, self._account)
             self._issued_at = now
         return self._current
+
+
+def heartbeat_route(publisher: HeartbeatPublisher) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The ``GET /overlay/v1/heartbeat`` handler serving ``publisher``'s latest signed heartbeat."""
+
+    async def handle(_request: web.Request) -> web.Response:
+        return web.Response(body=publisher.current().model_dump_json().encode(), content_type="application/json")
+
+    return handle

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,8 +14,9 @@ from aiohttp import web
 from node.inference import Engine
 from node.overlay import keys
 from node.overlay._app import create_app
-from node.overlay._completion import completion_handler
+from node.overlay._completion import RequestObserver, completion_handler
 from node.overlay._config import OverlayConfig
+from node.overlay._heartbeat import HEARTBEAT_PATH, HeartbeatPublisher, heartbeat_route
 from node.overlay._peers import RegistryPeerDirectory
 
 if TYPE_CHECKING:
@@ -51,15 +52,27 @@ def registry_peer_directory(
 
 
 def create_model_app(
-    config: OverlayConfig, engine: Engine, *, peers: RegistryPeerDirectory | None = None
+    config: OverlayConfig,
+    engine: Engine,
+    *,
+    peers: RegistryPeerDirectory | None = None,
+    heartbeat: HeartbeatPublisher | None = None,
+    observers: Sequence[RequestObserver] = (),
 ) -> web.Application:
-    """A model node: the overlay serving completions from ``engine``, which it closes on shutdown."""
+    """A model node: the overlay serving completions from ``engine``, which it closes on shutdown.
+
+    With ``heartbeat``, the node serves its signed heartbeat at ``GET /overlay/v1/heartbeat`` and feeds it the TTFT
+    and prefix counts of every request it serves.
+    """
 
     async def engine_ctx(_app: web.Application) -> AsyncIterator[None]:
         yield
         await engine.close()
 
-    app = create_app(config, completion_handler(engine), peers=peers)
+    watchers = [*observers, *([heartbeat] if heartbeat is not None else [])]
+    app = create_app(config, completion_handler(engine, observers=watchers), peers=peers)
+    if heartbeat is not None:
+        app[keys.OVERLAY_APP].router.add_get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat))
     if peers is not None:
         app.cleanup_ctx.append(peers.cleanup_ctx())
     app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
