@@ -122,21 +122,24 @@ class Directory:
         hops: int,
         avoid_relays: Iterable[str] = (),
         avoid_model_nodes: Iterable[str] = (),
+        destination: ModelNode | None = None,
     ) -> Route:
         """A model node for ``model_id`` and ``n`` relay paths of ``hops`` relays to it.
 
-        The model node is drawn uniformly among the cheapest tenth of the candidates (at least one): price is the only
-        signal the registry gives a client on its own. Load- and cache-aware forwarding refines this choice with
-        heartbeats; relay paths avoid the model node's own operator. ``avoid_relays`` (``node_id``) and
-        ``avoid_model_nodes`` (operators; ignored when no other node serves the model) are suspects from a failed try.
+        ``destination`` is the model node the client's forwarding policy chose (``node.client``). Without one, the
+        model node is drawn uniformly among the cheapest tenth of the candidates (at least one): price is the only
+        signal the registry gives on its own. Relay paths avoid the model node's own operator. ``avoid_relays``
+        (``node_id``) and ``avoid_model_nodes`` (operators; ignored when no other node serves the model) are suspects
+        from a failed try.
         """
-        candidates = sorted(self.serving(model_id), key=lambda m: m.price_per_1k_tokens)
-        if not candidates:
-            raise NoModelNode(model_id)
-        avoided = set(avoid_model_nodes)
-        candidates = [m for m in candidates if m.operator not in avoided] or candidates
-        cheapest = candidates[: max(1, len(candidates) // 10)]
-        destination = cheapest[secrets.randbelow(len(cheapest))]
+        if destination is None:
+            candidates = sorted(self.serving(model_id), key=lambda m: m.price_per_1k_tokens)
+            if not candidates:
+                raise NoModelNode(model_id)
+            avoided = set(avoid_model_nodes)
+            candidates = [m for m in candidates if m.operator not in avoided] or candidates
+            cheapest = candidates[: max(1, len(candidates) // 10)]
+            destination = cheapest[secrets.randbelow(len(cheapest))]
         paths = select_paths(
             self.relays, n, hops, exclude_operators=(destination.operator,), exclude_nodes=avoid_relays
         )
