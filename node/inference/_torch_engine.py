@@ -478,7 +478,14 @@ class TorchEngine:
             raise
 
     def _step(self) -> None:
-        """One scheduler step: all decodes, then prefill chunks within the token budget, admitting by free blocks."""
+        """One scheduler step under the token budget, admitting by free blocks.
+
+        Order: every decode (one token each); then *short* prefills (at most a quarter of the budget left to compute,
+        running or waiting), which may use half the budget while long prefills are pending; then long prefills,
+        running ones first, then waiting ones in :meth:`_waiting_order`. So a short prompt arriving behind a burst
+        of long ones gets its first token after about one step (vLLM's chunked prefill lets short prompts jump the
+        queue the same way), and the long ones still progress every step.
+        """
         with self._lock:
             running = list(self._running)
         live: list[_Seq] = []
@@ -489,36 +496,50 @@ class TorchEngine:
                 live.append(seq)
         decodes = [s for s in live if not s.prefilling]
         budget = self._config.max_batch_tokens - len(decodes)
+        short = self._config.max_batch_tokens // 4
         chunks: list[tuple[_Seq, int]] = []
-        for seq in live:
-            if seq.prefilling and budget > 0:
-                n = min(budget, len(seq.tokens) - seq.computed)
-                chunks.append((seq, n))
-                budget -= n
+        prefilling = [s for s in live if s.prefilling]
         with self._lock:
-            while budget > 0 and self._waiting and len(self._running) < self._config.max_running:
-                seq = self._pick_waiting()
-                if not self._admit(seq):
-                    break
-                n = min(budget, len(seq.tokens) - seq.computed)
-                chunks.append((seq, n))
-                budget -= n
+            order = self._waiting_order()
+            pending = [(s, len(s.tokens) - s.computed) for s in prefilling] + [(s, left) for s, left in order]
+            long_pending = any(left > short for _, left in pending)
+            short_budget = budget // 2 if long_pending else budget
+            spent = 0
+            blocked = False  # once one request cannot be admitted, none behind it is (no overtaking on memory)
+            for phase in ("short", "long"):
+                cap = short_budget if phase == "short" else budget
+                for seq, left in pending:
+                    if (left <= short) != (phase == "short") or spent >= cap:
+                        continue
+                    if not seq.admitted:
+                        if blocked or len(self._running) >= self._config.max_running or not self._admit(seq):
+                            blocked = True
+                            continue
+                        left = len(seq.tokens) - seq.computed
+                    n = min(left, cap - spent)
+                    chunks.append((seq, n))
+                    spent += n
         if decodes:
             self._decode(decodes)
         for seq, n in chunks:
             self._guarded(seq, functools.partial(self._prefill_chunk, n=n))
 
-    def _pick_waiting(self) -> _Seq:
-        """The next request to admit: the longest cached prefix first, FIFO among equals, the starving first."""
-        head = self._waiting[0]
-        if time.monotonic() - head.arrival > _FAIRNESS_S or not self._pool.reuse:
-            return head
-        best, best_hit = head, -1
-        for seq in self._waiting:
-            hit = len(self._pool.match(seq.prompt_hashes[: self._matchable(seq)]))
-            if hit > best_hit:
-                best, best_hit = seq, hit
-        return best
+    def _waiting_order(self) -> list[tuple[_Seq, int]]:
+        """Waiting requests with the tokens each has left to compute, in admission order; called under the lock.
+
+        Requests waiting longer than ``_FAIRNESS_S`` come first (oldest first); then the longest cached prefix first,
+        so requests sharing a prefix are admitted together while it is cached; FIFO among equals.
+        """
+        now = time.monotonic()
+        scored = []
+        for pos, seq in enumerate(self._waiting):
+            hit = len(self._pool.match(seq.prompt_hashes[: self._matchable(seq)])) if self._pool.reuse else 0
+            starving = now - seq.arrival > _FAIRNESS_S
+            scored.append(
+                (0 if starving else 1, 0 if starving else -hit, pos, seq, len(seq.tokens) - hit * CHUNK_TOKENS)
+            )
+        scored.sort(key=lambda row: row[:3])
+        return [(row[3], row[4]) for row in scored]
 
     @staticmethod
     def _matchable(seq: _Seq) -> int:
