@@ -115,6 +115,17 @@ def _fields(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
+def _completed(exc: BaseException) -> tuple[str, list[dict[str, Any]]]:
+    """Transactions of the same command that were mined before the error (``ChainError.completed``): a command
+    sending two must report the first even when the second fails."""
+    receipts = [r for r in getattr(exc, "completed", ()) if isinstance(getattr(r, "tx_hash", None), str)]
+    if not receipts:
+        return "", []
+    listed = [{"tx_hash": r.tx_hash, "events": list(getattr(r, "events", ()))} for r in receipts]
+    text = ", ".join(f"tx {r['tx_hash']} ({', '.join(r['events']) or 'no events'})" for r in listed)
+    return f"; mined before the error: {text}", listed
+
+
 def _fail(code: ExitCode, message: str, *, as_json: bool, kind: str, error_code: str, extra: dict[str, Any]) -> None:
     message = " ".join(message.split())
     if as_json:
@@ -184,13 +195,14 @@ def run(app: typer.Typer) -> Callable[[], None]:
         except PlanetServeError as exc:
             if debug:
                 raise
+            suffix, completed = _completed(exc)
             _fail(
                 exit_code_for(exc),
-                describe(exc),
+                describe(exc) + suffix,
                 as_json=as_json,
                 kind=type(exc).__name__,
                 error_code=exc.code,
-                extra=_fields(exc),
+                extra=_fields(exc) | ({"completed": completed} if completed else {}),
             )
         except typer.TyperException as exc:
             if debug:

@@ -1,4 +1,4 @@
-"""``ps-node register|stake add|unbond|withdraw|status|list``: the node's on-chain life.
+"""``ps-node register|update|stake add|unbond|rebond|unjail|deregister|withdraw|status|list``: the node's on-chain life.
 
 Secrets: the operator key comes from ``PS_PRIVATE_KEY`` or an encrypted ``--keystore`` (password from
 ``PS_KEYSTORE_PASSWORD`` or a prompt), never from a flag, and is never printed.
@@ -98,6 +98,82 @@ def open_chain(rpc_url: str, deployment: Path | None, account: LocalAccount | No
     return open_registry(rpc_url, deployment, account)
 
 
+def chain_now(registry: NodeRegistry) -> int:
+    """The chain's clock (latest block timestamp): what unbonding ends are measured against (``ps-chain advance``
+    moves it, the wall clock does not)."""
+    return int(registry.w3.eth.get_block("latest")["timestamp"])
+
+
+def _unbonding(ends_at: int, now: int) -> str:
+    from cli._durations import describe_time
+
+    if ends_at == 0:
+        return "not unbonding"
+    return (
+        f"unbonding ends {describe_time(ends_at, now)}"
+        if ends_at > now
+        else f"unbonding ended {describe_time(ends_at, now)}"
+    )
+
+
+#: Most bytes read from a node's ``/overlay/info`` answer (it is a few hundred).
+_MAX_INFO_BYTES = 16 * 1024
+
+
+def check_endpoint(endpoint: str, public_key: bytes, role: str, timeout_s: float = 5.0) -> None:
+    """Check that ``endpoint`` runs a PlanetServe node of ``role`` that accepts onion packets for ``public_key``.
+
+    Registering an endpoint that answers with another key (a wrong ``--state-dir``) or not at all would be accepted
+    on chain and fail later, as relays a client cannot reach. Redirects are not followed: the endpoint itself must
+    be the node.
+    """
+    import asyncio
+
+    import aiohttp
+
+    from cli._errors import EndpointKeyMismatch, EndpointUnreachable
+    from ledger import InvalidChainInput
+
+    if not endpoint.startswith(("http://", "https://")):
+        raise InvalidChainInput("endpoint", endpoint, "an http:// or https:// URL")
+    url = endpoint.rstrip("/") + "/overlay/info"
+
+    async def fetch() -> tuple[int, bytes]:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(url, allow_redirects=False) as response,
+        ):
+            return response.status, await response.content.read(_MAX_INFO_BYTES)
+
+    try:
+        status, body = asyncio.run(fetch())
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        raise EndpointUnreachable(endpoint=endpoint, detail=type(exc).__name__) from exc
+    if status != 200:
+        raise EndpointUnreachable(endpoint=endpoint, detail=f"HTTP {status} from /overlay/info")
+    try:
+        data = json.loads(body)
+        served = tuple(str(k).lower() for k in data["x25519_public_keys"])
+        served_role = str(data["role"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EndpointUnreachable(endpoint=endpoint, detail="its /overlay/info is not a PlanetServe node's") from exc
+    if served_role != role:
+        raise InvalidChainInput("role", role, f"{endpoint} runs a {served_role} node")
+    wanted = "0x" + public_key.hex()
+    if wanted not in served:
+        raise EndpointKeyMismatch(endpoint=endpoint, registering=wanted, served=served)
+
+
+CheckEndpoint = Annotated[
+    bool,
+    typer.Option(
+        "--check-endpoint/--no-check-endpoint",
+        envvar="PS_CHECK_ENDPOINT",
+        help="Check first that the endpoint answers and serves this node's onion key.",
+    ),
+]
+
+
 def _receipt_json(receipt: TxReceipt) -> dict[str, Any]:
     return {
         "tx_hash": receipt.tx_hash,
@@ -120,6 +196,7 @@ def _node_json(node: NodeInfo | IndexedNode) -> dict[str, Any]:
         "stake_wei": str(node.stake),
         "stake_eth": format_eth(node.stake),
         "active": node.active,
+        "jailed": getattr(node, "jailed", False),
         "unbonding_ends_at": node.unbonding_ends_at,
     }
 
@@ -133,13 +210,18 @@ def register(
         str | None, typer.Option("--model", envvar="PS_MODEL", help="NAME@REV served or verified (not for relays).")
     ] = None,
     price: Annotated[int, typer.Option("--price", envvar="PS_PRICE", min=0, help="Price in wei per 1000 tokens.")] = 0,
+    check: CheckEndpoint = True,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     keystore: Keystore = None,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register this node on chain with a stake; its X25519 key is created in the state directory on first use."""
+    """Register this node on chain with a stake; its X25519 key is created in the state directory on first use.
+
+    First (unless ``--no-check-endpoint``) the endpoint must answer and serve that key: start ``ps-node serve``
+    with the same ``--state-dir`` before registering. Verifiers serve no overlay and are not checked.
+    """
     from ledger import InvalidChainInput, Role, format_eth, model_id, parse_eth
 
     parsed_role = Role.parse(role)
@@ -157,6 +239,8 @@ def register(
             "stake", stake, f"below the {parsed_role.name.lower()} minimum of {format_eth(minimum)} ETH"
         )
     identity = NodeIdentity.load_or_create(state_dir_or_default(state_dir))
+    if check and parsed_role is not Role.VERIFIER:
+        check_endpoint(endpoint, identity.public_key, parsed_role.name.lower())
     info(f"registering {account.address} as {parsed_role.name.lower()} with {format_eth(wei)} ETH")
     receipt = registry.register(
         role=parsed_role,
@@ -206,7 +290,8 @@ def unbond(
     receipt = registry.request_unbond()
     node = registry.get_node(registry.account)
     ends = 0 if node is None else node.unbonding_ends_at
-    emit({"unbonding_ends_at": ends, **_receipt_json(receipt)}, as_json=as_json, title="unbonding")
+    result = {"unbonding_ends_at": ends, "unbonding": _unbonding(ends, chain_now(registry)), **_receipt_json(receipt)}
+    emit(result, as_json=as_json, title="unbonding")
 
 
 @app.command()
@@ -220,20 +305,110 @@ def withdraw(
     from ledger import format_eth
 
     _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
-    receipts = []
-    if registry.get_node(registry.account) is not None:
-        receipts.append(registry.deregister())
-    pending = registry.pending_withdrawal(registry.account)
-    receipts.append(registry.withdraw())
+    # Two transactions when still registered: if the second fails, the error reports the first as mined.
+    done = registry.deregister_and_withdraw()
     emit(
         {
-            "withdrawn_wei": str(pending),
-            "withdrawn_eth": format_eth(pending),
-            "transactions": [_receipt_json(r) for r in receipts],
+            "withdrawn_wei": str(done.amount),
+            "withdrawn_eth": format_eth(done.amount),
+            "transactions": [_receipt_json(r) for r in done.receipts],
         },
         as_json=as_json,
         title="withdrawn",
     )
+
+
+@app.command()
+def update(
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", envvar="PS_ENDPOINT", help="New public URL (default: unchanged).")
+    ] = None,
+    price: Annotated[
+        int | None,
+        typer.Option(
+            "--price", envvar="PS_PRICE", min=0, help="New price in wei per 1000 tokens (default: unchanged)."
+        ),
+    ] = None,
+    check: CheckEndpoint = True,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change this node's endpoint or price on chain (its onion key is kept; `ps-node keys rotate` changes that)."""
+    from ledger import InvalidChainInput
+
+    if endpoint is None and price is None:
+        raise InvalidChainInput("update", None, "nothing to change: pass --endpoint and/or --price")
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    node = registry.get_node(registry.account)
+    if node is None:
+        raise InvalidChainInput("operator", registry.account, "not registered; run `ps-node register` first")
+    new_endpoint = node.endpoint if endpoint is None else endpoint
+    if check and endpoint is not None and node.role.name.lower() != "verifier":
+        check_endpoint(new_endpoint, node.x25519_public_key, node.role.name.lower())
+    receipt = registry.update(
+        endpoint=new_endpoint,
+        x25519_public_key=node.x25519_public_key,
+        price_per_1k_tokens=node.price_per_1k_tokens if price is None else price,
+    )
+    updated = registry.get_node(registry.account)
+    assert updated is not None, "an update leaves the node registered"
+    emit({**_node_json(updated), **_receipt_json(receipt)}, as_json=as_json, title="updated")
+
+
+@app.command()
+def deregister(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """After the unbonding delay: leave the registry; the stake becomes withdrawable (`ps-node withdraw`)."""
+    from ledger import format_eth
+
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    receipt = registry.deregister()
+    pending = registry.pending_withdrawal(registry.account)
+    emit(
+        {
+            "pending_withdrawal_wei": str(pending),
+            "pending_withdrawal_eth": format_eth(pending),
+            **_receipt_json(receipt),
+        },
+        as_json=as_json,
+        title="deregistered",
+    )
+
+
+@app.command()
+def rebond(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel unbonding: the node is routable again with its whole stake."""
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    receipt = registry.rebond()
+    node = registry.get_node(registry.account)
+    assert node is not None, "a rebond leaves the node registered"
+    emit({**_node_json(node), **_receipt_json(receipt)}, as_json=as_json, title="rebonded")
+
+
+@app.command()
+def unjail(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentOpt = None,
+    keystore: Keystore = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """After a slash: become routable again, once the stake is back at the role's minimum (`ps-node stake add`)."""
+    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    receipt = registry.unjail()
+    node = registry.get_node(registry.account)
+    assert node is not None, "an unjail leaves the node registered"
+    emit({**_node_json(node), **_receipt_json(receipt)}, as_json=as_json, title="unjailed")
 
 
 @app.command()
@@ -253,6 +428,7 @@ def status(
     result: dict[str, Any] = {"operator": address, "registered": node is not None}
     if node is not None:
         result.update(_node_json(node))
+        result["unbonding"] = _unbonding(node.unbonding_ends_at, chain_now(registry))
     result["pending_withdrawal_wei"] = str(registry.pending_withdrawal(address))
     result["reputation"] = None  # the attestation/reputation contract comes with the verification issue
     emit(result, as_json=as_json, title="node status")

@@ -85,7 +85,17 @@ def _failed(proc: subprocess.CompletedProcess[str], code: ExitCode, *needles: st
     return errors[0]
 
 
-REGISTER = ["register", "--role", "model", "--endpoint", "http://127.0.0.1:9001", "--model", "tiny-llama@v1"]
+# Nothing listens at this endpoint: the tests using it opt out of the endpoint check (tested on its own below).
+REGISTER = [
+    "register",
+    "--role",
+    "model",
+    "--endpoint",
+    "http://127.0.0.1:9001",
+    "--model",
+    "tiny-llama@v1",
+    "--no-check-endpoint",
+]
 
 
 def test_register_stake_unbond_withdraw_through_the_cli(
@@ -112,12 +122,15 @@ def test_register_stake_unbond_withdraw_through_the_cli(
 
     unbond = _ok_json(inproc("node", ["unbond", "--json"], env))
     assert unbond["unbonding_ends_at"] > 0
-    _failed(_run("node", ["withdraw"], env), ExitCode.TX_REVERTED, "NodeRegistryUnbondingNotFinished(", address)
+    assert unbond["unbonding"].startswith("unbonding ends in 1h 0m (20") and unbond["unbonding"].endswith(" UTC)")
+    # Times read as a duration on the chain's clock and a UTC date, not as raw Unix seconds.
+    line = _failed(_run("node", ["withdraw"], env), ExitCode.TX_REVERTED, "NodeRegistryUnbondingNotFinished(", address)
+    assert f"unbondingEndsAt=in 1h 0m ({unbond['unbonding'].split('(')[1]}" in line and "currentTime=20" in line
     advanced = inproc("chain", ["advance", str(TEST_PARAMS.unbonding_delay)], env)
     assert advanced.returncode == 0, advanced.stderr
     withdrawn = _ok_json(_run("node", ["withdraw", "--json"], env))
     assert withdrawn["withdrawn_wei"] == str(2 * 10**18)
-    assert [t["events"] for t in withdrawn["transactions"]] == [["NodeDeregistered"], ["Withdrawn"]]
+    assert [t["events"] for t in withdrawn["transactions"]] == [["NodeDeregistered"], ["Withdrawn"]]  # both reported
     status = _ok_json(_run("node", ["status", "--json"], env))
     assert status["registered"] is False
     listed = _ok_json(inproc("node", ["list", "--json", "--all"], env))
@@ -253,6 +266,7 @@ def test_relay_registers_without_a_model(
     run = InProcess(monkeypatch, capsys)
     env = _env(chain, tmp_path, key_index=OPERATOR + 2)
     relay = ["register", "--role", "relay", "--endpoint", "http://127.0.0.1:9100", "--stake", "0.1", "--json"]
+    relay.append("--no-check-endpoint")
     node = _ok_json(run("node", relay, env))
     assert node["role"] == "relay" and node["model_id"] == "0x" + "00" * 32 and node["active"] is True
     with_model = ["register", "--role", "relay", "--endpoint", "http://x", "--model", "m@v1", "--stake", "1"]
@@ -278,6 +292,8 @@ def test_a_second_chain_up_on_the_same_port_refuses_or_reuses_and_never_redeploy
         port = first["rpc_url"].rsplit(":", 1)[1]
         dep_file = Path(first["deployment"])
         before = dep_file.read_bytes()
+        w3 = connect(first["rpc_url"])
+        head = w3.eth.block_number
         env = _env(None, tmp_path, key_index=None)
         args = ["up", "--port", port, "--deployment", str(dep_file)]
         refused = _run("chain", args, env)
@@ -287,8 +303,7 @@ def test_a_second_chain_up_on_the_same_port_refuses_or_reuses_and_never_redeploy
         assert reused["reused"] is True and reused["contracts"] == first["contracts"]
         assert reused["deploy_block"] == first["deploy_block"] and "dev_keys" not in reused
         assert dep_file.read_bytes() == before  # nothing was redeployed, the file is untouched
-        w3 = connect(first["rpc_url"])
-        assert w3.eth.block_number == first["deploy_block"]  # no deployment transaction reached the running chain
+        assert w3.eth.block_number == head  # no deployment transaction reached the running chain
         # The library refuses the taken port too, instead of handing out the chain already listening there.
         from ledger import Anvil, AnvilConfig, ChainNotReachable
 
@@ -315,3 +330,68 @@ def test_chain_up_shows_dev_keys_only_when_asked_each_flagged_dev_only(tmp_path:
         assert key["dev_only"] is True and key["address"] == shown["dev_accounts"][index]
         assert Account.from_key(key["private_key"]).address == key["address"] == dev_account(index).address
     assert "DEV ONLY" not in stderr or "never use on a real chain" in stderr
+
+
+def test_register_checks_the_endpoint_serves_the_key_and_update_rebond_deregister_work(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = InProcess(monkeypatch, capsys)
+    served_state = tmp_path / "relay-state"
+    code = "import sys; from cli.node import main; sys.argv[0] = 'ps-node'; main()"
+    serve_env = _env(chain, tmp_path, None, PS_STATE_DIR=str(served_state))
+    relay_proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--role", "relay", "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=serve_env,
+    )
+    try:
+        served = _read_json_object(relay_proc)
+        endpoint = served["endpoint"]
+        env = _env(chain, tmp_path, key_index=OPERATOR + 3)
+        relay = ["register", "--role", "relay", "--endpoint", endpoint, "--stake", "0.1"]
+        # The default state dir holds another key than the running node's: refused before any transaction.
+        _failed(run("node", relay, env), ExitCode.KEY_ERROR, "serves onion key", "--state-dir")
+        as_model = ["register", "--role", "model", "--endpoint", endpoint, "--model", "m@v1", "--stake", "1"]
+        _failed(run("node", [*as_model, "--state-dir", str(served_state)], env), ExitCode.INVALID_INPUT, "relay node")
+        dead = f"http://127.0.0.1:{free_port()}"
+        dead_relay = ["register", "--role", "relay", "--endpoint", dead, "--stake", "0.1"]
+        _failed(run("node", dead_relay, env), ExitCode.NETWORK_ERROR, "does not answer", "--no-check-endpoint")
+        assert _ok_json(run("node", ["status", "--json"], env))["registered"] is False
+
+        node = _ok_json(run("node", [*relay, "--state-dir", str(served_state), "--json"], env))
+        assert node["x25519_public_key"] == served["x25519_public_key"] and node["endpoint"] == endpoint
+
+        _failed(run("node", ["update", "--endpoint", dead], env), ExitCode.NETWORK_ERROR, "does not answer")
+        priced = _ok_json(run("node", ["update", "--price", "7", "--json"], env))
+        assert priced["price_per_1k_tokens_wei"] == "7" and priced["endpoint"] == endpoint
+        assert priced["events"] == ["NodeUpdated"] and priced["x25519_public_key"] == served["x25519_public_key"]
+        moved = _ok_json(run("node", ["update", "--endpoint", dead, "--no-check-endpoint", "--json"], env))
+        assert moved["endpoint"] == dead and moved["price_per_1k_tokens_wei"] == "7"
+        _failed(run("node", ["update"], env), ExitCode.INVALID_INPUT, "nothing to change")
+    finally:
+        relay_proc.terminate()
+        relay_proc.communicate(timeout=30)
+
+    _failed(run("node", ["unjail"], env), ExitCode.TX_REVERTED, "NodeRegistryNotJailed(")
+    _failed(run("node", ["deregister"], env), ExitCode.TX_REVERTED, "NodeRegistryNotUnbonding(")
+    assert _ok_json(run("node", ["unbond", "--json"], env))["unbonding"].startswith("unbonding ends in 1h 0m")
+    status = _ok_json(run("node", ["status", "--json"], env))
+    assert status["active"] is False and status["unbonding"].startswith("unbonding ends in 1h 0m")
+    line = _failed(run("node", ["deregister"], env), ExitCode.TX_REVERTED, "NodeRegistryUnbondingNotFinished(")
+    assert "unbondingEndsAt=in 1h 0m (" in line and " UTC)" in line
+    rebonded = _ok_json(run("node", ["rebond", "--json"], env))
+    assert (
+        rebonded["active"] is True
+        and rebonded["unbonding_ends_at"] == 0
+        and rebonded["events"] == ["UnbondingCancelled"]
+    )
+    assert _run("node", ["unbond"], env).returncode == 0
+    assert run("chain", ["advance", str(TEST_PARAMS.unbonding_delay)], env).returncode == 0
+    gone = _ok_json(run("node", ["deregister", "--json"], env))
+    assert gone["events"] == ["NodeDeregistered"] and gone["pending_withdrawal_wei"] == str(10**17)
+    withdrawn = _ok_json(run("node", ["withdraw", "--json"], env))
+    assert [t["events"] for t in withdrawn["transactions"]] == [["Withdrawn"]] and withdrawn["withdrawn_wei"] == str(
+        10**17
+    )
