@@ -50,8 +50,7 @@ from node.privacy._constants import (
 from node.privacy._errors import InvalidPrivacyParam, MalformedPacket, RejectReason
 from node.privacy._keys import OnionKeyring, key_id
 from node.privacy._sida import RandBytes
-from node.privacy._x25519 import exchange, x25519
-from node.privacy._x25519 import public_key as x25519_public_key
+from node.privacy._x25519 import exchange, private_key, raw_public_key
 
 #: §5.2: hop_type, expiry, next_node, next_key_id, next_eph_pub, next_header_mac, next_tag, next_link_key, padding.
 _SLOT = struct.Struct(">BI20s8s32s16s16s16s15s")
@@ -199,14 +198,17 @@ def build_onion(
         ephemeral_secrets = [secrets.token_bytes(32) for _ in range(m)]
     if len(ephemeral_secrets) != m:
         raise InvalidPrivacyParam("ephemeral_secrets", len(ephemeral_secrets), f"{m} secrets")
+    # One key object per ephemeral secret: building it computes E_i (a scalar multiplication), so deriving the public
+    # key and the shared secret from separate objects would cost a third multiplication per hop.
+    ephemeral_keys = [private_key(e) for e in ephemeral_secrets]
     current = time.time() if now is None else now
     expiry = math.ceil((current + ttl) / EXPIRY_GRANULARITY) * EXPIRY_GRANULARITY
 
-    eph_pubs = [x25519_public_key(e) for e in ephemeral_secrets]
+    eph_pubs = [raw_public_key(e) for e in ephemeral_keys]
     key_ids = [key_id(hop.public_key) for hop in path]
     keys = [
-        derive_hop_keys(x25519(e, hop.public_key), eph, hop.public_key)
-        for e, eph, hop in zip(ephemeral_secrets, eph_pubs, path, strict=True)
+        derive_hop_keys(exchange(e, hop.public_key), eph, hop.public_key)
+        for e, eph, hop in zip(ephemeral_keys, eph_pubs, path, strict=True)
     ]
     streams = [ctr_keystream(k.rho, _ZERO8, ROUTING_LEN + SLOT_LEN) for k in keys]
 

@@ -44,6 +44,11 @@ def x25519(scalar: bytes, u: bytes) -> bytes:
     return exchange(private_key(scalar), u)
 
 
+def raw_public_key(key: X25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of a key object (computed when the object was built: no multiplication here)."""
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
 def public_key(secret: bytes) -> bytes:
     """The raw X25519 public key of a 32-byte secret."""
-    return private_key(secret).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return raw_public_key(private_key(secret))
