@@ -137,6 +137,18 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def node_info(request: web.Request) -> web.Response:
+    """The node's role and the onion public keys it accepts packets for (public data: the registry publishes them).
+
+    ``ps-node register`` reads it to check that the endpoint it is about to publish runs the node whose key it
+    registers; a mismatch would otherwise show up only later, as relays a client cannot reach.
+    """
+    app = request.app
+    ring = app[keys.ONION_KEYRING]
+    public = ["0x" + key.public.hex() for key in ring.values()]
+    return web.json_response({"role": app[keys.CONFIG].role, "x25519_public_keys": public})
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: not draining (and, on a model node, the receiver is in place and the engine healthy)."""
     app = request.app
@@ -228,6 +240,7 @@ def create_overlay_app(
     overlay.router.add_post("/v1/onion", onion_handler)
     overlay.router.add_get("/healthz", healthz)
     overlay.router.add_get("/readyz", readyz)
+    overlay.router.add_get("/info", node_info)
     overlay.router.add_get("/metrics", metrics)
     return overlay
 
