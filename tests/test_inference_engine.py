@@ -553,3 +553,22 @@ async def test_garbage_in_unused_block_memory_never_reaches_attention(tiny_model
     finally:
         await reference.close()
         await poisoned.close()
+
+
+async def test_a_short_prompt_behind_long_prefills_gets_its_first_token_first(tiny_model_dir: Path) -> None:
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_batch_tokens=64))
+    order: list[str] = []
+
+    async def first_token(rid: str, prompt: str) -> None:
+        async for _ in engine.generate(_req(rid, prompt, max_tokens=2, temperature=0)):
+            order.append(rid)
+            return
+
+    try:
+        longs = [asyncio.create_task(first_token(f"long{i}", f"{i} " + LONG_PROMPT)) for i in range(2)]
+        await asyncio.sleep(0)
+        short = asyncio.create_task(first_token("short", "3+4="))
+        await asyncio.gather(*longs, short)
+        assert order[0] == "short", f"first tokens arrived in the order {order}"
+    finally:
+        await engine.close()
