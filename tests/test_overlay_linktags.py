@@ -8,6 +8,7 @@ the stream at the first frame whose link tag fails; the client must still comple
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from node.overlay import ClientSettings, keys, send_request
 from node.overlay._localnet import LocalNetwork, LocalNode, serve_ephemeral
 from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._relay import ONION_PATH
-from node.privacy import OnionKey, PeeledForward, RelayDescriptor, keyring, peel
+from node.privacy import OnionKey, PeeledForward, RelayDescriptor, build_onion, keyring, peel
 from node.privacy._constants import FRAME_LEN_BYTES
 from node.privacy._reply import FrameReader, FrameWriter, apply_reply_layer, check_frame_len
 
@@ -137,3 +138,41 @@ async def test_a_relay_that_retags_changed_bytes_passes_its_predecessor_but_not_
     assert reply == REPLY
     metrics = honest.overlay[keys.METRICS]
     assert (metrics.streams_aborted, metrics.streams_completed) == (0, 1)
+
+
+async def test_a_relay_whose_previous_hop_hung_up_before_the_reply_started_leaves_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The next hop answers 200 only after the previous hop has gone: the relay must not fail the request with an
+    unhandled error (before: aiohttp logged "Error handling request" with a ConnectionResetError from prepare)."""
+    answered = asyncio.Event()
+
+    async def slow_next_hop(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(0.3)
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        await response.write_eof()
+        answered.set()
+        return response
+
+    async with LocalNetwork(relays=1, handler=long_reply) as net, aiohttp.ClientSession() as session:
+        app = web.Application()
+        app.router.add_post(ONION_PATH, slow_next_hop)
+        runner, endpoint = await serve_ephemeral(app)
+        try:
+            key = OnionKey(secrets.token_bytes(32))
+            next_hop = Peer(node_id=secrets.token_bytes(20), endpoint=endpoint, public_key=key.public)
+            net.peers.add(next_hop)
+            relay = net.relay_nodes[0]
+            packet = build_onion([relay.hop(), next_hop.hop()], b"clove").packet
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await session.post(relay.endpoint + ONION_PATH, data=packet)
+            async with asyncio.timeout(5):
+                await answered.wait()
+            await net.settle()
+        finally:
+            await runner.cleanup()
+    assert relay.overlay[keys.METRICS].streams_aborted == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -76,7 +76,13 @@ async def forward(
         if upstream.status != 200:
             raise MalformedPacket(RejectReason.UPSTREAM_FAILED, f"next hop answered {upstream.status}")
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            # The previous hop hung up while this hop waited for the next one (its client gave up on the path):
+            # nothing to relay to, and leaving the exchange closes the next hop's stream too.
+            metrics.streams_aborted += 1
+            return response
         index = 0
         # §6.2: check each frame's link tag under the key the sender put in this hop's slot before passing anything
         # on, then add this hop's layer and tag it for the previous hop.
