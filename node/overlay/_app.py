@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -246,14 +246,20 @@ def create_overlay_app(
 
 
 def create_app(
-    config: OverlayConfig, handler: ReplyHandler | None = None, *, peers: PeerDirectory | None = None
+    config: OverlayConfig,
+    handler: ReplyHandler | None = None,
+    *,
+    peers: PeerDirectory | None = None,
+    routes: Sequence[web.RouteDef] = (),
 ) -> web.Application:
     """The whole application of an overlay node: a root app with the ``/overlay`` sub-app mounted.
 
     A relay needs ``config`` and ``peers``, its view of the registry (the only nodes it forwards to); a model node
-    also passes the ``handler`` that serves rebuilt requests.
+    also passes the ``handler`` that serves rebuilt requests, and ``routes`` it adds under ``/overlay`` (its
+    heartbeat).
     """
     overlay = create_overlay_app(config, handler, peers=peers)
+    overlay.router.add_routes(routes)
     root = web.Application(
         client_max_size=config.max_body,
         handler_args={

@@ -17,7 +17,7 @@ from node.overlay._app import create_app
 from node.overlay._completion import RequestObserver, completion_handler
 from node.overlay._config import OverlayConfig
 from node.overlay._heartbeat import HEARTBEAT_PATH, HeartbeatPublisher, heartbeat_route
-from node.overlay._peers import RegistryPeerDirectory
+from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
@@ -55,7 +55,7 @@ def create_model_app(
     config: OverlayConfig,
     engine: Engine,
     *,
-    peers: RegistryPeerDirectory | None = None,
+    peers: PeerDirectory | None = None,
     heartbeat: HeartbeatPublisher | None = None,
     observers: Sequence[RequestObserver] = (),
 ) -> web.Application:
@@ -70,10 +70,11 @@ def create_model_app(
         await engine.close()
 
     watchers = [*observers, *([heartbeat] if heartbeat is not None else [])]
-    app = create_app(config, completion_handler(engine, observers=watchers), peers=peers)
+    routes = []
     if heartbeat is not None:
-        app[keys.OVERLAY_APP].router.add_get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat))
-    if peers is not None:
+        routes.append(web.get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat)))
+    app = create_app(config, completion_handler(engine, observers=watchers), peers=peers, routes=routes)
+    if isinstance(peers, RegistryPeerDirectory):
         app.cleanup_ctx.append(peers.cleanup_ctx())
     app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
     app.cleanup_ctx.append(engine_ctx)
