@@ -47,6 +47,7 @@ from tests.fixtures.attest import (
     deploy_second,
     evidence,
     expected_reputation,
+    fresh_epoch,
     register_network,
 )
 from tests.fixtures.chain import OUTSIDER, OWNER, TEST_PARAMS, ChainEnv
@@ -57,9 +58,7 @@ PASS, FAIL = 900_000, 100_000  # the session deployment's threshold is 0.5
 
 
 def _next_epoch(chain: ChainEnv) -> int:
-    att = attestations(chain)
-    chain.advance(att.epoch_length())
-    return att.current_epoch()
+    return fresh_epoch(chain, attestations(chain))
 
 
 def _root(items: list[tuple[int, int, bytes]]) -> bytes:
@@ -139,7 +138,7 @@ def test_a_second_attestation_by_one_verifier_for_one_node_and_epoch_reverts(cha
 def test_future_and_too_old_epochs_revert_and_the_previous_epoch_is_accepted(chain: ChainEnv) -> None:
     register_network(chain)
     att = attestations(chain, VERIFIERS[0])
-    first = att.current_epoch()
+    first = fresh_epoch(chain, att)
     with pytest.raises(AttestationsFutureEpoch) as future:
         att.attest(address(NODE), first + 1, PASS, evidence(1))
     assert (future.value.epoch, future.value.currentEpoch) == (first + 1, first)
@@ -219,7 +218,7 @@ def test_reputation_moves_as_documented_over_several_epochs(chain: ChainEnv) -> 
     ]
     reputation, streak, seen = NEUTRAL, 0, []
     for n, (a, b) in enumerate(plan):
-        epoch = att.current_epoch() if n == 0 else _next_epoch(chain)
+        epoch = _next_epoch(chain)
         attestations(chain, VERIFIERS[0]).attest(node, epoch, a, evidence(n, 0))
         receipt = attestations(chain, VERIFIERS[1]).attest(node, epoch, b, evidence(n, 1))
         median = (a + b) // 2
@@ -287,7 +286,7 @@ def test_an_honest_node_keeps_its_reputation_stake_and_earnings_over_many_epochs
     att = attestations(chain)
     reputation = NEUTRAL
     for n in range(8):
-        epoch = att.current_epoch() if n == 0 else _next_epoch(chain)
+        epoch = _next_epoch(chain)
         scores = (820_000 + n * 1_000, 780_000)
         for verifier, score in zip(VERIFIERS[:2], scores, strict=True):
             attestations(chain, verifier).attest(node, epoch, score, evidence(n, verifier))
