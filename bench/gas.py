@@ -1,4 +1,4 @@
-"""Gas per NodeRegistry operation, measured on a real anvil.
+"""Gas per NodeRegistry and PaymentChannels operation, measured on a real anvil.
 
 Each operation is run ``--repeat`` times by distinct operators on one fresh deployment; the table shows the median,
 min and max gas used (gas units, not wei: the price is the chain's business). Writes ``bench/results/gas.json``.
@@ -18,19 +18,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eth_account.signers.local import LocalAccount
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ledger import (
     Anvil,
     AnvilConfig,
     NodeRegistry,
+    PaymentChannels,
+    PaymentParams,
     RegistryParams,
     Role,
     TxReceipt,
+    Voucher,
     Wei,
     deploy_all,
     dev_account,
     model_id,
+    sign_voucher,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gas.json"
@@ -107,6 +113,97 @@ def measure(repeat: int) -> dict[str, list[int]]:
     return gas
 
 
+# -- PaymentChannels (engineer H7) ------------------------------------------------------------------------------
+
+#: Wei per request in the payment scenarios (the amount only changes calldata bytes, not the work done).
+PRICE_PER_REQUEST = 10**12
+#: Seconds in the amortisation day; at 1 request per second that many requests.
+DAY = 86_400
+
+
+def measure_payments(repeat: int) -> dict[str, list[int]]:
+    """Gas of each ``PaymentChannels`` operation, ``repeat`` samples each (one node and one client per sample)."""
+    gas: dict[str, list[int]] = {}
+
+    def record(name: str, receipt: TxReceipt) -> TxReceipt:
+        gas.setdefault(name, []).append(receipt.gas_used)
+        return receipt
+
+    with Anvil(AnvilConfig(accounts=2 + 2 * repeat)) as anvil, tempfile.TemporaryDirectory() as tmp:
+        w3 = anvil.web3()
+        owner = dev_account(0)
+        window = 3_600
+        deployment = deploy_all(
+            w3,
+            owner,
+            RegistryParams(verification_window=window, unbonding_delay=window),
+            path=Path(tmp) / "deployment.json",
+            payment_params=PaymentParams(dispute_delay=window, verification_window=window),
+        )
+        admin = PaymentChannels(w3, deployment.payments_address, owner)
+        admin.grant_slasher(dev_account(1).address)
+        slasher = admin.with_account(dev_account(1))
+        domain = admin.domain()
+        for i in range(repeat):
+            node_account, client_account = dev_account(2 + 2 * i), dev_account(3 + 2 * i)
+            node, client = admin.with_account(node_account), admin.with_account(client_account)
+            channels = []
+            for _ in range(13):
+                opened = client.open_channel(node_account.address, ETH // 10)
+                gas.setdefault("open", []).append(opened.receipt.gas_used)
+                channels.append(opened.channel_id)
+            record("top_up", client.top_up(channels[0], ETH // 10))
+
+            def pay(channel: int, requests: int, signer: LocalAccount = client_account) -> Voucher:
+                return sign_voucher(signer, domain, channel, requests * PRICE_PER_REQUEST)
+
+            record("redeem: the node's first ever (1 request)", node.redeem(pay(channels[0], 1)))
+            record("redeem: 1 request", node.redeem(pay(channels[1], 1)))
+            record("redeem: 10,000 requests", node.redeem(pay(channels[2], 10_000)))
+            record("redeem: again on a channel (10,000 more)", node.redeem(pay(channels[2], 20_000)))
+            batch = record("redeem_batch: 10 channels", node.redeem_batch([pay(c, 10_000) for c in channels[3:13]]))
+            gas.setdefault("redeem_batch: per channel (of 10)", []).append(batch.gas_used // 10)
+            # Two epochs on, the first bucket is released into the withdrawable balance by the next redeem.
+            w3.provider.make_request("evm_increaseTime", [2 * window])  # type: ignore[arg-type]
+            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+            record("redeem: releases an old lock bucket", node.redeem(pay(channels[1], 2)))
+            record("slash (locked earnings)", slasher.slash(node_account.address, PRICE_PER_REQUEST, b"\x0e" * 32))
+            record("start_close", client.start_close(channels[0]))
+            w3.provider.make_request("evm_increaseTime", [2 * window + 1])  # type: ignore[arg-type]
+            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+            record("finish_close", client.finish_close(channels[0]))
+            record("withdraw (client refund)", client.withdraw())
+            record("withdraw (node earnings)", node.withdraw())
+    return gas
+
+
+def amortised_per_request(rows: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Gas per request for one client-node channel at 1 request/s for a day, from the measured medians.
+
+    Every request costs 0 gas (a voucher is an off-chain signature). A day's channel costs: open, the redeems,
+    start_close, finish_close and both withdrawals; ``daily`` redeems once, ``hourly`` 24 times.
+    """
+
+    def median(name: str) -> int:
+        return rows[name]["median"]
+
+    fixed = (
+        median("open")
+        + median("start_close")
+        + median("finish_close")
+        + median("withdraw (client refund)")
+        + median("withdraw (node earnings)")
+    )
+    return {
+        "request path": 0.0,
+        "daily redeem": round((fixed + median("redeem: 1 request")) / DAY, 3),
+        "hourly redeem": round((fixed + 24 * median("redeem: again on a channel (10,000 more)")) / DAY, 3),
+        "daily batch of 10 channels, per channel": round(
+            (fixed + median("redeem_batch: per channel (of 10)")) / DAY, 3
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="operators per role (samples per operation)")
@@ -114,6 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     gas = measure(args.repeat)
+    gas.update(measure_payments(args.repeat))
     rows = {
         name: {"median": int(statistics.median(v)), "min": min(v), "max": max(v), "samples": len(v)}
         for name, v in gas.items()
@@ -122,16 +220,20 @@ def main() -> None:
     print(f"{'operation':<{width}}  {'median gas':>10}  {'min':>8}  {'max':>8}  {'n':>3}")
     for name, row in rows.items():
         print(f"{name:<{width}}  {row['median']:>10}  {row['min']:>8}  {row['max']:>8}  {row['samples']:>3}")
+    amortised = amortised_per_request(rows)
     result = {
         "bench": "gas",
         "unit": "gas units per transaction (receipt gasUsed), including the 21000 base",
         "chain": "anvil 1.7.1 (default hardfork), solc 0.8.37 optimizer 200 runs, evm cancun",
         "python": platform.python_version(),
         "operations": rows,
+        "payments_gas_per_request_1rps_day": amortised,
         "seconds": round(time.perf_counter() - started, 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    for name, value in amortised.items():
+        print(f"gas per request, 1 request/s for a day, {name}: {value}")
     print(f"wrote {args.out}", file=sys.stderr)
 
 
