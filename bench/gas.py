@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ledger import (
     Anvil,
     AnvilConfig,
+    AttestationParams,
+    Attestations,
     NodeRegistry,
     PaymentChannels,
     PaymentParams,
@@ -204,6 +206,87 @@ def amortised_per_request(rows: dict[str, dict[str, int]]) -> dict[str, float]:
     }
 
 
+# -- Attestations (engineer H9) ---------------------------------------------------------------------------------
+
+
+def measure_attestations(repeat: int) -> dict[str, list[int]]:
+    """Gas of ``Attestations.attest``: below quorum, and the quorum-reaching one that passes, that slashes stake
+    only (no locked earnings), and that slashes stake and locked earnings; ``repeat`` samples each.
+
+    Committee of 3 (quorum 2): each node's epoch takes two attestations, the second one finalizes it.
+    """
+    gas: dict[str, list[int]] = {}
+
+    def record(name: str, receipt: TxReceipt) -> None:
+        gas.setdefault(name, []).append(receipt.gas_used)
+
+    models = 3 * repeat
+    verifiers = (1 + models, 2 + models)
+    client_index = 3 + models
+    with Anvil(AnvilConfig(accounts=client_index + 1)) as anvil, tempfile.TemporaryDirectory() as tmp:
+        w3 = anvil.web3()
+        owner = dev_account(0)
+        params = RegistryParams(verification_window=600, unbonding_delay=3_600, admin_transfer_delay=60)
+        deployment = deploy_all(
+            w3,
+            owner,
+            params,
+            path=Path(tmp) / "deployment.json",
+            attestation_params=AttestationParams(committee_size=3),
+        )
+        registry = NodeRegistry(w3, deployment.registry_address)
+        assert deployment.attestations_address is not None
+        att = Attestations(w3, deployment.attestations_address)
+        pay = PaymentChannels(w3, deployment.payments_address)
+        for index in range(1, models + 1):
+            registry.with_account(dev_account(index)).register(
+                role=Role.MODEL,
+                endpoint=f"http://127.0.0.1:{9000 + index}",
+                x25519_public_key=bytes([index]) * 32,
+                model_id=model_id("tiny-llama@v1"),
+                price_per_1k_tokens=1_000,
+                stake=2 * ETH,
+            )
+        for index in verifiers:
+            registry.with_account(dev_account(index)).register(
+                role=Role.VERIFIER,
+                endpoint=f"http://127.0.0.1:{9000 + index}",
+                x25519_public_key=bytes([index]) * 32,
+                model_id=model_id("tiny-llama@v1"),
+                price_per_1k_tokens=0,
+                stake=ETH,
+            )
+        first, second = (att.with_account(dev_account(v)) for v in verifiers)
+        client = pay.with_account(dev_account(client_index))
+        epoch = att.current_epoch()
+        for i in range(repeat):
+            passing, failing, earning = (dev_account(1 + 3 * i + k).address for k in range(3))
+            channel = client.open_channel(earning, ETH).channel_id
+            voucher = sign_voucher(dev_account(client_index), pay.domain(), channel, ETH // 10)
+            pay.with_account(dev_account(3 + 3 * i)).redeem(voucher)  # the "earning" node
+            record("attest (below quorum)", first.attest(passing, epoch, 900_000, b"\x01" * 32))
+            record(
+                "attest (reaches quorum, passes, first rating)", second.attest(passing, epoch, 800_000, b"\x02" * 32)
+            )
+            first.attest(failing, epoch, 100_000, b"\x03" * 32)
+            record("attest (reaches quorum, fails: slashes stake)", second.attest(failing, epoch, 0, b"\x04" * 32))
+            first.attest(earning, epoch, 100_000, b"\x05" * 32)
+            record(
+                "attest (reaches quorum, fails: slashes stake and locked earnings)",
+                second.attest(earning, epoch, 0, b"\x06" * 32),
+            )
+        w3.provider.make_request("evm_increaseTime", [att.epoch_length()])  # type: ignore[arg-type]
+        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        epoch = att.current_epoch()
+        for i in range(repeat):
+            passing = dev_account(1 + 3 * i).address
+            first.attest(passing, epoch, 900_000, b"\x07" * 32)
+            record(
+                "attest (reaches quorum, passes, rated before)", second.attest(passing, epoch, 800_000, b"\x08" * 32)
+            )
+    return gas
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="operators per role (samples per operation)")
@@ -211,6 +294,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     gas = measure(args.repeat)
+    gas.update(measure_attestations(args.repeat))
     gas.update(measure_payments(args.repeat))
     rows = {
         name: {"median": int(statistics.median(v)), "min": min(v), "max": max(v), "samples": len(v)}
