@@ -4,6 +4,13 @@ Importing this package is cheap and has no side effects; heavy dependencies load
 """
 
 from node._errors import PlanetServeError
-from node._identity import IdentityError, NodeIdentity
+from node._identity import IdentityError, NodeIdentity, OnionKeyStore, RotatingKeyring, RotationInProgress
 
-__all__ = ["IdentityError", "NodeIdentity", "PlanetServeError"]
+__all__ = [
+    "IdentityError",
+    "NodeIdentity",
+    "OnionKeyStore",
+    "PlanetServeError",
+    "RotatingKeyring",
+    "RotationInProgress",
+]

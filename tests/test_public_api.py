@@ -68,7 +68,14 @@ EXPECTED: dict[str, list[str]] = {
         "sign_voucher",
         "verify_voucher",
     ],
-    "node": ["IdentityError", "NodeIdentity", "PlanetServeError"],
+    "node": [
+        "IdentityError",
+        "NodeIdentity",
+        "OnionKeyStore",
+        "PlanetServeError",
+        "RotatingKeyring",
+        "RotationInProgress",
+    ],
     "node.inference": [
         "CHUNK_TOKENS",
         "ENGINE_KINDS",

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
@@ -206,6 +207,38 @@ def _receiver_ctx(overlay: web.Application) -> Callable[[web.Application], Async
     return ctx
 
 
+@runtime_checkable
+class _Reloadable(Protocol):
+    def reload(self) -> None: ...
+
+
+def _keyring_ctx(overlay: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Reload a rotating keyring every ``keyring_reload_s`` (a rotation then needs no restart; see node._identity)."""
+
+    async def ctx(_root: web.Application) -> AsyncIterator[None]:
+        ring = overlay[keys.ONION_KEYRING]
+        if not isinstance(ring, _Reloadable):
+            yield
+            return
+        reloadable: _Reloadable = ring
+
+        async def reloader() -> None:
+            while True:
+                await asyncio.sleep(overlay[keys.CONFIG].keyring_reload_s)
+                try:
+                    reloadable.reload()
+                except (PlanetServeError, OSError) as exc:  # keep serving with the keys already loaded
+                    log.warning("onion keyring reload failed: %s", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(reloader())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
 def _draining_ctx(overlay: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(_root: web.Application) -> AsyncIterator[None]:
         yield
@@ -229,7 +262,9 @@ def create_overlay_app(
     )
     overlay[keys.CONFIG] = config
     overlay[keys.RELAY_STATE_PUBLIC] = config.x25519_public
-    overlay[keys.ONION_KEYRING] = keyring(OnionKey(config.x25519_secret))
+    overlay[keys.ONION_KEYRING] = (
+        config.onion_keyring if config.onion_keyring is not None else keyring(OnionKey(config.x25519_secret))
+    )
     overlay[keys.PEERS] = peers if peers is not None else StaticPeerDirectory()
     metrics_ = OverlayMetrics()
     overlay[keys.METRICS] = metrics_
@@ -273,6 +308,7 @@ def create_app(
     # One cleanup context per long-lived resource; they run on the root app, which owns the event loop's lifetime.
     root.cleanup_ctx.append(_client_session_ctx(overlay))
     root.cleanup_ctx.append(_receiver_ctx(overlay))
+    root.cleanup_ctx.append(_keyring_ctx(overlay))
     root.cleanup_ctx.append(_draining_ctx(overlay))
     root.add_subapp("/overlay", overlay)
     root[keys.OVERLAY_APP] = overlay

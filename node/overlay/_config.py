@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from node.privacy import InvalidPrivacyParam, public_key
+from node.privacy import InvalidPrivacyParam, OnionKeyring, public_key
 from node.privacy._constants import MAX_PACKET
 
 
@@ -63,6 +63,12 @@ class OverlayConfig:
     reply_start_jitter_s: float = 0.005
     """Model side: each path waits a random 0..this many seconds before answering 200 and sending its first frame
     (``docs/protocol.md`` §6.3), so the paths of one request do not start at one instant; 0 turns it off."""
+    onion_keyring: OnionKeyring | None = field(default=None, repr=False, compare=False)
+    """The keys ``peel`` looks packets' key ids up in, when they rotate (``node.RotatingKeyring`` from the state
+    directory in ``ps-node serve``); ``None``: ``x25519_secret`` alone. Must hold ``x25519_secret``'s key."""
+    keyring_reload_s: float = 2.0
+    """Seconds between reloads of ``onion_keyring`` when it has a ``reload()`` method: how soon a running node
+    starts accepting a rotation's new key and forgets an old one whose grace period is over (no restart needed)."""
     _public: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
@@ -93,6 +99,7 @@ class OverlayConfig:
             "circuit_lifetime_s",
             "assembly_timeout_s",
             "reply_timeout_s",
+            "keyring_reload_s",
         ):
             if not getattr(self, name) > 0:
                 raise InvalidPrivacyParam(name, getattr(self, name), "more than 0 seconds")
