@@ -40,6 +40,7 @@ from eth_typing import ChecksumAddress
 from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
+from ledger._amount import WeiAmount
 from ledger._errors import ChainError, InvalidChainInput
 from ledger._payments import MAX_BATCH, ChannelInfo
 from ledger._types import Wei, checksum
@@ -135,19 +136,22 @@ class ChannelBook:
 
 
 class StoredVoucher(SQLModel, table=True):
-    """One channel's row: its latest voucher and the node's book. Amounts are decimal strings (uint256)."""
+    """One channel's row: its latest voucher and the node's book. Amounts (and the uint256 channel id) use
+    :class:`~ledger._amount.WeiAmount`: ``NUMERIC(78,0)`` on PostgreSQL, order-preserving strings on SQLite."""
 
     __tablename__ = "payment_vouchers"
 
     chain_id: int = Field(primary_key=True)
     contract: str = Field(primary_key=True, max_length=42)
-    channel_id: str = Field(primary_key=True, max_length=78)
+    channel_id: int = Field(primary_key=True, sa_type=WeiAmount)
     client: str = Field(max_length=42)
-    cumulative_amount: str = Field(max_length=78)
+    cumulative_amount: int = Field(sa_type=WeiAmount)
+    #: 0x-hex of the 65-byte signature.
     signature: str = Field(max_length=132)
-    owed: str = Field(max_length=78)
-    reserved: str = Field(max_length=78)
-    redeemed: str = Field(max_length=78)
+    owed: int = Field(sa_type=WeiAmount)
+    reserved: int = Field(sa_type=WeiAmount)
+    redeemed: int = Field(sa_type=WeiAmount)
+    #: Unix time of the last write (seconds).
     updated_at: float
 
 
@@ -196,10 +200,10 @@ class VoucherStore:
         amount = voucher.cumulative_amount
         with self._lock, Session(self._engine) as session:
             row = session.get(StoredVoucher, self._key(channel_id))
-            latest = int(row.cumulative_amount) if row is not None else None
-            owed = int(row.owed) if row is not None else channel.redeemed
-            reserved = int(row.reserved) if row is not None else 0
-            redeemed = max(channel.redeemed, int(row.redeemed) if row is not None else 0)
+            latest = row.cumulative_amount if row is not None else None
+            owed = row.owed if row is not None else channel.redeemed
+            reserved = row.reserved if row is not None else 0
+            redeemed = max(channel.redeemed, row.redeemed if row is not None else 0)
             if latest is not None and amount == latest:
                 raise VoucherReplayed(channel_id, amount)
             if latest is not None and amount < latest:
@@ -215,19 +219,19 @@ class VoucherStore:
                 row = StoredVoucher(
                     chain_id=self._domain.chain_id,
                     contract=self._domain.contract,
-                    channel_id=str(channel_id),
+                    channel_id=channel_id,
                     client=channel.client,
-                    cumulative_amount="0",
+                    cumulative_amount=0,
                     signature="",
-                    owed=str(owed),
-                    reserved="0",
-                    redeemed=str(redeemed),
+                    owed=owed,
+                    reserved=0,
+                    redeemed=redeemed,
                     updated_at=0.0,
                 )
-            row.cumulative_amount = str(amount)
+            row.cumulative_amount = amount
             row.signature = "0x" + voucher.signature.hex()
-            row.reserved = str(reserved + price.reservation)
-            row.redeemed = str(redeemed)
+            row.reserved = reserved + price.reservation
+            row.redeemed = redeemed
             row.updated_at = time.time()
             session.add(row)
             session.commit()
@@ -248,8 +252,8 @@ class VoucherStore:
             row = session.get(StoredVoucher, self._key(channel_id))
             if row is None:
                 raise ChainError(f"no voucher book for channel {channel_id}: settle without accept")
-            row.owed = str(int(row.owed) + cost)
-            row.reserved = str(max(0, int(row.reserved) - accepted.reservation))
+            row.owed += cost
+            row.reserved = max(0, row.reserved - accepted.reservation)
             row.updated_at = time.time()
             session.add(row)
             session.commit()
@@ -264,8 +268,9 @@ class VoucherStore:
     def redeemable(self, limit: int = MAX_BATCH) -> list[Voucher]:
         """Up to ``limit`` latest vouchers that would pay something when redeemed, largest unredeemed first.
 
-        Reads every row of this node's contract (one per channel it ever served) and sorts in Python, since
-        SQLite cannot compare the decimal strings numerically.
+        Reads every row of this node's contract (one per channel it ever served; unbounded by design, a node serves
+        a bounded number of clients) and sorts in Python: ``latest - redeemed`` cannot be computed in SQL on
+        SQLite's string encoding of uint256.
         """
         if not 1 <= limit <= MAX_BATCH:
             raise InvalidChainInput("limit", limit, f"must be in [1, {MAX_BATCH}]")
@@ -288,27 +293,27 @@ class VoucherStore:
                 row = session.get(StoredVoucher, self._key(voucher.channel_id))
                 if row is None:
                     continue
-                row.redeemed = str(max(int(row.redeemed), voucher.cumulative_amount))
+                row.redeemed = max(row.redeemed, voucher.cumulative_amount)
                 row.updated_at = time.time()
                 session.add(row)
             session.commit()
 
-    def _key(self, channel_id: int) -> tuple[int, str, str]:
-        return (self._domain.chain_id, self._domain.contract, str(channel_id))
+    def _key(self, channel_id: int) -> tuple[int, str, int]:
+        return (self._domain.chain_id, self._domain.contract, channel_id)
 
     def _to_book(self, row: StoredVoucher) -> ChannelBook:
         voucher = Voucher(
             domain=self._domain,
-            channel_id=int(row.channel_id),
-            cumulative_amount=Wei(int(row.cumulative_amount)),
+            channel_id=row.channel_id,
+            cumulative_amount=Wei(row.cumulative_amount),
             signature=bytes.fromhex(row.signature[2:]),
         )
         return ChannelBook(
-            channel_id=int(row.channel_id),
+            channel_id=row.channel_id,
             latest=voucher,
-            owed=Wei(int(row.owed)),
-            reserved=Wei(int(row.reserved)),
-            redeemed=Wei(int(row.redeemed)),
+            owed=Wei(row.owed),
+            reserved=Wei(row.reserved),
+            redeemed=Wei(row.redeemed),
         )
 
     def _recover_reservations(self) -> None:
@@ -318,11 +323,11 @@ class VoucherStore:
                 select(StoredVoucher).where(
                     col(StoredVoucher.chain_id) == self._domain.chain_id,
                     col(StoredVoucher.contract) == self._domain.contract,
-                    col(StoredVoucher.reserved) != "0",
+                    col(StoredVoucher.reserved) != 0,
                 )
             ).all()
             for row in rows:
-                row.owed = str(int(row.owed) + int(row.reserved))
-                row.reserved = "0"
+                row.owed += row.reserved
+                row.reserved = 0
                 session.add(row)
             session.commit()

@@ -197,3 +197,14 @@ def test_a_fresh_store_starts_from_what_was_redeemed_on_chain(chain: ChainEnv, t
     _refused(store, voucher(pay, CLIENT, channel, 500), VoucherStale)
     _refused(store, voucher(pay, CLIENT, channel, 529), VoucherUnderpaid)
     store.accept(voucher(pay, CLIENT, channel, 530), _rule())
+
+
+def test_amounts_beyond_64_bits_survive_the_database(chain: ChainEnv, tmp_path: Path) -> None:
+    pay = payments(chain)
+    path = tmp_path / "big.db"
+    channel = _open(chain, deposit=2**70)
+    amount = 2**64 + 12_345
+    _store(chain, path).accept(voucher(pay, CLIENT, channel, amount), _rule())
+    book = _store(chain, path).book(channel)
+    assert book is not None and book.latest.cumulative_amount == amount and book.owed == 30
+    assert book.latest == voucher(pay, CLIENT, channel, amount)
