@@ -15,12 +15,14 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
+from cli import _client_net
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
 from cli._output import emit, info
 from node.inference import InvalidParams
 
 app = new_app("Send private requests to the PlanetServe network.", root=True)
+app.add_typer(_client_net.app)
 
 
 @app.command()

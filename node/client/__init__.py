@@ -23,6 +23,7 @@ from node.client._client import (
 from node.client._errors import ClientError, RequestTimeout, UnknownModel
 from node.client._openai_app import OpenAIConfig, create_openai_app
 from node.client._service import CompletionService, ServedModel
+from node.client._tokenizer import load_tokenizer
 
 __all__ = [
     "CHAT_STOP",
@@ -41,5 +42,6 @@ __all__ = [
     "Transport",
     "UnknownModel",
     "create_openai_app",
+    "load_tokenizer",
     "render_chat",
 ]

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a node process gets to print its ready line (a model node loads its engine first).
 READY_TIMEOUT_S = 120.0
+#: Seconds between each node's own reads of the registry (``ps-node serve --registry-refresh``).
+REGISTRY_REFRESH_S = 1.0
 #: Seconds a node process gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 10.0
 
@@ -144,7 +146,7 @@ class ProcessNetwork:
                 state = self.state_root / spec.name
                 state.mkdir(parents=True, exist_ok=True)
                 args = ["serve", "--role", spec.role, "--port", "0", "--state-dir", str(state), "--json"]
-                args += ["--registry-refresh", "2"]
+                args += ["--registry-refresh", str(REGISTRY_REFRESH_S)]
                 if spec.role == "model":
                     if self.model_dir is None:
                         raise ValueError("model nodes need a model_dir")
@@ -179,6 +181,8 @@ class ProcessNetwork:
                     stake=node.spec.stake_wei,
                 )
                 log.info("%s registered at %s", node.spec.name, node.endpoint)
+            # Each node reads the registry itself, every REGISTRY_REFRESH_S: give them one round to see each other.
+            time.sleep(REGISTRY_REFRESH_S + 1.0)
         except BaseException:
             self.stop()
             raise

@@ -1,0 +1,145 @@
+"""``ps-net up`` as a user runs it: anvil, a model node and relays as separate ``ps-node serve`` processes, the
+OpenAI-compatible endpoint in front; the official ``openai`` package and ``ps-client chat`` answer through it; a
+crashed relay is reported and the network stays up; ``ps-net down`` stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from node.inference import read_info
+
+
+def _spawn(module: str, args: list[str]) -> subprocess.Popen[str]:
+    code = f"import sys; from cli.{module} import main; sys.argv[0] = 'ps-{module}'; main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _run(module: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    code = f"import sys; from cli.{module} import main; sys.argv[0] = 'ps-{module}'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _json_object(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The first JSON object the process prints (pretty-printed over several lines)."""
+    assert proc.stdout is not None
+    result: dict[str, Any] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        text = ""
+        for line in proc.stdout:
+            text += line
+            if line.rstrip() == "}":
+                result.update(json.loads(text))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        proc.kill()
+        raise AssertionError(f"no JSON from ps-net up: {proc.stderr.read() if proc.stderr else ''}")
+    return result
+
+
+@pytest.fixture
+def network(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any], Path]]:
+    state = tmp_path / "net"
+    args = ["up", "--relays", "3", "--models", "1", "--model-dir", str(tiny_model_dir), "--openai-port", "0"]
+    proc = _spawn("net", [*args, "--state-dir", str(state), "--json"])
+    try:
+        summary = _json_object(proc, timeout=240)
+        yield proc, summary, state
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_and_stops(
+    network: tuple[subprocess.Popen[str], dict[str, Any], Path], tiny_model_dir: Path
+) -> None:
+    proc, summary, state = network
+    info = read_info(tiny_model_dir)
+    assert info is not None
+    name = f"{info.name}@{info.revision}"
+    assert summary["model"] == name and summary["base_url"].startswith("http://127.0.0.1:")
+    roles = sorted(n["role"] for n in summary["nodes"])
+    assert roles == ["model", "relay", "relay", "relay"]
+
+    api = openai.OpenAI(base_url=summary["base_url"], api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in api.models.list().data] == [name]
+    done = api.completions.create(model=name, prompt="3+4=7\n12+7=", max_tokens=6, temperature=0)
+    assert done.choices[0].finish_reason in {"stop", "length"} and done.usage is not None
+    chunks = list(
+        api.chat.completions.create(
+            model=info.name, messages=[{"role": "user", "content": "12+7="}], max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"
+
+    chat = _run(
+        "client",
+        [
+            "chat",
+            "12+7=",
+            "--model",
+            name,
+            "--max-tokens",
+            "6",
+            "--rpc-url",
+            summary["rpc_url"],
+            "--deployment",
+            summary["deployment"],
+            "--db",
+            f"sqlite:///{state / 'cli-index.sqlite'}",
+            "--json",
+        ],
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert json.loads(chat.stdout)["model"] == name
+
+    # A second `up` from the same state refuses in one line instead of clobbering the running network.
+    again = _run("net", ["up", "--state-dir", str(state)])
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already up" in again.stderr
+
+    relay = next(n for n in summary["nodes"] if n["role"] == "relay")
+    os.kill(relay["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        shown = _run("net", ["status", "--state-dir", str(state), "--json"])
+        status = json.loads(shown.stdout)
+        if not next(n for n in status["nodes"] if n["name"] == relay["name"])["alive"]:
+            break
+        time.sleep(0.5)
+    assert not next(n for n in status["nodes"] if n["name"] == relay["name"])["alive"]
+    assert proc.poll() is None, "the network went down with one relay"
+
+    down = _run("net", ["down", "--state-dir", str(state), "--json"])
+    assert down.returncode == 0 and json.loads(down.stdout)["stopped"] is True
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None
+    assert f"{relay['name']} exited" in proc.stderr.read()
+    gone = _run("net", ["down", "--state-dir", str(state)])
+    assert gone.returncode != 0 and "no network is up" in gone.stderr
