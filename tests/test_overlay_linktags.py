@@ -176,3 +176,47 @@ async def test_a_relay_whose_previous_hop_hung_up_before_the_reply_started_leave
             await runner.cleanup()
     assert relay.overlay[keys.METRICS].streams_aborted == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_client_checks_the_link_tags_of_a_direct_path_too(caplog: pytest.LogCaptureFixture) -> None:
+    """A direct path's first hop is the destination: its frames carry the exit hop's link tag, which the client
+    now checks (``BuiltOnion.reply_keys[0]``). Before, it had no key for that link and only found the change end to
+    end (a "bad chunk", then reading the path to its end); now the path fails at the frame (``MalformedPacket``).
+    Here an on-path tamperer sits between the client and the destination."""
+    async with LocalNetwork(relays=1, handler=long_reply) as net, aiohttp.ClientSession() as session:
+        real = net.destination
+
+        async def tampering_proxy(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            async with session.post(real.endpoint + ONION_PATH, data=body, allow_redirects=False) as upstream:
+                frames = []
+                while True:
+                    try:
+                        prefix = await asyncio.wait_for(upstream.content.readexactly(FRAME_LEN_BYTES), 10)
+                    except asyncio.IncompleteReadError:
+                        break
+                    frames.append(prefix + await upstream.content.readexactly(check_frame_len(prefix)))
+            response = web.StreamResponse(status=200)
+            await response.prepare(request)
+            for frame in _flip_one(frames):
+                await response.write(frame)
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_post(ONION_PATH, tampering_proxy)
+        runner, endpoint = await serve_ephemeral(app)
+        try:
+            via_proxy = Peer(node_id=real.node_id, endpoint=endpoint, public_key=real.public_key)
+            caplog.set_level(logging.INFO, logger="node.overlay._client")
+            # Path 0 is direct, so it goes to the proxy (the client's view of the destination's endpoint); path 1
+            # goes through a relay, which finds the destination's real endpoint in its own directory.
+            paths: list[list[RelayDescriptor]] = [[], [net.descriptors()[0]]]
+            stream = send_request(session, b"prompt", paths, via_proxy, ClientSettings(n=2, k=2))
+            assert b"".join([piece async for piece in stream]) == REPLY
+            async with asyncio.timeout(5):
+                while not any("path failed: MalformedPacket" in r.getMessage() for r in caplog.records):
+                    await asyncio.sleep(0.01)
+            assert not any("bad chunk" in r.getMessage() for r in caplog.records)
+        finally:
+            await runner.cleanup()
