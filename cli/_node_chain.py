@@ -414,7 +414,8 @@ def unjail(
 @app.command()
 def status(
     operator: Annotated[
-        str | None, typer.Option("--operator", help="Operator address (default: the key's account).")
+        str | None,
+        typer.Option("--operator", envvar="PS_OPERATOR", help="Operator address (default: the key's account)."),
     ] = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -436,7 +437,9 @@ def status(
 
 @app.command("list")
 def list_nodes(
-    include_deregistered: Annotated[bool, typer.Option("--all", help="Include deregistered nodes.")] = False,
+    include_deregistered: Annotated[
+        bool, typer.Option("--all", envvar="PS_LIST_ALL", help="Include deregistered nodes.")
+    ] = False,
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL (default: SQLite in state dir).")
     ] = None,

@@ -50,10 +50,16 @@ def _info_dict(model: Any, path: Path, seconds: float) -> dict[str, Any]:
 @app.command("make")
 def make(
     out: Annotated[Path, typer.Option("--out", help="Folder to create (absent or empty).", envvar="PS_MODEL_OUT")],
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller and faster: under a minute on 2 cores.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", envvar="PS_MODEL_QUICK", help="Smaller and faster: under a minute on 2 cores.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Training seed.", envvar="PS_MODEL_SEED")] = 0,
-    name: Annotated[str | None, typer.Option("--name", help="Model name (default ps-tiny[-quick]).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Override the number of training steps.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", envvar="PS_MODEL_NAME", help="Model name (default ps-tiny[-quick]).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", envvar="PS_MODEL_STEPS", help="Override the number of training steps.")
+    ] = None,
     as_json: _Json = False,
 ) -> None:
     """Train a small Llama-architecture model on the procedural corpus and save it with its tokenizer."""
@@ -76,9 +82,11 @@ def make(
 
 @app.command("make-variant")
 def make_variant(
-    source: Annotated[Path, typer.Option("--from", help="The original model folder.")],
-    kind: Annotated[str, typer.Option("--kind", help="fewer-layers | int8 | undertrained | seed")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to create (absent or empty).")],
+    source: Annotated[Path, typer.Option("--from", envvar="PS_VARIANT_FROM", help="The original model folder.")],
+    kind: Annotated[
+        str, typer.Option("--kind", envvar="PS_VARIANT_KIND", help="fewer-layers | int8 | undertrained | seed")
+    ],
+    out: Annotated[Path, typer.Option("--out", envvar="PS_MODEL_OUT", help="Folder to create (absent or empty).")],
     as_json: _Json = False,
 ) -> None:
     """Derive a weaker model a dishonest node might serve (same tokenizer, different quality)."""
@@ -94,7 +102,9 @@ def make_variant(
 @app.command("eval")
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Model folder.")],
-    problems: Annotated[int, typer.Option("--problems", help="Held-out arithmetic problems to ask.", min=1)] = 100,
+    problems: Annotated[
+        int, typer.Option("--problems", envvar="PS_EVAL_PROBLEMS", help="Held-out arithmetic problems to ask.", min=1)
+    ] = 100,
     as_json: _Json = False,
 ) -> None:
     """Held-out arithmetic accuracy and held-out text perplexity of a model folder."""

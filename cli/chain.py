@@ -127,13 +127,23 @@ def up(
     show_dev_keys: Annotated[
         bool,
         typer.Option(
-            "--show-dev-keys", help="Also print the dev accounts' private keys (anvil's public test keys; dev only)."
+            "--show-dev-keys",
+            envvar="PS_SHOW_DEV_KEYS",
+            help="Also print the dev accounts' private keys (anvil's public test keys; dev only).",
         ),
     ] = False,
-    min_stake_model: Annotated[str, typer.Option(help="Minimum model-node stake, ETH.")] = "1",
-    min_stake_relay: Annotated[str, typer.Option(help="Minimum relay stake, ETH.")] = "0.1",
-    min_stake_verifier: Annotated[str, typer.Option(help="Minimum verifier stake, ETH.")] = "1",
-    unbonding_delay: Annotated[int, typer.Option(min=0, help="Unbonding delay, seconds.")] = 86_400,
+    min_stake_model: Annotated[
+        str, typer.Option(envvar="PS_MIN_STAKE_MODEL", help="Minimum model-node stake, ETH.")
+    ] = "1",
+    min_stake_relay: Annotated[
+        str, typer.Option(envvar="PS_MIN_STAKE_RELAY", help="Minimum relay stake, ETH.")
+    ] = "0.1",
+    min_stake_verifier: Annotated[
+        str, typer.Option(envvar="PS_MIN_STAKE_VERIFIER", help="Minimum verifier stake, ETH.")
+    ] = "1",
+    unbonding_delay: Annotated[
+        int, typer.Option(envvar="PS_UNBONDING_DELAY", min=0, help="Unbonding delay, seconds.")
+    ] = 86_400,
     as_json: Annotated[bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM.

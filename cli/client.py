@@ -46,9 +46,13 @@ def _model_id(model: str) -> str:
 def ask(
     prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads it from stdin).")],
     model: Annotated[str, typer.Option("--model", envvar="PS_MODEL", help="NAME@REVISION or a 0x model id.")],
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 32,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 (greedy) to 2.")] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", envvar="PS_MAX_TOKENS", help="Most tokens to generate.")
+    ] = 32,
+    temperature: Annotated[
+        float, typer.Option("--temperature", envvar="PS_TEMPERATURE", help="0 (greedy) to 2.")
+    ] = 0.0,
+    seed: Annotated[int | None, typer.Option("--seed", envvar="PS_SEED", help="Sampling seed.")] = None,
     paths: Annotated[int, typer.Option("--paths", envvar="PS_PATHS", help="Cloves and paths, n.")] = 4,
     threshold: Annotated[int, typer.Option("--threshold", envvar="PS_THRESHOLD", help="Cloves that rebuild, k.")] = 3,
     hops: Annotated[int, typer.Option("--hops", envvar="PS_HOPS", help="Relays per path, L.")] = 3,

@@ -151,3 +151,29 @@ def test_exit_codes_map_by_class_not_by_code_text() -> None:
         code = "invalid_but_unmapped"  # a code that only looks like an invalid-input one
 
     assert exit_code_for(Renamed()) is ExitCode.FAILURE
+
+
+def _commands(command: Any, path: str) -> list[tuple[str, Any]]:
+    found = [(path, command)]
+    for name, sub in getattr(command, "commands", {}).items():
+        found += _commands(sub, f"{path} {name}")
+    return found
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_option_reads_a_ps_environment_variable(tool: str) -> None:
+    # The README and STYLE promise it: any option can be set from a PS_* variable (--help and --version aside).
+    import importlib
+
+    from typer.main import get_command
+
+    app = importlib.import_module(f"cli.{tool}").app
+    missing = []
+    for path, command in _commands(get_command(app), f"ps-{tool}"):
+        for param in command.params:
+            if getattr(param, "param_type_name", "") != "option" or param.name in ("help", "version"):
+                continue
+            envvar = param.envvar
+            if not (isinstance(envvar, str) and envvar.startswith("PS_")):
+                missing.append(f"{path} --{param.name}")
+    assert missing == []
