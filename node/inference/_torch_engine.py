@@ -291,7 +291,7 @@ class TorchEngine:
     async def score(self, prompt: str | Sequence[int], completion: str | Sequence[int]) -> ScoreResult:
         """Teacher-forced log-probs of ``completion`` after ``prompt``, queued and batched like ``generate``."""
         self._check_open()
-        p_ids, _ = await self._prepare(prompt if isinstance(prompt, str) else tuple(prompt))
+        p_ids, p_hashes = await self._prepare(prompt if isinstance(prompt, str) else tuple(prompt))
         c_ids = await asyncio.to_thread(self.tokenize, completion) if isinstance(completion, str) else list(completion)
         if not c_ids:
             return ScoreResult(token_ids=(), logprobs=(), prompt_tokens=len(p_ids))
@@ -320,7 +320,7 @@ class TorchEngine:
             request_id=rid,
             kind="score",
             prompt_ids=p_ids,
-            prompt_hashes=chunk_hashes(p_ids),
+            prompt_hashes=p_hashes,
             params=SamplingParams(max_tokens=1, temperature=0),
             emit=emit,
             score_from=len(p_ids),
