@@ -170,6 +170,10 @@ def deploy_attestations(
     if epoch_length is None:
         window = w3.eth.contract(address=registry, abi=list(load_artifact("NodeRegistry").abi))
         epoch_length = int(map_call_errors(decoder, None, window.functions.verificationWindow().call)) // 2
+        if epoch_length < MIN_EPOCH_LENGTH:
+            raise InvalidChainInput(
+                "epoch_length", epoch_length, "half the registry's verification window is under 1 s: set epoch_length"
+            )
     epoch_start = params.epoch_start
     if epoch_start is None:
         epoch_start = int(w3.eth.get_block("latest")["timestamp"])

@@ -11,7 +11,7 @@ import pytest
 from eth_abi.abi import encode
 from web3 import Web3
 
-from ledger import AttestationParams, Indexer, InvalidChainInput, load_artifact
+from ledger import AttestationParams, Indexer, InvalidChainInput, RegistryParams, deploy_all, load_artifact
 from ledger._attestations import deploy_attestations
 from ledger._reverts import (
     AccessControlUnauthorizedAccount,
@@ -391,3 +391,21 @@ def test_deploy_attestations_defaults_the_epoch_to_half_the_verification_window(
     att = attestations(chain, at=target)
     assert att.epoch_length() == TEST_PARAMS.verification_window // 2
     assert att.epoch_start() <= chain.now() and att.current_epoch() == 0
+
+
+def test_deploy_all_refuses_a_window_too_short_for_an_epoch_before_deploying_attestations(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    params = RegistryParams(verification_window=1, unbonding_delay=1)
+    with pytest.raises(InvalidChainInput) as info:
+        deploy_all(chain.w3, chain.account(OWNER), params, path=tmp_path / "d.json")
+    assert (info.value.param, info.value.value) == ("epoch_length", 0)
+    with pytest.raises(AttestationsInvalidEpochLength) as bound:  # an explicit epoch still meets the contract's
+        deploy_all(
+            chain.w3,
+            chain.account(OWNER),
+            params,
+            path=tmp_path / "d.json",
+            attestation_params=AttestationParams(epoch_length=1),
+        )
+    assert (bound.value.epochLength, bound.value.maximum) == (1, 0)
