@@ -26,6 +26,7 @@ from node.overlay._config import OverlayConfig
 from node.overlay._errors import OverlayError, status_for
 from node.overlay._metrics import OverlayMetrics
 from node.overlay._peers import PeerDirectory, StaticPeerDirectory
+from node.overlay._prometheus import NodeMetrics, metrics_route
 from node.overlay._receiver import CloveReceiver, ReplyHandler
 from node.overlay._relay import RelayState, forward
 from node.privacy import (
@@ -312,4 +313,8 @@ def create_app(
     root.cleanup_ctx.append(_draining_ctx(overlay))
     root.add_subapp("/overlay", overlay)
     root[keys.OVERLAY_APP] = overlay
+    # Prometheus at /metrics (the convention), on the root app; its registry belongs to this app alone.
+    node_metrics = NodeMetrics(overlay[keys.METRICS], role=config.role)
+    root[keys.NODE_METRICS] = node_metrics
+    root.router.add_routes([metrics_route(node_metrics)])
     return root

@@ -69,11 +69,15 @@ def create_model_app(
         yield
         await engine.close()
 
-    watchers = [*observers, *([heartbeat] if heartbeat is not None else [])]
+    # The handler iterates this list per request: the node's metrics, created with the app, join it below.
+    watchers: list[RequestObserver] = [*observers, *([heartbeat] if heartbeat is not None else [])]
     routes = []
     if heartbeat is not None:
         routes.append(web.get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat)))
     app = create_app(config, completion_handler(engine, observers=watchers), peers=peers, routes=routes)
+    metrics = app[keys.NODE_METRICS]
+    metrics.watch_engine(engine.stats)
+    watchers.append(metrics)
     if isinstance(peers, RegistryPeerDirectory):
         app.cleanup_ctx.append(peers.cleanup_ctx())
     app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health

@@ -10,6 +10,7 @@ from aiohttp import web
 from node.overlay._config import OverlayConfig
 from node.overlay._metrics import OverlayMetrics
 from node.overlay._peers import PeerDirectory
+from node.overlay._prometheus import NodeMetrics
 from node.overlay._receiver import CloveReceiver
 from node.overlay._relay import RelayState
 from node.privacy import OnionKeyring
@@ -35,5 +36,7 @@ ONION_KEYRING: web.AppKey[OnionKeyring] = web.AppKey("planetserve.overlay.onion_
 PEERS: web.AppKey[PeerDirectory] = web.AppKey("planetserve.overlay.peers")
 #: On the root application: the ``/overlay`` sub-application (for tests and tools that inspect its state).
 OVERLAY_APP = web.AppKey("planetserve.overlay.app", web.Application)
+#: On the root application: the node's Prometheus registry (``GET /metrics``).
+NODE_METRICS = web.AppKey("planetserve.overlay.node_metrics", NodeMetrics)
 #: Model nodes: the engine's health check; readiness fails while it answers False.
 ENGINE_HEALTH: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("planetserve.overlay.engine_health")
