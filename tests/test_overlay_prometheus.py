@@ -50,8 +50,8 @@ async def test_nodes_expose_prometheus_counters_histograms_and_rejects_without_p
             request = CompletionRequest(model=engine.model_id, prompt=PROMPT, max_tokens=4, temperature=0.0)
             paths = select_paths(net.descriptors(), 4, 3)
             deltas = [d async for d in complete(session, request, paths, model.peer())]
-            async with session.post(net.relay_nodes[0].endpoint + "/overlay/v1/onion", data=b"\x02junk") as r:
-                assert r.status == 400
+            async with session.post(net.relay_nodes[0].endpoint + "/overlay/v1/onion", data=b"\x02junk") as junk:
+                assert junk.status == 400
 
             model_text = await _scrape(session, endpoint)
             relay_text = await _scrape(session, net.relay_nodes[0].endpoint)
