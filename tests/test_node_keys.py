@@ -128,3 +128,30 @@ def test_ps_node_keys_rotate_publishes_the_new_key_on_chain(chain: ChainEnv, tmp
     again = _run("node", ["keys", "rotate", "--publish-after", "0", "--json"], env)
     assert again.returncode != 0 and "grace period" in again.stderr
     assert json.loads(_run("node", ["keys", "show", "--json"], env).stdout) == shown
+
+
+def test_a_served_node_takes_a_rotation_without_a_restart(chain: ChainEnv, tmp_path: Path) -> None:
+    from tests.test_serve_cli import _ready, _spawn
+
+    env = _env(chain, tmp_path)
+    proc = _spawn(["serve", "--role", "relay", "--port", "0", "--json"], env)
+    try:
+        endpoint = _ready(proc)["endpoint"]
+        register = ["register", "--role", "relay", "--endpoint", endpoint, "--price", "10", "--stake", "1", "--json"]
+        registered = _ok_json(_run("node", register, env))  # its endpoint check reads the served key
+        rotated = _ok_json(_run("node", ["keys", "rotate", "--publish-after", "3", "--json"], env))
+
+        async def served_keys() -> list[str]:
+            async with aiohttp.ClientSession() as session, session.get(endpoint + "/overlay/info") as response:
+                keys_: list[str] = (await response.json())["x25519_public_keys"]
+            return keys_
+
+        served = asyncio.run(served_keys())
+        # The running node holds the new key (loaded while the CLI waited to publish) and, in grace, the old one.
+        assert set(served) == {rotated["current_public_key"], registered["x25519_public_key"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
