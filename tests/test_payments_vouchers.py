@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 from eth_utils.crypto import keccak
 
 from ledger import InvalidChainInput, Voucher, VoucherDomain, Wei, dev_account, sign_voucher, verify_voucher
 from ledger._vouchers import (
+    DOMAIN_NAME,
+    DOMAIN_VERSION,
+    VOUCHER_TYPE,
     VOUCHER_TYPEHASH,
     VoucherForged,
     VoucherWrongChain,
@@ -119,3 +126,39 @@ def test_the_signature_never_appears_in_a_repr_or_error() -> None:
     with pytest.raises(VoucherForged) as exc:
         verify_voucher(voucher, domain=domain, client=dev_account(OUTSIDER).address)
     assert voucher.signature.hex() not in str(exc.value)
+
+
+def _vectors() -> dict[str, Any]:
+    content: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "vouchers.json").read_text())
+    return content
+
+
+def test_vouchers_reproduce_the_independent_vectors() -> None:
+    vectors = _vectors()
+    assert (vectors["domain_name"], vectors["domain_version"]) == (DOMAIN_NAME, DOMAIN_VERSION)
+    assert vectors["voucher_type"] == VOUCHER_TYPE
+    assert vectors["signer"] == dev_account(CLIENT).address
+    for case in vectors["cases"]:
+        domain = VoucherDomain(chain_id=case["chain_id"], contract=case["contract"])
+        channel, amount = int(case["channel_id"]), int(case["cumulative_amount"])
+        assert voucher_digest(domain, channel, amount).hex() == case["digest"]
+        signed = sign_voucher(dev_account(CLIENT), domain, channel, amount)
+        assert signed.signature.hex() == case["signature"]
+        assert recover_voucher_signer(signed) == vectors["signer"]
+
+
+def test_the_must_reject_signature_vectors_are_refused() -> None:
+    vectors = _vectors()
+    base = vectors["cases"][vectors["must_reject"]["case"]]
+    domain = VoucherDomain(chain_id=base["chain_id"], contract=base["contract"])
+    reasons = []
+    for bad in vectors["must_reject"]["signatures"]:
+        voucher = Voucher(
+            domain=domain,
+            channel_id=int(base["channel_id"]),
+            cumulative_amount=Wei(int(base["cumulative_amount"])),
+            signature=bytes.fromhex(bad["signature"]),
+        )
+        assert recover_voucher_signer(voucher) is None, bad["reason"]
+        reasons.append(bad["reason"])
+    assert reasons == ["high_s", "v_not_27_or_28", "r_zero", "s_zero"]
