@@ -6,11 +6,16 @@
    its real endpoint and X25519 key, from distinct anvil dev accounts (anvil's public test mnemonic: fine for a local
    demo, never for a real chain). Verifiers are registered and staked; their process comes with verification.
 4. Indexes the registry's events and prints the network as a client sees it.
-5. A client resolves the model on chain, picks a model node and 4 onion paths of 3 relays from the registry, sends
-   S-IDA cloves, and streams the reply back over the reverse paths; a second prompt sharing a prefix shows the model
-   node's prefix cache at work. Relay counters show the traffic really crossed the relays.
+5. A ``Client`` (the paper's user node) resolves the model on chain, reads the model nodes' signed heartbeats, and
+   for each request picks a model node with the ``planetserve`` forwarding policy and 4 onion paths of 3 relays,
+   sends S-IDA cloves and streams the reply back over the reverse paths. Prompts sharing a prefix follow the node
+   that holds it (its prefix cache answers); a node made busy is avoided.
+6. The official ``openai`` package, pointed at the OpenAI-compatible endpoint, answers through the same network.
+7. Money: the client opens a payment channel to the model node that served it and pays with one cumulative
+   EIP-712 voucher; the node redeems it in one transaction and its earnings are locked for the verification window.
+8. One relay is stopped while still registered: the client re-routes around it.
 
-Payments (vouchers) and verification (challenges, attestations) join this script with their issues.
+Verification (challenges, attestations) joins this script with its issue.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.table import Table
+from web3 import Web3
 
 from ledger import (
     Anvil,
@@ -34,27 +41,33 @@ from ledger import (
     IndexedNode,
     Indexer,
     NodeRegistry,
+    PaymentChannels,
     RegistryParams,
     Role,
+    Wei,
     deploy_all,
     dev_account,
     format_eth,
     model_id,
+    sign_voucher,
 )
 from node import NodeIdentity
-from node.inference import EngineConfig, ModelRecipe, TorchEngine, ensure_model, read_info
-from node.overlay import (
-    ClientSettings,
-    CompletionRequest,
-    Directory,
-    OverlayConfig,
-    Route,
-    complete,
-    complete_routed,
-    completion_handler,
+from node.client import Client, ClientConfig, ClientService, create_openai_app, load_tokenizer
+from node.inference import (
+    EngineConfig,
+    GenerationRequest,
+    ModelRecipe,
+    SamplingParams,
+    TorchEngine,
+    ensure_model,
+    read_info,
 )
-from node.overlay._localnet import LocalNode, start_node
+from node.inference._prefix import chunk_hashes
+from node.overlay import CompletionRequest, Directory, OverlayConfig, Route
+from node.overlay._heartbeat import HeartbeatPublisher
 from node.overlay._peers import StaticPeerDirectory
+from node.overlay._serve import create_model_app
+from node.testing import LocalNode, serve_ephemeral, start_node
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where the demo's model is cached (``ensure_model`` names the folder by its recipe's hash).
@@ -74,8 +87,10 @@ DEMO_NODES: tuple[tuple[Role, int, int], ...] = (
 #: Few-shot examples both prompts share: longer than a prefix-cache chunk (16 tokens), so the second prompt reuses
 #: the first one's KV at the model node.
 _SHOTS = "3+4=7\n10+5=15\n21+8=29\n6+6=12\n"
-#: Two prompts sharing a prefix.
-DEMO_PROMPTS: tuple[str, ...] = (_SHOTS + "12+7=", _SHOTS + "30+4=")
+#: Prompts sharing a prefix.
+DEMO_PROMPTS: tuple[str, ...] = (_SHOTS + "12+7=", _SHOTS + "30+4=", _SHOTS + "5+9=")
+#: The deposit of the demo's payment channel, wei (0.01 ETH).
+CHANNEL_DEPOSIT = 10**16
 
 
 @dataclass(slots=True, kw_only=True)
@@ -100,6 +115,22 @@ class DemoResult:
     """The last request's completion, sent with that relay still in the registry but down."""
     routes_tried: int = 0
     """Routes the last request needed (the first includes the dead relay on several paths)."""
+    destinations: list[str] = field(default_factory=list)
+    """The model node (operator) each prompt sharing the prefix went to."""
+    busy_node: str = ""
+    """The model node made busy before the next request."""
+    while_busy: str = ""
+    """Where the request sent while it was busy went."""
+    openai_replies: list[str] = field(default_factory=list)
+    """What the ``openai`` package got back (a chat completion, then a streamed completion)."""
+    paid_wei: int = 0
+    """The cumulative voucher the client signed for what the node served it."""
+    locked_wei: int = 0
+    """The node's earnings locked on the payment contract after redeeming."""
+    requests_sent: int = 0
+    """Requests sent over the overlay before the relay was stopped."""
+    served_tokens: dict[str, list[int]] = field(default_factory=dict)
+    """Prompt plus completion tokens of each request, by the model node (operator) that served it."""
     seconds: float = 0.0
     """Wall time of the whole demo."""
 
@@ -128,6 +159,152 @@ async def _forwarded(session: aiohttp.ClientSession, node: LocalNode) -> int:
         return int((await response.json())["forwarded"])
 
 
+async def _model_node(
+    index: int,
+    config: OverlayConfig,
+    engine: TorchEngine,
+    operator: LocalAccount,
+    peers: StaticPeerDirectory,
+    node_id: bytes,
+) -> LocalNode:
+    """A model node that publishes heartbeats signed by its operator (load, TTFT, salted cache summary)."""
+    publisher = HeartbeatPublisher(
+        account=operator,
+        model_id=engine.model_id,
+        stats=engine.stats,
+        prefix_hashes=lambda prompt: chunk_hashes(engine.tokenize(prompt)),
+        interval_s=0.1,
+    )
+    app = create_model_app(config, engine, peers=peers, heartbeat=publisher)
+    runner, endpoint = await serve_ephemeral(app)
+    node = LocalNode(name=f"model-{index}", config=config, app=app, runner=runner, endpoint=endpoint, node_id=node_id)
+    peers.add(node.peer())
+    return node
+
+
+def _request(model: str, prompt: str, max_tokens: int = 8) -> CompletionRequest:
+    return CompletionRequest(
+        model="0x" + model_id(model).hex(), prompt=prompt, max_tokens=max_tokens, temperature=0.0, stop=("\n",)
+    )
+
+
+async def _requests(
+    console: Console,
+    result: DemoResult,
+    directory: Directory,
+    model: str,
+    model_dir: Path,
+    models: list[tuple[str, TorchEngine]],
+) -> None:
+    """Forwarding at work, then the openai package through the same client."""
+    routes: list[Route] = []
+    client = Client(
+        directory,
+        ClientConfig(models=(model,), heartbeat_refresh_s=0.0),
+        tokenizer=load_tokenizer(model_dir),
+        on_route=routes.append,
+    )
+    async with client:
+        for prompt in DEMO_PROMPTS:
+            sent = time.perf_counter()
+            done = await client.complete(_request(model, prompt))
+            destination = routes[-1].destination.operator
+            result.replies.append(done.text)
+            result.cached_tokens.append(done.cached_tokens)
+            result.destinations.append(destination)
+            result.served_tokens.setdefault(destination, []).append(done.prompt_tokens + done.completion_tokens)
+            console.print(
+                f"client → model node {destination[:10]}… (planetserve policy) over 4 paths × 3 relays (n=4, k=3): "
+                f"{prompt[len(_SHOTS) :]!r} after the shared examples → {done.text!r} "
+                f"[{done.completion_tokens} tokens, {done.cached_tokens} prompt tokens from its prefix cache, "
+                f"{(time.perf_counter() - sent) * 1e3:.0f} ms]"
+            )
+        # Make the node holding the prefix busy (six long generations straight on its engine); a new prompt goes
+        # to the other one, read from the busy node's own signed heartbeat.
+        result.busy_node = result.destinations[-1]
+        busy = next(engine for operator, engine in models if operator == result.busy_node)
+        params = SamplingParams(max_tokens=120, temperature=0.0)
+
+        async def load(i: int) -> None:
+            request = GenerationRequest(request_id=f"demo-load-{i}", prompt=_SHOTS + f"{i}+{i}=", params=params)
+            async for _ in busy.generate(request):
+                pass
+
+        background = [asyncio.create_task(load(i)) for i in range(6)]
+        try:
+            while busy.stats().running_requests + busy.stats().queued_requests < 4:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.15)
+            done = await client.complete(_request(model, "40+2="))
+            result.while_busy = routes[-1].destination.operator
+            result.served_tokens.setdefault(result.while_busy, []).append(done.prompt_tokens + done.completion_tokens)
+            console.print(
+                f"model node {result.busy_node[:10]}… busy ({busy.stats().running_requests} running, "
+                f"{busy.stats().queued_requests} queued, per its signed heartbeat): the next request went to "
+                f"{result.while_busy[:10]}… → {done.text!r}"
+            )
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+        # The official openai package, with only base_url changed, through the same private network.
+        import openai
+
+        service = ClientService(client)
+        await service.refresh()
+        runner, url = await serve_ephemeral(create_openai_app(service))
+        try:
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as api:
+                chat = await api.chat.completions.create(
+                    model=model.split("@")[0],
+                    messages=[{"role": "user", "content": "12+7="}],
+                    max_tokens=6,
+                    temperature=0,
+                )
+                stream = await api.completions.create(
+                    model=model, prompt=_SHOTS + "2+2=", max_tokens=6, temperature=0, stream=True
+                )
+                streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+            result.openai_replies = [chat.choices[0].message.content or "", streamed]
+            console.print(
+                f"openai package at {url}/v1: chat.completions → {result.openai_replies[0]!r}; "
+                f"streamed completions → {streamed!r} (both sent privately by the same Client)"
+            )
+        finally:
+            await runner.cleanup()
+    result.requests_sent = len(DEMO_PROMPTS) + 1 + 2
+
+
+def _pay(
+    console: Console, result: DemoResult, w3: Web3, deployment: Deployment, models: list[tuple[str, TorchEngine]]
+) -> None:
+    """A payment channel from a client account to the first demo node, one cumulative voucher, one redeem.
+
+    The voucher covers the tokens this demo's client was served by that node, at its registered price. Here it is
+    handed to the node beside the requests; carrying it inside each encrypted request is the next protocol version.
+    """
+    node = result.destinations[0]
+    registered = next(n for n in result.nodes if n.operator == node)
+    client_account = dev_account(len(DEMO_NODES) + 1)
+    payments = PaymentChannels(w3, deployment.payments_address, client_account)
+    opened = payments.open_channel(node, CHANNEL_DEPOSIT)
+    served_tokens = sum(result.served_tokens.get(node, []))
+    amount = max(1, -(-int(registered.price_per_1k_tokens) * served_tokens // 1000))
+    voucher = sign_voucher(client_account, payments.domain(), opened.channel_id, amount)
+    operator = next(dev_account(i) for i in range(1, len(DEMO_NODES) + 1) if dev_account(i).address == node)
+    payments.with_account(operator).redeem(voucher)
+    balances = payments.balances(node)
+    result.paid_wei = amount
+    result.locked_wei = int(balances.locked)
+    console.print(
+        f"payment channel {opened.channel_id}: client {client_account.address[:10]}… deposited "
+        f"{format_eth(Wei(CHANNEL_DEPOSIT))} ETH; one EIP-712 voucher for {amount} wei covers the {served_tokens} "
+        f"tokens node {node[:10]}… served at {registered.price_per_1k_tokens} wei/1k; the node redeemed it in one "
+        f"transaction: {balances.locked} wei locked until the verification window ends, then withdrawable"
+    )
+
+
 async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
     """Run the whole demo against the model folder ``model_dir``; every process and server is stopped at the end."""
     started = time.perf_counter()
@@ -137,7 +314,7 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
     model = f"{info.name}@{info.revision}"
     nodes_up: list[LocalNode] = []
     engines: list[TorchEngine] = []
-    with tempfile.TemporaryDirectory(prefix="planetserve-demo-") as tmp, Anvil(AnvilConfig()) as anvil:
+    with tempfile.TemporaryDirectory(prefix="planetserve-demo-") as tmp, Anvil(AnvilConfig(accounts=len(DEMO_NODES) + 2)) as anvil:
         root = Path(tmp)
         w3 = anvil.web3()
         deployment = deploy_all(w3, dev_account(0), RegistryParams(), path=root / "deployment.json")
@@ -145,6 +322,7 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
         registry = NodeRegistry(w3, deployment.registry_address)
         try:
             relays: list[LocalNode] = []
+            models: list[tuple[str, TorchEngine]] = []
             # The relays' view of the registry: each node is added under its operator address as it starts.
             peers = StaticPeerDirectory()
             for index, (role, stake, price) in enumerate(DEMO_NODES, start=1):
@@ -159,9 +337,8 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     if role is Role.MODEL:
                         engine = TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4))
                         engines.append(engine)
-                        node = await start_node(
-                            f"model-{index}", config, completion_handler(engine), peers=peers, node_id=node_id
-                        )
+                        node = await _model_node(index, config, engine, operator, peers, node_id)
+                        models.append((operator.address, engine))
                     else:
                         node = await start_node(f"relay-{index}", config, peers=peers, node_id=node_id)
                         relays.append(node)
@@ -183,51 +360,30 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             result = DemoResult(deployment=deployment, nodes=nodes, model=model)
 
             directory = Directory.from_registry(nodes)
-            wanted = "0x" + model_id(model).hex()
-            settings = ClientSettings(n=4, k=3)
+            await _requests(console, result, directory, model, model_dir, models)
             async with aiohttp.ClientSession() as session:
-                for prompt in DEMO_PROMPTS:
-                    route = directory.route(wanted, n=4, hops=3)
-                    request = CompletionRequest(
-                        model=wanted, prompt=prompt, max_tokens=8, temperature=0.0, stop=("\n",)
-                    )
-                    sent = time.perf_counter()
-                    deltas = [
-                        d async for d in complete(session, request, route.paths, route.destination.peer(), settings)
-                    ]
-                    took = time.perf_counter() - sent
-                    text = "".join(d.text for d in deltas)
-                    result.replies.append(text)
-                    result.cached_tokens.append(deltas[-1].cached_tokens)
-                    console.print(
-                        f"client → model node {route.destination.operator[:10]}… over 4 paths × 3 relays "
-                        f"(n=4, k=3): prompt {prompt!r} → {text!r} "
-                        f"[{deltas[-1].completion_tokens} tokens, {deltas[-1].cached_tokens} prompt tokens from "
-                        f"the prefix cache, {took * 1e3:.0f} ms]"
-                    )
                 for relay in relays:
                     result.relay_forwards[relay.endpoint] = await _forwarded(session, relay)
+            _pay(console, result, w3, deployment, models)
 
-                # A relay dies but is still registered: the client finds out from its paths and re-routes.
-                victim = relays[0]
-                await victim.stop()
-                result.stopped_relay = victim.endpoint
-                routes: list[Route] = []
-                request = CompletionRequest(
-                    model=wanted, prompt=_SHOTS + "8+9=", max_tokens=8, temperature=0.0, stop=("\n",)
-                )
+            # A relay dies but is still registered: the client finds out from its paths and re-routes.
+            victim = relays[0]
+            await victim.stop()
+            result.stopped_relay = victim.endpoint
+            routes: list[Route] = []
+            client = Client(
+                directory, ClientConfig(models=(model,), attempts=3, heartbeats=False), on_route=routes.append
+            )
+            async with client:
                 sent = time.perf_counter()
-                replies = complete_routed(
-                    session, directory, request, settings=settings, attempts=3, on_route=routes.append
-                )
-                deltas = [d async for d in replies]
-                result.rerouted_reply = "".join(d.text for d in deltas)
-                result.routes_tried = len(routes)
-                console.print(
-                    f"relay :{victim.endpoint.rsplit(':', 1)[1]} stopped (still registered): the next request "
-                    f"failed before any reply on {len(routes) - 1} route(s), was re-routed around it and answered "
-                    f"{result.rerouted_reply!r} in {(time.perf_counter() - sent) * 1e3:.0f} ms"
-                )
+                rerouted = await client.complete(_request(model, _SHOTS + "8+9="))
+            result.rerouted_reply = rerouted.text
+            result.routes_tried = len(routes)
+            console.print(
+                f"relay :{victim.endpoint.rsplit(':', 1)[1]} stopped (still registered): the next request "
+                f"failed before any reply on {len(routes) - 1} route(s), was re-routed around it and answered "
+                f"{result.rerouted_reply!r} in {(time.perf_counter() - sent) * 1e3:.0f} ms"
+            )
             console.print(
                 "packets forwarded per relay: "
                 + ", ".join(
@@ -236,9 +392,7 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             )
         finally:
             for node in nodes_up:
-                await node.stop()
-            for engine in engines:
-                await engine.close()
+                await node.stop()  # a model node's app closes its engine
     result.seconds = time.perf_counter() - started
     console.print(f"chain and nodes stopped; demo finished in {result.seconds:.1f} s")
     return result

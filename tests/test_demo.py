@@ -20,12 +20,20 @@ async def test_demo_serves_private_requests_through_registered_relays(tiny_model
     served = [n for n in result.nodes if n.role is not Role.VERIFIER]
     assert all(n.endpoint in out.getvalue() for n in served)
     assert len(result.replies) == len(DEMO_PROMPTS) and all(result.replies)
-    assert result.cached_tokens[0] == 0 and result.cached_tokens[1] > 0
+    # Prompts sharing a prefix followed the node holding it, whose prefix cache answered.
+    assert len(set(result.destinations)) == 1
+    assert result.cached_tokens[0] == 0 and all(c > 0 for c in result.cached_tokens[1:])
+    # The node made busy was avoided.
+    assert result.while_busy and result.while_busy != result.busy_node
+    # The openai package answered through the network.
+    assert len(result.openai_replies) == 2
+    # Money: a channel, one voucher for what was served, redeemed and locked.
+    assert result.paid_wei > 0 and result.locked_wei == result.paid_wei
     relays = [n for n in result.nodes if n.role is Role.RELAY]
     assert set(result.relay_forwards) == {n.endpoint for n in relays}
     assert all(count > 0 for count in result.relay_forwards.values())
-    # 2 requests x 4 paths x 3 relays: each packet is forwarded once by each relay it crosses.
-    assert sum(result.relay_forwards.values()) == len(DEMO_PROMPTS) * 4 * 3
+    # Each request's 4 paths x 3 relays: each packet is forwarded once by each relay it crosses.
+    assert sum(result.relay_forwards.values()) == result.requests_sent * 4 * 3
     # One relay then stopped while still registered: the client re-routed around it.
     assert result.stopped_relay in result.relay_forwards and result.rerouted_reply
     assert result.routes_tried >= 2

@@ -220,8 +220,13 @@ class LoadTracker:
         return stats
 
     def seconds_per_token(self, node_id: str) -> float:
-        """The current estimate (the prior before any sample)."""
-        return self._stats(node_id).seconds_per_token
+        """The current estimate. A node not measured yet gets the mean of the measured ones (else the prior): an
+        optimistic guess would send every next request to whichever node is still unknown."""
+        stats = self._stats(node_id)
+        if stats.samples:
+            return stats.seconds_per_token
+        measured = [s.seconds_per_token for s in self._nodes.values() if s.samples]
+        return sum(measured) / len(measured) if measured else self.prior
 
     def inflight_tokens(self, node_id: str) -> int:
         """Tokens of this client's own requests sent to the node and not yet answered."""
