@@ -314,7 +314,8 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
     model = f"{info.name}@{info.revision}"
     nodes_up: list[LocalNode] = []
     engines: list[TorchEngine] = []
-    with tempfile.TemporaryDirectory(prefix="planetserve-demo-") as tmp, Anvil(AnvilConfig(accounts=len(DEMO_NODES) + 2)) as anvil:
+    chain = AnvilConfig(accounts=len(DEMO_NODES) + 2)  # the nodes, the deployer and the demo's paying client
+    with tempfile.TemporaryDirectory(prefix="planetserve-demo-") as tmp, Anvil(chain) as anvil:
         root = Path(tmp)
         w3 = anvil.web3()
         deployment = deploy_all(w3, dev_account(0), RegistryParams(), path=root / "deployment.json")
