@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from ledger import (
+    ChannelInfo,
     InvalidChainInput,
     PaymentChannels,
     PriceRule,
@@ -208,3 +210,42 @@ def test_amounts_beyond_64_bits_survive_the_database(chain: ChainEnv, tmp_path: 
     book = _store(chain, path).book(channel)
     assert book is not None and book.latest.cumulative_amount == amount and book.owed == 30
     assert book.latest == voucher(pay, CLIENT, channel, amount)
+
+
+class _FixedChannels:
+    """The store's direct neighbour faked: one open channel per id, paying NODE, funded generously."""
+
+    def channel(self, channel_id: int) -> ChannelInfo | None:
+        return ChannelInfo(
+            channel_id=channel_id,
+            client=dev_account(CLIENT).address,
+            node=dev_account(NODE).address,
+            deposit=Wei(10**9),
+            redeemed=Wei(0),
+            closes_at=0,
+            settled=False,
+        )
+
+
+def test_concurrent_accepts_from_threads_are_serialised(tmp_path: Path) -> None:
+    domain = VoucherDomain(chain_id=31337, contract=dev_account(OUTSIDER).address)
+    store = VoucherStore(
+        f"sqlite:///{tmp_path / 'v.db'}", domain=domain, node=dev_account(NODE).address, channels=_FixedChannels()
+    )
+    rule = PriceRule(price_per_1k_tokens=Wei(1_000), prompt_tokens=1, max_tokens=0)
+    vouchers = [sign_voucher(dev_account(CLIENT), domain, c, a) for a in range(1, 25) for c in (1, 2, 3)]
+
+    def attempt(v: Voucher) -> int | None:
+        try:
+            return store.accept(v, rule).voucher.cumulative_amount
+        except VoucherStale:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(zip(vouchers, pool.map(attempt, vouchers), strict=True))
+    for channel in (1, 2, 3):
+        accepted = [amount for v, amount in outcomes if v.channel_id == channel and amount is not None]
+        assert len(accepted) == len(set(accepted))  # no amount accepted twice
+        book = store.book(channel)
+        assert book is not None and book.latest.cumulative_amount == max(accepted)
+        assert book.reserved == len(accepted)  # every accepted request holds its reservation
