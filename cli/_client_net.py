@@ -57,7 +57,9 @@ def _client(
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=_db(db))
-    return Client(directory, ClientConfig(models=models), tokenizer=_tokenizer(tokenizer))
+    return Client(
+        directory, ClientConfig(models=models), tokenizer=_tokenizer(tokenizer), reputation=directory.reputation
+    )
 
 
 @app.command()

@@ -183,7 +183,7 @@ async def _serve(
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}")
-    client = Client(directory, ClientConfig(models=(model,)))
+    client = Client(directory, ClientConfig(models=(model,)), reputation=directory.reputation)
     service = ClientService(client)
     await service.refresh()
     runner = web.AppRunner(create_openai_app(service), access_log=None)

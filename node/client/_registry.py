@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node.client._policy import NEUTRAL_REPUTATION
 from node.overlay import Directory
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ class RegistryDirectory:
         self.db_url = db_url
         self._indexer: Indexer | None = None
         self._lock = asyncio.Lock()
+        self._reputation: dict[str, float] = {}
 
     def _open(self) -> Indexer:
         from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when used
@@ -40,7 +42,14 @@ class RegistryDirectory:
     def _read(self) -> Directory:
         indexer = self._open()
         indexer.sync()
-        return Directory.from_registry(indexer.nodes())
+        nodes = indexer.nodes()
+        # On-chain reputation (fixed point, 1e6 = 1.0; neutral 0.5 until verifiers rate a node).
+        self._reputation = {n.operator: n.reputation / 1e6 for n in nodes}
+        return Directory.from_registry(nodes)
+
+    def reputation(self, operator: str) -> float:
+        """A node's on-chain reputation in [0, 1] as of the last read (neutral when unknown)."""
+        return self._reputation.get(operator, NEUTRAL_REPUTATION)
 
     async def __call__(self) -> Directory:
         async with self._lock:
