@@ -66,11 +66,21 @@ def _client(
 def chat(
     message: Annotated[str, typer.Argument(help="Your message ('-' reads it from stdin).")],
     model: Annotated[str, typer.Option("--model", envvar="PS_MODEL", help="NAME@REVISION, a bare NAME, or a 0x id.")],
-    system: Annotated[str | None, typer.Option("--system", help="A system message before yours.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=4096, help="Most tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=2.0, help="0 is greedy.")] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Sampling seed (default: a fresh one).")] = None,
-    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the reply as it is generated.")] = True,
+    system: Annotated[
+        str | None, typer.Option("--system", envvar="PS_SYSTEM", help="A system message before yours.")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", envvar="PS_MAX_TOKENS", min=1, max=4096, help="Most tokens to generate.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", envvar="PS_TEMPERATURE", min=0.0, max=2.0, help="0 is greedy.")
+    ] = 0.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", envvar="PS_SEED", min=0, help="Sampling seed (default: a fresh one).")
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", envvar="PS_STREAM", help="Print the reply as it is generated.")
+    ] = True,
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
