@@ -45,8 +45,12 @@ def describe_time(unix: int, now: int | None = None) -> str:
     return f"{when} ({format_instant(unix)})"
 
 
+#: Revert argument names that hold a Unix time without saying so in a suffix (OpenZeppelin's admin-rules errors).
+_TIME_NAMES = frozenset({"schedule", "acceptSchedule"})
+
+
 def _is_time_field(name: str) -> bool:
-    return name.endswith(("At", "_at", "Until", "Deadline"))
+    return name in _TIME_NAMES or name.endswith(("At", "_at", "Until", "Deadline"))
 
 
 def describe_error(exc: PlanetServeError) -> str:
