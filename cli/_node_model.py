@@ -84,12 +84,18 @@ def make(
 def make_variant(
     source: Annotated[Path, typer.Option("--from", envvar="PS_VARIANT_FROM", help="The original model folder.")],
     kind: Annotated[
-        str, typer.Option("--kind", envvar="PS_VARIANT_KIND", help="fewer-layers | int8 | undertrained | seed")
+        str,
+        typer.Option(
+            "--kind", envvar="PS_VARIANT_KIND", help="fewer-layers | half-width | int8 (CPU only) | undertrained | seed"
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", envvar="PS_MODEL_OUT", help="Folder to create (absent or empty).")],
     as_json: _Json = False,
 ) -> None:
-    """Derive a weaker model a dishonest node might serve (same tokenizer, different quality)."""
+    """Derive a cheaper or different model a dishonest node might serve (same tokenizer, different quality).
+
+    half-width, undertrained and seed train a new model (minutes); fewer-layers and int8 take seconds.
+    """
     _offline()
     from node.inference import make_variant as build
 

@@ -135,12 +135,24 @@ def load_model(path: Path, *, device: str = "cpu") -> tuple[PreTrainedModel, Pre
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
+    from node.inference._quant import INT8_DYNAMIC, load_int8, quantization_of
+
     quiet_transformers()
     tokenizer = load_tokenizer(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # safetensors/json/transformers raise many unrelated types on corrupt files
-        raise ModelLoadError(path=str(path), reason=f"weights or config are corrupt ({type(exc).__name__})") from exc
+    quantization = quantization_of(path)
+    if quantization == INT8_DYNAMIC:
+        model = load_int8(path)  # int8 kernels exist for CPU only: the device must be "cpu"
+    elif quantization is not None:
+        raise ModelLoadError(path=str(path), reason=f"unknown quantization {quantization[:32]!r}")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # safetensors/json/transformers raise many unrelated types on corrupt files
+            raise ModelLoadError(
+                path=str(path), reason=f"weights or config are corrupt ({type(exc).__name__})"
+            ) from exc
+    if quantization is not None and device != "cpu":
+        raise ModelLoadError(path=str(path), reason=f"int8 dynamic quantization runs on CPU only, not {device}")
     model = model.to(device)  # type: ignore[arg-type]  # transformers' typed wrapper rejects str devices
     model.eval()
     if model.config.vocab_size < len(tokenizer):

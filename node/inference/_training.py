@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from node.inference._corpus import corpus_lines, held_out_problems
+from node.inference._corpus import CORPUS_VERSION, corpus_lines, held_out_problems, held_out_prompts
 from node.inference._errors import InvalidParams, ModelLoadError
 from node.inference._modelio import (
     METADATA_FILE,
@@ -30,8 +30,8 @@ from node.inference._modelio import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-VariantKind = Literal["fewer-layers", "int8", "undertrained", "seed"]
-VARIANT_KINDS: tuple[str, ...] = ("fewer-layers", "int8", "undertrained", "seed")
+VariantKind = Literal["fewer-layers", "half-width", "int8", "undertrained", "seed"]
+VARIANT_KINDS: tuple[str, ...] = ("fewer-layers", "half-width", "int8", "undertrained", "seed")
 _SPECIALS = ["<|endoftext|>", "<|pad|>"]
 #: ``on_step(steps_done, steps_total, loss)``: called after each training step (feeds a progress bar).
 StepCallback = Callable[[int, int, float], None]
@@ -55,6 +55,8 @@ class ModelRecipe:
     seq_len: int = 96
     lr: float = 3e-3
     corpus_lines: int = 40_000
+    #: The corpus generator's version (``_corpus.CORPUS_VERSION``): only the current one can be trained.
+    corpus_version: int = CORPUS_VERSION
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "layers", "heads", "steps", "batch_size", "seq_len", "corpus_lines"):
@@ -65,6 +67,10 @@ class ModelRecipe:
             raise InvalidParams(param="heads", value=self.heads, reason="must divide hidden_size")
         if self.vocab_size < 300:
             raise InvalidParams(param="vocab_size", value=self.vocab_size, reason="must be >= 300 (bytes + merges)")
+        if self.corpus_version != CORPUS_VERSION:
+            raise InvalidParams(
+                param="corpus_version", value=self.corpus_version, reason=f"only version {CORPUS_VERSION} exists"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form stored in ``planetserve.json``."""
@@ -84,15 +90,19 @@ class ModelRecipe:
     def from_dict(cls, raw: dict[str, Any]) -> ModelRecipe:
         """Inverse of ``to_dict`` (unknown keys ignored)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in fields})
+        # A recipe written before the corpus was versioned was trained on version 1, which no longer exists.
+        return cls(**{"corpus_version": 1} | {k: v for k, v in raw.items() if k in fields})
 
 
 #: ``--quick``: under a minute on two CPU cores.
 QUICK = ModelRecipe(
     name="ps-tiny-quick", hidden_size=128, layers=4, heads=4, intermediate_size=352, steps=180, batch_size=16
 )
-#: The default model: a few minutes on two CPU cores.
-DEFAULT = ModelRecipe()
+#: The default model, the one worth verifying: its greedy answers depend on the prompt (copy, reverse, addition).
+#: 1000 steps of 32 x 64 tokens at width 128: about 0.28 CPU-seconds a step on one core, so under 5 minutes on two.
+DEFAULT = ModelRecipe(
+    hidden_size=128, layers=4, heads=4, intermediate_size=384, steps=1000, batch_size=32, seq_len=64, lr=3e-3
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +118,15 @@ class EvalResult:
     arithmetic_mae: float
     #: Problems evaluated.
     arithmetic_n: int
+    #: Fraction of held-out prompts (``_corpus.held_out_prompts``) whose greedy continuation (``CONTINUATION_TOKENS``
+    #: tokens) no other prompt shares, 0..1; a model that ignores its prompt scores 1/n.
+    distinct_continuations: float
+    #: The same over the first line of each continuation only (the answer), 0..1; additions with equal sums collide.
+    distinct_answers: float
+    #: Exact-match accuracy of the first line on those prompts (addition, echo, reverse), 0..1.
+    prompt_accuracy: float
+    #: Held-out prompts evaluated.
+    prompts_n: int
     #: Per-token perplexity on held-out corpus text (lower is better).
     perplexity: float
     #: Tokens the perplexity was measured on.
@@ -283,9 +302,16 @@ def make_variant(
     progress: Callable[[str], None] | None = None,
     on_step: StepCallback | None = None,
 ) -> ModelInfo:
-    """A weaker model derived from ``source``: "fewer-layers" (first half of the layers), "int8" (weights rounded to
-    int8 per output channel, stored dequantized), "undertrained" (same recipe, 1/8 of the steps) or "seed" (same
-    recipe, another seed). The tokenizer is kept, so token ids line up with the original for scoring.
+    """A cheaper or different model derived from ``source``, the substitutes a dishonest node might serve.
+
+    - "fewer-layers": the first half of the layers, not retrained (saves half the compute, much worse);
+    - "half-width": the same recipe at half the hidden and MLP width (and half the heads), trained from scratch;
+    - "int8": every Linear dynamically quantized to int8 per output channel: an int8 file and int8 kernels (CPU);
+    - "undertrained": the same recipe with 1/8 of the steps;
+    - "seed": the same recipe with another seed, a substitute of (nearly) equal quality.
+
+    The tokenizer is kept, so token ids line up with the original for scoring. Retrained kinds cost a training run
+    (``progress``/``on_step`` report it).
     """
     import torch
 
@@ -295,31 +321,52 @@ def make_variant(
     model, tokenizer, info = load_model(source, device="cpu")
     if info is None:
         raise ModelLoadError(path=str(source), reason="no planetserve.json; only project models have variants")
+    if info.kind != "base":
+        raise InvalidParams(param="source", value=info.kind, reason="variants are made from a base model")
     base_name = info.name
     recipe_raw = dict(info.recipe)
-    if kind in ("undertrained", "seed"):
+    if kind in ("undertrained", "seed", "half-width"):
         recipe = ModelRecipe.from_dict(recipe_raw)
         if kind == "undertrained":
             recipe = dataclasses.replace(recipe, steps=max(1, recipe.steps // 8))
-        else:
+        elif kind == "seed":
             recipe = dataclasses.replace(recipe, seed=recipe.seed + 1)
-        return make_model(
+        else:
+            recipe = dataclasses.replace(
+                recipe,
+                hidden_size=max(1, recipe.hidden_size // 2),
+                intermediate_size=max(1, recipe.intermediate_size // 2),
+                heads=max(1, recipe.heads // 2),
+            )
+        made = make_model(
             out, recipe, tokenizer=tokenizer, kind=kind, name=f"{base_name}-{kind}", progress=progress, on_step=on_step
         )
+        return _mark_variant(out, made, info.model_id)
+    recipe_raw["variant_of"] = info.model_id
     if kind == "fewer-layers":
         keep = max(1, model.config.num_hidden_layers // 2)
         model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:keep])
         model.config.num_hidden_layers = keep
         recipe_raw["layers"] = keep
-    else:  # int8
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    w = module.weight
-                    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-                    w.copy_(torch.round(w / scale).clamp(-127, 127) * scale)
-    recipe_raw["variant_of"] = info.model_id
-    return _save(model, tokenizer, out, f"{base_name}-{kind}", kind, recipe_raw)
+        return _save(model, tokenizer, out, f"{base_name}-{kind}", kind, recipe_raw)
+    from node.inference._quant import INT8_DYNAMIC, quantize_int8, save_int8
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = save_int8(quantize_int8(model), out)
+    tokenizer.save_pretrained(str(out))
+    recipe_raw["quantization"] = INT8_DYNAMIC
+    revision = weights_revision(tensors)
+    name = f"{base_name}-{kind}"
+    made = ModelInfo(name=name, revision=revision, model_id=model_id_for(name, revision), kind=kind, recipe=recipe_raw)
+    write_info(out, made)
+    return made
+
+
+def _mark_variant(out: Path, made: ModelInfo, base_id: str) -> ModelInfo:
+    """Record which base a retrained variant stands in for (``recipe.variant_of``), as the derived kinds do."""
+    marked = dataclasses.replace(made, recipe={**made.recipe, "variant_of": base_id})
+    write_info(out, marked)
+    return marked
 
 
 def _perplexity(model: PreTrainedModel, ids: list[int], window: int) -> tuple[float, int]:
@@ -338,7 +385,12 @@ def _perplexity(model: PreTrainedModel, ids: list[int], window: int) -> tuple[fl
     return math.exp(-total / max(count, 1)), count
 
 
-def _answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str, max_new: int = 4) -> str:
+#: Tokens of greedy continuation compared by ``distinct_continuations``.
+CONTINUATION_TOKENS = 16
+
+
+def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str, max_new: int) -> list[int]:
+    """Greedy continuation of ``prompt`` (at most ``max_new`` tokens, stopping early at end-of-sequence)."""
     import torch
 
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -350,15 +402,45 @@ def _answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: 
             res = model(input_ids=inp, cache=past, use_cache=True)
             past = res.cache
             token = int(torch.argmax(res.logits[0, -1]))
-            out.append(token)
-            if "\n" in tokenizer.decode(out):
+            if token == tokenizer.eos_token_id:
                 break
+            out.append(token)
             inp = torch.tensor([[token]])
-    return str(tokenizer.decode(out)).split("\n")[0].strip()
+    return out
 
 
-def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400) -> EvalResult:
-    """Held-out arithmetic exact-match accuracy and held-out text perplexity of a model folder."""
+def _answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str, max_new: int = 4) -> str:
+    return str(tokenizer.decode(_continue(model, tokenizer, prompt, max_new))).split("\n")[0].strip()
+
+
+def distinct_continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    *,
+    max_new: int = CONTINUATION_TOKENS,
+) -> tuple[float, float, list[str]]:
+    """(fraction of prompts with a unique greedy continuation, the same for first lines only, the continuations).
+
+    Why: a verifier is only tested by a model whose output depends on its prompt; the quick model of old answered
+    every prompt with the same loop, so a substitute that ignores the prompt would have passed unnoticed.
+    """
+    from collections import Counter
+
+    texts = [str(tokenizer.decode(_continue(model, tokenizer, p, max_new))) for p in prompts]
+    firsts = [t.split("\n")[0] for t in texts]
+
+    def unique(items: list[str]) -> float:
+        counts = Counter(items)
+        return sum(1 for item in items if counts[item] == 1) / max(len(items), 1)
+
+    return unique(texts), unique(firsts), texts
+
+
+def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400, n_prompts: int = 100) -> EvalResult:
+    """Held-out arithmetic exact match, prompt dependence and held-out text perplexity of a model folder."""
+    from node.inference._quant import parameter_count
+
     started = time.perf_counter()
     model, tokenizer, info = load_model(path, device="cpu")
     problems = held_out_problems(n_problems)
@@ -366,6 +448,9 @@ def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400) -> Eva
     answers = [(_answer(model, tokenizer, "\n" + prompt), answer) for prompt, answer in problems]
     correct = sum(got == want for got, want in answers)
     errors = [min(abs(int(got) - int(want)), 100) if got.isdigit() else 100 for got, want in answers]
+    prompts = held_out_prompts(n_prompts)
+    distinct, distinct_first, texts = distinct_continuations(model, tokenizer, [p for p, _ in prompts])
+    right = sum(text.split("\n")[0].strip() == want.strip() for text, (_, want) in zip(texts, prompts, strict=True))
     text = "\n".join(corpus_lines(99_991, eval_lines, held_out=True)) + "\n"
     ids = tokenizer.encode(text, add_special_tokens=False)
     window = int(info.recipe.get("seq_len", 96)) if info else 96
@@ -377,9 +462,13 @@ def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400) -> Eva
         arithmetic_accuracy=correct / max(len(problems), 1),
         arithmetic_mae=sum(errors) / max(len(errors), 1),
         arithmetic_n=len(problems),
+        distinct_continuations=distinct,
+        distinct_answers=distinct_first,
+        prompt_accuracy=right / max(len(prompts), 1),
+        prompts_n=len(prompts),
         perplexity=ppl,
         eval_tokens=n_tokens,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=parameter_count(model),
         seconds=time.perf_counter() - started,
     )
 

@@ -20,6 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
+# Deliberately dishonest engines for verifier tests and the demo, published here so nobody imports them privately.
+from node.inference._cheats import CHEAT_MODES as CHEAT_MODES
+from node.inference._cheats import CheatConfig as CheatConfig
+from node.inference._cheats import CheatingEngine as CheatingEngine
 from node.inference._engine import Engine
 from node.inference._errors import EngineOverloaded, InferenceError, InvalidParams
 from node.inference._types import GenerationChunk, GenerationRequest, SamplingParams
