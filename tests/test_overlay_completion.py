@@ -99,7 +99,7 @@ async def test_request_for_another_model_is_refused(torch_engine: TorchEngine) -
         (b"[1, 2, 3]", None),
         (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": "hi", "max_tokens": "5"}', "max_tokens"),
         (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": "hi", "voucher": "x"}', "voucher"),
-        (b'{"v": 2, "type": "completion", "model": "MODEL", "prompt": "hi"}', "v"),
+        (b'{"v": 3, "type": "completion", "model": "MODEL", "prompt": "hi"}', "v"),
         (b'{"v": 1, "type": "completion", "model": "0x12", "prompt": "hi"}', "model"),
         (b'{"v": 1, "type": "completion", "model": "MODEL", "prompt": ""}', "prompt"),
     ],

@@ -16,10 +16,10 @@ import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from node.inference import (
     Engine,
@@ -36,6 +36,10 @@ from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.overlay._peers import Peer
 from node.overlay._receiver import ReplyHandler
 from node.privacy import InsufficientRelays, RelayDescriptor
+
+if TYPE_CHECKING:
+    from ledger import AcceptedVoucher
+    from node.overlay._payments import PaymentGate
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,42 @@ class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
+_DECIMAL = r"^(0|[1-9][0-9]{0,77})$"
+
+
+class VoucherWire(_Wire):
+    """§10.4: a payment-channel voucher inside the sealed request (``ledger.Voucher.to_json()``'s shape).
+
+    Only its shape is checked here; chain, contract, channel, signature and amount are the model node's
+    ``PaymentGate``'s business. Its repr is redacted: the signature is the client's money.
+    """
+
+    chain_id: str = Field(alias="chainId", pattern=_DECIMAL)
+    """Chain id, decimal string."""
+    contract: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    """The ``PaymentChannels`` address."""
+    channel_id: str = Field(alias="channelId", pattern=_DECIMAL)
+    """Channel id, decimal string."""
+    cumulative_amount: str = Field(alias="cumulativeAmount", pattern=_DECIMAL)
+    """Wei owed on the channel in total, decimal string."""
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+    """65 bytes r || s || v, 0x-hex."""
+
+    def __repr__(self) -> str:
+        return f"VoucherWire(channel={self.channel_id}, amount={self.cumulative_amount}, signature=<redacted>)"
+
+    __str__ = __repr__
+
+    def to_json(self) -> dict[str, str]:
+        """The ``ledger.Voucher.from_json`` input."""
+        return self.model_dump(by_alias=True)
+
+
 class CompletionRequest(_Wire):
     """§10.1: what a client asks a model node for. Ranges are checked again by ``SamplingParams``."""
 
-    v: Literal[1] = 1
-    """Protocol version of the application message."""
+    v: Literal[1, 2] = 1
+    """Protocol version of the application message: 2 may carry a ``voucher`` (§10.4)."""
     type: Literal["completion"] = "completion"
     """Message type."""
     model: str = Field(pattern=_MODEL_ID.pattern)
@@ -84,11 +119,28 @@ class CompletionRequest(_Wire):
     """0..2**63-1 for reproducible sampling."""
     stop: tuple[str, ...] = ()
     """Up to four stop strings of 1..64 characters."""
+    voucher: VoucherWire | None = None
+    """v2 only: the payment voucher for the destination (§10.4). Never serialised when absent, so v1 stays v1."""
+
+    @field_validator("voucher")
+    @classmethod
+    def _voucher_needs_v2(cls, voucher: VoucherWire | None, info: ValidationInfo) -> VoucherWire | None:
+        if voucher is not None and info.data.get("v") != 2:
+            raise ValueError("a voucher needs v = 2")
+        return voucher
+
+    def with_voucher(self, voucher: dict[str, str]) -> CompletionRequest:
+        """This request as v2 carrying ``voucher`` (a ``ledger.Voucher.to_json()`` object)."""
+        return self.model_copy(update={"v": 2, "voucher": VoucherWire.model_validate(voucher)})
 
     def __repr__(self) -> str:
         # Redacted: the prompt is private.
         shown = f"model={self.model[:10]}…, prompt=<{len(self.prompt)} chars>, max_tokens={self.max_tokens}"
+        if self.voucher is not None:
+            shown += ", voucher=<redacted>"
         return f"CompletionRequest({shown})"
+
+    __str__ = __repr__
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters (raises ``InvalidParams`` naming the field out of range)."""
@@ -102,8 +154,8 @@ class CompletionRequest(_Wire):
         )
 
     def to_bytes(self) -> bytes:
-        """Canonical UTF-8 JSON (the envelope body)."""
-        return self.model_dump_json().encode()
+        """Canonical UTF-8 JSON (the envelope body); a request without a voucher has no ``voucher`` key."""
+        return self.model_dump_json(by_alias=True, exclude={"voucher"} if self.voucher is None else None).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CompletionRequest:
@@ -171,9 +223,13 @@ class RequestObserver(Protocol):
         ...
 
 
-def completion_handler(engine: Engine, *, observers: Sequence[RequestObserver] = ()) -> ReplyHandler:
+def completion_handler(
+    engine: Engine, *, observers: Sequence[RequestObserver] = (), payments: PaymentGate | None = None
+) -> ReplyHandler:
     """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``).
 
+    With ``payments`` the node is paying (§10.4): a request is served only after its voucher was accepted and
+    committed, and is charged after it ends, whatever the outcome. Without, vouchers are ignored (free serving).
     Each request ends with one log line at INFO: its random id, token counts, cache hits, finish reason and timings,
     never prompt or answer text.
     """
@@ -188,6 +244,16 @@ def completion_handler(engine: Engine, *, observers: Sequence[RequestObserver] =
         if request.model != engine.model_id:
             yield _error_line("model_not_served", "this node does not serve the requested model", "model")
             return
+        accepted: AcceptedVoucher | None = None
+        if payments is not None:
+            from node.overlay._payments import PaymentRefused
+
+            try:
+                accepted = await payments.admit(request)
+            except PaymentRefused as refused:
+                log.info("request refused before inference: %s", refused.code)
+                yield _error_line(refused.code, refused.message, refused.param)
+                return
         request_id = secrets.token_hex(8)
         started = finished = False
         begun = time.monotonic()
@@ -241,6 +307,13 @@ def completion_handler(engine: Engine, *, observers: Sequence[RequestObserver] =
                 "completion_tokens": last.completion_tokens if last else 0,
                 "cached_tokens": last.cached_tokens if last else 0,
             }
+            if payments is not None and accepted is not None:
+                try:
+                    await payments.settle(
+                        accepted, prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"]
+                    )
+                except Exception:  # the reservation stays and counts as used on restart: never lost, never crashes
+                    log.exception("could not settle request %s", request_id)
             for observer in observers:
                 observer.finished(**counts, finish_reason=outcome, seconds=seconds)
             log.info(

@@ -21,6 +21,7 @@ from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
+    from node.overlay._payments import PaymentGate
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ def create_model_app(
     peers: PeerDirectory | None = None,
     heartbeat: HeartbeatPublisher | None = None,
     observers: Sequence[RequestObserver] = (),
+    payments: PaymentGate | None = None,
 ) -> web.Application:
     """A model node: the overlay serving completions from ``engine``, which it closes on shutdown.
+
+    With ``payments`` it serves only paid requests (protocol §10.4); without, it serves for free.
 
     With ``heartbeat``, the node serves its signed heartbeat at ``GET /overlay/v1/heartbeat`` and feeds it the TTFT
     and prefix counts of every request it serves.
@@ -74,7 +78,8 @@ def create_model_app(
     routes = []
     if heartbeat is not None:
         routes.append(web.get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat)))
-    app = create_app(config, completion_handler(engine, observers=watchers), peers=peers, routes=routes)
+    handler = completion_handler(engine, observers=watchers, payments=payments)
+    app = create_app(config, handler, peers=peers, routes=routes)
     metrics = app[keys.NODE_METRICS]
     metrics.watch_engine(engine.stats)
     watchers.append(metrics)
