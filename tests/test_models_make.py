@@ -20,7 +20,15 @@ from node.inference import (
     make_variant,
     read_info,
 )
-from node.inference._corpus import MAX_OPERAND, corpus_lines, held_out_problems, is_held_out
+from node.inference._corpus import (
+    MAX_OPERAND,
+    MAX_PROMPTS,
+    corpus_lines,
+    held_out_problems,
+    held_out_prompts,
+    is_held_out,
+    is_held_out_text,
+)
 
 MICRO = ModelRecipe(
     name="ps-micro",
@@ -50,6 +58,34 @@ def test_corpus_is_deterministic_and_never_trains_on_held_out_sums() -> None:
     assert MAX_OPERAND >= 9
 
 
+def test_corpus_trains_on_copy_and_reverse_but_never_on_held_out_payloads() -> None:
+    lines = corpus_lines(2, 3000)
+    tasks = [line for line in lines if line.startswith(("echo ", "reverse "))]
+    assert len(tasks) > 600
+    for line in tasks:
+        verb, rest = line.split(" ", 1)
+        payload, answer = rest.split(" : ")
+        assert not is_held_out_text(payload)
+        assert answer == (payload if verb == "echo" else " ".join(reversed(payload.split())))
+    assert all(line[2] == "+" and line[5] == "=" for line in lines if "+" in line), "addition is zero-padded"
+
+
+def test_held_out_prompts_have_distinct_answers_and_come_from_the_held_out_sets() -> None:
+    prompts = held_out_prompts(100)
+    assert prompts == held_out_prompts(100) and len(prompts) == 100
+    assert len({answer for _, answer in prompts}) == 100
+    for prompt, answer in prompts:
+        assert prompt.startswith("\n")
+        if "+" in prompt:
+            a, b = map(int, prompt[1:-1].split("+"))
+            assert is_held_out(a, b) and int(answer) == a + b
+        else:
+            assert is_held_out_text(prompt.split(" ", 1)[1].removesuffix(" :"))
+    assert sum("+" in p for p, _ in prompts) == 40
+    with pytest.raises(ValueError, match="n must be"):
+        held_out_prompts(MAX_PROMPTS + 1)
+
+
 def test_same_recipe_gives_the_same_revision_and_id_is_keccak_of_name_at_revision(tmp_path: Path) -> None:
     first = make_model(tmp_path / "a", MICRO)
     second = make_model(tmp_path / "b", MICRO)
@@ -72,6 +108,14 @@ def test_recipe_rejects_inconsistent_sizes() -> None:
     with pytest.raises(InvalidParams) as info:
         ModelRecipe(hidden_size=100, heads=3)
     assert info.value.param == "heads"
+
+
+def test_recipe_written_before_the_corpus_was_versioned_is_refused_not_silently_retrained() -> None:
+    old = {k: v for k, v in MICRO.to_dict().items() if k != "corpus_version"}
+    with pytest.raises(InvalidParams) as info:
+        ModelRecipe.from_dict(old)
+    assert info.value.param == "corpus_version"
+    assert ModelRecipe.from_dict(MICRO.to_dict()) == MICRO
 
 
 @pytest.fixture(scope="module")

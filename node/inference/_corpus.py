@@ -36,6 +36,8 @@ N_FACTS = 60
 CORPUS_VERSION = 2
 #: Words in a copy/reverse payload: 2..MAX_PAYLOAD_WORDS.
 MAX_PAYLOAD_WORDS = 4
+#: Most prompts ``held_out_prompts`` returns (40% are additions, and the held-out pairs have 48 distinct sums).
+MAX_PROMPTS = 120
 #: Share of each line kind in the training mix (addition, echo, reverse, fact, sentence), summing to 1.
 _MIX = (0.5, 0.18, 0.14, 0.09, 0.09)
 
@@ -130,19 +132,29 @@ def held_out_prompts(n: int, seed: int = 4321) -> list[tuple[str, str]]:
     """``n`` held-out prompts of the kinds a user of the demo sends, each with its correct answer, deterministic.
 
     The mix is 40% addition, 30% echo, 30% reverse, cycling in that order; each prompt starts a line (a leading
-    newline, as in training) and ends where the answer begins. A model that reads its prompt answers them all
-    differently except for additions that happen to share a sum; one that ignores its prompt gives one answer.
+    newline, as in training) and ends where the answer begins. No two prompts share a correct answer (an addition
+    whose sum is already taken is skipped), so a model that reads its prompt can answer every one differently and
+    distinctness measures prompt dependence, not collisions between right answers; one that ignores its prompt gives
+    one answer. At most ``MAX_PROMPTS`` (there are fewer distinct held-out sums than that).
     """
+    if not 0 <= n <= MAX_PROMPTS:
+        raise ValueError(f"n must be in 0..{MAX_PROMPTS}")
     rng = random.Random(seed)
-    sums = iter(held_out_problems(max(n, 1), seed=seed))
+    problems = iter(held_out_problems(10_000, seed=seed))
+    used: set[str] = set()
     out: list[tuple[str, str]] = []
     for i in range(n):
         slot = i % 10
         if slot < 4:
-            prompt, answer = next(sums)
-            out.append(("\n" + prompt, answer))
+            prompt, answer = next((p, a) for p, a in problems if a not in used)
+            prompt = "\n" + prompt
         else:
-            words = _payload(rng, True)
-            verb, answer_words = ("echo", words) if slot < 7 else ("reverse", list(reversed(words)))
-            out.append((f"\n{verb} {' '.join(words)} :", " " + " ".join(answer_words)))
+            while True:
+                words = _payload(rng, True)
+                verb, answer_words = ("echo", words) if slot < 7 else ("reverse", list(reversed(words)))
+                prompt, answer = f"\n{verb} {' '.join(words)} :", " " + " ".join(answer_words)
+                if answer not in used:
+                    break
+        used.add(answer)
+        out.append((prompt, answer))
     return out
