@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all bootstrap demo test lint typecheck pytest bench clean
+.PHONY: all bootstrap demo net test lint typecheck pytest bench clean
 
 all: bootstrap
 
@@ -29,6 +29,10 @@ bootstrap: $(VENV)/.installed node_modules/.installed build/contracts/.compiled
 demo: bootstrap
 	$(BIN)/python -m scripts.demo
 
+# A local network that stays up (separate processes) with the OpenAI endpoint on :8080; Ctrl-C or `ps-net down`.
+net: bootstrap
+	$(BIN)/ps-net up
+
 lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -44,6 +48,8 @@ test: lint typecheck pytest
 bench: bootstrap
 	$(BIN)/python bench/gas.py
 	$(BIN)/python bench/privacy.py
+	$(BIN)/python bench/sida.py
+	$(BIN)/python bench/forwarding.py
 	$(BIN)/python bench/anonymity.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/quality.py
