@@ -85,14 +85,24 @@ def _root() -> None:
 
 @app.command()
 def up(
-    relays: Annotated[int, typer.Option("--relays", min=3, max=32, help="Relay processes.")] = 5,
-    models: Annotated[int, typer.Option("--models", min=1, max=8, help="Model-node processes.")] = 2,
+    relays: Annotated[
+        int, typer.Option("--relays", envvar="PS_NET_RELAYS", min=3, max=32, help="Relay processes.")
+    ] = 5,
+    models: Annotated[
+        int, typer.Option("--models", envvar="PS_NET_MODELS", min=1, max=8, help="Model-node processes.")
+    ] = 2,
     model_dir: Annotated[
         Path | None, typer.Option("--model-dir", envvar="PS_MODEL_DIR", help="Model folder (default: the quick model).")
     ] = None,
-    chain_port: Annotated[int, typer.Option("--chain-port", min=0, max=65535, help="anvil's port (0: any).")] = 0,
-    openai_port: Annotated[int, typer.Option("--openai-port", min=0, max=65535, help="The OpenAI endpoint.")] = 8080,
-    show_dev_keys: Annotated[bool, typer.Option("--show-dev-keys", help="Print the dev accounts' keys.")] = False,
+    chain_port: Annotated[
+        int, typer.Option("--chain-port", envvar="PS_CHAIN_PORT", min=0, max=65535, help="anvil's port (0: any).")
+    ] = 0,
+    openai_port: Annotated[
+        int, typer.Option("--openai-port", envvar="PS_OPENAI_PORT", min=0, max=65535, help="The OpenAI endpoint.")
+    ] = 8080,
+    show_dev_keys: Annotated[
+        bool, typer.Option("--show-dev-keys", envvar="PS_SHOW_DEV_KEYS", help="Print the dev accounts' keys.")
+    ] = False,
     state: StateOpt = DEFAULT_STATE,
     as_json: JsonOpt = False,
 ) -> None:
