@@ -566,7 +566,11 @@ async def test_a_short_prompt_behind_long_prefills_gets_its_first_token_first(ti
 
     try:
         longs = [asyncio.create_task(first_token(f"long{i}", f"{i} " + LONG_PROMPT)) for i in range(2)]
-        await asyncio.sleep(0)
+        for _ in range(500):  # the long prompts are queued or prefilling before the short one arrives
+            stats = engine.stats()
+            if stats.queued_requests + stats.running_requests == 2:
+                break
+            await asyncio.sleep(0.001)
         short = asyncio.create_task(first_token("short", "3+4="))
         await asyncio.gather(*longs, short)
         assert order[0] == "short", f"first tokens arrived in the order {order}"
