@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -33,6 +33,7 @@ from node.inference._prefix import CHUNK_TOKENS, chunk_hashes
 from node.overlay import (
     ClientSettings,
     CompletionDelta,
+    CompletionError,
     CompletionRequest,
     Directory,
     ReplyIncomplete,
@@ -42,6 +43,9 @@ from node.overlay import (
 from node.overlay._directory import ModelNode, NoModelNode, common_suspects, suspect_relays
 from node.overlay._heartbeat import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES
 from node.privacy import InsufficientRelays
+
+if TYPE_CHECKING:
+    from node.client._wallet import Wallet
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +169,10 @@ class Client:
         tokenizer: Callable[[str], Sequence[int]] | None = None,
         reputation: Callable[[str], float] | None = None,
         rng: random.Random | None = None,
+        wallet: Wallet | None = None,
     ) -> None:
         self.config = config or ClientConfig()
+        self.wallet = wallet
         self._source = directory
         self._cache = _DirectoryCache()
         self._transport: Transport = transport or OverlayTransport(ClientSettings(n=self.config.paths))
@@ -304,21 +310,36 @@ class Client:
         for attempt in range(1, self.config.attempts + 1):
             if self._on_route is not None:
                 self._on_route(route)
+            paid, payment = request, None
+            if self.wallet is not None:  # a voucher for this destination only: a retry elsewhere pays elsewhere
+                counted = prompt_tokens if self._tokenizer is not None else None
+                paid, payment = await self.wallet.pay(destination, request, counted)
             sent_to, work = destination.operator, prompt_tokens + request.max_tokens
             self.load.dispatched(sent_to, work)
             self._remember(hashes, sent_to)
             started = time.monotonic()
             yielded = False
+            seen: CompletionDelta | None = None
+            used: int | None = None  # None: unknown, the node may have charged the whole reservation
             try:
-                async for delta in self._transport.send(request, route):
+                async for delta in self._transport.send(paid, route):
                     if not yielded:
                         ahead = view.queued_tokens + max(0, prompt_tokens - view.matched_tokens)
                         self.load.first_token(sent_to, ttft_s=time.monotonic() - started, work_tokens=ahead)
                     yielded = True
+                    seen = delta
+                    if delta.finish_reason is not None:
+                        used = delta.prompt_tokens + delta.completion_tokens
                     yield delta
                 return
+            except CompletionError:
+                # An error line: the node charged the last delta it sent (nothing when it refused before serving).
+                used = seen.prompt_tokens + seen.completion_tokens if seen is not None else 0
+                raise
             except ReplyIncomplete as failure:
                 early = not (failure.received or failure.started) and bool(failure.failed_early)
+                if early and not yielded:
+                    used = 0  # no path answered: the node never rebuilt the request, nor saw its voucher
                 if yielded or attempt == self.config.attempts or not early:
                     raise
                 log.info("try %d failed before any path answered; re-routing around suspects", attempt)
@@ -331,6 +352,8 @@ class Client:
                 )
             finally:
                 self.load.finished(sent_to, work)
+                if payment is not None and self.wallet is not None:
+                    self.wallet.finish(payment, used)
 
     async def complete(self, request: CompletionRequest) -> Completion:
         """The whole completion at once."""

@@ -1,0 +1,321 @@
+"""Paying per request over the overlay (protocol §10.4), live: a real anvil with ``PaymentChannels``, a model node
+with a real torch engine behind a ``PaymentGate`` and a SQLite voucher store, six relays on 127.0.0.1, and a
+``Client`` with a ``Wallet``.
+
+What is proven: N paid requests then one redeem move exactly the spec's amounts to the wei; a request without a
+voucher and forged, wrong-chain, wrong-contract, wrong-channel, underpaid, underfunded, replayed and stale vouchers are
+refused with their code before the engine runs (a counting engine, the gate's direct neighbour, says so); a node
+stopped between answering and redeeming redeems everything after a restart from its SQLite file; the v2 vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ledger import Voucher, VoucherDomain, VoucherStore, dev_account, sign_voucher
+from node.client import Client, ClientConfig
+from node.client._wallet import Wallet, WalletExhausted, cost
+from node.inference import (
+    EngineConfig,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    ScoreResult,
+    TorchEngine,
+)
+from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode, OverlayConfig
+from node.overlay._completion import _first_error
+from node.overlay._payments import PaymentGate
+from node.overlay._serve import create_model_app
+from node.testing import LocalNetwork, LocalNode, serve_ephemeral
+from tests.fixtures.chain import OUTSIDER, ChainEnv
+from tests.fixtures.payments import eth_balance, payments
+
+NODE, OTHER_NODE, CLIENT = 1, 2, 10
+#: Wei per 1000 tokens: 1000 wei per token, with a remainder so the rounding up shows.
+PRICE = 1_000_001
+VECTORS = Path(__file__).parent / "vectors" / "completion_v2.json"
+PROMPTS = ("the quick brown fox", "jumps over the lazy dog", "and runs far away", "hello there")
+
+
+class CountingEngine:
+    """The real torch engine, counting ``generate`` calls (what "the model never ran" is measured by)."""
+
+    def __init__(self, inner: TorchEngine) -> None:
+        self.inner = inner
+        self.generated = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.generated += 1
+        return self.inner.generate(request)
+
+    async def score(self, prompt: str | Sequence[int], completion: str | Sequence[int]) -> ScoreResult:
+        return await self.inner.score(prompt, completion)
+
+    def stats(self) -> EngineStats:
+        return self.inner.stats()
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.inner.abort(request_id)
+
+    async def check_health(self) -> bool:
+        return await self.inner.check_health()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
+
+@dataclass(slots=True)
+class PaidNet:
+    net: LocalNetwork
+    node: LocalNode
+    engine: CountingEngine
+    store: VoucherStore
+
+    def directory(self) -> Directory:
+        served = ModelNode(
+            operator=dev_account(NODE).address,
+            endpoint=self.node.endpoint,
+            public_key=self.node.public_key,
+            model_id=self.engine.model_id,
+            price_per_1k_tokens=PRICE,
+        )
+        return Directory(relays=tuple(self.net.descriptors()), model_nodes=(served,))
+
+    async def close(self) -> None:
+        await self.node.stop()
+        await self.net.close()
+
+
+def _store(chain: ChainEnv, db: Path) -> VoucherStore:
+    pay = payments(chain)
+    return VoucherStore(f"sqlite:///{db}", domain=pay.domain(), node=dev_account(NODE).address, channels=pay)
+
+
+async def _start(chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork | None = None) -> PaidNet:
+    if net is None:
+
+        async def nothing(_body: bytes) -> AsyncGenerator[bytes, None]:
+            yield b""
+
+        net = LocalNetwork(relays=6, handler=nothing)
+        await net.__aenter__()
+    engine = CountingEngine(TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4)))
+    store = _store(chain, db)
+    gate = PaymentGate(store, price_per_1k_tokens=PRICE, tokenize=engine.tokenize)
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model")
+    app = create_model_app(config, engine, peers=net.peers, payments=gate)
+    runner, endpoint = await serve_ephemeral(app)
+    node = LocalNode(
+        name="model",
+        config=config,
+        app=app,
+        runner=runner,
+        endpoint=endpoint,
+        node_id=bytes.fromhex(dev_account(NODE).address[2:]),
+    )
+    net.peers.add(node.peer())
+    return PaidNet(net=net, node=node, engine=engine, store=store)
+
+
+def _wallet(chain: ChainEnv, budget: int = 10**15, deposit: int = 10**14) -> Wallet:
+    return Wallet(payments(chain), dev_account(CLIENT), budget_wei=budget, deposit_wei=deposit)
+
+
+def _client(paid: PaidNet, wallet: Wallet | None) -> Client:
+    config = ClientConfig(heartbeats=False, attempts=1)
+    return Client(paid.directory(), config, tokenizer=paid.engine.tokenize, wallet=wallet)
+
+
+def _request(paid: PaidNet, prompt: str, max_tokens: int = 4) -> CompletionRequest:
+    return CompletionRequest(model=paid.engine.model_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+
+
+async def _pay_for(paid: PaidNet, client: Client, prompts: Sequence[str]) -> tuple[int, int]:
+    """Serve ``prompts`` through ``client`` and return (expected latest voucher, expected owed) by the spec's rule,
+    computed here from the node's tokenizer and the answers' usage."""
+    last = owed = 0
+    for prompt in prompts:
+        request = _request(paid, prompt)
+        reservation = cost(PRICE, len(paid.engine.tokenize(prompt)) + request.max_tokens)
+        last = max(last + 1, owed + reservation)
+        done = await client.complete(request)
+        owed += -(-PRICE * (done.prompt_tokens + done.completion_tokens) // 1000)
+    return last, owed
+
+
+async def test_n_paid_requests_and_one_redeem_are_exact_to_the_wei(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
+    wallet = _wallet(chain)
+    client_before = eth_balance(chain.w3, CLIENT)
+    try:
+        async with _client(paid, wallet) as client:
+            latest, owed = await _pay_for(paid, client, PROMPTS)
+        assert paid.engine.generated == len(PROMPTS)
+        (state,) = wallet.channels()
+        assert (state.last, state.owed, state.in_flight, state.deposit) == (latest, owed, 0, 10**14)
+        book = paid.store.book(state.channel_id)
+        assert book is not None
+        assert (book.latest.cumulative_amount, book.owed, book.reserved) == (latest, owed, 0)
+        # What the node can take beyond what it served: at most the last request's unused reservation.
+        last_reservation = cost(PRICE, len(paid.engine.tokenize(PROMPTS[-1])) + 4)
+        assert 0 <= latest - owed < last_reservation
+        pay = payments(chain)
+        opened = pay.channel(state.channel_id)
+        assert opened is not None and opened.deposit == 10**14 and opened.client == dev_account(CLIENT).address
+        # The client paid the deposit and the open's gas, nothing else: vouchers cost no gas.
+        gas = client_before - eth_balance(chain.w3, CLIENT) - 10**14
+        assert 0 < gas < 10**16
+        redeemable = paid.store.redeemable()
+        assert [v.cumulative_amount for v in redeemable] == [latest]
+        node_pay = payments(chain, NODE)
+        locked_before = node_pay.balances(dev_account(NODE).address).locked
+        node_pay.redeem_batch(redeemable)
+        paid.store.mark_redeemed(redeemable)
+        after = pay.channel(state.channel_id)
+        assert after is not None and after.redeemed == latest
+        assert node_pay.balances(dev_account(NODE).address).locked - locked_before == latest
+        assert paid.store.redeemable() == []
+    finally:
+        await paid.close()
+
+
+async def test_bad_vouchers_are_refused_with_their_code_and_the_engine_never_runs(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
+    wallet = _wallet(chain)
+    pay = payments(chain)
+    client_account = dev_account(CLIENT)
+    try:
+        async with _client(paid, wallet) as client:
+            await client.complete(_request(paid, PROMPTS[0]))  # one paid request: the channel has a latest voucher
+        assert paid.engine.generated == 1
+        (state,) = wallet.channels()
+        channel, accepted = state.channel_id, state.last
+        other = payments(chain, CLIENT).open_channel(dev_account(OTHER_NODE).address, 10**14).channel_id
+        domain = pay.domain()
+
+        def signed(amount: int, *, on: int = channel, dom: VoucherDomain = domain, by: int = CLIENT) -> Voucher:
+            return sign_voucher(dev_account(by), dom, on, amount)
+
+        big = accepted + 10**12
+        other_chain = VoucherDomain(chain_id=domain.chain_id + 1, contract=domain.contract)
+        other_contract = VoucherDomain(chain_id=domain.chain_id, contract=client_account.address)
+        cases: list[tuple[Voucher | None, str]] = [
+            (None, "payment_required"),
+            (signed(big, dom=other_chain), "voucher_wrong_chain"),
+            (signed(big, dom=other_contract), "voucher_wrong_contract"),
+            (signed(big, on=other), "voucher_wrong_channel"),
+            (signed(big, on=pay.next_channel_id() + 5), "voucher_wrong_channel"),
+            (signed(big, by=OUTSIDER), "voucher_forged"),
+            (signed(accepted), "voucher_replayed"),
+            (signed(accepted - 1), "voucher_stale"),
+            (signed(accepted + 1), "voucher_underpaid"),
+            (signed(10**14 + 1), "voucher_underfunded"),
+        ]
+        async with _client(paid, None) as bare:
+            for bad, code in cases:
+                request = _request(paid, PROMPTS[1])
+                if bad is not None:
+                    request = request.with_voucher(bad.to_json())
+                with pytest.raises(CompletionError) as refused:
+                    await bare.complete(request)
+                assert refused.value.code == code
+                assert paid.engine.generated == 1, code
+        book = paid.store.book(channel)
+        assert book is not None and book.latest.cumulative_amount == accepted and book.reserved == 0
+        # The channel still works with the wallet's next voucher.
+        async with _client(paid, wallet) as client:
+            await client.complete(_request(paid, PROMPTS[2]))
+        assert paid.engine.generated == 2
+    finally:
+        await paid.close()
+
+
+async def test_a_node_stopped_before_redeeming_redeems_everything_after_a_restart(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "vouchers.db"
+    paid = await _start(chain, tiny_model_dir, db)
+    wallet = _wallet(chain)
+    async with _client(paid, wallet) as client:
+        latest, owed = await _pay_for(paid, client, PROMPTS[:3])
+    await paid.node.stop()  # gone between answering and redeeming; the store object goes with it
+    del paid.store
+    restarted = await _start(chain, tiny_model_dir, db, net=paid.net)
+    try:
+        (state,) = wallet.channels()
+        book = restarted.store.book(state.channel_id)
+        assert book is not None and (book.latest.cumulative_amount, book.owed) == (latest, owed)
+        redeemable = restarted.store.redeemable()
+        payments(chain, NODE).redeem_batch(redeemable)
+        restarted.store.mark_redeemed(redeemable)
+        after = payments(chain).channel(state.channel_id)
+        assert after is not None and after.redeemed == latest
+        # And it keeps serving the same channel after the restart.
+        async with _client(restarted, wallet) as client:
+            await client.complete(_request(restarted, PROMPTS[3]))
+        assert restarted.engine.generated == 1
+    finally:
+        await restarted.close()
+
+
+async def test_a_wallet_never_spends_beyond_its_budget(chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path) -> None:
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
+    wallet = _wallet(chain, budget=1_000, deposit=1_000)  # far below one request's reservation
+    before = eth_balance(chain.w3, CLIENT)
+    try:
+        async with _client(paid, wallet) as client:
+            with pytest.raises(WalletExhausted):
+                await client.complete(_request(paid, PROMPTS[0]))
+        assert wallet.channels() == [] and wallet.spent_wei == 0
+        assert eth_balance(chain.w3, CLIENT) == before and paid.engine.generated == 0
+    finally:
+        await paid.close()
+
+
+def test_vouchers_and_requests_are_redacted_in_reprs(chain: ChainEnv) -> None:
+    v = sign_voucher(dev_account(CLIENT), payments(chain).domain(), 1, 12345)
+    request = CompletionRequest(model="0x" + "ab" * 32, prompt="secret prompt").with_voucher(v.to_json())
+    signature = v.signature.hex()
+    for shown in (repr(request), str(request), repr(request.voucher), str(request.voucher)):
+        assert signature not in shown and "secret prompt" not in shown
+    assert signature in request.to_bytes().decode()  # it does travel, sealed, to the destination
+    assert "voucher" not in CompletionRequest(model="0x" + "ab" * 32, prompt="p").to_bytes().decode()
+
+
+def test_v2_request_vectors() -> None:
+    vectors = json.loads(VECTORS.read_text())
+    for case in vectors["accept"]:
+        request = CompletionRequest.from_bytes(json.dumps(case["body"]).encode())
+        assert (request.voucher.to_json() if request.voucher else None) == case["voucher"], case["name"]
+        assert json.loads(request.to_bytes()) == {**case["body"], "stop": case["body"]["stop"]}, case["name"]
+    assert len(vectors["reject"]) >= 10
+    for case in vectors["reject"]:
+        with pytest.raises(ValidationError) as exc:
+            CompletionRequest.from_bytes(json.dumps(case["body"]).encode())
+        assert _first_error(exc.value)[0] == case["param"], case["name"]
+
+
+def test_a_paying_gate_needs_a_price(chain: ChainEnv, tmp_path: Path) -> None:
+    from ledger import InvalidChainInput
+
+    with pytest.raises(InvalidChainInput):
+        PaymentGate(_store(chain, tmp_path / "v.db"), price_per_1k_tokens=0, tokenize=lambda _t: [])
