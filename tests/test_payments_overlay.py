@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from ledger import Voucher, VoucherDomain, VoucherStore, dev_account, sign_voucher
-from node.client import Client, ClientConfig
+from node.client import Client, ClientConfig, OverlayTransport
 from node.client._wallet import Wallet, WalletExhausted, cost
 from node.inference import (
     EngineConfig,
@@ -30,7 +30,17 @@ from node.inference import (
     ScoreResult,
     TorchEngine,
 )
-from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode, OverlayConfig
+from node.overlay import (
+    ClientSettings,
+    CompletionDelta,
+    CompletionError,
+    CompletionRequest,
+    Directory,
+    ModelNode,
+    OverlayConfig,
+    ReplyIncomplete,
+    Route,
+)
 from node.overlay._completion import _first_error
 from node.overlay._payments import PaymentGate
 from node.overlay._serve import create_model_app
@@ -85,28 +95,33 @@ class PaidNet:
     node: LocalNode
     engine: CountingEngine
     store: VoucherStore
+    operator: int = NODE
 
-    def directory(self) -> Directory:
-        served = ModelNode(
-            operator=dev_account(NODE).address,
+    def served(self) -> ModelNode:
+        return ModelNode(
+            operator=dev_account(self.operator).address,
             endpoint=self.node.endpoint,
             public_key=self.node.public_key,
             model_id=self.engine.model_id,
             price_per_1k_tokens=PRICE,
         )
-        return Directory(relays=tuple(self.net.descriptors()), model_nodes=(served,))
+
+    def directory(self) -> Directory:
+        return Directory(relays=tuple(self.net.descriptors()), model_nodes=(self.served(),))
 
     async def close(self) -> None:
         await self.node.stop()
         await self.net.close()
 
 
-def _store(chain: ChainEnv, db: Path) -> VoucherStore:
+def _store(chain: ChainEnv, db: Path, node: int = NODE) -> VoucherStore:
     pay = payments(chain)
-    return VoucherStore(f"sqlite:///{db}", domain=pay.domain(), node=dev_account(NODE).address, channels=pay)
+    return VoucherStore(f"sqlite:///{db}", domain=pay.domain(), node=dev_account(node).address, channels=pay)
 
 
-async def _start(chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork | None = None) -> PaidNet:
+async def _start(
+    chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork | None = None, node_index: int = NODE
+) -> PaidNet:
     if net is None:
 
         async def nothing(_body: bytes) -> AsyncGenerator[bytes, None]:
@@ -115,7 +130,7 @@ async def _start(chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork |
         net = LocalNetwork(relays=6, handler=nothing)
         await net.__aenter__()
     engine = CountingEngine(TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4)))
-    store = _store(chain, db)
+    store = _store(chain, db, node_index)
     gate = PaymentGate(store, price_per_1k_tokens=PRICE, tokenize=engine.tokenize)
     config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model")
     app = create_model_app(config, engine, peers=net.peers, payments=gate)
@@ -126,10 +141,10 @@ async def _start(chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork |
         app=app,
         runner=runner,
         endpoint=endpoint,
-        node_id=bytes.fromhex(dev_account(NODE).address[2:]),
+        node_id=bytes.fromhex(dev_account(node_index).address[2:]),
     )
     net.peers.add(node.peer())
-    return PaidNet(net=net, node=node, engine=engine, store=store)
+    return PaidNet(net=net, node=node, engine=engine, store=store, operator=node_index)
 
 
 def _wallet(chain: ChainEnv, budget: int = 10**15, deposit: int = 10**14) -> Wallet:
@@ -289,6 +304,60 @@ async def test_a_wallet_never_spends_beyond_its_budget(chain: ChainEnv, tiny_mod
         assert eth_balance(chain.w3, CLIENT) == before and paid.engine.generated == 0
     finally:
         await paid.close()
+
+
+class FirstTryFailsEarly:
+    """The real overlay transport, except that the first send fails before any path answered (as a dead first
+    relay on every path would): the destination never sees that request."""
+
+    def __init__(self) -> None:
+        self.inner = OverlayTransport(ClientSettings(n=4))
+        self.failed: list[str] = []
+
+    def send(self, request: CompletionRequest, route: Route) -> AsyncIterator[CompletionDelta]:
+        if not self.failed:
+            self.failed.append(route.destination.operator)
+            return self._fail()
+        return self.inner.send(request, route)
+
+    async def _fail(self) -> AsyncIterator[CompletionDelta]:
+        raise ReplyIncomplete(paths=4, received=0, failed_early=(0, 1, 2, 3))
+        yield  # pragma: no cover - makes this an async generator
+
+    async def fetch_heartbeat(self, endpoint: str) -> bytes:
+        return await self.inner.fetch_heartbeat(endpoint)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_retry_on_another_node_never_pays_twice(chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path) -> None:
+    first = await _start(chain, tiny_model_dir, tmp_path / "a.db")
+    second = await _start(chain, tiny_model_dir, tmp_path / "b.db", net=first.net, node_index=OTHER_NODE)
+    nodes = {p.served().operator: p for p in (first, second)}
+    wallet = _wallet(chain)
+    transport = FirstTryFailsEarly()
+    directory = Directory(relays=tuple(first.net.descriptors()), model_nodes=tuple(p.served() for p in nodes.values()))
+    config = ClientConfig(heartbeats=False, attempts=2)
+    try:
+        async with Client(
+            directory, config, transport=transport, tokenizer=first.engine.tokenize, wallet=wallet
+        ) as client:
+            done = await client.complete(_request(first, PROMPTS[0]))
+        failed, served = nodes[transport.failed[0]], next(p for o, p in nodes.items() if o != transport.failed[0])
+        assert (failed.engine.generated, served.engine.generated) == (0, 1)
+        charged = cost(PRICE, done.prompt_tokens + done.completion_tokens)
+        by_node = {c.node: c for c in wallet.channels()}
+        unseen, paid = by_node[failed.served().operator], by_node[served.served().operator]
+        assert (unseen.owed, unseen.in_flight) == (0, 0)  # signed, never delivered, never counted
+        assert failed.store.book(unseen.channel_id) is None and failed.store.redeemable() == []
+        assert (paid.owed, paid.in_flight) == (charged, 0)
+        book = served.store.book(paid.channel_id)
+        assert book is not None and book.owed == charged
+        assert [v.cumulative_amount for v in served.store.redeemable()] == [paid.last]
+    finally:
+        await second.node.stop()
+        await first.close()
 
 
 def test_vouchers_and_requests_are_redacted_in_reprs(chain: ChainEnv) -> None:
