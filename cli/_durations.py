@@ -16,7 +16,7 @@ _NOW_FIELDS = ("currentTime", "now", "timestamp")
 
 
 def format_duration(seconds: int) -> str:
-    """``93784`` → ``1d 2h 3m``; under a minute, seconds (``45s``); negative durations read as ``0s``."""
+    """``93784`` → ``1d 2h 3m``; under an hour with seconds (``4m 5s``, ``45s``); negative durations read as ``0s``."""
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -27,6 +27,8 @@ def format_duration(seconds: int) -> str:
     if hours or days:
         parts.append(f"{hours}h")
     parts.append(f"{minutes}m")
+    if not (days or hours):
+        parts.append(f"{rest % 60}s")
     return " ".join(parts)
 
 

@@ -12,6 +12,8 @@ from rich.table import Table
 
 _stdout = Console(soft_wrap=True)
 _stderr = Console(stderr=True, soft_wrap=True)
+#: Widest table printed into a pipe (where rich would otherwise assume 80 columns and truncate).
+_PIPE_WIDTH = 1000
 
 
 def _default(value: object) -> object:
@@ -29,12 +31,13 @@ def emit(data: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, as_json: bool
         sys.stdout.flush()
         return
     if isinstance(data, Mapping):
-        table = Table(title=title, show_header=False)
-        table.add_column("field", style="bold")
-        table.add_column("value", overflow="fold")  # never an ellipsis: keys and hashes must survive a narrow pipe
-        for key, value in data.items():
-            table.add_row(str(key), str(value))
-        _stdout.print(table)
+        # Aligned plain lines, not a table: a table folds or truncates a 66-character hash or key to the terminal's
+        # width (80 columns in a pipe), and a value must stay one piece that can be copied or grepped.
+        width = max((len(str(key)) for key in data), default=0)
+        lines = [title] if title else []
+        lines += [f"{key!s:<{width}}  {value}" for key, value in data.items()]
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
         return
     rows = list(data)
     table = Table(title=title)
@@ -43,7 +46,10 @@ def emit(data: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, as_json: bool
             table.add_column(str(key))
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
-    _stdout.print(table)
+    # In a pipe rich assumes 80 columns and would cut addresses and endpoints short: let the table be as wide as
+    # its content there (a table only takes the width it needs).
+    console = _stdout if _stdout.is_terminal else Console(soft_wrap=True, width=_PIPE_WIDTH)
+    console.print(table)
 
 
 def info(message: str) -> None:

@@ -40,6 +40,7 @@ class StepProgress:
         self._last_line = -float("inf")
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._first_step: tuple[int, float] | None = None
 
     def __enter__(self) -> StepProgress:
         self._started = time.monotonic()
@@ -70,12 +71,20 @@ class StepProgress:
         if done not in (1, total) and now - self._last_line < self._interval_s:
             return
         self._last_line = now
+        if self._first_step is None:
+            self._first_step = (done, now)
         elapsed = now - self._started
-        eta = elapsed / done * (total - done) if done else 0.0
+        # The rate is measured from the first step on: what came before it (tokenizer, corpus) is not step time.
+        first_done, first_at = self._first_step
+        eta = (
+            "?"
+            if done <= first_done
+            else format_duration(round((now - first_at) / (done - first_done) * (total - done)))
+        )
         percent = 100 * done // max(1, total)
         self._stream.write(
             f"{self._label}: step {done}/{total} ({percent}%) loss {loss:.3f}, "
-            f"elapsed {format_duration(round(elapsed))}, ETA {format_duration(round(eta))}\n"
+            f"elapsed {format_duration(round(elapsed))}, ETA {eta}\n"
         )
         self._stream.flush()
 

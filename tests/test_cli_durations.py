@@ -11,11 +11,11 @@ NOON_ISH = 1_796_133_600
 
 def test_durations_read_as_days_hours_minutes() -> None:
     assert format_duration(0) == "0s" and format_duration(59) == "59s" and format_duration(-5) == "0s"
-    assert format_duration(60) == "1m" and format_duration(3_600) == "1h 0m"
+    assert format_duration(60) == "1m 0s" and format_duration(245) == "4m 5s" and format_duration(3_600) == "1h 0m"
     assert format_duration(86_340) == "23h 59m" and format_duration(93_784) == "1d 2h 3m"
     assert format_instant(NOON_ISH) == "2026-12-01 14:00 UTC"
     assert describe_time(NOON_ISH + 86_340, NOON_ISH) == "in 23h 59m (2026-12-02 13:59 UTC)"
-    assert describe_time(NOON_ISH - 120, NOON_ISH) == "2m ago (2026-12-01 13:58 UTC)"
+    assert describe_time(NOON_ISH - 120, NOON_ISH) == "2m 0s ago (2026-12-01 13:58 UTC)"
 
 
 class UnbondingNotFinished(ContractRevert):

@@ -177,3 +177,17 @@ def test_every_option_reads_a_ps_environment_variable(tool: str) -> None:
             if not (isinstance(envvar, str) and envvar.startswith("PS_")):
                 missing.append(f"{path} --{param.name}")
     assert missing == []
+
+
+def test_results_for_people_keep_long_values_whole_in_a_pipe() -> None:
+    # rich assumes 80 columns in a pipe: a table would fold or cut a 66-character id that a user copies from it.
+    long_id = "0x" + "ab" * 32
+    code = (
+        "from cli._output import emit; "
+        f"emit({{'model_id': '{long_id}', 'name': 'm'}}, as_json=False, title='model'); "
+        f"emit([{{'operator': '{long_id}', 'endpoint': 'http://127.0.0.1:8701/' + 'p' * 60}}], as_json=False)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"model_id  {long_id}\n" in proc.stdout
+    assert long_id in proc.stdout.splitlines()[-2] and "p" * 60 in proc.stdout
