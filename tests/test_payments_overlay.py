@@ -47,6 +47,7 @@ from node.overlay._serve import create_model_app
 from node.testing import LocalNetwork, LocalNode, serve_ephemeral
 from tests.fixtures.chain import OUTSIDER, ChainEnv
 from tests.fixtures.payments import eth_balance, payments
+from tests.test_chain_cli import InProcess, _env, _ok_json
 
 NODE, OTHER_NODE, CLIENT = 1, 2, 10
 #: Wei per 1000 tokens: 1000 wei per token, with a remainder so the rounding up shows.
@@ -388,3 +389,34 @@ def test_a_paying_gate_needs_a_price(chain: ChainEnv, tmp_path: Path) -> None:
 
     with pytest.raises(InvalidChainInput):
         PaymentGate(_store(chain, tmp_path / "v.db"), price_per_1k_tokens=0, tokenize=lambda _t: [])
+
+
+async def test_ps_node_earnings_and_claim(
+    chain: ChainEnv,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "vouchers.db"
+    paid = await _start(chain, tiny_model_dir, db)
+    wallet = _wallet(chain)
+    try:
+        async with _client(paid, wallet) as client:
+            latest, owed = await _pay_for(paid, client, PROMPTS[:2])
+    finally:
+        await paid.close()
+    inproc = InProcess(monkeypatch, capsys)
+    env = _env(chain, tmp_path, NODE, PS_VOUCHERS_DB=f"sqlite:///{db}")
+    shown = _ok_json(inproc("node", ["earnings", "--json"], env))
+    assert shown["channels"] == 1 and shown["served_wei"] == str(owed) and shown["vouchers_wei"] == str(latest)
+    assert (shown["redeemed_wei"], shown["unredeemed_wei"], shown["locked_wei"]) == ("0", str(latest), "0")
+    claimed = _ok_json(inproc("node", ["claim", "--json"], env))
+    assert claimed["claimed_wei"] == str(latest) and claimed["channels"] == 1 and len(claimed["transactions"]) == 1
+    shown = _ok_json(inproc("node", ["earnings", "--json"], env))
+    assert (shown["redeemed_wei"], shown["unredeemed_wei"], shown["locked_wei"]) == (str(latest), "0", str(latest))
+    again = _ok_json(inproc("node", ["claim", "--json"], env))
+    assert again == {"claimed_wei": "0", "channels": 0, "transactions": []}  # no double redeem
+    (state,) = wallet.channels()
+    channel = payments(chain).channel(state.channel_id)
+    assert channel is not None and channel.redeemed == latest
