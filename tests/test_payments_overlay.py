@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from web3 import Web3
 
 from ledger import Voucher, VoucherDomain, VoucherStore, dev_account, sign_voucher
 from node.client import Client, ClientConfig, OverlayTransport
@@ -41,7 +42,7 @@ from node.overlay import (
     ReplyIncomplete,
     Route,
 )
-from node.overlay._completion import _first_error
+from node.overlay._completion import _first_error, completion_handler
 from node.overlay._payments import PaymentGate
 from node.overlay._serve import create_model_app
 from node.testing import LocalNetwork, LocalNode, serve_ephemeral
@@ -420,3 +421,47 @@ async def test_ps_node_earnings_and_claim(
     (state,) = wallet.channels()
     channel = payments(chain).channel(state.channel_id)
     assert channel is not None and channel.redeemed == latest
+
+
+async def test_a_request_failing_after_acceptance_is_charged_only_what_was_processed(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
+    wallet = _wallet(chain)
+    too_long = "the quick brown fox jumps " * 300  # well over the tiny model's 1024-token context
+    try:
+        async with _client(paid, wallet) as client:
+            with pytest.raises(CompletionError) as failed:
+                await client.complete(_request(paid, too_long))
+            assert failed.value.code == "invalid_params"
+            (state,) = wallet.channels()
+            book = paid.store.book(state.channel_id)
+            # Accepted (the voucher is the channel's latest), then charged nothing: no delta was sent.
+            assert book is not None and book.latest.cumulative_amount == state.last > 0
+            assert (book.owed, book.reserved, state.owed, state.in_flight) == (0, 0, 0, 0)
+            _, owed = await _pay_for(paid, client, PROMPTS[:1])  # the books agree: the next voucher is accepted
+        book = paid.store.book(state.channel_id)
+        assert book is not None and book.owed == owed and wallet.channels()[0].owed == owed
+    finally:
+        await paid.close()
+
+
+async def test_a_free_node_ignores_a_voucher_and_serves(chain: ChainEnv, torch_engine: TorchEngine) -> None:
+    async with LocalNetwork(relays=6, handler=completion_handler(torch_engine)) as net:
+        free = ModelNode(
+            operator=Web3.to_checksum_address(net.destination.node_id),
+            endpoint=net.destination.endpoint,
+            public_key=net.destination.public_key,
+            model_id=torch_engine.model_id,
+            price_per_1k_tokens=0,
+        )
+        directory = Directory(relays=tuple(net.descriptors()), model_nodes=(free,))
+        bogus = sign_voucher(dev_account(OUTSIDER), payments(chain).domain(), 999, 1)
+        request = CompletionRequest(model=torch_engine.model_id, prompt="hello", max_tokens=2, temperature=0.0)
+        async with Client(directory, ClientConfig(heartbeats=False)) as client:
+            done = await client.complete(request.with_voucher(bogus.to_json()))
+        assert done.completion_tokens >= 1
+        wallet = _wallet(chain)
+        async with Client(directory, ClientConfig(heartbeats=False), wallet=wallet) as client:
+            await client.complete(request)
+        assert wallet.channels() == [] and wallet.spent_wei == 0  # a free node gets no channel, no voucher
