@@ -556,7 +556,9 @@ async def test_garbage_in_unused_block_memory_never_reaches_attention(tiny_model
 
 
 async def test_a_short_prompt_behind_long_prefills_gets_its_first_token_first(tiny_model_dir: Path) -> None:
-    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_batch_tokens=64))
+    # A small budget and ~700-token prompts: the long prefills take ~90 steps, so the short prompt arrives while they
+    # are still prefilling even when this shared machine is slow to schedule the test's own coroutine.
+    engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_batch_tokens=16))
     order: list[str] = []
 
     async def first_token(rid: str, prompt: str) -> None:
@@ -565,7 +567,7 @@ async def test_a_short_prompt_behind_long_prefills_gets_its_first_token_first(ti
             return
 
     try:
-        longs = [asyncio.create_task(first_token(f"long{i}", f"{i} " + LONG_PROMPT)) for i in range(2)]
+        longs = [asyncio.create_task(first_token(f"long{i}", f"{i} " + LONG_PROMPT * 2)) for i in range(2)]
         for _ in range(500):  # the long prompts are queued or prefilling before the short one arrives
             stats = engine.stats()
             if stats.queued_requests + stats.running_requests == 2:
