@@ -10,8 +10,10 @@ stopped between answering and redeeming redeems everything after a restart from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 from web3 import Web3
 
-from ledger import Voucher, VoucherDomain, VoucherStore, dev_account, sign_voucher
+from ledger import AcceptedVoucher, Voucher, VoucherDomain, VoucherStore, Wei, dev_account, sign_voucher
 from node.client import Client, ClientConfig, OverlayTransport
 from node.client._wallet import Wallet, WalletExhausted, cost
 from node.inference import (
@@ -116,13 +118,27 @@ class PaidNet:
         await self.net.close()
 
 
-def _store(chain: ChainEnv, db: Path, node: int = NODE) -> VoucherStore:
+class SlowSettleStore(VoucherStore):
+    """The real store, taking 0.3 s longer to settle (a slow disk): widens the window between the answer's last
+    line and the charge, if there is one."""
+
+    def settle(self, accepted: AcceptedVoucher, used_tokens: int) -> Wei:
+        time.sleep(0.3)
+        return super().settle(accepted, used_tokens)
+
+
+def _store(chain: ChainEnv, db: Path, node: int = NODE, kind: type[VoucherStore] = VoucherStore) -> VoucherStore:
     pay = payments(chain)
-    return VoucherStore(f"sqlite:///{db}", domain=pay.domain(), node=dev_account(node).address, channels=pay)
+    return kind(f"sqlite:///{db}", domain=pay.domain(), node=dev_account(node).address, channels=pay)
 
 
 async def _start(
-    chain: ChainEnv, model_dir: Path, db: Path, net: LocalNetwork | None = None, node_index: int = NODE
+    chain: ChainEnv,
+    model_dir: Path,
+    db: Path,
+    net: LocalNetwork | None = None,
+    node_index: int = NODE,
+    kind: type[VoucherStore] = VoucherStore,
 ) -> PaidNet:
     if net is None:
 
@@ -132,7 +148,7 @@ async def _start(
         net = LocalNetwork(relays=6, handler=nothing)
         await net.__aenter__()
     engine = CountingEngine(TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4)))
-    store = _store(chain, db, node_index)
+    store = _store(chain, db, node_index, kind)
     gate = PaymentGate(store, price_per_1k_tokens=PRICE, tokenize=engine.tokenize)
     config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model")
     app = create_model_app(config, engine, peers=net.peers, payments=gate)
@@ -465,3 +481,29 @@ async def test_a_free_node_ignores_a_voucher_and_serves(chain: ChainEnv, torch_e
         async with Client(directory, ClientConfig(heartbeats=False), wallet=wallet) as client:
             await client.complete(request)
         assert wallet.channels() == [] and wallet.spent_wei == 0  # a free node gets no channel, no voucher
+
+
+async def test_the_charge_is_committed_before_the_last_line_so_back_to_back_requests_are_accepted(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A consumer that stops at the final delta (as the OpenAI endpoint's stream does) or at an error line sends its
+    next voucher at once: the node must have charged the previous request by then."""
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db", kind=SlowSettleStore)
+    wallet = _wallet(chain)
+    too_long = "the quick brown fox jumps " * 300
+    try:
+        async with _client(paid, wallet) as client:
+            for prompt in (PROMPTS[0], too_long, PROMPTS[1]):
+                try:
+                    async with contextlib.aclosing(client.stream(_request(paid, prompt))) as stream:
+                        async for delta in stream:
+                            if delta.finish_reason is not None:
+                                break
+                except CompletionError as exc:
+                    assert exc.code == "invalid_params"
+                (state,) = wallet.channels()
+                book = paid.store.book(state.channel_id)
+                assert book is not None and (book.reserved, book.owed) == (0, state.owed), prompt[:20]
+        assert paid.engine.generated == 3
+    finally:
+        await paid.close()

@@ -255,6 +255,21 @@ def completion_handler(
                 yield _error_line(refused.code, refused.message, refused.param)
                 return
         request_id = secrets.token_hex(8)
+        charged = False
+
+        async def charge() -> None:
+            # Before the reply's last line leaves: a client that sends its next voucher as soon as it reads that
+            # line must find this reservation already replaced by the cost (else its voucher looks underpaid).
+            nonlocal charged
+            if payments is None or accepted is None or charged:
+                return
+            charged = True
+            used = (last.prompt_tokens, last.completion_tokens) if last is not None else (0, 0)
+            try:
+                await payments.settle(accepted, prompt_tokens=used[0], completion_tokens=used[1])
+            except Exception:  # the reservation stays and counts as used on restart: never lost, never crashes
+                log.exception("could not settle request %s", request_id)
+
         started = finished = False
         begun = time.monotonic()
         outcome = "abort"
@@ -274,6 +289,7 @@ def completion_handler(
                     finished = chunk.finish_reason is not None
                     if chunk.finish_reason is not None:
                         outcome = chunk.finish_reason
+                        await charge()
                     yield _line(
                         CompletionDelta(
                             text=chunk.text,
@@ -286,15 +302,18 @@ def completion_handler(
                     )
         except EngineOverloaded:
             outcome = "overloaded"
+            await charge()
             yield _error_line("overloaded", "the model node is at capacity; retry later or elsewhere")
         except InvalidParams as exc:
             # About the request (a range, a prompt over the context): safe and useful to report; values are redacted.
             outcome = exc.code
+            await charge()
             yield _error_line(exc.code, str(exc), exc.param)
         except InferenceError as exc:
             # About the node (closed, stalled): the code is enough, the details stay in the node's own logs.
             outcome = exc.code
             log.warning("completion failed: %s", exc.code)
+            await charge()
             yield _error_line(exc.code, "the model node could not serve the request")
         finally:
             if started and not finished:
@@ -307,13 +326,7 @@ def completion_handler(
                 "completion_tokens": last.completion_tokens if last else 0,
                 "cached_tokens": last.cached_tokens if last else 0,
             }
-            if payments is not None and accepted is not None:
-                try:
-                    await payments.settle(
-                        accepted, prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"]
-                    )
-                except Exception:  # the reservation stays and counts as used on restart: never lost, never crashes
-                    log.exception("could not settle request %s", request_id)
+            await charge()  # aborted (every path gone): charge what was sent
             for observer in observers:
                 observer.finished(**counts, finish_reason=outcome, seconds=seconds)
             log.info(
