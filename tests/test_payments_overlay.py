@@ -10,6 +10,7 @@ stopped between answering and redeeming redeems everything after a restart from 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -505,5 +506,24 @@ async def test_the_charge_is_committed_before_the_last_line_so_back_to_back_requ
                 book = paid.store.book(state.channel_id)
                 assert book is not None and (book.reserved, book.owed) == (0, state.owed), prompt[:20]
         assert paid.engine.generated == 3
+    finally:
+        await paid.close()
+
+
+async def test_concurrent_requests_to_one_node_are_all_accepted(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Vouchers are signed in increasing order; the wallet admits one request per channel at a time (until the
+    node answered its first delta), so a later voucher never overtakes an earlier one on the way (voucher_stale)."""
+    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
+    wallet = _wallet(chain)
+    try:
+        async with _client(paid, wallet) as client:
+            done = await asyncio.gather(*(client.complete(_request(paid, p)) for p in PROMPTS * 2))
+        (state,) = wallet.channels()
+        owed = sum(cost(PRICE, d.prompt_tokens + d.completion_tokens) for d in done)
+        book = paid.store.book(state.channel_id)
+        assert book is not None and (book.owed, book.reserved) == (owed, 0) == (state.owed, state.in_flight)
+        assert paid.engine.generated == len(PROMPTS) * 2
     finally:
         await paid.close()

@@ -326,6 +326,8 @@ class Client:
                     if not yielded:
                         ahead = view.queued_tokens + max(0, prompt_tokens - view.matched_tokens)
                         self.load.first_token(sent_to, ttft_s=time.monotonic() - started, work_tokens=ahead)
+                    if not yielded and payment is not None and self.wallet is not None:
+                        self.wallet.admitted(payment)  # the node accepted the voucher: the channel's next may go
                     yielded = True
                     seen = delta
                     if delta.finish_reason is not None:

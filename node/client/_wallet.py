@@ -2,7 +2,9 @@
 
 Why the client keeps its own book rather than asking the node: the voucher must be signed *before* the answer, for
 the cumulative amount the node will accept, and the only honest source of "what I owe" is what the client itself
-saw served. The wallet follows the spec's rule: the next voucher on a channel is
+saw served. Vouchers on one channel must reach the node in the order they were signed, so the wallet admits one
+request per channel at a time: the next waits until the node answered the previous (its first delta) or it ended.
+The wallet follows the spec's rule: the next voucher on a channel is
 ``max(last + 1, owed + in_flight + reservation)``; after a final delta ``owed`` grows by what that delta says was
 used, and after a reply that broke once the node had the request, by the whole reservation (the node may have
 charged that much). A try that failed before any path answered releases its reservation: the node never saw it.
@@ -26,6 +28,20 @@ from node.overlay import CompletionRequest, ModelNode
 #: Tokens added to a prompt bound that was not counted with the node's tokenizer (UTF-8 bytes bound tokens of byte
 #: level tokenizers; a SentencePiece dummy prefix or similar adds a few).
 BYTES_BOUND_MARGIN = 8
+
+
+#: Longest a request waits for the previous request on the same channel to be admitted, seconds.
+ADMISSION_WAIT_S = 60.0
+
+
+class PaymentBusy(ClientError):
+    """The previous request on this node's channel was not admitted in time (the node is stuck or very slow)."""
+
+    code = "payment_channel_busy"
+
+    def __init__(self, node: str, seconds: float) -> None:
+        self.node = node
+        super().__init__(f"the channel to {node} admitted no request within {seconds:g} s")
 
 
 class WalletExhausted(ClientError):
@@ -76,7 +92,15 @@ class Payment:
     """The most this request may cost, wei."""
     price_per_1k_tokens: int
     """The destination's registered price."""
-    done: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
+    progress: _Progress = field(default_factory=lambda: _Progress(), repr=False, compare=False)
+    """Mutable: whether it was finished, and the admission lock it holds."""
+
+
+@dataclass(slots=True)
+class _Progress:
+    finished: bool = False
+    admission: asyncio.Lock | None = None
+    """The channel's admission lock while the request holds it (until its first delta or its end)."""
 
 
 class Wallet:
@@ -93,6 +117,7 @@ class Wallet:
         self.spent_wei = 0
         self._channels: dict[str, ChannelState] = {}
         self._lock = asyncio.Lock()
+        self._admission: dict[str, asyncio.Lock] = {}
         self._book = threading.Lock()  # finish() may run from a generator's finally: no await there
 
     def __repr__(self) -> str:
@@ -124,6 +149,24 @@ class Wallet:
             return request, None
         tokens = prompt_tokens if prompt_tokens is not None else len(request.prompt.encode()) + BYTES_BOUND_MARGIN
         reservation = cost(price, tokens + request.max_tokens)
+        admission = self._admission.setdefault(destination.operator, asyncio.Lock())
+        try:
+            # Vouchers on a channel must reach the node in the order they were signed (a lower one after a higher
+            # one is stale): one request per channel is admitted at a time, until the node answered it.
+            await asyncio.wait_for(admission.acquire(), ADMISSION_WAIT_S)
+        except TimeoutError:
+            raise PaymentBusy(destination.operator, ADMISSION_WAIT_S) from None
+        try:
+            paid, payment = await self._sign(destination, request, price, reservation)
+        except BaseException:
+            admission.release()
+            raise
+        payment.progress.admission = admission
+        return paid, payment
+
+    async def _sign(
+        self, destination: ModelNode, request: CompletionRequest, price: int, reservation: int
+    ) -> tuple[CompletionRequest, Payment]:
         async with self._lock:
             state = self._channels.get(destination.operator)
             with self._book:
@@ -146,13 +189,20 @@ class Wallet:
         )
         return request.with_voucher(voucher.to_json()), payment
 
+    def admitted(self, payment: Payment) -> None:
+        """The node answered ``payment``'s request (its voucher was accepted): the next one may be sent."""
+        lock, payment.progress.admission = payment.progress.admission, None
+        if lock is not None:
+            lock.release()
+
     def finish(self, payment: Payment, used_tokens: int | None) -> None:
         """Close ``payment``'s books: ``used_tokens`` from the last delta seen (0: the node never had the request),
         or None when the reply broke after the node had it (the whole reservation counts as spent)."""
+        self.admitted(payment)
         with self._book:
-            if payment.done[0]:
+            if payment.progress.finished:
                 return
-            payment.done[0] = True
+            payment.progress.finished = True
             state = self._channels[payment.node]
             state.in_flight = max(0, state.in_flight - payment.reservation)
             spent = payment.reservation if used_tokens is None else cost(payment.price_per_1k_tokens, used_tokens)
