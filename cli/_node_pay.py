@@ -8,6 +8,7 @@ is safely run again. web3 is imported inside the commands (``--help`` stays fast
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from ledger import ChannelBook, PaymentChannels, VoucherStore
+    from node.overlay._payments import PaymentGate
 
 app = new_app("Earnings from paid requests: show them, claim them.")
 
@@ -66,6 +68,26 @@ def open_voucher_store(
     pay = PaymentChannels(registry.w3, dep.payments_address, signer)
     url = vouchers_db or default_vouchers_db(state_dir_or_default(state_dir), dep.chain_id)
     return VoucherStore(url, domain=pay.domain(), node=operator, channels=pay), pay, url
+
+
+def payment_gate(
+    rpc_url: str,
+    deployment: Path | None,
+    state_dir: Path | None,
+    vouchers_db: str | None,
+    operator: str,
+    tokenize: Callable[[str], Sequence[int]],
+) -> PaymentGate | None:
+    """The gate a model node serves behind (``create_model_app(..., payments=...)``): its voucher book at the price
+    it registered on chain; None when that price is 0 (free serving) or the node is not registered."""
+    from node.overlay._payments import PaymentGate
+
+    _, registry = open_chain(rpc_url, deployment, None)
+    node = registry.get_node(operator)
+    if node is None or node.price_per_1k_tokens == 0:
+        return None
+    store, _, _ = open_voucher_store(rpc_url, deployment, state_dir, vouchers_db, operator)
+    return PaymentGate(store, price_per_1k_tokens=node.price_per_1k_tokens, tokenize=tokenize)
 
 
 def _books(store: VoucherStore, url: str) -> list[ChannelBook]:

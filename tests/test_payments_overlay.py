@@ -527,3 +527,29 @@ async def test_concurrent_requests_to_one_node_are_all_accepted(
         assert paid.engine.generated == len(PROMPTS) * 2
     finally:
         await paid.close()
+
+
+def test_a_model_node_gate_uses_its_registered_price(chain: ChainEnv, tmp_path: Path) -> None:
+    from cli._node_pay import payment_gate
+    from ledger import Role, model_id
+
+    def gate() -> PaymentGate | None:
+        db = f"sqlite:///{tmp_path / 'v.db'}"
+        address = dev_account(NODE).address
+        return payment_gate(chain.rpc_url, chain.deployment_path, tmp_path, db, address, lambda t: [0] * len(t))
+
+    assert gate() is None  # not registered: nothing to charge for
+    chain.registry(NODE).register(
+        role=Role.MODEL,
+        endpoint="http://127.0.0.1:9001",
+        x25519_public_key=bytes(range(1, 33)),
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=PRICE,
+        stake=10**18,
+    )
+    registered = gate()
+    assert registered is not None and registered.price_per_1k_tokens == PRICE
+    chain.registry(NODE).update(
+        endpoint="http://127.0.0.1:9001", x25519_public_key=bytes(range(1, 33)), price_per_1k_tokens=0
+    )
+    assert gate() is None  # a free node serves without a gate
