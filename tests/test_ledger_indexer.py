@@ -384,7 +384,8 @@ def test_indexer_rebuilds_after_an_anvil_restart(tmp_path: Path, make_db: MakeDb
         with Indexer(reg2, dep2, db) as indexer:
             report = indexer.sync()
             # anvil started in the same second mines identical early blocks: those are a common ancestor
-            assert report.reset or report.rolled_back == 2
+            # (how many events are undone depends on which early blocks match: at least the two registrations)
+            assert report.reset or report.rolled_back >= 2
             nodes = indexer.nodes(include_deregistered=True)
             assert [n.operator for n in nodes] == [dev_account(3).address]
             with Indexer(reg2, dep2, make_db("fresh")) as fresh:
