@@ -11,8 +11,10 @@
    sends S-IDA cloves and streams the reply back over the reverse paths. Prompts sharing a prefix follow the node
    that holds it (its prefix cache answers); a node made busy is avoided.
 6. The official ``openai`` package, pointed at the OpenAI-compatible endpoint, answers through the same network.
-7. Money: the client opens a payment channel to the model node that served it and pays with one cumulative
-   EIP-712 voucher; the node redeems it in one transaction and its earnings are locked for the verification window.
+7. Money: every request carries a cumulative EIP-712 voucher inside its sealed envelope (completion protocol v2); the
+   client's wallet opens a channel to each model node it uses; each model node checks the voucher before its engine
+   runs, then redeems its latest vouchers in one transaction, and its earnings are locked for the verification
+   window.
 8. One relay is stopped while still registered: the client re-routes around it.
 
 Verification (challenges, attestations) joins this script with its issue.
@@ -32,7 +34,6 @@ import aiohttp
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.table import Table
-from web3 import Web3
 
 from ledger import (
     Anvil,
@@ -44,15 +45,16 @@ from ledger import (
     PaymentChannels,
     RegistryParams,
     Role,
+    VoucherStore,
     Wei,
     deploy_all,
     dev_account,
     format_eth,
     model_id,
-    sign_voucher,
 )
 from node import NodeIdentity
 from node.client import Client, ClientConfig, ClientService, create_openai_app, load_tokenizer
+from node.client._wallet import Wallet
 from node.inference import (
     EngineConfig,
     GenerationRequest,
@@ -65,6 +67,7 @@ from node.inference import (
 from node.inference._prefix import chunk_hashes
 from node.overlay import CompletionRequest, Directory, OverlayConfig, Route
 from node.overlay._heartbeat import HeartbeatPublisher
+from node.overlay._payments import PaymentGate
 from node.overlay._peers import StaticPeerDirectory
 from node.overlay._serve import create_model_app
 from node.testing import LocalNode, serve_ephemeral, start_node
@@ -124,9 +127,9 @@ class DemoResult:
     openai_replies: list[str] = field(default_factory=list)
     """What the ``openai`` package got back (a chat completion, then a streamed completion)."""
     paid_wei: int = 0
-    """The cumulative voucher the client signed for what the node served it."""
+    """What the model nodes redeemed, wei (the latest cumulative voucher of each channel)."""
     locked_wei: int = 0
-    """The node's earnings locked on the payment contract after redeeming."""
+    """The model nodes' earnings locked on the payment contract after redeeming, wei."""
     requests_sent: int = 0
     """Requests sent over the overlay before the relay was stopped."""
     served_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -166,8 +169,10 @@ async def _model_node(
     operator: LocalAccount,
     peers: StaticPeerDirectory,
     node_id: bytes,
+    gate: PaymentGate,
 ) -> LocalNode:
-    """A model node that publishes heartbeats signed by its operator (load, TTFT, salted cache summary)."""
+    """A model node that publishes heartbeats signed by its operator (load, TTFT, salted cache summary) and serves
+    only requests carrying a valid voucher (``gate``, checked before the engine runs)."""
     publisher = HeartbeatPublisher(
         account=operator,
         model_id=engine.model_id,
@@ -175,7 +180,7 @@ async def _model_node(
         prefix_hashes=lambda prompt: chunk_hashes(engine.tokenize(prompt)),
         interval_s=0.1,
     )
-    app = create_model_app(config, engine, peers=peers, heartbeat=publisher)
+    app = create_model_app(config, engine, peers=peers, heartbeat=publisher, payments=gate)
     runner, endpoint = await serve_ephemeral(app)
     node = LocalNode(name=f"model-{index}", config=config, app=app, runner=runner, endpoint=endpoint, node_id=node_id)
     peers.add(node.peer())
@@ -195,14 +200,16 @@ async def _requests(
     model: str,
     model_dir: Path,
     models: list[tuple[str, TorchEngine]],
+    wallet: Wallet,
 ) -> None:
-    """Forwarding at work, then the openai package through the same client."""
+    """Forwarding at work, then the openai package through the same client; every request paid by ``wallet``."""
     routes: list[Route] = []
     client = Client(
         directory,
         ClientConfig(models=(model,), heartbeat_refresh_s=0.0),
         tokenizer=load_tokenizer(model_dir),
         on_route=routes.append,
+        wallet=wallet,
     )
     async with client:
         for prompt in DEMO_PROMPTS:
@@ -276,33 +283,35 @@ async def _requests(
     result.requests_sent = len(DEMO_PROMPTS) + 1 + 2
 
 
-def _pay(
-    console: Console, result: DemoResult, w3: Web3, deployment: Deployment, models: list[tuple[str, TorchEngine]]
+def _claim(
+    console: Console,
+    result: DemoResult,
+    payments: PaymentChannels,
+    stores: dict[str, VoucherStore],
+    wallet: Wallet,
 ) -> None:
-    """A payment channel from a client account to the first demo node, one cumulative voucher, one redeem.
-
-    The voucher covers the tokens this demo's client was served by that node, at its registered price. Here it is
-    handed to the node beside the requests; carrying it inside each encrypted request is the next protocol version.
-    """
-    node = result.destinations[0]
-    registered = next(n for n in result.nodes if n.operator == node)
-    client_account = dev_account(len(DEMO_NODES) + 1)
-    payments = PaymentChannels(w3, deployment.payments_address, client_account)
-    opened = payments.open_channel(node, CHANNEL_DEPOSIT)
-    served_tokens = sum(result.served_tokens.get(node, []))
-    amount = max(1, -(-int(registered.price_per_1k_tokens) * served_tokens // 1000))
-    voucher = sign_voucher(client_account, payments.domain(), opened.channel_id, amount)
-    operator = next(dev_account(i) for i in range(1, len(DEMO_NODES) + 1) if dev_account(i).address == node)
-    payments.with_account(operator).redeem(voucher)
-    balances = payments.balances(node)
-    result.paid_wei = amount
-    result.locked_wei = int(balances.locked)
-    console.print(
-        f"payment channel {opened.channel_id}: client {client_account.address[:10]}… deposited "
-        f"{format_eth(Wei(CHANNEL_DEPOSIT))} ETH; one EIP-712 voucher for {amount} wei covers the {served_tokens} "
-        f"tokens node {node[:10]}… served at {registered.price_per_1k_tokens} wei/1k; the node redeemed it in one "
-        f"transaction: {balances.locked} wei locked until the verification window ends, then withdrawable"
-    )
+    """Each model node redeems its latest vouchers in one transaction; the earnings are then locked."""
+    for channel in wallet.channels():
+        console.print(
+            f"payment channel {channel.channel_id}: client {wallet.address[:10]}… → node {channel.node[:10]}…, "
+            f"deposit {format_eth(Wei(channel.deposit))} ETH, last voucher {channel.last} wei "
+            f"(each request carried a cumulative EIP-712 voucher inside its sealed envelope)"
+        )
+    for node, store in stores.items():
+        vouchers = store.redeemable()
+        if not vouchers:
+            continue
+        operator = next(dev_account(i) for i in range(1, len(DEMO_NODES) + 1) if dev_account(i).address == node)
+        receipt = payments.with_account(operator).redeem_batch(vouchers)
+        store.mark_redeemed(vouchers)
+        balances = payments.balances(node)
+        result.paid_wei += sum(v.cumulative_amount for v in vouchers)
+        result.locked_wei += int(balances.locked)
+        console.print(
+            f"node {node[:10]}… redeemed {len(vouchers)} voucher(s) for {sum(v.cumulative_amount for v in vouchers)} "
+            f"wei in one transaction ({receipt.gas_used} gas): {balances.locked} wei locked until the verification "
+            f"window ends, then withdrawable"
+        )
 
 
 async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
@@ -321,6 +330,11 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
         deployment = deploy_all(w3, dev_account(0), RegistryParams(), path=root / "deployment.json")
         console.print(f"deployed NodeRegistry at {deployment.registry_address} (block {deployment.deploy_block})")
         registry = NodeRegistry(w3, deployment.registry_address)
+        payments = PaymentChannels(w3, deployment.payments_address)
+        stores: dict[str, VoucherStore] = {}
+        # The demo's user: pays from its own dev account, one channel per model node it uses, within a budget.
+        user = dev_account(len(DEMO_NODES) + 1)
+        wallet = Wallet(payments, user, budget_wei=4 * CHANNEL_DEPOSIT, deposit_wei=CHANNEL_DEPOSIT)
         try:
             relays: list[LocalNode] = []
             models: list[tuple[str, TorchEngine]] = []
@@ -338,7 +352,15 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     if role is Role.MODEL:
                         engine = TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=4))
                         engines.append(engine)
-                        node = await _model_node(index, config, engine, operator, peers, node_id)
+                        store = VoucherStore(
+                            f"sqlite:///{root / f'vouchers-{index}.sqlite'}",
+                            domain=payments.domain(),
+                            node=operator.address,
+                            channels=payments,
+                        )
+                        stores[operator.address] = store
+                        gate = PaymentGate(store, price_per_1k_tokens=price, tokenize=engine.tokenize)
+                        node = await _model_node(index, config, engine, operator, peers, node_id, gate)
                         models.append((operator.address, engine))
                     else:
                         node = await start_node(f"relay-{index}", config, peers=peers, node_id=node_id)
@@ -361,11 +383,11 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             result = DemoResult(deployment=deployment, nodes=nodes, model=model)
 
             directory = Directory.from_registry(nodes)
-            await _requests(console, result, directory, model, model_dir, models)
+            await _requests(console, result, directory, model, model_dir, models, wallet)
             async with aiohttp.ClientSession() as session:
                 for relay in relays:
                     result.relay_forwards[relay.endpoint] = await _forwarded(session, relay)
-            _pay(console, result, w3, deployment, models)
+            _claim(console, result, payments, stores, wallet)
 
             # A relay dies but is still registered: the client finds out from its paths and re-routes.
             victim = relays[0]
@@ -373,7 +395,10 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             result.stopped_relay = victim.endpoint
             routes: list[Route] = []
             client = Client(
-                directory, ClientConfig(models=(model,), attempts=3, heartbeats=False), on_route=routes.append
+                directory,
+                ClientConfig(models=(model,), attempts=3, heartbeats=False),
+                on_route=routes.append,
+                wallet=wallet,
             )
             async with client:
                 sent = time.perf_counter()
