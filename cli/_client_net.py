@@ -50,6 +50,24 @@ def _tokenizer(folder: Path | None) -> Any:
     return load_tokenizer(folder)
 
 
+def client_wallet(rpc_url: str, deployment: Path | None) -> Any:
+    """The client's wallet when ``PS_PRIVATE_KEY`` holds its key: one channel per paid model node, opened on demand
+    with ``PS_DEPOSIT`` ETH (default 0.01) within ``PS_BUDGET`` ETH (default 0.05) of deposits. Without a key only
+    free nodes answer (a paid one says ``payment_required``). The wallet lives in this process: a later command
+    opens new channels (``ps-client deposit/channels/close`` are not built yet)."""
+    if not os.environ.get("PS_PRIVATE_KEY"):
+        return None
+    from cli._node_chain import load_operator, open_chain
+    from ledger import PaymentChannels, parse_eth
+    from node.client._wallet import Wallet
+
+    dep, registry = open_chain(rpc_url, deployment, None)
+    account = load_operator(None)
+    budget = parse_eth(os.environ.get("PS_BUDGET", "0.05"), param="PS_BUDGET")
+    deposit = parse_eth(os.environ.get("PS_DEPOSIT", "0.01"), param="PS_DEPOSIT")
+    return Wallet(PaymentChannels(registry.w3, dep.payments_address), account, budget_wei=budget, deposit_wei=deposit)
+
+
 def _client(
     rpc_url: str, deployment: Path | None, db: str | None, models: tuple[str, ...], tokenizer: Path | None
 ) -> Any:
@@ -58,7 +76,11 @@ def _client(
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=_db(db))
     return Client(
-        directory, ClientConfig(models=models), tokenizer=_tokenizer(tokenizer), reputation=directory.reputation
+        directory,
+        ClientConfig(models=models),
+        tokenizer=_tokenizer(tokenizer),
+        reputation=directory.reputation,
+        wallet=client_wallet(rpc_url, deployment),
     )
 
 

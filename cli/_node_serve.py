@@ -94,8 +94,10 @@ def serve(
         loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
         heartbeat = _heartbeat_publisher(loaded)
+        payments = _payments(rpc_url, deployment, state, loaded)
         ready["heartbeats"] = heartbeat is not None
-        application = create_model_app(config, loaded, peers=peers, heartbeat=heartbeat)
+        ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
+        application = create_model_app(config, loaded, peers=peers, heartbeat=heartbeat, payments=payments)
     else:
         application = create_app(config, peers=peers)
         application.cleanup_ctx.append(peers.cleanup_ctx())
@@ -142,6 +144,28 @@ def _heartbeat_publisher(engine: Any) -> Any:
         model_id=engine.model_id,
         stats=engine.stats,
         prefix_hashes=(lambda prompt: chunk_hashes(tokenize(prompt))) if callable(tokenize) else None,
+    )
+
+
+def _payments(rpc_url: str, deployment: Path | None, state: Path, engine: Any) -> Any:
+    """A model node charges the price it registered on chain (read every 15 s; free while unregistered or at 0),
+    with its voucher book in the state directory. Needs the operator key, which ``ps-node claim`` redeems with."""
+    if not os.environ.get("PS_PRIVATE_KEY"):
+        return None
+    from cli._node_chain import load_operator, open_chain
+    from cli._node_pay import open_voucher_store
+    from node.overlay._payments import RegistryPricedGate
+
+    operator = load_operator(None).address
+
+    def price() -> int:
+        node = open_chain(rpc_url, deployment, None)[1].get_node(operator)
+        return 0 if node is None else int(node.price_per_1k_tokens)
+
+    return RegistryPricedGate(
+        store=lambda: open_voucher_store(rpc_url, deployment, state, None, operator)[0],
+        price=price,
+        tokenize=engine.tokenize,
     )
 
 

@@ -67,10 +67,10 @@ def ask(
     as_json: JsonOpt = False,
 ) -> None:
     """Ask a model privately: the reply streams to stdout as it is generated."""
-    import aiohttp
-
+    from cli._client_net import client_wallet
     from ledger import Indexer
-    from node.overlay import ClientSettings, CompletionRequest, Directory, Route, complete_routed
+    from node.client import Client, ClientConfig, OverlayTransport
+    from node.overlay import ClientSettings, CompletionRequest, Directory, Route
     from node.overlay._completion import MAX_PROMPT_CHARS
 
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -85,6 +85,7 @@ def ask(
     if attempts < 1:
         raise InvalidParams(param="attempts", value=attempts, reason="at least 1")
     settings = ClientSettings(n=paths, k=threshold)
+    config = ClientConfig(paths=paths, hops=hops, attempts=attempts)
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
         db = default_index_db(Path(user_data_dir("planetserve")) / "client", dep.chain_id)
@@ -103,11 +104,15 @@ def ask(
         first: float | None = None
         pieces: list[str] = []
         last: Any = None
-        async with aiohttp.ClientSession() as session:
-            replies = complete_routed(
-                session, directory, request, hops=hops, settings=settings, attempts=attempts, on_route=on_route
-            )
-            async for delta in replies:
+        client = Client(
+            directory,
+            config,
+            transport=OverlayTransport(settings),
+            on_route=on_route,
+            wallet=client_wallet(rpc_url, deployment),
+        )
+        async with client:
+            async for delta in client.stream(request):
                 if first is None:
                     first = time.perf_counter() - started
                 pieces.append(delta.text)

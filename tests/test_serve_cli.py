@@ -79,7 +79,9 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     roles = ["model", "relay", "relay", "relay"]
     for index, role in enumerate(roles):
         # The nodes read the registry themselves: a relay forwards only to nodes registered there.
-        env = _env(chain, tmp_path, None, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
+        # The model node holds its operator key (dev account 1): it signs heartbeats and charges its registered price.
+        key = 1 if role == "model" else None
+        env = _env(chain, tmp_path, key, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
         args = ["serve", "--role", role, "--port", "0", "--json"]
         if role == "model":
             args += ["--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
@@ -108,7 +110,8 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
         price_per_1k_tokens=0,
         stake=10**18,
     )
-    client_env = _env(chain, tmp_path, None, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
+    # The client pays from its own key (dev account 7): each request carries a voucher inside its sealed envelope.
+    client_env = _env(chain, tmp_path, 7, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
     ask = ["ask", PROMPT, "--model", model, "--max-tokens", "6", "--paths", "4", "--hops", "3", "--json"]
     # Each relay re-reads the registry on a miss at most every 2 s (RegistryPeerDirectory): the nodes registered a
     # moment ago become resolvable by then, as the docs promise, and not necessarily sooner.
@@ -125,6 +128,13 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     plain = _run("client", ask[:-1], client_env)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.rstrip("\n") == answer["text"]
+
+    # The model node was paid for both answers, in its own voucher book; without a key the client gets a clear refusal.
+    node_env = _env(chain, tmp_path, 1, PS_STATE_DIR=str(tmp_path / "node-0"))
+    earned = _ok_json(_run("node", ["earnings", "--json"], node_env))
+    assert earned["channels"] == 2 and int(earned["served_wei"]) > 0
+    unpaid = _run("client", ask, {k: v for k, v in client_env.items() if k != "PS_PRIVATE_KEY"})
+    assert unpaid.returncode != 0 and "payment_required" in unpaid.stderr
 
     unknown = _run("client", ["ask", PROMPT, "--model", "other-model@v1"], client_env)
     _failed(unknown, ExitCode.NETWORK_ERROR, "no routable model node")

@@ -39,7 +39,7 @@ from node.privacy import InsufficientRelays, RelayDescriptor
 
 if TYPE_CHECKING:
     from ledger import AcceptedVoucher
-    from node.overlay._payments import PaymentGate
+    from node.overlay._payments import Payments
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class RequestObserver(Protocol):
 
 
 def completion_handler(
-    engine: Engine, *, observers: Sequence[RequestObserver] = (), payments: PaymentGate | None = None
+    engine: Engine, *, observers: Sequence[RequestObserver] = (), payments: Payments | None = None
 ) -> ReplyHandler:
     """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``).
 

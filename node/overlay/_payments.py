@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ledger import AcceptedVoucher, InvalidChainInput, PriceRule, Voucher, VoucherRejected, VoucherStore, Wei
 
@@ -70,3 +71,66 @@ class PaymentGate:
         limit = accepted.price.prompt_tokens + accepted.price.max_tokens
         used = min(limit, max(0, prompt_tokens) + max(0, completion_tokens))
         return await asyncio.to_thread(self.store.settle, accepted, used)
+
+
+class Payments(Protocol):
+    """What ``completion_handler`` needs from a paying node: admit a request's voucher (None: this request is free)
+    and settle it after serving."""
+
+    async def admit(self, request: CompletionRequest) -> AcceptedVoucher | None:
+        """Accept the voucher durably, raise :class:`PaymentRefused`, or None when the node serves for free now."""
+        ...
+
+    async def settle(self, accepted: AcceptedVoucher, *, prompt_tokens: int, completion_tokens: int) -> Wei:
+        """Charge what was used."""
+        ...
+
+
+class RegistryPricedGate:
+    """A :class:`PaymentGate` at the price the node has **registered on chain**, read through ``price`` (blocking;
+    run in a thread, cached for ``refresh_s``). While the price is 0 or the node is not registered yet, requests are
+    served free; once it is registered with a price, every request must carry a valid voucher. This lets
+    ``ps-node serve`` start before ``ps-node register`` (which checks that the endpoint answers)."""
+
+    def __init__(
+        self,
+        *,
+        store: Callable[[], VoucherStore],
+        price: Callable[[], int],
+        tokenize: Callable[[str], Sequence[int]],
+        refresh_s: float = 15.0,
+    ) -> None:
+        self._open_store = store
+        self._price = price
+        self._tokenize = tokenize
+        self._refresh_s = refresh_s
+        self._checked_at = -float("inf")
+        self._gate: PaymentGate | None = None
+        self._lock = asyncio.Lock()
+
+    async def _current(self) -> PaymentGate | None:
+        async with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= self._refresh_s:
+                price = await asyncio.to_thread(self._price)
+                self._checked_at = now
+                if price <= 0:
+                    self._gate = None
+                elif self._gate is None or self._gate.price_per_1k_tokens != price:
+                    store = self._gate.store if self._gate is not None else await asyncio.to_thread(self._open_store)
+                    self._gate = PaymentGate(store, price_per_1k_tokens=price, tokenize=self._tokenize)
+            return self._gate
+
+    async def admit(self, request: CompletionRequest) -> AcceptedVoucher | None:
+        gate = await self._current()
+        return None if gate is None else await gate.admit(request)
+
+    async def settle(self, accepted: AcceptedVoucher, *, prompt_tokens: int, completion_tokens: int) -> Wei:
+        gate = self._gate
+        if gate is None:  # the price went to 0 mid-request: the reservation still settles in the store it came from
+            gate = PaymentGate(
+                await asyncio.to_thread(self._open_store),
+                price_per_1k_tokens=accepted.price.price_per_1k_tokens or 1,
+                tokenize=self._tokenize,
+            )
+        return await gate.settle(accepted, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)

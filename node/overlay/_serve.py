@@ -21,7 +21,7 @@ from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
-    from node.overlay._payments import PaymentGate
+    from node.overlay._payments import Payments
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def create_model_app(
     peers: PeerDirectory | None = None,
     heartbeat: HeartbeatPublisher | None = None,
     observers: Sequence[RequestObserver] = (),
-    payments: PaymentGate | None = None,
+    payments: Payments | None = None,
 ) -> web.Application:
     """A model node: the overlay serving completions from ``engine``, which it closes on shutdown.
 
