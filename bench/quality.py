@@ -7,11 +7,12 @@ under ``build/models`` and its variants (fewer-layers, half-width, int8, undertr
   continuation is unique (``distinct_continuations``: a model that ignores its prompt scores ~0);
 - size on disk (``model.safetensors``) and generate speed (one greedy stream through the torch engine, tokens/s);
 - what a verifier sees: on the base model's own greedy answers to held-out prompts, the mean per-token log-prob gap
-  ``logp_base - logp_variant`` (teacher-forced ``score`` on each engine), and how often the variant's greedy answer is
-  token-for-token the base's (``greedy_agreement``, what seeded replay compares).
+  ``logp_base - logp_variant`` (teacher-forced ``score`` on each engine; signed and absolute), how often the variant's
+  16-token greedy continuation is token-for-token the base's (``greedy_agreement``, what seeded replay compares) and
+  how often its first line, the answer, is (``answer_agreement``).
 
-Writes ``bench/results/quality.json`` and says which variants are hard to tell from the base (gap below
-``HARD_GAP`` nats per token and greedy agreement of at least ``HARD_AGREEMENT``).
+Writes ``bench/results/quality.json`` and says which variants are hard to tell from the base (mean absolute gap below
+``HARD_GAP`` nats per token and answer agreement of at least ``HARD_AGREEMENT``).
 """
 
 from __future__ import annotations
@@ -64,17 +65,24 @@ async def _speed(engine: TorchEngine, tokens: int = 64, runs: int = 3) -> float:
     return statistics.median(rates)
 
 
-async def _verifier_view(base: TorchEngine, other: TorchEngine, prompts: list[str]) -> tuple[float, float]:
-    """(mean per-token logp_base - logp_other on base's greedy answers, fraction of identical greedy answers)."""
+async def _verifier_view(base: TorchEngine, other: TorchEngine, prompts: list[str]) -> dict[str, float]:
+    """On the base's greedy answers: mean and mean absolute per-token ``logp_base - logp_other``; the fraction of
+    prompts where the other's greedy continuation is token-for-token the base's, and where its first line is."""
     gaps: list[float] = []
-    same = 0
+    same = same_line = 0
     for i, prompt in enumerate(prompts):
         ids, base_logprobs = await _greedy(base, prompt, f"b{i}", ANSWER_TOKENS)
         other_ids, _ = await _greedy(other, prompt, f"o{i}", ANSWER_TOKENS)
         same += other_ids == ids
+        same_line += base.detokenize(ids).split("\n")[0] == base.detokenize(other_ids).split("\n")[0]
         scored = await other.score(prompt, ids)
         gaps.extend(b - o for b, o in zip(base_logprobs, scored.logprobs, strict=True))
-    return statistics.fmean(gaps), same / len(prompts)
+    return {
+        "logprob_gap_vs_base": statistics.fmean(gaps),
+        "abs_logprob_gap_vs_base": statistics.fmean(abs(g) for g in gaps),
+        "greedy_agreement": same / len(prompts),
+        "answer_agreement": same_line / len(prompts),
+    }
 
 
 async def _engine_rows(folders: dict[str, Path], prompts: list[str]) -> dict[str, dict[str, float]]:
@@ -84,12 +92,10 @@ async def _engine_rows(folders: dict[str, Path], prompts: list[str]) -> dict[str
         for kind, folder in folders.items():
             other = base if kind == "base" else TorchEngine.from_folder(folder)
             try:
-                gap, agreement = (0.0, 1.0) if kind == "base" else await _verifier_view(base, other, prompts)
-                rows[kind] = {
-                    "tokens_per_second": await _speed(other),
-                    "logprob_gap_vs_base": gap,
-                    "greedy_agreement": agreement,
-                }
+                same = {"logprob_gap_vs_base": 0.0, "abs_logprob_gap_vs_base": 0.0}
+                same |= {"greedy_agreement": 1.0, "answer_agreement": 1.0}
+                view = same if kind == "base" else await _verifier_view(base, other, prompts)
+                rows[kind] = {"tokens_per_second": await _speed(other), **view}
             finally:
                 if other is not base:
                     await other.close()
@@ -130,7 +136,7 @@ def main() -> None:
         result["size_bytes"] = (folder / "model.safetensors").stat().st_size
         result.update(engine_rows[kind])
         result["hard_to_tell"] = kind != "base" and (
-            abs(result["logprob_gap_vs_base"]) < HARD_GAP and result["greedy_agreement"] >= HARD_AGREEMENT
+            result["abs_logprob_gap_vs_base"] < HARD_GAP and result["answer_agreement"] >= HARD_AGREEMENT
         )
         rows.append(result)
     hard = [str(r["kind"]) for r in rows if r["hard_to_tell"]]
@@ -151,7 +157,7 @@ def main() -> None:
     }
     head = (
         f"{'kind':13} {'params':>9} {'MB':>6} {'add':>5} {'distinct':>8} {'ppl':>7} {'tok/s':>7} "
-        f"{'gap':>7} {'agree':>6} hard"
+        f"{'gap':>7} {'|gap|':>7} {'agree':>6} {'answer':>6} hard"
     )
     print(head)
     print("-" * len(head))
@@ -159,7 +165,8 @@ def main() -> None:
         print(
             f"{r['kind']:13} {r['parameters']:>9} {r['size_bytes'] / 1e6:>6.2f} {r['arithmetic_accuracy']:>5.2f} "
             f"{r['distinct_continuations']:>8.2f} {r['perplexity']:>7.3f} {r['tokens_per_second']:>7.1f} "
-            f"{r['logprob_gap_vs_base']:>7.4f} {r['greedy_agreement']:>6.2f} {'yes' if r['hard_to_tell'] else ''}"
+            f"{r['logprob_gap_vs_base']:>7.4f} {r['abs_logprob_gap_vs_base']:>7.4f} {r['greedy_agreement']:>6.2f} "
+            f"{r['answer_agreement']:>6.2f} {'yes' if r['hard_to_tell'] else ''}"
         )
     print(f"hard to tell from the base: {', '.join(hard) or 'none'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
