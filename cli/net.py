@@ -141,6 +141,7 @@ def up(
         asyncio.run(
             _serve(
                 network=network,
+                payer=len(specs) + 1,
                 rpc_url=anvil.rpc_url,
                 deployment=deployment_path,
                 state=state,
@@ -175,9 +176,26 @@ def _dev_key(index: int) -> str:
     return "0x" + bytes(dev_account(index).key).hex()
 
 
+def _dev_address(index: int) -> str:
+    from ledger import dev_account
+
+    return str(dev_account(index).address)
+
+
+def _dev_wallet(rpc_url: str, deployment: Path, payer: int) -> Any:
+    """The endpoint's wallet: dev account ``payer`` pays the model nodes (their registered price), 0.05 ETH per
+    channel within 0.5 ETH."""
+    from ledger import PaymentChannels, connect, dev_account, load_deployment
+    from node.client._wallet import Wallet
+
+    payments = PaymentChannels(connect(rpc_url), load_deployment(deployment).payments_address)
+    return Wallet(payments, dev_account(payer), budget_wei=5 * 10**17, deposit_wei=5 * 10**16)
+
+
 async def _serve(
     *,
     network: Any,
+    payer: int,
     rpc_url: str,
     deployment: Path,
     state: Path,
@@ -193,7 +211,12 @@ async def _serve(
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}")
-    client = Client(directory, ClientConfig(models=(model,)), reputation=directory.reputation)
+    client = Client(
+        directory,
+        ClientConfig(models=(model,)),
+        reputation=directory.reputation,
+        wallet=_dev_wallet(rpc_url, deployment, payer),
+    )
     service = ClientService(client)
     await service.refresh()
     runner = web.AppRunner(create_openai_app(service), access_log=None)
@@ -211,6 +234,7 @@ async def _serve(
         "stop": "Ctrl-C, or `ps-net down`",
         "dev_accounts": "anvil's public test mnemonic: local use only"
         + ("" if show_dev_keys else " (--show-dev-keys)"),
+        "paid_by": f"{_dev_address(payer)} (dev account {payer}) pays every request through the endpoint",
     }
     (state / "net.json").write_text(json.dumps({"pid": os.getpid(), **summary}, indent=2) + "\n")
     emit(
@@ -224,18 +248,23 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     reported: set[str] = set()
+
+    def report_crashes() -> None:
+        for node in network.crashed():
+            if node.spec.name not in reported:
+                reported.add(node.spec.name)
+                info(f"{node.spec.name} exited with code {node.proc.returncode}; the network runs on without it")
+
     try:
         while not stop.is_set():
-            for node in network.crashed():
-                if node.spec.name not in reported:
-                    reported.add(node.spec.name)
-                    info(f"{node.spec.name} exited with code {node.proc.returncode}; the network runs on without it")
+            report_crashes()
             try:
                 async with asyncio.timeout(1.0):
                     await stop.wait()
             except TimeoutError:
                 await service.refresh()
     finally:
+        report_crashes()  # a node that died in the last second before the stop is reported too
         await runner.cleanup()
         await client.close()
         directory.close()

@@ -18,6 +18,7 @@ from typing import Any
 import openai
 import pytest
 
+from ledger import dev_account
 from node.inference import read_info
 
 
@@ -28,9 +29,11 @@ def _spawn(module: str, args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def _run(module: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(
+    module: str, args: list[str], timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     code = f"import sys; from cli.{module} import main; sys.argv[0] = 'ps-{module}'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _json_object(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -115,6 +118,8 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_an
             f"sqlite:///{state / 'cli-index.sqlite'}",
             "--json",
         ],
+        # The model node charges its registered price: this client pays from its own dev key (an unused account).
+        env={**os.environ, "PS_PRIVATE_KEY": "0x" + bytes(dev_account(6).key).hex()},
     )
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout)["model"] == name
