@@ -59,6 +59,9 @@ async def test_greedy_completion_over_onion_paths_matches_the_engine_run_locally
         deltas = await _all(complete(session, request, _paths(net), net.destination))
     assert "".join(d.text for d in deltas) == "".join(c.text for c in local)
     assert [t for d in deltas for t in d.token_ids] == [t for c in local for t in c.token_ids]
+    # Per-token log-probs travel too (what a verifier compares), one per token.
+    assert [lp for d in deltas for lp in d.logprobs] == pytest.approx([lp for c in local for lp in c.logprobs])
+    assert sum(len(d.logprobs) for d in deltas) == sum(len(d.token_ids) for d in deltas)
     assert deltas[-1].finish_reason == local[-1].finish_reason
     assert [d.finish_reason is not None for d in deltas].count(True) == 1
     assert deltas[-1].completion_tokens == sum(len(c.token_ids) for c in local)

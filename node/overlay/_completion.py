@@ -178,6 +178,9 @@ class CompletionDelta(_Wire):
     """Completion tokens so far (cumulative)."""
     cached_tokens: int = Field(ge=0)
     """Prompt tokens served from the node's prefix cache."""
+    logprobs: tuple[float, ...] = ()
+    """Natural-log probability of each of ``token_ids`` under the raw distribution (what a verifier compares); empty
+    when the engine reports none."""
 
 
 class _ErrorBody(_Wire):
@@ -298,6 +301,7 @@ def completion_handler(
                             prompt_tokens=chunk.prompt_tokens,
                             completion_tokens=chunk.completion_tokens,
                             cached_tokens=chunk.cached_tokens,
+                            logprobs=chunk.logprobs,
                         )
                     )
         except EngineOverloaded:
