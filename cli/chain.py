@@ -85,8 +85,7 @@ def _print(summary: dict[str, Any], dev_keys: list[dict[str, Any]] | None, *, as
 
 def _reuse(port: int, chain_id: int, deployment: Path | None, show_dev_keys: bool, as_json: bool) -> None:
     """Print the running chain's deployment (verified against it) instead of starting or deploying anything."""
-    from ledger import connect, default_deployment_path, load_deployment
-    from ledger._anvil import ANVIL_CHAIN_ID  # not re-exported by ledger yet (see the report)
+    from ledger import ANVIL_CHAIN_ID, connect, default_deployment_path, load_deployment
 
     rpc_url = f"http://127.0.0.1:{port}"
     w3 = connect(rpc_url, timeout=5.0)
@@ -163,8 +162,8 @@ def up(
         dev_account,
         load_deployment,
         parse_eth,
+        port_is_free,
     )
-    from ledger._anvil import port_is_free  # not re-exported by ledger yet (see the report)
 
     params = RegistryParams(
         minimum_stake_model=Wei(parse_eth(min_stake_model, param="min-stake-model")),

@@ -3,7 +3,7 @@
 Importing it is cheap: nothing connects to a chain or reads artefacts until a handle is built.
 """
 
-from ledger._anvil import Anvil, AnvilConfig, dev_account
+from ledger._anvil import ANVIL_CHAIN_ID, Anvil, AnvilConfig, dev_account, port_is_free
 from ledger._artifacts import Artifact, load_artifact
 from ledger._attestations import AttestationParams, Attestations, EpochTally, ReputationRecord
 from ledger._deploy import (
@@ -54,6 +54,7 @@ from ledger._voucher_store import AcceptedVoucher, ChannelBook, PriceRule, Vouch
 from ledger._vouchers import Voucher, VoucherDomain, VoucherRejected, sign_voucher, verify_voucher
 
 __all__ = [
+    "ANVIL_CHAIN_ID",
     "AcceptedVoucher",
     "Anvil",
     "AnvilConfig",
@@ -111,6 +112,7 @@ __all__ = [
     "model_id",
     "open_registry",
     "parse_eth",
+    "port_is_free",
     "sign_voucher",
     "verify_voucher",
 ]

@@ -8,6 +8,7 @@ import pytest
 
 EXPECTED: dict[str, list[str]] = {
     "ledger": [
+        "ANVIL_CHAIN_ID",
         "AcceptedVoucher",
         "Anvil",
         "AnvilConfig",
@@ -65,6 +66,7 @@ EXPECTED: dict[str, list[str]] = {
         "model_id",
         "open_registry",
         "parse_eth",
+        "port_is_free",
         "sign_voucher",
         "verify_voucher",
     ],
