@@ -1,6 +1,7 @@
 """``make demo``: a local PlanetServe network end to end, as far as it exists today.
 
-1. Builds (once, then cached under ``build/models``) the project's quick model: no download, ever.
+1. Builds (once, then cached under ``build/models``) the project's default model, which depends on its prompt (it
+   learned zero-padded addition): no download, ever.
 2. Starts anvil and deploys the contracts.
 3. Starts real overlay nodes on 127.0.0.1 (model nodes with a torch engine, relays) and registers each on chain with
    its real endpoint and X25519 key, from distinct anvil dev accounts (anvil's public test mnemonic: fine for a local
@@ -89,9 +90,9 @@ DEMO_NODES: tuple[tuple[Role, int, int], ...] = (
 )
 #: Few-shot examples both prompts share: longer than a prefix-cache chunk (16 tokens), so the second prompt reuses
 #: the first one's KV at the model node.
-_SHOTS = "3+4=7\n10+5=15\n21+8=29\n6+6=12\n"
+_SHOTS = "03+04=07\n10+05=15\n21+08=29\n06+06=12\n"
 #: Prompts sharing a prefix.
-DEMO_PROMPTS: tuple[str, ...] = (_SHOTS + "12+7=", _SHOTS + "30+4=", _SHOTS + "5+9=")
+DEMO_PROMPTS: tuple[str, ...] = (_SHOTS + "12+07=", _SHOTS + "30+04=", _SHOTS + "05+09=")
 #: The deposit of the demo's payment channel, wei (0.01 ETH).
 CHANNEL_DEPOSIT = 10**16
 
@@ -233,7 +234,7 @@ async def _requests(
         params = SamplingParams(max_tokens=120, temperature=0.0)
 
         async def load(i: int) -> None:
-            request = GenerationRequest(request_id=f"demo-load-{i}", prompt=_SHOTS + f"{i}+{i}=", params=params)
+            request = GenerationRequest(request_id=f"demo-load-{i}", prompt=_SHOTS + f"{i:02d}+{i:02d}=", params=params)
             async for _ in busy.generate(request):
                 pass
 
@@ -242,7 +243,7 @@ async def _requests(
             while busy.stats().running_requests + busy.stats().queued_requests < 4:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.15)
-            done = await client.complete(_request(model, "40+2="))
+            done = await client.complete(_request(model, "40+02="))
             result.while_busy = routes[-1].destination.operator
             result.served_tokens.setdefault(result.while_busy, []).append(done.prompt_tokens + done.completion_tokens)
             console.print(
@@ -265,12 +266,12 @@ async def _requests(
             async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as api:
                 chat = await api.chat.completions.create(
                     model=model.split("@")[0],
-                    messages=[{"role": "user", "content": "12+7="}],
+                    messages=[{"role": "user", "content": "12+07="}],
                     max_tokens=6,
                     temperature=0,
                 )
                 stream = await api.completions.create(
-                    model=model, prompt=_SHOTS + "2+2=", max_tokens=6, temperature=0, stream=True
+                    model=model, prompt=_SHOTS + "02+02=", max_tokens=6, temperature=0, stream=True
                 )
                 streamed = "".join([c.choices[0].text async for c in stream if c.choices])
             result.openai_replies = [chat.choices[0].message.content or "", streamed]
@@ -402,7 +403,7 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
             )
             async with client:
                 sent = time.perf_counter()
-                rerouted = await client.complete(_request(model, _SHOTS + "8+9="))
+                rerouted = await client.complete(_request(model, _SHOTS + "08+09="))
             result.rerouted_reply = rerouted.text
             result.routes_tried = len(routes)
             console.print(
@@ -430,8 +431,8 @@ def main() -> int:
     console = Console()
     if not console.is_terminal:  # piped or captured (make, CI): don't squeeze the table to 80 columns
         console = Console(width=200)
-    console.print("building or loading the demo model (first run: under a minute) …")
-    model_dir = ensure_model(ModelRecipe.quick(), MODEL_ROOT, progress=lambda line: console.print(line, markup=False))
+    console.print("building or loading the demo model (first run: about 5 minutes on 2 cores) …")
+    model_dir = ensure_model(ModelRecipe.default(), MODEL_ROOT, progress=lambda line: console.print(line, markup=False))
     result = asyncio.run(run_demo(model_dir, console=console))
     ok = (
         len(result.nodes) == len(DEMO_NODES)
