@@ -7,23 +7,19 @@ Scores, reputations, the threshold and the slash fractions are fixed-point integ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from eth_abi.abi import encode
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.contract import Contract
-from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt as Web3Receipt
 
 from ledger._artifacts import load_artifact
-from ledger._errors import ChainError, InvalidChainInput, OperatorKeyError
+from ledger._errors import ChainError, InvalidChainInput
+from ledger._handle import ContractHandle
 from ledger._reverts import RevertDecoder
-from ledger._tx import RECEIPT_TIMEOUT, map_call_errors, send_transaction
-from ledger._types import TxReceipt, Wei, checksum
+from ledger._tx import map_call_errors, send_transaction
+from ledger._types import TxReceipt, checksum
 
 _CONTRACT = "Attestations"
 _UINT256 = 2**256
@@ -195,63 +191,16 @@ def deploy_attestations(
     return checksum(address), int(receipt["blockNumber"])
 
 
-class Attestations:
+class Attestations(ContractHandle):
     """One deployed ``Attestations``. Reads need no account; writes (``attest``) are signed by ``account``.
 
     A revert raises the contract's custom error (or the registry's or payment contract's, which the quorum-reaching
     attestation calls) as a :class:`~ledger.ContractRevert` subclass with its decoded arguments.
     """
 
-    def __init__(
-        self,
-        w3: Web3,
-        address: str,
-        account: LocalAccount | None = None,
-        *,
-        receipt_timeout: float = RECEIPT_TIMEOUT,
-    ) -> None:
-        """``receipt_timeout``: seconds each write waits for its receipt before ``TransactionOutcomeUnknown``."""
-        if not receipt_timeout > 0:
-            raise InvalidChainInput("receipt_timeout", receipt_timeout, "must be a positive number of seconds")
-        artifact = load_artifact(_CONTRACT)
-        self._w3 = w3
-        self._address = checksum(address, param="attestations address")
-        self._account = account
-        self._receipt_timeout = receipt_timeout
-        self._contract: Contract = w3.eth.contract(address=self._address, abi=list(artifact.abi))
-        # The quorum-reaching attestation calls both slashers: decode their errors too.
-        self._decoder = RevertDecoder(
-            [artifact.abi, load_artifact("NodeRegistry").abi, load_artifact("PaymentChannels").abi]
-        )
-        self._events_by_topic = {
-            bytes(Web3.keccak(text=_event_signature(item))): str(item["name"])
-            for item in artifact.abi
-            if item.get("type") == "event"
-        }
-
-    @property
-    def address(self) -> ChecksumAddress:
-        """The contract's checksummed address."""
-        return self._address
-
-    @property
-    def w3(self) -> Web3:
-        """The ``Web3`` the handle talks through."""
-        return self._w3
-
-    @property
-    def contract(self) -> Contract:
-        """The raw web3 contract (for the indexer's log decoding; callers use the domain methods)."""
-        return self._contract
-
-    @property
-    def account(self) -> ChecksumAddress:
-        """The signing account's address; ``OperatorKeyError`` when the handle is read-only."""
-        return self._signer().address
-
-    def with_account(self, account: LocalAccount) -> Attestations:
-        """The same contract, signing with ``account`` (same receipt timeout)."""
-        return Attestations(self._w3, self._address, account, receipt_timeout=self._receipt_timeout)
+    CONTRACT = _CONTRACT
+    #: The quorum-reaching attestation calls both slashers: decode their errors too.
+    DECODES_ALSO = ("NodeRegistry", "PaymentChannels")
 
     # -- reads -------------------------------------------------------------------------------------------------
 
@@ -328,10 +277,6 @@ class Attestations:
         """The payment contract."""
         return checksum(self._call(self._contract.functions.payments()))
 
-    def balance(self) -> Wei:
-        """The contract's ETH balance in wei (always 0: nothing is payable)."""
-        return Wei(self._w3.eth.get_balance(self._address))
-
     # -- writes ------------------------------------------------------------------------------------------------
 
     def attest(self, node: str, epoch: int, score: int, evidence_hash: bytes) -> TxReceipt:
@@ -349,33 +294,3 @@ class Attestations:
         return self._send(fn)
 
     # -- internals ---------------------------------------------------------------------------------------------
-
-    def _signer(self) -> LocalAccount:
-        if self._account is None:
-            raise OperatorKeyError("this operation needs the account key: set PS_PRIVATE_KEY or pass --keystore")
-        return self._account
-
-    def _call(self, fn: ContractFunction) -> Any:
-        return map_call_errors(self._decoder, None, fn.call)
-
-    def _send(self, fn: ContractFunction) -> TxReceipt:
-        receipt = send_transaction(self._w3, self._signer(), fn, self._decoder, receipt_timeout=self._receipt_timeout)
-        return self._typed_receipt(receipt)
-
-    def _typed_receipt(self, receipt: Web3Receipt) -> TxReceipt:
-        events = tuple(
-            self._events_by_topic[bytes(log["topics"][0])]
-            for log in receipt["logs"]
-            if log["address"] == self._address and log["topics"] and bytes(log["topics"][0]) in self._events_by_topic
-        )
-        return TxReceipt(
-            tx_hash=receipt["transactionHash"].to_0x_hex(),
-            block_number=receipt["blockNumber"],
-            gas_used=receipt["gasUsed"],
-            effective_gas_price=Wei(receipt.get("effectiveGasPrice", 0)),
-            events=events,
-        )
-
-
-def _event_signature(item: Mapping[str, Any]) -> str:
-    return f"{item['name']}({','.join(p['type'] for p in item['inputs'])})"

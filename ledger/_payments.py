@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.contract import Contract
-from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt as Web3Receipt
 
 from ledger._artifacts import load_artifact
-from ledger._errors import ChainError, InvalidChainInput, OperatorKeyError
+from ledger._errors import ChainError, InvalidChainInput
+from ledger._handle import ContractHandle
 from ledger._reverts import RevertDecoder
-from ledger._tx import map_call_errors, send_transaction
+from ledger._tx import RECEIPT_TIMEOUT, send_transaction
 from ledger._types import TxReceipt, Wei, checksum
 from ledger._vouchers import DOMAIN_NAME, DOMAIN_VERSION, Voucher, VoucherDomain
 
@@ -147,59 +144,29 @@ def deploy_payments(
     return handle.address, int(receipt["blockNumber"])
 
 
-class PaymentChannels:
+class PaymentChannels(ContractHandle):
     """One deployed ``PaymentChannels``. Reads need no account; writes are signed by ``account``.
 
     Writes return a :class:`TxReceipt`; a revert raises the contract's custom error as a
     :class:`~ledger.ContractRevert` subclass with its decoded arguments.
     """
 
+    CONTRACT = _CONTRACT
+
     #: ``keccak256("SLASHER_ROLE")``: may take locked earnings (the attestation contract).
     SLASHER_ROLE: bytes = bytes(Web3.keccak(text="SLASHER_ROLE"))
 
-    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None) -> None:
-        artifact = load_artifact(_CONTRACT)
-        self._w3 = w3
-        self._address = checksum(address, param="payments address")
-        self._account = account
-        self._contract: Contract = w3.eth.contract(address=self._address, abi=list(artifact.abi))
-        self._decoder = RevertDecoder([artifact.abi])
-        self._events_by_topic = {
-            bytes(Web3.keccak(text=_event_signature(item))): str(item["name"])
-            for item in artifact.abi
-            if item.get("type") == "event"
-        }
+    def __init__(
+        self,
+        w3: Web3,
+        address: str,
+        account: LocalAccount | None = None,
+        *,
+        receipt_timeout: float = RECEIPT_TIMEOUT,
+    ) -> None:
+        super().__init__(w3, address, account, receipt_timeout=receipt_timeout)
         self._opened_topic = bytes(Web3.keccak(text="ChannelOpened(uint256,address,address,uint256)"))
         self._domain: VoucherDomain | None = None
-
-    @property
-    def address(self) -> ChecksumAddress:
-        """The contract's checksummed address."""
-        return self._address
-
-    @property
-    def w3(self) -> Web3:
-        """The ``Web3`` the handle talks through."""
-        return self._w3
-
-    @property
-    def contract(self) -> Contract:
-        """The raw web3 contract (for an indexer's log decoding; callers use the domain methods)."""
-        return self._contract
-
-    @property
-    def decoder(self) -> RevertDecoder:
-        """The revert decoder for this contract's errors."""
-        return self._decoder
-
-    @property
-    def account(self) -> ChecksumAddress:
-        """The signing account's address; ``OperatorKeyError`` when the handle is read-only."""
-        return self._signer().address
-
-    def with_account(self, account: LocalAccount) -> PaymentChannels:
-        """The same contract, signing with ``account``."""
-        return PaymentChannels(self._w3, self._address, account)
 
     # -- reads -------------------------------------------------------------------------------------------------
 
@@ -283,10 +250,6 @@ class PaymentChannels:
         fn = self._contract.functions.hasRole(_bytes32(role, "role"), checksum(account, param="account"))
         return bool(self._call(fn))
 
-    def balance(self) -> Wei:
-        """The contract's ETH balance, in wei."""
-        return Wei(self._w3.eth.get_balance(self._address))
-
     # -- writes ------------------------------------------------------------------------------------------------
 
     def open_channel(self, node: str, deposit: int) -> OpenedChannel:
@@ -353,33 +316,3 @@ class PaymentChannels:
         domain = self.domain()
         if voucher.domain != domain:
             raise InvalidChainInput("voucher", f"channel {voucher.channel_id}", "is for another chain or contract")
-
-    def _signer(self) -> LocalAccount:
-        if self._account is None:
-            raise OperatorKeyError("this operation needs the account key: set PS_PRIVATE_KEY or pass --keystore")
-        return self._account
-
-    def _call(self, fn: ContractFunction) -> Any:
-        return map_call_errors(self._decoder, None, fn.call)
-
-    def _send(self, fn: ContractFunction, *, value: int = 0) -> TxReceipt:
-        receipt = send_transaction(self._w3, self._signer(), fn, self._decoder, value=value)
-        return self._typed_receipt(receipt)
-
-    def _typed_receipt(self, receipt: Web3Receipt) -> TxReceipt:
-        events = tuple(
-            self._events_by_topic[bytes(log["topics"][0])]
-            for log in receipt["logs"]
-            if log["address"] == self._address and log["topics"] and bytes(log["topics"][0]) in self._events_by_topic
-        )
-        return TxReceipt(
-            tx_hash=receipt["transactionHash"].to_0x_hex(),
-            block_number=receipt["blockNumber"],
-            gas_used=receipt["gasUsed"],
-            effective_gas_price=Wei(receipt.get("effectiveGasPrice", 0)),
-            events=events,
-        )
-
-
-def _event_signature(item: Mapping[str, Any]) -> str:
-    return f"{item['name']}({','.join(p['type'] for p in item['inputs'])})"

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.contract import Contract
-from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt as Web3Receipt
 
-from ledger._artifacts import load_artifact
-from ledger._errors import ChainError, InvalidChainInput, OperatorKeyError
-from ledger._reverts import RevertDecoder
-from ledger._tx import RECEIPT_TIMEOUT, map_call_errors, send_transaction
+from ledger._errors import ChainError, InvalidChainInput
+from ledger._handle import ContractHandle
 from ledger._types import NodeInfo, Role, TxReceipt, Wei, WithdrawalReceipts, checksum
 
 _CONTRACT = "NodeRegistry"
@@ -34,7 +25,7 @@ def _non_negative(value: int, param: str) -> int:
     return value
 
 
-class NodeRegistry:
+class NodeRegistry(ContractHandle):
     """One deployed ``NodeRegistry``. Reads need no account; writes are signed by ``account``.
 
     Writes return a :class:`TxReceipt`; a revert raises the contract's custom error as a
@@ -42,63 +33,12 @@ class NodeRegistry:
     raises :class:`~ledger.TransactionOutcomeUnknown` (never a revert).
     """
 
+    CONTRACT = _CONTRACT
+
     #: ``keccak256("SLASHER_ROLE")``: the role allowed to slash (the attestation and payment contracts).
     SLASHER_ROLE: bytes = bytes(Web3.keccak(text="SLASHER_ROLE"))
     #: OpenZeppelin's default admin role (all zero): grants and revokes the slasher role.
     DEFAULT_ADMIN_ROLE: bytes = bytes(32)
-
-    def __init__(
-        self,
-        w3: Web3,
-        address: str,
-        account: LocalAccount | None = None,
-        *,
-        receipt_timeout: float = RECEIPT_TIMEOUT,
-    ) -> None:
-        """``receipt_timeout``: seconds each write waits for its receipt before ``TransactionOutcomeUnknown``."""
-        if not receipt_timeout > 0:
-            raise InvalidChainInput("receipt_timeout", receipt_timeout, "must be a positive number of seconds")
-        artifact = load_artifact(_CONTRACT)
-        self._w3 = w3
-        self._address = checksum(address, param="registry address")
-        self._account = account
-        self._receipt_timeout = receipt_timeout
-        self._contract: Contract = w3.eth.contract(address=self._address, abi=list(artifact.abi))
-        self._decoder = RevertDecoder([artifact.abi])
-        self._events_by_topic = {
-            bytes(Web3.keccak(text=_event_signature(item))): str(item["name"])
-            for item in artifact.abi
-            if item.get("type") == "event"
-        }
-
-    @property
-    def address(self) -> ChecksumAddress:
-        """The contract's checksummed address."""
-        return self._address
-
-    @property
-    def w3(self) -> Web3:
-        """The ``Web3`` the handle talks through."""
-        return self._w3
-
-    @property
-    def contract(self) -> Contract:
-        """The raw web3 contract (for the indexer's log decoding; callers use the domain methods)."""
-        return self._contract
-
-    @property
-    def decoder(self) -> RevertDecoder:
-        """The revert decoder for this contract's errors."""
-        return self._decoder
-
-    @property
-    def account(self) -> ChecksumAddress:
-        """The signing account's address; ``OperatorKeyError`` when the handle is read-only."""
-        return self._signer().address
-
-    def with_account(self, account: LocalAccount) -> NodeRegistry:
-        """The same registry, signing with ``account`` (same receipt timeout)."""
-        return NodeRegistry(self._w3, self._address, account, receipt_timeout=self._receipt_timeout)
 
     # -- reads -------------------------------------------------------------------------------------------------
 
@@ -194,10 +134,6 @@ class NodeRegistry:
     def total_pending_withdrawals(self) -> Wei:
         """The sum of pending withdrawals, in wei."""
         return Wei(self._call(self._contract.functions.totalPendingWithdrawals()))
-
-    def balance(self) -> Wei:
-        """The contract's ETH balance, in wei."""
-        return Wei(self._w3.eth.get_balance(self._address))
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -309,36 +245,3 @@ class NodeRegistry:
         return self._send(self._contract.functions.withdrawTreasury())
 
     # -- internals ---------------------------------------------------------------------------------------------
-
-    def _signer(self) -> LocalAccount:
-        if self._account is None:
-            raise OperatorKeyError("this operation needs the operator key: set PS_PRIVATE_KEY or pass --keystore")
-        return self._account
-
-    def _call(self, fn: ContractFunction) -> Any:
-        return map_call_errors(self._decoder, None, fn.call)
-
-    def _send(self, fn: ContractFunction, *, value: int = 0) -> TxReceipt:
-        account = self._signer()
-        receipt = send_transaction(
-            self._w3, account, fn, self._decoder, value=value, receipt_timeout=self._receipt_timeout
-        )
-        return self._typed_receipt(receipt)
-
-    def _typed_receipt(self, receipt: Web3Receipt) -> TxReceipt:
-        events = tuple(
-            self._events_by_topic[bytes(log["topics"][0])]
-            for log in receipt["logs"]
-            if log["address"] == self._address and log["topics"] and bytes(log["topics"][0]) in self._events_by_topic
-        )
-        return TxReceipt(
-            tx_hash=receipt["transactionHash"].to_0x_hex(),
-            block_number=receipt["blockNumber"],
-            gas_used=receipt["gasUsed"],
-            effective_gas_price=Wei(receipt.get("effectiveGasPrice", 0)),
-            events=events,
-        )
-
-
-def _event_signature(item: Mapping[str, Any]) -> str:
-    return f"{item['name']}({','.join(p['type'] for p in item['inputs'])})"
