@@ -517,10 +517,15 @@ async def test_end_of_sequence_is_reported_with_its_logprob(tiny_model_dir: Path
     try:
         eos = engine._eos
         assert eos is not None
-        # Sample until some seed ends with EOS (a sampled completion of the tiny model ends within a few seeds).
-        for seed in range(40):
-            chunks = await _collect(engine, _req(f"e{seed}", "3+4=", max_tokens=64, temperature=1.5, seed=seed))
-            if chunks[-1].finish_reason == "stop":
+        # Sample until some seed ends with EOS: first whole completions, then (a model trained on run-on text rarely
+        # ends one) single tokens at temperature 2, where EOS is drawn with a probability far from zero.
+        attempts = [(f"e{seed}", 64, 1.5, seed) for seed in range(20)]
+        attempts += [(f"t{seed}", 1, 2.0, seed) for seed in range(4000)]
+        for rid, max_tokens, temperature, seed in attempts:
+            chunks = await _collect(
+                engine, _req(rid, "3+4=", max_tokens=max_tokens, temperature=temperature, seed=seed)
+            )
+            if chunks[-1].finish_reason == "stop" and chunks[-1].token_ids == (eos,):
                 break
         else:
             pytest.fail("no sampled completion ended with end-of-sequence")

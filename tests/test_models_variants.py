@@ -165,16 +165,18 @@ async def test_replay_cheater_answers_with_an_earlier_honest_answer_to_another_p
 
 
 async def test_fractional_cheater_substitutes_a_second_real_engine_on_the_seeded_20_percent(
-    tiny_model_dir: Path, int8_dir: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    # The cheaper model of the same recipe with fewer layers (the tiny test model's int8 twin answers identically).
+    make_variant(tiny_model_dir, "fewer-layers", tmp_path / "fewer")
     honest = TorchEngine.from_folder(tiny_model_dir)
-    substitute = TorchEngine.from_folder(int8_dir)
+    substitute = TorchEngine.from_folder(tmp_path / "fewer")
     cheat = CheatingEngine(honest, CheatConfig(mode="substitute", fraction=0.2, seed=11), substitute=substitute)
     prompts = [f"\n{a}+{b}=" for a in range(4) for b in range(10)]
     try:
-        honest_answers = {p: await _greedy(honest, p, f"h{i}", 4) for i, p in enumerate(prompts)}
-        cheap_answers = {p: await _greedy(substitute, p, f"s{i}", 4) for i, p in enumerate(prompts)}
-        got = [await _greedy(cheat, p, f"c{i}", 4) for i, p in enumerate(prompts)]
+        honest_answers = {p: await _greedy(honest, p, f"h{i}", 24) for i, p in enumerate(prompts)}
+        cheap_answers = {p: await _greedy(substitute, p, f"s{i}", 24) for i, p in enumerate(prompts)}
+        got = [await _greedy(cheat, p, f"c{i}", 24) for i, p in enumerate(prompts)]
         draw = random.Random(11)
         expected = [draw.random() < 0.2 for _ in prompts]
         assert [cheated for _, cheated in cheat.decisions] == expected
