@@ -38,7 +38,7 @@ lint: bootstrap
 	$(BIN)/ruff format --check .
 
 typecheck: bootstrap
-	$(BIN)/mypy node verifier ledger cli tests bench scripts
+	$(BIN)/mypy planetserve node verifier ledger cli tests bench scripts
 
 pytest: bootstrap
 	$(BIN)/python -m pytest -q

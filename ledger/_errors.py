@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from node import PlanetServeError
+from planetserve import PlanetServeError
 
 if TYPE_CHECKING:
     from ledger._types import TxReceipt

@@ -7,6 +7,7 @@ import importlib
 import pytest
 
 EXPECTED: dict[str, list[str]] = {
+    "planetserve": ["PlanetServeError"],
     "ledger": [
         "ANVIL_CHAIN_ID",
         "AcceptedVoucher",
