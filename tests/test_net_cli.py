@@ -62,7 +62,7 @@ def _json_object(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 @pytest.fixture
 def network(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any], Path]]:
     state = tmp_path / "net"
-    args = ["up", "--relays", "3", "--models", "1", "--model-dir", str(tiny_model_dir), "--openai-port", "0"]
+    args = ["up", "--relays", "4", "--models", "2", "--model-dir", str(tiny_model_dir), "--openai-port", "0"]
     proc = _spawn("net", [*args, "--state-dir", str(state), "--json"])
     try:
         summary = _json_object(proc, timeout=240)
@@ -79,7 +79,7 @@ def network(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
                 stream.close()
 
 
-def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_and_stops(
+def test_a_local_network_of_processes_serves_openai_and_chat_survives_crashes_and_stops(
     network: tuple[subprocess.Popen[str], dict[str, Any], Path], tiny_model_dir: Path
 ) -> None:
     proc, summary, state = network
@@ -88,7 +88,7 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_an
     name = f"{info.name}@{info.revision}"
     assert summary["model"] == name and summary["base_url"].startswith("http://127.0.0.1:")
     roles = sorted(n["role"] for n in summary["nodes"])
-    assert roles == ["model", "relay", "relay", "relay"]
+    assert roles == ["model", "model", "relay", "relay", "relay", "relay"]
 
     api = openai.OpenAI(base_url=summary["base_url"], api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in api.models.list().data] == [name]
@@ -128,6 +128,14 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_an
     again = _run("net", ["up", "--state-dir", str(state)])
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already up" in again.stderr
 
+    # A model node crashes: every next request is answered, once, by the other one (a silent node is not routed
+    # to; a try that failed before any path answered is retried elsewhere, never after).
+    model = next(n for n in summary["nodes"] if n["role"] == "model")
+    os.kill(model["pid"], signal.SIGKILL)
+    for i in range(3):
+        after = api.completions.create(model=name, prompt=f"3+4=7\n1{i}+7=", max_tokens=4, temperature=0)
+        assert len(after.choices) == 1 and after.choices[0].finish_reason in {"stop", "length"}
+
     relay = next(n for n in summary["nodes"] if n["role"] == "relay")
     os.kill(relay["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -145,6 +153,7 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_a_crash_an
     assert down.returncode == 0 and json.loads(down.stdout)["stopped"] is True
     assert proc.wait(timeout=60) == 0
     assert proc.stderr is not None
-    assert f"{relay['name']} exited" in proc.stderr.read()
+    reported = proc.stderr.read()
+    assert f"{relay['name']} exited" in reported and f"{model['name']} exited" in reported
     gone = _run("net", ["down", "--state-dir", str(state)])
     assert gone.returncode != 0 and "no network is up" in gone.stderr
