@@ -176,8 +176,10 @@ class Anvil:
             return
         if proc.poll() is None:
             proc.terminate()
+            # Dumping --state happens on SIGTERM and can take a while on a loaded machine: a kill would lose it.
+            grace = self.config.stop_timeout * (3 if self.config.state_file is not None else 1)
             try:
-                proc.wait(timeout=self.config.stop_timeout)
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=self.config.stop_timeout)
