@@ -398,8 +398,16 @@ class Completion:
 def _reroute(
     directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete, destination: ModelNode
 ) -> Route:
-    # Paths avoid every relay that can explain the failure, or if that leaves too few, those common to all failures.
-    for suspects in (suspect_relays(route, failure), common_suspects(route, failure)):
+    # Paths avoid every relay that can explain the failure, or if that leaves too few, those common to all failures;
+    # last, those common suspects minus the relays of paths that had not failed when the client stopped waiting (weak
+    # evidence that they work, but with few relays the common suspects can be a dead relay and the one behind it).
+    common = common_suspects(route, failure)
+    pending = set(range(failure.paths)) - set(failure.failed_early) - set(failure.started)
+    working = {r.node_id for i in pending if i < len(route.paths) for r in route.paths[i]}
+    candidates = [suspect_relays(route, failure), common]
+    if common - working and common - working != common:
+        candidates.append(common - working)
+    for suspects in candidates:
         try:
             return directory.route(model, n=n, hops=hops, avoid_relays=suspects, destination=destination)
         except InsufficientRelays:

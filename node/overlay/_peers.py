@@ -172,10 +172,18 @@ class RegistryPeerDirectory:
 
     async def resolve(self, node_id: bytes) -> Peer | None:
         peer = self._view.get(node_id)
-        if peer is None and time.monotonic() - self._last_refresh >= self._min_refresh_interval_s:
+        if peer is not None:
+            return peer
+        if self._lock.locked():
+            # A refresh is under way (another packet missed a moment ago): its view is the freshest there will be,
+            # so wait for it rather than refuse. The cloves of one request reach a relay together, and all of them
+            # name nodes registered since the last read.
+            async with self._lock:
+                pass
+            return self._view.get(node_id)
+        if time.monotonic() - self._last_refresh >= self._min_refresh_interval_s:
             await self.refresh()
-            peer = self._view.get(node_id)
-        return peer
+        return self._view.get(node_id)
 
     async def run(self) -> None:
         """Refresh every ``refresh_interval_s`` until cancelled."""
