@@ -40,9 +40,8 @@ from node.overlay import (
     Route,
     complete,
 )
-from node.overlay._directory import ModelNode, NoModelNode, common_suspects, suspect_relays
+from node.overlay._directory import ModelNode, NoModelNode, reroute
 from node.overlay._heartbeat import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES
-from node.privacy import InsufficientRelays
 
 if TYPE_CHECKING:
     from node.client._wallet import Wallet
@@ -349,8 +348,14 @@ class Client:
                 avoid.add(sent_to)
                 remaining = [m for m in serving if m.operator not in avoid] or serving
                 destination, view = self.choose(remaining, prompt_tokens, hashes)
-                route = _reroute(
-                    directory, request.model, self.config.paths, self.config.hops, route, failure, destination
+                route = reroute(
+                    directory,
+                    request.model,
+                    n=self.config.paths,
+                    hops=self.config.hops,
+                    route=route,
+                    failure=failure,
+                    destination=destination,
                 )
             finally:
                 self.load.finished(sent_to, work)
@@ -393,26 +398,6 @@ class Completion:
     """Generated tokens."""
     cached_tokens: int
     """Prompt tokens the model node served from its prefix cache."""
-
-
-def _reroute(
-    directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete, destination: ModelNode
-) -> Route:
-    # Paths avoid every relay that can explain the failure, or if that leaves too few, those common to all failures;
-    # last, those common suspects minus the relays of paths that had not failed when the client stopped waiting (weak
-    # evidence that they work, but with few relays the common suspects can be a dead relay and the one behind it).
-    common = common_suspects(route, failure)
-    pending = set(range(failure.paths)) - set(failure.failed_early) - set(failure.started)
-    working = {r.node_id for i in pending if i < len(route.paths) for r in route.paths[i]}
-    candidates = [suspect_relays(route, failure), common]
-    if common - working and common - working != common:
-        candidates.append(common - working)
-    for suspects in candidates:
-        try:
-            return directory.route(model, n=n, hops=hops, avoid_relays=suspects, destination=destination)
-        except InsufficientRelays:
-            continue
-    raise failure
 
 
 class ClientService:

@@ -31,11 +31,11 @@ from node.inference import (
     SamplingParams,
 )
 from node.overlay._client import ClientSettings, send_request
-from node.overlay._directory import Directory, Route, common_suspects, suspect_relays
+from node.overlay._directory import Directory, Route, reroute
 from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.overlay._peers import Peer
 from node.overlay._receiver import ReplyHandler
-from node.privacy import InsufficientRelays, RelayDescriptor
+from node.privacy import RelayDescriptor
 
 if TYPE_CHECKING:
     from ledger import AcceptedVoucher
@@ -421,15 +421,4 @@ async def complete_routed(
             if attempt == attempts or failure.received or failure.started or not failure.failed_early:
                 raise
             log.info("try %d failed before any path answered; re-routing around suspects", attempt)
-            route = _reroute(directory, request.model, settings.n, hops, route, failure)
-
-
-def _reroute(directory: Directory, model: str, n: int, hops: int, route: Route, failure: ReplyIncomplete) -> Route:
-    # The destination may be the culprit too (a dead model node fails every path the same way): prefer another one.
-    avoid_nodes = (route.destination.operator,)
-    for suspects in (suspect_relays(route, failure), common_suspects(route, failure)):
-        try:
-            return directory.route(model, n=n, hops=hops, avoid_relays=suspects, avoid_model_nodes=avoid_nodes)
-        except InsufficientRelays:
-            continue
-    raise failure
+            route = reroute(directory, request.model, n=settings.n, hops=hops, route=route, failure=failure)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.overlay._peers import Peer
-from node.privacy import Hop, InvalidPrivacyParam, RelayDescriptor, select_paths
+from node.privacy import Hop, InsufficientRelays, InvalidPrivacyParam, RelayDescriptor, select_paths
 from node.privacy._paths import node_id_bytes
 
 if TYPE_CHECKING:
@@ -144,6 +144,45 @@ class Directory:
             self.relays, n, hops, exclude_operators=(destination.operator,), exclude_nodes=avoid_relays
         )
         return Route(destination=destination, paths=tuple(tuple(p) for p in paths))
+
+
+def reroute(
+    directory: Directory,
+    model_id: str,
+    *,
+    n: int,
+    hops: int,
+    route: Route,
+    failure: ReplyIncomplete,
+    destination: ModelNode | None = None,
+) -> Route:
+    """A new route for a try that failed with ``failure`` before any path answered (else ``failure`` is raised).
+
+    Paths avoid every relay that can explain the failure, or if that leaves too few, those common to all failures;
+    last, those common suspects minus the relays of paths that had not failed when the client stopped waiting (weak
+    evidence that they work, but with few relays the common suspects can be a dead relay and the one behind it).
+    Without a ``destination`` chosen by the caller, another model node than the failed one is preferred: a dead
+    model node fails every path alike.
+    """
+    common = common_suspects(route, failure)
+    pending = set(range(failure.paths)) - set(failure.failed_early) - set(failure.started)
+    working = {r.node_id for i in pending if i < len(route.paths) for r in route.paths[i]}
+    candidates = [suspect_relays(route, failure), common]
+    if common - working and common - working != common:
+        candidates.append(common - working)
+    for suspects in candidates:
+        try:
+            return directory.route(
+                model_id,
+                n=n,
+                hops=hops,
+                avoid_relays=suspects,
+                avoid_model_nodes=(route.destination.operator,),
+                destination=destination,
+            )
+        except InsufficientRelays:
+            continue
+    raise failure
 
 
 def _cleared(route: Route, failure: ReplyIncomplete) -> set[str]:
