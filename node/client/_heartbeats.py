@@ -64,6 +64,11 @@ class HeartbeatMonitor:
             if len(raw) > MAX_HEARTBEAT_BYTES:
                 raise HeartbeatRejected("too large")
             signed = SignedHeartbeat.model_validate_json(raw)
+            if entry.latest is not None and signed.heartbeat == entry.latest:
+                # The node has not issued a new one since (it re-issues at most every interval): it still answers.
+                # Its age is judged by ``issued_at`` in ``latest``; an *older* heartbeat replayed is still rejected.
+                entry.failures = 0
+                return
             entry.latest = entry.check.accept(signed)
             entry.received_at = time.time()
             entry.failures = 0
