@@ -168,8 +168,13 @@ async def _relay_streams(session: aiohttp.ClientSession, net: LocalNetwork) -> t
 async def test_slower_paths_drain_after_a_complete_reply_so_their_connections_are_kept(
     grace_s: float, drained: bool
 ) -> None:
-    # n = k = 2: the request needs the 3-hop clove, but the reply reaches the client first on the direct path.
-    async with LocalNetwork(relays=3, handler=reversing_handler) as net, aiohttp.ClientSession() as session:
+    # n = k = 2: the request needs the 3-hop clove, but the reply reaches the client first on the direct path
+    # (no per-path reply-start jitter here: a random delay on the direct path could let the 3-hop one win).
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), reply_start_jitter_s=0.0)
+    async with (
+        LocalNetwork(relays=3, handler=reversing_handler, template=template) as net,
+        aiohttp.ClientSession() as session,
+    ):
         paths = [select_paths(net.descriptors(), 1, 3)[0], []]
         settings = ClientSettings(n=2, k=2, drain_grace_s=grace_s)
         for i in range(3):
