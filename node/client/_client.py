@@ -295,10 +295,19 @@ class Client:
         index = self.policy.choose(views, prompt_tokens, self._rng)
         return candidates[index], views[index]
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionDelta, None]:
-        """Route ``request`` and yield its deltas, re-routing a try that failed before any path answered."""
+    async def stream(
+        self, request: CompletionRequest, *, to: str | None = None
+    ) -> AsyncGenerator[CompletionDelta, None]:
+        """Route ``request`` and yield its deltas, re-routing a try that failed before any path answered.
+
+        ``to`` (an operator address) pins the model node instead of the forwarding policy: a verifier picks whom it
+        audits. Everything else is what a user's request gets (heartbeat refresh, paths, payment, retries), so the
+        node sees the same traffic; a retry keeps the pinned node and only changes relays.
+        """
         directory = await self.directory()
         serving = directory.serving(request.model)
+        if to is not None:
+            serving = [m for m in serving if m.operator.lower() == to.lower()]
         if not serving:
             raise NoModelNode(request.model)
         await self._refresh_heartbeats(serving)
@@ -362,14 +371,16 @@ class Client:
                 if payment is not None and self.wallet is not None:
                     self.wallet.finish(payment, used)
 
-    async def complete(self, request: CompletionRequest) -> Completion:
-        """The whole completion at once."""
+    async def complete(self, request: CompletionRequest, *, to: str | None = None) -> Completion:
+        """The whole completion at once (``to``: as in :meth:`stream`)."""
         text: list[str] = []
         tokens: list[int] = []
+        logprobs: list[float] = []
         last: CompletionDelta | None = None
-        async for delta in self.stream(request):
+        async for delta in self.stream(request, to=to):
             text.append(delta.text)
             tokens.extend(delta.token_ids)
+            logprobs.extend(delta.logprobs)
             last = delta
         assert last is not None and last.finish_reason is not None  # complete() raises before an unfinished end
         return Completion(
@@ -379,6 +390,7 @@ class Client:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             cached_tokens=last.cached_tokens,
+            logprobs=tuple(logprobs) if len(logprobs) == len(tokens) else (),
         )
 
 
@@ -398,6 +410,9 @@ class Completion:
     """Generated tokens."""
     cached_tokens: int
     """Prompt tokens the model node served from its prefix cache."""
+    logprobs: tuple[float, ...] = field(default=(), repr=False)
+    """The node's natural-log probability of each of ``token_ids`` (protocol §10.2); empty when a delta reported
+    none (then none are kept, so the two stay aligned). What a verifier compares with its reference."""
 
 
 class ClientService:
