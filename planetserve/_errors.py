@@ -17,3 +17,23 @@ class PlanetServeError(Exception):
     """
 
     code: str = "planetserve_error"
+
+
+class InvalidValue(PlanetServeError):
+    """A value of a shared kernel type (model id, wei amount, address) failed to parse; ``param`` names it.
+
+    Raised at the edges where text or bytes become kernel values (CLI options, wire fields, files). The ledger's
+    ``InvalidChainInput`` is a subclass, so a caller that branches on bad input catches both. ``value`` is the
+    rejected input, truncated in the message so a huge wire field cannot flood a log line.
+    """
+
+    code = "invalid_input"
+
+    def __init__(self, param: str, value: object, reason: str) -> None:
+        self.param = param
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid {param} {shown}: {reason}")

@@ -7,7 +7,19 @@ import importlib
 import pytest
 
 EXPECTED: dict[str, list[str]] = {
-    "planetserve": ["PlanetServeError"],
+    "planetserve": [
+        "Address",
+        "InvalidValue",
+        "ModelId",
+        "PlanetServeError",
+        "Wei",
+        "address_bytes",
+        "format_eth",
+        "is_model_name",
+        "keccak256",
+        "parse_address",
+        "parse_eth",
+    ],
     "ledger": [
         "ANVIL_CHAIN_ID",
         "AcceptedVoucher",
