@@ -9,20 +9,65 @@ The wallet follows the spec's rule: the next voucher on a channel is
 used, and after a reply that broke once the node had the request, by the whole reservation (the node may have
 charged that much). A try that failed before any path answered releases its reservation: the node never saw it.
 
-Channels are opened on demand from a budget (``deposit_wei`` each, more when one request needs more) and topped up
-the same way; nothing is ever spent beyond ``budget_wei``. Chain calls run in worker threads.
+The book is durable (:mod:`node.client._wallet_store`, one SQLite file in the client's state directory): every
+voucher's amount is committed before the voucher is signed, every deposit is recorded as pending before its
+transaction leaves, and the channels are reconciled with the chain when the wallet opens (deposit, redeemed amount,
+closing, settled; a pending deposit is found again by its ``ChannelOpened`` event). Several processes of one client
+share it: the database serialises each read-modify-write (``BEGIN IMMEDIATE``) and a per-node file lock keeps
+one voucher per channel in transit at a time, across processes. Reservations left by a process that died are
+counted as spent by the next process that finds itself alone (the node may have charged them).
+
+Channels are opened on demand (``deposit_wei`` each, more when one request needs more) and topped up the same way,
+while the wei held in channels (deposits not yet redeemed, open and closing, plus pending) stays within
+``budget_wei``. Chain calls run in worker threads.
+
+Fresh addresses (``fresh=True`` on :meth:`Wallet.deposit`, or ``fresh_addresses``): a channel paid from a key
+derived from the client's key (HKDF-SHA256 over the key, the chain, the contract, the node and an index), funded by a
+plain transfer from the main address. Nodes and chain observers no longer see one client address across channels;
+the funding transfer still links them on chain (docs/threat-model.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import shutil
+import tempfile
 import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import Web3
 
-from ledger import PaymentChannels, Wei, sign_voucher
+from ledger import (
+    InvalidChainInput,
+    PaymentChannels,
+    TransactionOutcomeUnknown,
+    TxReceipt,
+    Wei,
+    checksum,
+    sign_voucher,
+)
 from node.client._errors import ClientError
+from node.client._wallet_store import (
+    CLOSING,
+    GONE,
+    LOCK_POLL_S,
+    OPEN,
+    SETTLED,
+    ChannelLocks,
+    ChannelState,
+    WalletStore,
+)
 from node.overlay import CompletionRequest, ModelNode
 
 #: Tokens added to a prompt bound that was not counted with the node's tokenizer (UTF-8 bytes bound tokens of byte
@@ -60,24 +105,6 @@ def cost(price_per_1k_tokens: int, tokens: int) -> Wei:
     return Wei(-(-price_per_1k_tokens * tokens // 1000))
 
 
-@dataclass(slots=True, kw_only=True)
-class ChannelState:
-    """What the wallet knows of one of its channels."""
-
-    channel_id: int
-    """On-chain id."""
-    node: str
-    """The model node's operator address."""
-    deposit: int
-    """Wei deposited so far."""
-    last: int = 0
-    """The highest cumulative amount signed on it, wei."""
-    owed: int = 0
-    """What the client believes its finished requests cost, wei."""
-    in_flight: int = 0
-    """Reservations of requests still streaming, wei."""
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Payment:
     """One request's voucher: hand it back to :meth:`Wallet.finish` exactly once."""
@@ -103,39 +130,386 @@ class _Progress:
     """The channel's admission lock while the request holds it (until its first delta or its end)."""
 
 
-class Wallet:
-    """Pays model nodes from ``account`` on the ``channels`` contract, within ``budget_wei`` of deposits in all."""
+#: Gas a fresh address is funded with beyond its deposit: opening a channel, closing it, finishing the close and
+#: withdrawing (about 250,000 gas measured in bench/gas.py), with room.
+FRESH_GAS_UNITS = 400_000
+#: HKDF salt of fresh channel keys (a label: changing it changes every derived address).
+FRESH_KEY_SALT = b"planetserve/client/channel-key/v1"
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-    def __init__(self, channels: PaymentChannels, account: LocalAccount, *, budget_wei: int, deposit_wei: int) -> None:
+
+class UnknownChannel(ClientError):
+    """No channel of this wallet matches (an unknown node or channel id)."""
+
+    code = "payment_unknown_channel"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"this wallet has no {what}; `ps-client channels` lists them")
+
+
+@dataclass(slots=True)
+class Bill:
+    """What the requests made inside one :func:`billing` block cost (the OpenAI endpoint's ``usage`` fields)."""
+
+    cost_wei: int = 0
+    """Wei the client counts as spent on them (actual tokens at the node's price; a whole reservation when a reply
+    broke after the node had the request)."""
+    price_per_1k_tokens: int = 0
+    """The price of the last paid node, wei per 1000 tokens (0: no paid node answered)."""
+    payments: int = 0
+    """Vouchers signed (a retry that never reached its node counts here, but costs nothing)."""
+
+
+_BILL: ContextVar[Bill | None] = ContextVar("planetserve_wallet_bill", default=None)
+
+
+@contextmanager
+def billing() -> Iterator[Bill]:
+    """Collect, into the yielded :class:`Bill`, what every request paid by any wallet in this context costs.
+
+    A context variable rather than a return value: the ``Client`` streams deltas and settles in its generator's
+    ``finally``; the caller reads the bill once the stream is exhausted (or closed).
+    """
+    bill = Bill()
+    token = _BILL.set(bill)
+    try:
+        yield bill
+    finally:
+        _BILL.reset(token)
+
+
+def derive_channel_account(
+    account: LocalAccount, *, chain_id: int, contract: str, node: str, index: int
+) -> LocalAccount:
+    """The fresh key of the ``index``-th unlinkable channel to ``node``: HKDF-SHA256 of the client's key, reduced
+    into secp256k1's range. Deterministic: the main key alone re-derives every fresh key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = f"{chain_id}:{checksum(contract)}:{checksum(node)}:{index}".encode()
+    raw = HKDF(algorithm=hashes.SHA256(), length=48, salt=FRESH_KEY_SALT, info=info).derive(bytes(account.key))
+    secret = int.from_bytes(raw, "big") % (_SECP256K1_N - 1) + 1  # 384 bits reduced: bias below 2**-128
+    derived: LocalAccount = Account.from_key(secret.to_bytes(32, "big"))
+    return derived
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reclaimed:
+    """The outcome of :meth:`Wallet.reclaim`."""
+
+    settled: tuple[int, ...]
+    """Channels whose close was finished now (their unredeemed rest credited to their client)."""
+    withdrawn_wei: int
+    """Wei withdrawn to the paying addresses (main and fresh ones)."""
+    receipts: tuple[TxReceipt, ...]
+    """The mined transactions, in order."""
+
+
+def _state_name(info: Any) -> str:
+    return SETTLED if info.settled else CLOSING if info.closing else OPEN
+
+
+class Wallet:
+    """Pays model nodes from ``account`` on the ``channels`` contract, keeping at most ``budget_wei`` in channels.
+
+    ``state_dir`` holds the durable book (``wallet-<chainId>.sqlite``) and its locks; without one the book lives in
+    a temporary folder removed with the wallet (one process, as before persistence).
+    """
+
+    def __init__(
+        self,
+        channels: PaymentChannels,
+        account: LocalAccount,
+        *,
+        budget_wei: int,
+        deposit_wei: int,
+        state_dir: Path | None = None,
+        fresh_addresses: bool = False,
+    ) -> None:
         if budget_wei < 0 or deposit_wei <= 0:
             raise ValueError("budget_wei must be >= 0 and deposit_wei > 0")
+        self._reader = channels
         self._pay = channels.with_account(account)
         self._account = account
         self._domain = self._pay.domain()
         self.budget_wei = budget_wei
         self.deposit_wei = deposit_wei
+        self.fresh_addresses = fresh_addresses
         self.spent_wei = 0
-        self._channels: dict[str, ChannelState] = {}
+        """Wei this wallet object deposited on its own (opens and top-ups for requests)."""
+        temporary = state_dir is None
+        if state_dir is None:
+            state_dir = Path(tempfile.mkdtemp(prefix="ps-wallet-"))
+        genesis = "0x" + bytes(channels.w3.eth.get_block(0)["hash"]).hex()
+        self.store = WalletStore(
+            state_dir / f"wallet-{self._domain.chain_id}.sqlite",
+            genesis=genesis,
+            contract=self._domain.contract,
+            client=account.address,
+        )
+        prefix = hashlib.sha256(f"{genesis}:{self._domain.contract}:{account.address}".encode()).hexdigest()[:16]
+        self._locks = ChannelLocks(state_dir / "locks", prefix)
         self._lock = asyncio.Lock()
         self._admission: dict[str, asyncio.Lock] = {}
-        self._book = threading.Lock()  # finish() may run from a generator's finally: no await there
+        self._book = threading.Lock()
+        self._keys: dict[str, LocalAccount] = {}
+        self._finalizer = weakref.finalize(self, _release, self._locks, self.store, state_dir if temporary else None)
+        if self._locks.join():
+            self.store.fold_in_flight()  # no other process of this client is alive: their reservations are spent
+        self.reconcile()
 
     def __repr__(self) -> str:
-        return f"Wallet(address={self._account.address}, channels={len(self._channels)}, spent={self.spent_wei})"
+        return f"Wallet(address={self._account.address}, store={self.store.path})"
+
+    def close(self) -> None:
+        """Release the book and the locks (also done when the wallet is collected, or the process exits)."""
+        self._finalizer()
 
     @property
     def address(self) -> str:
-        """The paying address (every channel's client)."""
+        """The main paying address (the client of every channel not on a fresh address)."""
         return str(self._account.address)
 
-    def channels(self) -> list[ChannelState]:
-        """Copies of the wallet's channels."""
-        with self._book:
-            return [ChannelState(**{k: getattr(c, k) for k in ChannelState.__slots__}) for c in self._channels.values()]
+    @property
+    def domain(self) -> Any:
+        """The voucher domain (chain id and contract) this wallet pays on."""
+        return self._domain
+
+    def channels(self, *, include_closed: bool = False) -> list[ChannelState]:
+        """Copies of the wallet's channels (open and closing; settled and gone ones too with ``include_closed``)."""
+        return self.store.channels(include_closed=include_closed)
 
     def channel(self, node: str) -> ChannelState | None:
-        """The channel to ``node`` (a copy), or None."""
-        return next((c for c in self.channels() if c.node == node), None)
+        """The channel requests to ``node`` are paid on (a copy), or None."""
+        return self.store.active(node)
+
+    # -- chain reconciliation ----------------------------------------------------------------------------------
+
+    def _signer(self, state: ChannelState) -> LocalAccount:
+        if not state.key_index:
+            return self._account
+        return self._fresh_key(state.node, int(state.key_index))
+
+    def _fresh_key(self, node: str, index: int) -> LocalAccount:
+        key = f"{node}:{index}"
+        if key not in self._keys:
+            self._keys[key] = derive_channel_account(
+                self._account, chain_id=self._domain.chain_id, contract=self._domain.contract, node=node, index=index
+            )
+        return self._keys[key]
+
+    def reconcile(self) -> None:
+        """Bring the book in line with the chain: find pending deposits' channels by their events, and refresh
+        every channel's deposit, redeemed amount and state (``gone`` when the chain has no such channel of ours)."""
+        for pending in self.store.pending():
+            payer = self._fresh_key(pending.node, int(pending.key_index)) if pending.key_index else self._account
+            for channel_id in self._opened_ids(payer.address, pending.node, pending.from_block):
+                if self.store.get(channel_id) is None:
+                    info = self._reader.channel(channel_id)
+                    if info is not None:
+                        self.store.record_channel(
+                            channel_id=channel_id,
+                            node=info.node,
+                            deposit=info.deposit,
+                            redeemed=info.redeemed,
+                            closes_at=info.closes_at,
+                            state=_state_name(info),
+                            key_index=pending.key_index,
+                        )
+            assert pending.id is not None
+            self.store.drop_pending(pending.id)
+        for state in self.store.channels():
+            info = self._reader.channel(state.channel_id)
+            if info is None or info.client != self._signer(state).address or info.node != state.node:
+                self.store.mark(state.channel_id, GONE)
+                continue
+            self.store.refresh(
+                state.channel_id,
+                deposit=info.deposit,
+                redeemed=info.redeemed,
+                closes_at=info.closes_at,
+                state=_state_name(info),
+            )
+
+    def _opened_ids(self, client: str, node: str, from_block: int) -> list[int]:
+        topic = Web3.keccak(text="ChannelOpened(uint256,address,address,uint256)")
+        logs = self._reader.w3.eth.get_logs(
+            {
+                "address": self._reader.address,
+                "fromBlock": from_block,
+                "toBlock": "latest",
+                "topics": [topic, None, _address_topic(client), _address_topic(node)],
+            }
+        )
+        return [int.from_bytes(bytes(log["topics"][1]), "big") for log in logs]
+
+    # -- deposits (sync: the CLI's, and the request path's through worker threads) ----------------------------
+
+    def _fund(self, payer: LocalAccount, amount: int) -> None:
+        """Send ``amount`` wei plus gas for its channel's life from the main address to a fresh ``payer``."""
+        w3 = self._reader.w3
+        gas_price = int(w3.eth.gas_price)
+        value = amount + FRESH_GAS_UNITS * gas_price * 2
+        tx: dict[str, Any] = {
+            "to": payer.address,
+            "value": value,
+            "gas": 21_000,
+            "gasPrice": gas_price * 2,
+            "nonce": w3.eth.get_transaction_count(self._account.address, "pending"),
+            "chainId": self._domain.chain_id,
+        }
+        raw = self._account.sign_transaction(tx).raw_transaction
+        try:
+            tx_hash = w3.eth.send_raw_transaction(raw)
+        except Exception as exc:
+            if "insufficient funds" in str(exc).lower():
+                from ledger import InsufficientFunds
+
+                raise InsufficientFunds(self._account.address) from exc
+            raise
+        w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.05)
+
+    def _open_sync(self, node: str, amount: int, *, budget: int | None, fresh: bool) -> ChannelState:
+        node = checksum(node, param="node")
+        key_index = ""
+        payer = self._account
+        if fresh:
+            index = sum(1 for c in self.store.channels(include_closed=True) if c.key_index) + len(
+                [p for p in self.store.pending() if p.key_index]
+            )
+            key_index, payer = str(index), self._fresh_key(node, index)
+        pending = self.store.reserve_deposit(
+            node, amount, from_block=int(self._reader.w3.eth.block_number), budget=budget, key_index=key_index
+        )
+        if pending is None:
+            raise WalletExhausted(amount, max(0, self.budget_wei - self.store.committed_deposits()))
+        try:
+            if fresh:
+                self._fund(payer, amount)
+            opened = self._reader.with_account(payer).open_channel(node, amount)
+        except TransactionOutcomeUnknown:
+            raise  # it may be mined: the pending row stays until reconcile() finds (or does not find) the channel
+        except BaseException:
+            self.store.drop_pending(pending)
+            raise
+        return self.store.record_channel(
+            channel_id=opened.channel_id, node=node, deposit=amount, key_index=key_index, pending_id=pending
+        )
+
+    def _top_up_sync(self, state: ChannelState, amount: int, *, budget: int | None) -> ChannelState:
+        pending = self.store.reserve_deposit(
+            state.node,
+            amount,
+            from_block=int(self._reader.w3.eth.block_number),
+            budget=budget,
+            key_index=state.key_index,
+        )
+        if pending is None:
+            raise WalletExhausted(amount, max(0, self.budget_wei - self.store.committed_deposits()))
+        try:
+            self._reader.with_account(self._signer(state)).top_up(state.channel_id, amount)
+        except TransactionOutcomeUnknown:
+            raise
+        except BaseException:
+            self.store.drop_pending(pending)
+            raise
+        info = self._reader.channel(state.channel_id)
+        assert info is not None
+        self.store.drop_pending(pending)
+        self.store.refresh(
+            state.channel_id,
+            deposit=info.deposit,
+            redeemed=info.redeemed,
+            closes_at=info.closes_at,
+            state=_state_name(info),
+        )
+        refreshed = self.store.get(state.channel_id)
+        assert refreshed is not None
+        return refreshed
+
+    def deposit(self, node: str, amount_wei: int, *, fresh: bool | None = None) -> ChannelState:
+        """Top up the open channel to ``node`` by ``amount_wei``, or open one with it (outside the budget: an
+        explicit deposit is the user's own choice). ``fresh`` opens a new channel from a fresh address."""
+        if amount_wei <= 0:
+            raise InvalidChainInput("amount", amount_wei, "must be at least 1 wei")
+        node = checksum(node, param="node")
+        use_fresh = self.fresh_addresses if fresh is None else fresh
+        state = None if fresh else self.store.active(node)
+        if state is None:
+            return self._open_sync(node, amount_wei, budget=None, fresh=use_fresh)
+        if state.key_index:
+            self._fund(self._signer(state), amount_wei)
+        return self._top_up_sync(state, amount_wei, budget=None)
+
+    def _find(self, *, node: str | None = None, channel_id: int | None = None) -> list[ChannelState]:
+        states = self.store.channels()
+        if channel_id is not None:
+            found = [c for c in states if c.channel_id == channel_id]
+            if not found:
+                raise UnknownChannel(f"channel {channel_id}")
+            return found
+        if node is not None:
+            wanted = checksum(node, param="node")
+            found = [c for c in states if c.node == wanted]
+            if not found:
+                raise UnknownChannel(f"channel to {wanted}")
+            return found
+        return states
+
+    def start_close(self, *, node: str | None = None) -> list[tuple[ChannelState, TxReceipt]]:
+        """Start closing the open channels to ``node`` (every open one when None): the node may still redeem until
+        each one's ``closes_at``; then :meth:`reclaim` returns the rest."""
+        closed = []
+        for state in self._find(node=node):
+            if state.state != OPEN:
+                continue
+            receipt = self._reader.with_account(self._signer(state)).start_close(state.channel_id)
+            info = self._reader.channel(state.channel_id)
+            assert info is not None
+            self.store.refresh(
+                state.channel_id,
+                deposit=info.deposit,
+                redeemed=info.redeemed,
+                closes_at=info.closes_at,
+                state=_state_name(info),
+            )
+            after = self.store.get(state.channel_id)
+            assert after is not None
+            closed.append((after, receipt))
+        return closed
+
+    def reclaim(self, now: int) -> Reclaimed:
+        """Finish every close whose dispute delay ended by ``now`` (chain time) and withdraw what the paying
+        addresses may withdraw. A fresh address's refund is withdrawn to that address (sweeping it to the main
+        address would link the channels again; do that yourself if you accept it)."""
+        settled: list[int] = []
+        receipts: list[TxReceipt] = []
+        payers: dict[str, LocalAccount] = {self._account.address: self._account}
+        for state in self.store.channels():
+            payer = self._signer(state)
+            payers[payer.address] = payer
+            if state.state == CLOSING and state.closes_at <= now:
+                receipts.append(self._reader.with_account(payer).finish_close(state.channel_id))
+                settled.append(state.channel_id)
+                info = self._reader.channel(state.channel_id)
+                assert info is not None
+                self.store.refresh(
+                    state.channel_id,
+                    deposit=info.deposit,
+                    redeemed=info.redeemed,
+                    closes_at=info.closes_at,
+                    state=_state_name(info),
+                )
+        withdrawn = 0
+        for payer in payers.values():
+            available = self._reader.balances(payer.address).withdrawable
+            if available > 0:
+                receipts.append(self._reader.with_account(payer).withdraw())
+                withdrawn += available
+        return Reclaimed(settled=tuple(settled), withdrawn_wei=withdrawn, receipts=tuple(receipts))
+
+    # -- the request path --------------------------------------------------------------------------------------
 
     async def pay(
         self, destination: ModelNode, request: CompletionRequest, prompt_tokens: int | None
@@ -149,39 +523,54 @@ class Wallet:
             return request, None
         tokens = prompt_tokens if prompt_tokens is not None else len(request.prompt.encode()) + BYTES_BOUND_MARGIN
         reservation = cost(price, tokens + request.max_tokens)
-        admission = self._admission.setdefault(destination.operator, asyncio.Lock())
+        node = checksum(destination.operator, param="node")
+        admission = self._admission.setdefault(node, asyncio.Lock())
+        deadline = time.monotonic() + ADMISSION_WAIT_S
         try:
             # Vouchers on a channel must reach the node in the order they were signed (a lower one after a higher
             # one is stale): one request per channel is admitted at a time, until the node answered it.
             await asyncio.wait_for(admission.acquire(), ADMISSION_WAIT_S)
         except TimeoutError:
-            raise PaymentBusy(destination.operator, ADMISSION_WAIT_S) from None
+            raise PaymentBusy(node, ADMISSION_WAIT_S) from None
         try:
-            paid, payment = await self._sign(destination, request, price, reservation)
+            # ... and across this client's processes: the node's file lock, until the same moment.
+            while not self._locks.try_acquire(node):
+                if time.monotonic() >= deadline:
+                    raise PaymentBusy(node, ADMISSION_WAIT_S)
+                await asyncio.sleep(LOCK_POLL_S)
+            try:
+                paid, payment = await self._sign(node, request, price, reservation)
+            except BaseException:
+                self._locks.release(node)
+                raise
         except BaseException:
             admission.release()
             raise
         payment.progress.admission = admission
+        bill = _BILL.get()
+        if bill is not None:
+            bill.payments += 1
         return paid, payment
 
     async def _sign(
-        self, destination: ModelNode, request: CompletionRequest, price: int, reservation: int
+        self, node: str, request: CompletionRequest, price: int, reservation: int
     ) -> tuple[CompletionRequest, Payment]:
         async with self._lock:
-            state = self._channels.get(destination.operator)
-            with self._book:
-                last, base = (state.last, state.owed + state.in_flight) if state is not None else (0, 0)
-            amount = max(last + 1, base + reservation)
+            state = self.store.active(node)
             if state is None:
-                state = await self._open(destination.operator, amount)
-            elif amount > state.deposit:
-                await self._top_up(state, amount - state.deposit)
-            voucher = await asyncio.to_thread(sign_voucher, self._account, self._domain, state.channel_id, amount)
-            with self._book:
-                state.last = amount
-                state.in_flight += reservation
+                state = await self._open(node, max(1, reservation))
+            amount = self.store.sign_amount(state.channel_id, reservation)  # committed before the voucher exists
+            for _ in range(3):
+                if amount is not None:
+                    break
+                needed = self.store.next_amount(state.channel_id, reservation)
+                state = await self._top_up(state, needed - state.deposit)
+                amount = self.store.sign_amount(state.channel_id, reservation)
+            if amount is None:
+                raise WalletExhausted(reservation, max(0, self.budget_wei - self.store.committed_deposits()))
+            voucher = await asyncio.to_thread(sign_voucher, self._signer(state), self._domain, state.channel_id, amount)
         payment = Payment(
-            node=destination.operator,
+            node=node,
             channel_id=state.channel_id,
             amount=amount,
             reservation=reservation,
@@ -193,6 +582,7 @@ class Wallet:
         """The node answered ``payment``'s request (its voucher was accepted): the next one may be sent."""
         lock, payment.progress.admission = payment.progress.admission, None
         if lock is not None:
+            self._locks.release(payment.node)
             lock.release()
 
     def finish(self, payment: Payment, used_tokens: int | None) -> None:
@@ -203,38 +593,46 @@ class Wallet:
             if payment.progress.finished:
                 return
             payment.progress.finished = True
-            state = self._channels[payment.node]
-            state.in_flight = max(0, state.in_flight - payment.reservation)
-            spent = payment.reservation if used_tokens is None else cost(payment.price_per_1k_tokens, used_tokens)
-            state.owed += spent
+        spent = payment.reservation if used_tokens is None else cost(payment.price_per_1k_tokens, used_tokens)
+        spent = min(spent, payment.reservation)
+        self.store.settle(payment.channel_id, payment.reservation, spent)
+        bill = _BILL.get()
+        if bill is not None:
+            bill.cost_wei += spent
+            if used_tokens != 0:
+                bill.price_per_1k_tokens = payment.price_per_1k_tokens
 
     async def _open(self, node: str, needed: int) -> ChannelState:
-        deposit = self._take(needed)
-        try:
-            opened = await asyncio.to_thread(self._pay.open_channel, node, deposit)
-        except BaseException:
-            self.spent_wei -= deposit
-            raise
-        state = ChannelState(channel_id=opened.channel_id, node=node, deposit=deposit)
-        with self._book:
-            self._channels[node] = state
+        amount = self._auto_amount(needed)
+        state = await asyncio.to_thread(
+            self._open_sync, node, amount, budget=self.budget_wei, fresh=self.fresh_addresses
+        )
+        self.spent_wei += amount
         return state
 
-    async def _top_up(self, state: ChannelState, shortfall: int) -> None:
-        amount = self._take(shortfall)
-        try:
-            await asyncio.to_thread(self._pay.top_up, state.channel_id, amount)
-        except BaseException:
-            self.spent_wei -= amount
-            raise
-        with self._book:
-            state.deposit += amount
-
-    def _take(self, needed: int) -> int:
-        """Reserve ``deposit_wei`` (or ``needed`` when more) of the budget, or at least ``needed`` when less is left."""
-        left = self.budget_wei - self.spent_wei
-        if needed > left:
-            raise WalletExhausted(needed, left)
-        amount = min(max(self.deposit_wei, needed), left)
+    async def _top_up(self, state: ChannelState, shortfall: int) -> ChannelState:
+        amount = self._auto_amount(shortfall)
+        if state.key_index:
+            await asyncio.to_thread(self._fund, self._signer(state), amount)
+        refreshed = await asyncio.to_thread(self._top_up_sync, state, amount, budget=self.budget_wei)
         self.spent_wei += amount
-        return amount
+        return refreshed
+
+    def _auto_amount(self, needed: int) -> int:
+        """``deposit_wei`` (or ``needed`` when more), cut to the budget left; ``WalletExhausted`` when even
+        ``needed`` does not fit."""
+        left = self.budget_wei - self.store.committed_deposits()
+        if needed > left:
+            raise WalletExhausted(needed, max(0, left))
+        return min(max(self.deposit_wei, needed), left)
+
+
+def _release(locks: ChannelLocks, store: WalletStore, temporary: Path | None) -> None:
+    locks.close()
+    store.close()
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _address_topic(address: str) -> HexBytes:
+    return HexBytes(bytes(12) + bytes.fromhex(checksum(address)[2:]))
