@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from node.client._bill import Bill, billing
 from node.client._chat import CHAT_STOP, ChatMessage, render_chat
 from node.client._errors import RequestTimeout, render
 from node.client._openai_wire import (
@@ -158,6 +159,8 @@ class _Tally:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
+    bill: Bill = field(default_factory=Bill)
+    """What the wallet counted for this request (read once the stream is over: the client settles at its end)."""
 
     def add(self, delta: CompletionDelta) -> None:
         self.text.append(delta.text)
@@ -170,7 +173,13 @@ class _Tally:
             self.finish_reason = delta.finish_reason
 
     def usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return usage(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            cost_wei=self.bill.cost_wei,
+            price_per_1k_tokens=self.bill.price_per_1k_tokens,
+        )
 
 
 class _Aborted(Exception):
@@ -246,8 +255,21 @@ class _Exchange:
 async def _respond(
     http: web.Request, exchange: _Exchange, service: CompletionService, *, stream: bool, include_usage: bool
 ) -> web.StreamResponse:
+    with billing() as bill:
+        tally = _Tally(bill=bill)
+        return await _respond_billed(http, exchange, service, tally, stream=stream, include_usage=include_usage)
+
+
+async def _respond_billed(
+    http: web.Request,
+    exchange: _Exchange,
+    service: CompletionService,
+    tally: _Tally,
+    *,
+    stream: bool,
+    include_usage: bool,
+) -> web.StreamResponse:
     deltas = _deadline(service.stream(exchange.request), exchange.config.request_timeout_s)
-    tally = _Tally()
     try:
         if not stream:
             async for delta in deltas:

@@ -146,15 +146,24 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: dict[str, int] = Field(default_factory=dict)
     """``cached_tokens``: prompt tokens the model node served from its prefix cache."""
+    cost_wei: str = "0"
+    """PlanetServe extension: what this request cost the client's wallet, decimal wei (a string: wei exceed what a
+    JSON number holds exactly). A retry that never reached its first node adds nothing; "0" from a free node."""
+    price_per_1k_tokens_wei: str = "0"
+    """PlanetServe extension: the answering node's registered price, decimal wei per 1000 tokens."""
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, *, cost_wei: int = 0, price_per_1k_tokens: int = 0
+) -> dict[str, Any]:
     """The ``usage`` object as JSON-ready data."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details={"cached_tokens": cached_tokens},
+        cost_wei=str(cost_wei),
+        price_per_1k_tokens_wei=str(price_per_1k_tokens),
     ).model_dump()
 
 

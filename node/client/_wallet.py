@@ -36,9 +36,6 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +54,7 @@ from ledger import (
     checksum,
     sign_voucher,
 )
+from node.client._bill import bill_payment, bill_spent
 from node.client._errors import ClientError
 from node.client._wallet_store import (
     CLOSING,
@@ -146,37 +144,6 @@ class UnknownChannel(ClientError):
     def __init__(self, what: str) -> None:
         self.what = what
         super().__init__(f"this wallet has no {what}; `ps-client channels` lists them")
-
-
-@dataclass(slots=True)
-class Bill:
-    """What the requests made inside one :func:`billing` block cost (the OpenAI endpoint's ``usage`` fields)."""
-
-    cost_wei: int = 0
-    """Wei the client counts as spent on them (actual tokens at the node's price; a whole reservation when a reply
-    broke after the node had the request)."""
-    price_per_1k_tokens: int = 0
-    """The price of the last paid node, wei per 1000 tokens (0: no paid node answered)."""
-    payments: int = 0
-    """Vouchers signed (a retry that never reached its node counts here, but costs nothing)."""
-
-
-_BILL: ContextVar[Bill | None] = ContextVar("planetserve_wallet_bill", default=None)
-
-
-@contextmanager
-def billing() -> Iterator[Bill]:
-    """Collect, into the yielded :class:`Bill`, what every request paid by any wallet in this context costs.
-
-    A context variable rather than a return value: the ``Client`` streams deltas and settles in its generator's
-    ``finally``; the caller reads the bill once the stream is exhausted (or closed).
-    """
-    bill = Bill()
-    token = _BILL.set(bill)
-    try:
-        yield bill
-    finally:
-        _BILL.reset(token)
 
 
 def derive_channel_account(
@@ -547,9 +514,7 @@ class Wallet:
             admission.release()
             raise
         payment.progress.admission = admission
-        bill = _BILL.get()
-        if bill is not None:
-            bill.payments += 1
+        bill_payment()
         return paid, payment
 
     async def _sign(
@@ -596,11 +561,7 @@ class Wallet:
         spent = payment.reservation if used_tokens is None else cost(payment.price_per_1k_tokens, used_tokens)
         spent = min(spent, payment.reservation)
         self.store.settle(payment.channel_id, payment.reservation, spent)
-        bill = _BILL.get()
-        if bill is not None:
-            bill.cost_wei += spent
-            if used_tokens != 0:
-                bill.price_per_1k_tokens = payment.price_per_1k_tokens
+        bill_spent(spent, payment.price_per_1k_tokens if used_tokens != 0 else None)
 
     async def _open(self, node: str, needed: int) -> ChannelState:
         amount = self._auto_amount(needed)
