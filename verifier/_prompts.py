@@ -141,8 +141,8 @@ class ChallengeRequest:
     temperature: float
     #: Nucleus sampling bound, (0, 1].
     top_p: float = 1.0
-    #: The request's sampling seed, 0..2**63-1 (always set: replayable).
-    seed: int
+    #: The request's sampling seed, 0..2**63-1 (always set: replayable; not in reprs).
+    seed: int = field(repr=False)
     #: Stop strings (at most four).
     stop: tuple[str, ...] = ()
     #: The line kind asked about (one of :data:`KINDS`).
@@ -311,7 +311,7 @@ class ChallengeGenerator:
     ``epoch_seed`` is the epoch's seed (``EpochSeed.seed``); ``salt`` the verifier's private :data:`SALT_BYTES`.
     """
 
-    __slots__ = ("_distribution", "_pool", "_salt")
+    __slots__ = ("_distribution", "_epoch_seed", "_pool", "_salt")
 
     def __init__(self, epoch_seed: bytes, salt: bytes, distribution: PromptDistribution | None = None) -> None:
         if not isinstance(epoch_seed, bytes) or len(epoch_seed) != 32:
@@ -319,6 +319,7 @@ class ChallengeGenerator:
         if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
             raise InvalidVerifierInput("salt", "<redacted>", f"exactly {SALT_BYTES} bytes")
         self._salt = salt
+        self._epoch_seed = epoch_seed
         self._distribution = distribution or PromptDistribution()
         self._pool = self._distribution.prefix_pool(KeyedDraws(b"planetserve/prompts/pool/" + epoch_seed, salt))
 
@@ -326,7 +327,7 @@ class ChallengeGenerator:
         """The challenge for a planned challenge's ``key`` (``PlannedChallenge.key``): the same key, the same one."""
         if not isinstance(key, bytes) or len(key) != 32:
             raise InvalidVerifierInput("key", "<redacted>", "exactly 32 bytes")
-        draws = KeyedDraws(b"planetserve/prompts/challenge/" + key, self._salt)
+        draws = KeyedDraws(b"planetserve/prompts/challenge/" + self._epoch_seed + key, self._salt)
         return self._distribution.draw(draws, shared_prefixes=self._pool)
 
     def __repr__(self) -> str:
