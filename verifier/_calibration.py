@@ -150,19 +150,47 @@ class Calibration:
 
     #: ``pair_key(node, reference)`` -> tolerance.
     tolerances: Mapping[str, Tolerance]
-    #: Per-challenge scores of honest answers measured with these tolerances (0..1 each; at most MAX_HONEST_SCORES).
-    honest_scores: tuple[float, ...] = ()
-    #: Conditions of the honest measurement (model, temperatures, prompts, batching), for the record.
-    conditions: Mapping[str, Any] = field(default_factory=dict)
+    #: ``pair_key`` -> per-challenge scores of honest answers measured with that pair's tolerance (0..1 each; at
+    #: most MAX_HONEST_SCORES per pair); what ``design_cusum`` derives the false-alarm bound from.
+    honest_scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    #: ``pair_key`` -> conditions of the honest measurement (model, temperatures, prompts, batching), for the record.
+    conditions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tolerances:
             raise InvalidVerifierInput("tolerances", 0, "at least one engine pair")
-        if len(self.honest_scores) > MAX_HONEST_SCORES:
-            raise InvalidVerifierInput("honest_scores", len(self.honest_scores), f"at most {MAX_HONEST_SCORES}")
-        for s in self.honest_scores:
-            if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
-                raise InvalidVerifierInput("honest_scores", s, "each in [0, 1]")
+        for key, scores in self.honest_scores.items():
+            if len(scores) > MAX_HONEST_SCORES:
+                raise InvalidVerifierInput("honest_scores", len(scores), f"at most {MAX_HONEST_SCORES} per pair")
+            for s in scores:
+                if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
+                    raise InvalidVerifierInput("honest_scores", s, f"each in [0, 1] ({key})")
+
+    def honest(self, node_engine: str = TORCH_FP32, reference_engine: str = TORCH_FP32) -> tuple[float, ...]:
+        """The honest per-challenge scores measured on one pair (``UncalibratedEnginePair`` when none were)."""
+        self.tolerance(node_engine, reference_engine)
+        found = self.honest_scores.get(pair_key(node_engine, reference_engine))
+        if not found:
+            raise UncalibratedEnginePair(
+                node_engine=node_engine, reference_engine=reference_engine, known=tuple(sorted(self.honest_scores))
+            )
+        return found
+
+    def with_pair(
+        self,
+        node_engine: str,
+        reference_engine: str,
+        tolerance: Tolerance,
+        honest_scores: tuple[float, ...],
+        conditions: Mapping[str, Any],
+    ) -> Calibration:
+        """A copy with one pair's row added or replaced (the other pairs kept)."""
+        key = pair_key(node_engine, reference_engine)
+        return Calibration(
+            tolerances={**self.tolerances, key: tolerance},
+            honest_scores={**self.honest_scores, key: honest_scores},
+            conditions={**self.conditions, key: dict(conditions)},
+        )
 
     def tolerance(self, node_engine: str = TORCH_FP32, reference_engine: str = TORCH_FP32) -> Tolerance:
         """The tolerance of one pair; ``UncalibratedEnginePair`` when it was never measured."""
@@ -178,8 +206,8 @@ class Calibration:
         return {
             "version": CALIBRATION_VERSION,
             "tolerances": {k: v.to_dict() for k, v in sorted(self.tolerances.items())},
-            "honest_scores": [round(s, 9) for s in self.honest_scores],
-            "conditions": dict(self.conditions),
+            "honest_scores": {k: [round(x, 9) for x in v] for k, v in sorted(self.honest_scores.items())},
+            "conditions": {k: dict(v) for k, v in sorted(self.conditions.items())},
         }
 
     @classmethod
@@ -192,8 +220,8 @@ class Calibration:
             raise InvalidVerifierInput("tolerances", type(table).__name__, "an object keyed by engine pair")
         return cls(
             tolerances={str(k): Tolerance.from_dict(v) for k, v in table.items()},
-            honest_scores=tuple(float(s) for s in raw.get("honest_scores", ())),
-            conditions=dict(raw.get("conditions", {})),
+            honest_scores={str(k): tuple(float(x) for x in v) for k, v in raw.get("honest_scores", {}).items()},
+            conditions={str(k): dict(v) for k, v in raw.get("conditions", {}).items()},
         )
 
     def save(self, path: str | Path) -> None:

@@ -71,6 +71,8 @@ class Challenge:
     top_p: float
     #: The request's seed, 0..2**63-1 (what makes a sampled answer replayable).
     seed: int
+    #: Stop strings the request carried (at most four; the replay uses the same).
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt:
@@ -84,7 +86,7 @@ class Challenge:
     def params(self) -> SamplingParams:
         """The sampling parameters of the challenge (what the node was asked to use)."""
         return SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop
         )
 
     def __repr__(self) -> str:
@@ -193,7 +195,8 @@ class Scorer:
     """Scores challenges against a reference engine serving the claimed model (see the module docstring).
 
     ``node_engine`` names the kind of engine the audited node declares (its calibration row with the reference's
-    ``reference_engine``); both default to the torch fp32 engine, the only pair measured here.
+    ``reference_engine``); both default to the torch fp32 engine, the only pair measured here. ``tolerance``
+    overrides the table (what ``calibrate`` uses while measuring one); with neither, ``FALLBACK_TOLERANCE``.
     """
 
     def __init__(
@@ -203,9 +206,15 @@ class Scorer:
         *,
         node_engine: str = TORCH_FP32,
         reference_engine: str = TORCH_FP32,
+        tolerance: Tolerance | None = None,
     ) -> None:
         self._engine = engine
-        self._tol = calibration.tolerance(node_engine, reference_engine) if calibration else FALLBACK_TOLERANCE
+        if tolerance is not None:
+            self._tol = tolerance
+        elif calibration is not None:
+            self._tol = calibration.tolerance(node_engine, reference_engine)
+        else:
+            self._tol = FALLBACK_TOLERANCE
 
     @property
     def tolerance(self) -> Tolerance:
