@@ -47,6 +47,9 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     ("ledger", "TransactionOutcomeUnknown", ExitCode.TX_OUTCOME_UNKNOWN),
     ("ledger", "InsufficientFunds", ExitCode.INSUFFICIENT_FUNDS),
     ("ledger", "OperatorKeyError", ExitCode.KEY_ERROR),
+    ("verifier._errors", "InvalidVerifierInput", ExitCode.INVALID_INPUT),
+    ("verifier._errors", "EvidenceNotFound", ExitCode.NOT_FOUND),
+    ("verifier._errors", "EvidenceTampered", ExitCode.TAMPERED),
 )
 
 

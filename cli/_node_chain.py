@@ -411,30 +411,6 @@ def unjail(
     emit({**_node_json(node), **_receipt_json(receipt)}, as_json=as_json, title="unjailed")
 
 
-@app.command()
-def status(
-    operator: Annotated[
-        str | None,
-        typer.Option("--operator", envvar="PS_OPERATOR", help="Operator address (default: the key's account)."),
-    ] = None,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
-    deployment: DeploymentOpt = None,
-    keystore: Keystore = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show this node's role, stake, activity and unbonding time, read from the contract."""
-    address = operator if operator is not None else load_operator(keystore).address
-    _, registry = open_chain(rpc_url, deployment, None)
-    node = registry.get_node(address)
-    result: dict[str, Any] = {"operator": address, "registered": node is not None}
-    if node is not None:
-        result.update(_node_json(node))
-        result["unbonding"] = _unbonding(node.unbonding_ends_at, chain_now(registry))
-    result["pending_withdrawal_wei"] = str(registry.pending_withdrawal(address))
-    result["reputation"] = None  # the attestation/reputation contract comes with the verification issue
-    emit(result, as_json=as_json, title="node status")
-
-
 @app.command("list")
 def list_nodes(
     include_deregistered: Annotated[

@@ -34,5 +34,9 @@ class ExitCode(enum.IntEnum):
     PORT_IN_USE = 10
     #: A transaction was sent but its receipt did not arrive in time: it may still be mined. Check before resending.
     TX_OUTCOME_UNKNOWN = 11
+    #: A record asked for by its name (an evidence hash) is not in the store.
+    NOT_FOUND = 12
+    #: A stored record failed its integrity check (it no longer hashes to its name): changed on disk.
+    TAMPERED = 13
     #: Interrupted by the user (Ctrl-C).
     INTERRUPTED = 130

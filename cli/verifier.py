@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from cli import _verifier_inspect
 from cli._main import new_app, run
 
 app = new_app("Audit model nodes with challenge prompts and attest on chain.", root=True)
+app.add_typer(_verifier_inspect.app)
 
 
 @app.command()

@@ -116,7 +116,7 @@ def test_register_stake_unbond_withdraw_through_the_cli(
     added = _ok_json(inproc("node", ["stake", "add", "0.5", "--json"], env))
     assert added["stake_wei"] == str(2 * 10**18)
     status = _ok_json(inproc("node", ["status", "--json"], env))
-    assert status["registered"] and status["stake_eth"] == "2" and status["reputation"] is None
+    assert status["registered"] and status["stake_eth"] == "2" and status["reputation"] == 500_000
     listed = _ok_json(inproc("node", ["list", "--json"], env))
     assert [(n["operator"], n["status"]) for n in listed] == [(address, "active")]
 
