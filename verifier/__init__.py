@@ -1,4 +1,4 @@
-"""PlanetServe verifier: challenges, scoring, committee and attestations (being built)."""
+"""PlanetServe verifier: epoch seeds and audit plans, challenge prompts, scoring, sequential tests, evidence."""
 
 from verifier._calibrate import calibrate, collect_answers
 from verifier._calibration import (
@@ -7,23 +7,84 @@ from verifier._calibration import (
     Tolerance,
     UncalibratedEnginePair,
 )
+from verifier._epoch import (
+    AnchorBlock,
+    AnchorMismatch,
+    AuditPolicy,
+    BlockSource,
+    EpochPlan,
+    EpochSeed,
+    InvalidEpochSeed,
+    PlannedChallenge,
+    Web3Blocks,
+    find_anchor_block,
+    plan_epoch,
+    sign_epoch_seed,
+    verify_anchor,
+    verify_epoch_seed,
+)
+from verifier._errors import (
+    EvidenceNotFound,
+    EvidenceTampered,
+    EvidenceTooLarge,
+    InvalidVerifierInput,
+    VerifierError,
+)
+from verifier._evidence import (
+    EvidenceCheck,
+    EvidenceStore,
+    StoredEvidence,
+    canonical_json,
+    check_record,
+    evidence_hash,
+)
+from verifier._prompts import ChallengeGenerator, ChallengeRequest, PromptDistribution, user_request
 from verifier._scoring import Answer, Challenge, ChallengeScore, Scorer
 from verifier._sequential import CusumParams, CusumState, SequentialTest, design_cusum, epoch_score
 
 __all__ = [
+    "AnchorBlock",
+    "AnchorMismatch",
     "Answer",
+    "AuditPolicy",
+    "BlockSource",
     "Calibration",
     "CalibrationFileError",
     "Challenge",
+    "ChallengeGenerator",
+    "ChallengeRequest",
     "ChallengeScore",
     "CusumParams",
     "CusumState",
+    "EpochPlan",
+    "EpochSeed",
+    "EvidenceCheck",
+    "EvidenceNotFound",
+    "EvidenceStore",
+    "EvidenceTampered",
+    "EvidenceTooLarge",
+    "InvalidEpochSeed",
+    "InvalidVerifierInput",
+    "PlannedChallenge",
+    "PromptDistribution",
     "Scorer",
     "SequentialTest",
+    "StoredEvidence",
     "Tolerance",
     "UncalibratedEnginePair",
+    "VerifierError",
+    "Web3Blocks",
     "calibrate",
+    "canonical_json",
+    "check_record",
     "collect_answers",
     "design_cusum",
     "epoch_score",
+    "evidence_hash",
+    "find_anchor_block",
+    "plan_epoch",
+    "sign_epoch_seed",
+    "user_request",
+    "verify_anchor",
+    "verify_epoch_seed",
 ]
