@@ -1,0 +1,169 @@
+"""The verifier's runner against anvil with real small models: a committee of three audits two model nodes over
+short epochs through the private, paid network, and attests; the canned cheater is slashed and jailed and stops
+getting traffic, the honest node (greedy and sampled audits alike) keeps its reputation.
+
+Also: the state survives a restart without counting an epoch twice; ``ps-verifier run`` refuses a key that is not
+an active verifier with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from node.client import Client, ClientConfig
+from node.client._wallet import Wallet
+from node.inference import EngineConfig, TorchEngine
+from node.overlay import CompletionRequest, Route
+from tests.fixtures.auditnet import MODEL_STAKE, AuditNet, audit_net
+from verifier._calibration import TORCH_FP32, Calibration, pair_key
+from verifier._runner import EpochReport, Verifier, VerifierConfig
+from verifier._scoring import FALLBACK_TOLERANCE
+from verifier._sequential import CusumParams
+
+#: Seconds per epoch: a few challenges per node and verifier fit, with room for retries and the attestations.
+EPOCH_S = 6
+#: The scorer's fp32/fp32 tolerance (the shipped calibration's when present).
+CALIBRATION = Calibration(tolerances={pair_key(TORCH_FP32, TORCH_FP32): FALLBACK_TOLERANCE})
+#: A CUSUM that alarms after two clearly failed challenges and never on honest noise (deficits ~0).
+CUSUM = CusumParams(kappa=0.3, threshold=1.0, challenges_per_epoch=8)
+NEUTRAL = 500_000
+
+
+@asynccontextmanager
+async def _committee(net: AuditNet, reference: TorchEngine, tmp: Path) -> AsyncIterator[list[Verifier]]:
+    """One ``Verifier`` per registered verifier, each with its own index, state dir and paying client."""
+    async with AsyncExitStack() as stack:
+        verifiers = []
+        for i, (account, payer) in enumerate(zip(net.verifiers, net.payers, strict=True)):
+            indexer = net.indexer(f"verifier-{i}")
+            stack.callback(indexer.close)
+            nodes, directory = net.sources(indexer)
+            wallet = Wallet(
+                net.payments(),
+                payer,
+                budget_wei=10**17,
+                deposit_wei=10**16,
+                state_dir=tmp / f"wallet-{i}",
+                fresh_addresses=True,
+            )
+            stack.callback(wallet.close)
+            client = await stack.enter_async_context(
+                Client(directory, ClientConfig(models=(net.model,)), wallet=wallet)
+            )
+            verifiers.append(
+                Verifier(
+                    VerifierConfig(
+                        state_dir=tmp / f"verifier-{i}",
+                        model_dir=net.root,
+                        mean_challenges=3.0,
+                        min_challenges=2,
+                        max_challenges=6,
+                        max_prompt_chars=400,
+                        request_timeout_s=10.0,
+                    ),
+                    account=account,
+                    attestations=net.attestations(account),
+                    nodes=nodes,
+                    client=client,
+                    engine=reference,
+                    model_id=net.model_id,
+                    calibration=CALIBRATION,
+                    cusum=CUSUM,
+                )
+            )
+        yield verifiers
+
+
+async def _user_destinations(net: AuditNet, tmp: Path, requests: int) -> list[str]:
+    """Where a user's ``Client`` (reading the registry through its own index, paying its own way) sends requests."""
+    indexer = net.indexer("user")
+    _, directory = net.sources(indexer)
+    routes: list[Route] = []
+    wallet = Wallet(net.payments(), net.user, budget_wei=10**17, deposit_wei=10**16, state_dir=tmp / "user-wallet")
+    try:
+        async with Client(
+            directory, ClientConfig(models=(net.model,), policy="round_robin"), on_route=routes.append, wallet=wallet
+        ) as client:
+            for i in range(requests):
+                request = CompletionRequest(model=net.model_id, prompt=f"{i:02d}+01=", max_tokens=2, seed=i)
+                await client.complete(request)
+    finally:
+        wallet.close()
+        indexer.close()
+    return [r.destination.operator for r in routes]
+
+
+async def test_a_committee_slashes_and_jails_a_canned_cheater_and_keeps_the_honest_node(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with audit_net(tiny_model_dir, tmp_path, epoch_length=EPOCH_S) as net:
+        honest, cheater = net.honest().account.address, net.cheater().account.address
+        reader = net.attestations()
+        assert reader.reputation_of(honest) == NEUTRAL
+        # Before any verdict a user's traffic reaches both nodes.
+        assert set(await _user_destinations(net, tmp_path / "before", 4)) == {honest, cheater}
+        reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_running=8))
+        reports: list[list[EpochReport]] = [[] for _ in net.verifiers]
+        try:
+            async with _committee(net, reference, tmp_path) as committee:
+                await asyncio.gather(*(v.run(3, on_epoch=reports[i].append) for i, v in enumerate(committee)))
+        finally:
+            await reference.close()
+
+        # The cheater: caught, slashed (stake), penalized on chain and jailed.
+        record = reader.record_of(cheater)
+        assert record.penalties >= 1 and record.reputation < NEUTRAL
+        registry = net.registry()
+        assert registry.is_jailed(cheater) and registry.stake_of(cheater) < MODEL_STAKE
+        verdicts = [v for per in reports for r in per for v in r.verdicts if v.node == cheater]
+        assert any(v.alarm and v.score is not None and v.score < NEUTRAL for v in verdicts)
+        assert any(v.outcome == "penalized" for v in verdicts)
+        # Once jailed it was skipped, not audited (and not paid).
+        last = [per[-1] for per in reports]
+        assert all(cheater in r.skipped and all(v.node != cheater for v in r.verdicts) for r in last)
+
+        # The honest node: every attested score passed, its reputation rose, it is active.
+        assert not registry.is_jailed(honest) and registry.stake_of(honest) == MODEL_STAKE
+        assert reader.reputation_of(honest) >= NEUTRAL and reader.record_of(honest).penalties == 0
+        mine = [v for per in reports for r in per for v in r.verdicts if v.node == honest]
+        assert mine and all(v.score is not None and v.score >= NEUTRAL and not v.alarm for v in mine)
+        assert all(v.answered == v.sent for v in mine)
+        # Sampled audits (temperature 0.8) of the honest node were among them, and scored as honest.
+        store = net.root / "verifier-0" / "evidence"
+        records = [json.loads(p.read_text()) for p in store.rglob(f"{honest}.*.json")]
+        sampled = [c for r in records for c in r["challenges"] if c["temperature"] > 0 and c["answer"]]
+        assert sampled and all(c["score"]["score"] > 1 - CUSUM.kappa for c in sampled)
+
+        # A user's client no longer routes to the jailed node.
+        after = await _user_destinations(net, tmp_path / "after", 4)
+        assert after and set(after) == {honest}
+
+
+async def test_the_state_survives_a_restart_and_an_epoch_is_not_counted_twice(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with audit_net(tiny_model_dir, tmp_path, epoch_length=EPOCH_S, verifiers=1, relays=4) as net:
+        reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+        try:
+            async with _committee(net, reference, tmp_path) as (verifier,):
+                first: list[EpochReport] = []
+                await verifier.run(1, on_epoch=first.append)
+                epoch = first[0].epoch
+                audited = max(first[0].verdicts, key=lambda v: v.answered)
+                assert audited.answered >= 1
+                before = verifier.sequential.state(audited.node)
+                assert before.challenges == audited.answered
+            async with _committee(net, reference, tmp_path) as (again,):
+                restored = again.sequential.state(audited.node)
+                assert restored == before  # read back from the state dir
+                # Auditing the same epoch again (a restart inside it): nothing is fed twice, nothing attested twice.
+                report = await again.run_epoch(epoch)
+                assert again.sequential.state(audited.node) == before
+                outcomes = {v.outcome for v in report.verdicts}
+                assert outcomes <= {"already_attested", "too_late", "epoch_finalized", "abstained"}
+        finally:
+            await reference.close()
