@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,8 +24,9 @@ from node import NodeIdentity
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+    from eth_typing import ChecksumAddress
 
-    from ledger import Deployment, IndexedNode, NodeInfo, NodeRegistry, TxReceipt
+    from ledger import Deployment, IndexedNode, NodeInfo, NodeRegistry, PaymentChannels, TxReceipt
 
 app = new_app("Register, stake, unbond and withdraw on chain.")
 stake_app = new_app("Manage the node's stake.")
@@ -96,6 +98,46 @@ def open_chain(rpc_url: str, deployment: Path | None, account: LocalAccount | No
     if deployment is None:
         deployment = default_deployment_path(connect(rpc_url).eth.chain_id)
     return open_registry(rpc_url, deployment, account)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeChain:
+    """The chain as one ``ps-node`` command sees it: the deployment, the registry handle and the operator."""
+
+    #: The deployment read from ``--deployment`` (or ``deployments/<chainId>.json``).
+    deployment: Deployment
+    #: The registry handle, signed by :attr:`account` when there is one.
+    registry: NodeRegistry
+    #: The node's operator address (the key's account, or ``--operator`` for a read-only command).
+    operator: ChecksumAddress
+    #: The operator's key when the command signs; None for a read-only command.
+    account: LocalAccount | None
+
+    def payments(self) -> PaymentChannels:
+        """The deployment's ``PaymentChannels``, signed by :attr:`account` when there is one."""
+        from ledger import PaymentChannels
+
+        return PaymentChannels(self.registry.w3, self.deployment.payments_address, self.account)
+
+
+def open_node_chain(
+    rpc_url: str, deployment: Path | None, keystore: Path | None, *, sign: bool = True, operator: str | None = None
+) -> NodeChain:
+    """The one way ``ps-node`` commands open the chain for an operator.
+
+    ``sign``: the operator key (``--keystore`` or ``PS_PRIVATE_KEY``) signs the handles. Otherwise they are
+    read-only, for ``operator`` when given (``--operator``), else for the key's account (the key is then read only
+    for its address).
+    """
+    from ledger import checksum
+
+    account = load_operator(keystore) if sign else None
+    if account is not None:
+        address = account.address
+    else:
+        address = checksum(operator, param="operator") if operator is not None else load_operator(keystore).address
+    dep, registry = open_chain(rpc_url, deployment, account)
+    return NodeChain(deployment=dep, registry=registry, operator=address, account=account)
 
 
 def chain_now(registry: NodeRegistry) -> int:
@@ -231,8 +273,8 @@ def register(
         raise InvalidChainInput("model", None, f"a {parsed_role.name.lower()} node needs --model NAME@REV")
     mid = None if model is None else model_id(model)
     wei = parse_eth(stake, param="stake")
-    account = load_operator(keystore)
-    _, registry = open_chain(rpc_url, deployment, account)
+    chain = open_node_chain(rpc_url, deployment, keystore)
+    registry = chain.registry
     minimum = registry.minimum_stake(parsed_role)
     if wei < minimum:
         raise InvalidChainInput(
@@ -241,7 +283,7 @@ def register(
     identity = NodeIdentity.load_or_create(state_dir_or_default(state_dir))
     if check and parsed_role is not Role.VERIFIER:
         check_endpoint(endpoint, identity.public_key, parsed_role.name.lower())
-    info(f"registering {account.address} as {parsed_role.name.lower()} with {format_eth(wei)} ETH")
+    info(f"registering {chain.operator} as {parsed_role.name.lower()} with {format_eth(wei)} ETH")
     receipt = registry.register(
         role=parsed_role,
         endpoint=endpoint,
@@ -250,7 +292,7 @@ def register(
         price_per_1k_tokens=price,
         stake=wei,
     )
-    node = registry.get_node(account.address)
+    node = registry.get_node(chain.operator)
     assert node is not None, "a successful register leaves a node"
     emit({**_node_json(node), **_receipt_json(receipt)}, as_json=as_json, title="registered")
 
@@ -269,7 +311,7 @@ def stake_add(
     wei = parse_eth(amount)
     if wei == 0:
         raise InvalidChainInput("amount", amount, "must be more than 0 ETH")
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     receipt = registry.add_stake(wei)
     emit(
         {"stake_wei": str(registry.stake_of(registry.account)), **_receipt_json(receipt)},
@@ -286,7 +328,7 @@ def unbond(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop being routed to and start the unbonding delay."""
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     receipt = registry.request_unbond()
     node = registry.get_node(registry.account)
     ends = 0 if node is None else node.unbonding_ends_at
@@ -304,7 +346,7 @@ def withdraw(
     """After the unbonding delay: deregister the node (if still registered) and withdraw its stake."""
     from ledger import format_eth
 
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     # Two transactions when still registered: if the second fails, the error reports the first as mined.
     done = registry.deregister_and_withdraw()
     emit(
@@ -340,7 +382,7 @@ def update(
 
     if endpoint is None and price is None:
         raise InvalidChainInput("update", None, "nothing to change: pass --endpoint and/or --price")
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     node = registry.get_node(registry.account)
     if node is None:
         raise InvalidChainInput("operator", registry.account, "not registered; run `ps-node register` first")
@@ -367,7 +409,7 @@ def deregister(
     """After the unbonding delay: leave the registry; the stake becomes withdrawable (`ps-node withdraw`)."""
     from ledger import format_eth
 
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     receipt = registry.deregister()
     pending = registry.pending_withdrawal(registry.account)
     emit(
@@ -389,7 +431,7 @@ def rebond(
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel unbonding: the node is routable again with its whole stake."""
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     receipt = registry.rebond()
     node = registry.get_node(registry.account)
     assert node is not None, "a rebond leaves the node registered"
@@ -404,7 +446,7 @@ def unjail(
     as_json: JsonOpt = False,
 ) -> None:
     """After a slash: become routable again, once the stake is back at the role's minimum (`ps-node stake add`)."""
-    _, registry = open_chain(rpc_url, deployment, load_operator(keystore))
+    registry = open_node_chain(rpc_url, deployment, keystore).registry
     receipt = registry.unjail()
     node = registry.get_node(registry.account)
     assert node is not None, "an unjail leaves the node registered"

@@ -2,8 +2,9 @@
 
 Why a separate module: these read the node's durable voucher book (the SQLite file a paying model node writes before
 each answer) as well as the chain, and only they do. ``claim`` redeems every voucher that would pay something, in
-batches of the contract's ``MAX_BATCH``, and records each batch as redeemed after its receipt, so a claim cut short
-is safely run again. web3 is imported inside the commands (``--help`` stays fast).
+batches of the contract's ``MAX_BATCH``, through the same :class:`node.overlay._redeemer.Redeemer` that ``ps-node
+serve`` runs on a schedule; each batch is recorded as redeemed after its receipt, so a claim cut short is safely run
+again. web3 is imported inside the commands (``--help`` stays fast).
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ from cli._node_chain import (
     DeploymentOpt,
     JsonOpt,
     Keystore,
+    NodeChain,
     RpcUrl,
     StateDir,
-    load_operator,
-    open_chain,
+    open_node_chain,
     state_dir_or_default,
 )
 from cli._output import emit, info
 
 if TYPE_CHECKING:
-    from eth_account.signers.local import LocalAccount
-
-    from ledger import ChannelBook, PaymentChannels, VoucherStore
+    from ledger import PaymentChannels, VoucherStore
     from node.overlay._payments import PaymentGate
 
 app = new_app("Earnings from paid requests: show them, claim them.")
@@ -52,22 +51,27 @@ def default_vouchers_db(folder: Path, chain_id: int) -> str:
     return f"sqlite:///{folder / f'vouchers-{chain_id}.sqlite'}"
 
 
+def node_voucher_store(
+    chain: NodeChain, state_dir: Path | None, vouchers_db: str | None
+) -> tuple[VoucherStore, PaymentChannels, str]:
+    """The node's voucher book, a ``PaymentChannels`` handle (signed when ``chain`` signs) and the book's URL."""
+    from ledger import VoucherStore
+
+    pay = chain.payments()
+    url = vouchers_db or default_vouchers_db(state_dir_or_default(state_dir), chain.deployment.chain_id)
+    return VoucherStore(url, domain=pay.domain(), node=chain.operator, channels=pay), pay, url
+
+
 def open_voucher_store(
     rpc_url: str,
     deployment: Path | None,
     state_dir: Path | None,
     vouchers_db: str | None,
     operator: str,
-    *,
-    signer: LocalAccount | None = None,
 ) -> tuple[VoucherStore, PaymentChannels, str]:
-    """The node's voucher book, a ``PaymentChannels`` handle (signed by ``signer`` when given) and the book's URL."""
-    from ledger import PaymentChannels, VoucherStore
-
-    dep, registry = open_chain(rpc_url, deployment, None)
-    pay = PaymentChannels(registry.w3, dep.payments_address, signer)
-    url = vouchers_db or default_vouchers_db(state_dir_or_default(state_dir), dep.chain_id)
-    return VoucherStore(url, domain=pay.domain(), node=operator, channels=pay), pay, url
+    """:func:`node_voucher_store` for ``operator``, read-only."""
+    chain = open_node_chain(rpc_url, deployment, None, sign=False, operator=operator)
+    return node_voucher_store(chain, state_dir, vouchers_db)
 
 
 def payment_gate(
@@ -82,33 +86,12 @@ def payment_gate(
     it registered on chain; None when that price is 0 (free serving) or the node is not registered."""
     from node.overlay._payments import PaymentGate
 
-    _, registry = open_chain(rpc_url, deployment, None)
-    node = registry.get_node(operator)
+    chain = open_node_chain(rpc_url, deployment, None, sign=False, operator=operator)
+    node = chain.registry.get_node(chain.operator)
     if node is None or node.price_per_1k_tokens == 0:
         return None
-    store, _, _ = open_voucher_store(rpc_url, deployment, state_dir, vouchers_db, operator)
+    store, _, _ = node_voucher_store(chain, state_dir, vouchers_db)
     return PaymentGate(store, price_per_1k_tokens=node.price_per_1k_tokens, tokenize=tokenize)
-
-
-def _books(store: VoucherStore, url: str) -> list[ChannelBook]:
-    """Every channel the node ever accepted a voucher on, read from the book's own table."""
-    from sqlmodel import Session, col, create_engine, select
-
-    from ledger._voucher_store import StoredVoucher
-
-    domain = store.domain
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            ids = session.exec(
-                select(StoredVoucher.channel_id).where(
-                    col(StoredVoucher.chain_id) == domain.chain_id, col(StoredVoucher.contract) == domain.contract
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    books = [store.book(int(i)) for i in sorted(int(i) for i in ids)]
-    return [b for b in books if b is not None]
 
 
 @app.command()
@@ -127,9 +110,10 @@ def earnings(
     """Show what paid requests earned: served (charged), held in vouchers, redeemed, locked and withdrawable."""
     from ledger import format_eth
 
-    address = operator if operator is not None else load_operator(keystore).address
-    store, pay, url = open_voucher_store(rpc_url, deployment, state_dir, vouchers_db, address)
-    books = _books(store, url)
+    chain = open_node_chain(rpc_url, deployment, keystore, sign=False, operator=operator)
+    address = chain.operator
+    store, pay, _ = node_voucher_store(chain, state_dir, vouchers_db)
+    books = store.books()
     balances = pay.balances(address)
     amounts = {
         "served": sum(b.owed for b in books),
@@ -157,26 +141,24 @@ def claim(
     vouchers_db: VouchersDb = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Redeem every voucher that would pay something (one transaction per batch of up to 64 channels)."""
-    account = load_operator(keystore)
-    store, pay, _ = open_voucher_store(rpc_url, deployment, state_dir, vouchers_db, account.address, signer=account)
-    claimed = 0
-    channels = 0
-    transactions: list[dict[str, Any]] = []
-    # Bounded: each batch marks its vouchers redeemed, so the next read returns fewer; stop on no progress.
-    while batch := store.redeemable():
-        receipt = pay.redeem_batch(batch)
-        before = sum(b.redeemed for b in (store.book(v.channel_id) for v in batch) if b is not None)
-        store.mark_redeemed(batch)
-        after = sum(b.redeemed for b in (store.book(v.channel_id) for v in batch) if b is not None)
-        claimed += after - before
-        channels += len(batch)
-        transactions.append({"transaction": receipt.tx_hash, "gas_used": receipt.gas_used})
-        info(f"redeemed {len(batch)} channel(s) in {receipt.tx_hash}")
-        if after == before:
-            break
+    """Redeem every voucher that would pay something (one transaction per batch of up to 64 channels).
+
+    The same code as the redeemer ``ps-node serve`` runs on a schedule: a voucher already redeemed on chain (by an
+    earlier run cut short) updates the book instead of being sent again.
+    """
+    from node.overlay._redeemer import Redeemer
+
+    chain = open_node_chain(rpc_url, deployment, keystore)
+    store, pay, _ = node_voucher_store(chain, state_dir, vouchers_db)
+    report = Redeemer(store, pay).claim()
+    for receipt in report.transactions:
+        info(f"redeemed in {receipt.tx_hash} ({receipt.gas_used} gas)")
     emit(
-        {"claimed_wei": str(claimed), "channels": channels, "transactions": transactions},
+        {
+            "claimed_wei": str(report.redeemed_wei),
+            "channels": report.channels,
+            "transactions": [{"transaction": r.tx_hash, "gas_used": r.gas_used} for r in report.transactions],
+        },
         as_json=as_json,
-        title="claimed" if channels else "nothing to claim",
+        title="claimed" if report.channels else "nothing to claim",
     )

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,6 +22,9 @@ from cli._errors import PortInUse
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
 from cli._output import emit, info
+
+if TYPE_CHECKING:
+    from node.overlay._redeemer import RedeemerConfig
 from node import NodeIdentity, OnionKeyStore
 from node.inference import ENGINE_KINDS, EngineConfig, InvalidParams, load_engine
 
@@ -57,6 +60,43 @@ def serve(
             "--registry-refresh", envvar="PS_REGISTRY_REFRESH", min=1.0, help="Seconds between registry reads."
         ),
     ] = 15.0,
+    redeem_interval: Annotated[
+        float,
+        typer.Option(
+            "--redeem-interval",
+            envvar="PS_REDEEM_INTERVAL",
+            min=1.0,
+            help="Paid model nodes: seconds between scheduled redeems of the voucher book.",
+        ),
+    ] = 3_600.0,
+    redeem_min_wei: Annotated[
+        int | None,
+        typer.Option(
+            "--redeem-min-wei",
+            envvar="PS_REDEEM_MIN_WEI",
+            min=1,
+            help="Least unredeemed wei a channel needs to be redeemed on schedule (closing channels: always; "
+            "default 10^15, see docs/payments.md).",
+        ),
+    ] = None,
+    redeem_close_check: Annotated[
+        float,
+        typer.Option(
+            "--redeem-close-check",
+            envvar="PS_REDEEM_CLOSE_CHECK",
+            min=0.1,
+            help="Seconds between reads of the chain for closing channels (redeemed at once).",
+        ),
+    ] = 30.0,
+    redeem_margin: Annotated[
+        float,
+        typer.Option(
+            "--redeem-margin",
+            envvar="PS_REDEEM_MARGIN",
+            min=0.0,
+            help="Seconds before a close deadline by which a closing channel should be redeemed.",
+        ),
+    ] = 600.0,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -94,10 +134,24 @@ def serve(
         loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
         ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
         heartbeat = _heartbeat_publisher(loaded)
-        payments = _payments(rpc_url, deployment, state, loaded)
+        from node.overlay._redeemer import DEFAULT_MIN_WORTH_WEI, RedeemerConfig  # web3: only for model nodes
+
+        redeem = RedeemerConfig(
+            interval_s=redeem_interval,
+            min_worth_wei=DEFAULT_MIN_WORTH_WEI if redeem_min_wei is None else redeem_min_wei,
+            close_check_s=redeem_close_check,
+            deadline_margin_s=redeem_margin,
+        )
+        payments, redeemer = _payments(rpc_url, deployment, state, loaded, redeem)
         ready["heartbeats"] = heartbeat is not None
         ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
         application = create_model_app(config, loaded, peers=peers, heartbeat=heartbeat, payments=payments)
+        if redeemer is not None:
+            from node.overlay import keys
+            from node.overlay._redeemer import RedeemerCollector
+
+            application.cleanup_ctx.append(redeemer.cleanup_ctx)
+            application[keys.NODE_METRICS].registry.register(RedeemerCollector(redeemer))
     else:
         application = create_app(config, peers=peers)
         application.cleanup_ctx.append(peers.cleanup_ctx())
@@ -147,26 +201,43 @@ def _heartbeat_publisher(engine: Any) -> Any:
     )
 
 
-def _payments(rpc_url: str, deployment: Path | None, state: Path, engine: Any) -> Any:
+def _payments(
+    rpc_url: str, deployment: Path | None, state: Path, engine: Any, redeem: RedeemerConfig
+) -> tuple[Any, Any]:
     """A model node charges the price it registered on chain (read every 15 s; free while unregistered or at 0),
-    with its voucher book in the state directory. Needs the operator key, which ``ps-node claim`` redeems with."""
+    with its voucher book in the state directory, and redeems that book in the background (on a schedule and before
+    close deadlines: ``node/overlay/_redeemer.py``). Needs the operator key. Returns the gate and the redeemer
+    service, both None without a key. The gate and the redeemer share one store (one per process: its lock
+    serialises the book's writes)."""
     if not os.environ.get("PS_PRIVATE_KEY"):
-        return None
-    from cli._node_chain import load_operator, open_chain
-    from cli._node_pay import open_voucher_store
+        return None, None
+    import threading
+
+    from cli._node_chain import NodeChain, load_operator, open_node_chain
+    from cli._node_pay import node_voucher_store
+    from ledger import PaymentChannels, VoucherStore
     from node.overlay._payments import RegistryPricedGate
+    from node.overlay._redeemer import Redeemer, RedeemerService
 
     operator = load_operator(None).address
+    lock = threading.Lock()
+    opened: dict[str, tuple[NodeChain, VoucherStore, PaymentChannels]] = {}
+
+    def book() -> tuple[NodeChain, VoucherStore, PaymentChannels]:
+        with lock:  # first use comes from the gate's or the redeemer's worker thread, whichever is first
+            if "book" not in opened:
+                chain = open_node_chain(rpc_url, deployment, None)
+                store, pay, _ = node_voucher_store(chain, state, None)
+                opened["book"] = (chain, store, pay)
+            return opened["book"]
 
     def price() -> int:
-        node = open_chain(rpc_url, deployment, None)[1].get_node(operator)
+        node = book()[0].registry.get_node(operator)
         return 0 if node is None else int(node.price_per_1k_tokens)
 
-    return RegistryPricedGate(
-        store=lambda: open_voucher_store(rpc_url, deployment, state, None, operator)[0],
-        price=price,
-        tokenize=engine.tokenize,
-    )
+    gate = RegistryPricedGate(store=lambda: book()[1], price=price, tokenize=engine.tokenize)
+    service = RedeemerService(lambda: Redeemer(book()[1], book()[2], redeem), redeem)
+    return gate, service
 
 
 def _port_free(host: str, port: int) -> bool:

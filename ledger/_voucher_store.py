@@ -265,6 +265,22 @@ class VoucherStore:
             row = session.get(StoredVoucher, self._key(channel_id))
             return None if row is None else self._to_book(row)
 
+    def books(self) -> list[ChannelBook]:
+        """Every channel this node ever accepted a voucher on (this contract), by channel id.
+
+        Unbounded by design, like :meth:`redeemable`: one row per channel the node served (a bounded number of
+        clients). The redeemer reads it to pick what to redeem (``redeemable`` caps at one batch).
+        """
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(StoredVoucher).where(
+                    col(StoredVoucher.chain_id) == self._domain.chain_id,
+                    col(StoredVoucher.contract) == self._domain.contract,
+                )
+            ).all()
+            books = [self._to_book(row) for row in rows]
+        return sorted(books, key=lambda b: b.channel_id)
+
     def redeemable(self, limit: int = MAX_BATCH) -> list[Voucher]:
         """Up to ``limit`` latest vouchers that would pay something when redeemed, largest unredeemed first.
 
