@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
+from cli._client_wallet import ClientStateDir
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl
 from cli._output import emit, info
@@ -50,26 +51,26 @@ def _tokenizer(folder: Path | None) -> Any:
     return load_tokenizer(folder)
 
 
-def client_wallet(rpc_url: str, deployment: Path | None) -> Any:
+def client_wallet(rpc_url: str, deployment: Path | None, state_dir: Path | None = None) -> Any:
     """The client's wallet when ``PS_PRIVATE_KEY`` holds its key: one channel per paid model node, opened on demand
-    with ``PS_DEPOSIT`` ETH (default 0.01) within ``PS_BUDGET`` ETH (default 0.05) of deposits. Without a key only
-    free nodes answer (a paid one says ``payment_required``). The wallet lives in this process: a later command
-    opens new channels (``ps-client deposit/channels/close`` are not built yet)."""
+    with ``PS_DEPOSIT`` ETH (default 0.01) while at most ``PS_BUDGET`` ETH (default 0.05) is held in channels
+    (``PS_FRESH_ADDRESSES=1``: each new channel from a fresh address). Its book persists in the client state
+    directory (``--state-dir``/``PS_STATE_DIR``), so later commands continue the same channels. Without a key only
+    free nodes answer (a paid one says ``payment_required``)."""
     if not os.environ.get("PS_PRIVATE_KEY"):
         return None
-    from cli._node_chain import load_operator, open_chain
-    from ledger import PaymentChannels, parse_eth
-    from node.client._wallet import Wallet
+    from cli._client_wallet import env_wallet
 
-    dep, registry = open_chain(rpc_url, deployment, None)
-    account = load_operator(None)
-    budget = parse_eth(os.environ.get("PS_BUDGET", "0.05"), param="PS_BUDGET")
-    deposit = parse_eth(os.environ.get("PS_DEPOSIT", "0.01"), param="PS_DEPOSIT")
-    return Wallet(PaymentChannels(registry.w3, dep.payments_address), account, budget_wei=budget, deposit_wei=deposit)
+    return env_wallet(rpc_url, deployment, state_dir)
 
 
 def _client(
-    rpc_url: str, deployment: Path | None, db: str | None, models: tuple[str, ...], tokenizer: Path | None
+    rpc_url: str,
+    deployment: Path | None,
+    db: str | None,
+    models: tuple[str, ...],
+    tokenizer: Path | None,
+    state_dir: Path | None = None,
 ) -> Any:
     from node.client import Client, ClientConfig
     from node.client._registry import RegistryDirectory
@@ -80,7 +81,7 @@ def _client(
         ClientConfig(models=models),
         tokenizer=_tokenizer(tokenizer),
         reputation=directory.reputation,
-        wallet=client_wallet(rpc_url, deployment),
+        wallet=client_wallet(rpc_url, deployment, state_dir),
     )
 
 
@@ -105,6 +106,7 @@ def chat(
     ] = True,
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
+    state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     as_json: JsonOpt = False,
@@ -124,7 +126,7 @@ def chat(
     names = (model,) if "@" in model else ()
 
     async def go() -> dict[str, Any]:
-        async with _client(rpc_url, deployment, db, names, tokenizer) as client:
+        async with _client(rpc_url, deployment, db, names, tokenizer, state_dir) as client:
             served = await client.resolve(model)
             request = CompletionRequest(
                 model=served.model_id,
@@ -170,6 +172,7 @@ def serve(
     ] = None,
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
+    state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     as_json: JsonOpt = False,
@@ -185,7 +188,7 @@ def serve(
     config = OpenAIConfig(api_key=os.environ.get("PS_OPENAI_API_KEY") or None)
 
     async def go() -> None:
-        async with _client(rpc_url, deployment, db, tuple(model or ()), tokenizer) as client:
+        async with _client(rpc_url, deployment, db, tuple(model or ()), tokenizer, state_dir) as client:
             service = ClientService(client)
             await service.refresh()
             runner = web.AppRunner(create_openai_app(service, config), access_log=None)

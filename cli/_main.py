@@ -50,6 +50,8 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     ("verifier._errors", "InvalidVerifierInput", ExitCode.INVALID_INPUT),
     ("verifier._errors", "EvidenceNotFound", ExitCode.NOT_FOUND),
     ("verifier._errors", "EvidenceTampered", ExitCode.TAMPERED),
+    ("node.client._wallet", "UnknownChannel", ExitCode.INVALID_INPUT),
+    ("node.client._wallet", "WalletExhausted", ExitCode.INSUFFICIENT_FUNDS),
 )
 
 

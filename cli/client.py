@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
-from cli import _client_net
+from cli import _client_net, _client_wallet
+from cli._client_wallet import ClientStateDir
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
 from cli._output import emit, info
@@ -23,6 +24,7 @@ from node.inference import InvalidParams
 
 app = new_app("Send private requests to the PlanetServe network.", root=True)
 app.add_typer(_client_net.app)
+app.add_typer(_client_wallet.app)
 
 
 @app.command()
@@ -62,6 +64,7 @@ def ask(
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
     ] = None,
+    state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     as_json: JsonOpt = False,
@@ -109,7 +112,7 @@ def ask(
             config,
             transport=OverlayTransport(settings),
             on_route=on_route,
-            wallet=client_wallet(rpc_url, deployment),
+            wallet=client_wallet(rpc_url, deployment, state_dir),
         )
         async with client:
             async for delta in client.stream(request):

@@ -184,12 +184,13 @@ def _dev_address(index: int) -> str:
 
 def _dev_wallet(rpc_url: str, deployment: Path, payer: int) -> Any:
     """The endpoint's wallet: dev account ``payer`` pays the model nodes (their registered price), 0.05 ETH per
-    channel within 0.5 ETH."""
-    from ledger import PaymentChannels, connect, dev_account, load_deployment
-    from node.client._wallet import Wallet
+    channel within 0.5 ETH; its book lives as long as the process (the network's chain does too)."""
+    from cli._client_wallet import make_wallet
+    from ledger import dev_account
 
-    payments = PaymentChannels(connect(rpc_url), load_deployment(deployment).payments_address)
-    return Wallet(payments, dev_account(payer), budget_wei=5 * 10**17, deposit_wei=5 * 10**16)
+    return make_wallet(
+        rpc_url, deployment, dev_account(payer), state_dir=None, budget_wei=5 * 10**17, deposit_wei=5 * 10**16
+    )
 
 
 async def _serve(

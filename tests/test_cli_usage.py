@@ -127,6 +127,7 @@ def test_typer_usage_errors_are_told_apart_without_private_names() -> None:
 
 def test_exit_codes_map_by_class_not_by_code_text() -> None:
     import ledger
+    import node.client._wallet
     import node.inference
     import node.overlay
     import node.privacy

@@ -251,6 +251,10 @@ class Wallet:
         """The channel requests to ``node`` are paid on (a copy), or None."""
         return self.store.active(node)
 
+    def signer_address(self, state: ChannelState) -> str:
+        """The address that pays on (and signs for) ``state``'s channel: the main one, or its fresh one."""
+        return str(self._signer(state).address)
+
     # -- chain reconciliation ----------------------------------------------------------------------------------
 
     def _signer(self, state: ChannelState) -> LocalAccount:
