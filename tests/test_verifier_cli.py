@@ -28,7 +28,8 @@ from tests.fixtures.attest import (
 from tests.fixtures.chain import ChainEnv
 from tests.test_chain_cli import InProcess
 from verifier._epoch import AuditPolicy, Web3Blocks, epoch_bounds, find_anchor_block, plan_epoch, sign_epoch_seed
-from verifier._evidence import EvidenceStore
+from verifier._evidence import EvidenceStore, record_header
+from verifier._prompts import salt_commitment
 
 FAILING, PASSING = address(1), address(2)
 LOW, HIGH = 100_000, 900_000
@@ -76,17 +77,13 @@ def _record(chain: ChainEnv, verifier: int, node: str, epoch: int, score: int) -
         policy=policy,
         not_before=anchor.timestamp,
     )
-    return {
+    record: dict[str, Any] = {
         "kind": "planetserve-audit",
         "version": 1,
         "verifier": dev_account(verifier).address,
         "node": node,
         "epoch": epoch,
-        "epoch_start": att.epoch_start(),
-        "epoch_length": att.epoch_length(),
-        "policy": policy.to_json(),
         "score": score,
-        "seed": seed.to_json(),
         "challenges": [
             {
                 "send_at_ms": c.send_at_ms,
@@ -101,6 +98,14 @@ def _record(chain: ChainEnv, verifier: int, node: str, epoch: int, score: int) -
             for c in plan.for_node(node)
         ],
     }
+    header = record_header(
+        seed,
+        policy=policy,
+        epoch_start=att.epoch_start(),
+        epoch_length=att.epoch_length(),
+        salt_commitment=salt_commitment(bytes(32)),
+    )
+    return record | header
 
 
 def test_evidence_and_status_commands_show_what_was_stored_attested_and_penalised(
@@ -166,6 +171,8 @@ def test_evidence_and_status_commands_show_what_was_stored_attested_and_penalise
         }
     ]
     assert node["stake_wei"] == str(3 * ETH - slashed)
+    plain = inproc("node", ["status", "--operator", FAILING], _env(chain, PS_STATE_DIR=str(tmp_path)))
+    assert plain.returncode == 0 and "jailed" in plain.stdout and "verdicts" in plain.stdout, plain.stderr
 
 
 def test_evidence_errors_are_one_line_with_their_exit_codes(

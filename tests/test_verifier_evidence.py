@@ -13,7 +13,14 @@ import pytest
 from ledger import dev_account
 from verifier._epoch import AnchorBlock, AuditPolicy, keccak256, plan_epoch, sign_epoch_seed
 from verifier._errors import EvidenceNotFound, EvidenceTampered, EvidenceTooLarge, InvalidVerifierInput
-from verifier._evidence import EvidenceStore, canonical_json, check_record, evidence_hash, parse_hash
+from verifier._evidence import (
+    EvidenceStore,
+    canonical_json,
+    check_record,
+    evidence_hash,
+    parse_hash,
+    record_header,
+)
 
 VERIFIER = dev_account(5)
 NODE = dev_account(1).address
@@ -51,19 +58,18 @@ def _record(
     ]
     if drop is not None:
         del challenges[drop]
-    return {
+    record = {
         "kind": "planetserve-audit",
         "version": 1,
         "verifier": verifier.address,
         "node": node,
         "epoch": epoch,
-        "epoch_start": EPOCH_START,
-        "epoch_length": EPOCH_LENGTH,
-        "policy": policy.to_json(),
         "score": 912_345,
-        "seed": seed.to_json(),
         "challenges": challenges,
     }
+    return record | record_header(
+        seed, policy=policy, epoch_start=EPOCH_START, epoch_length=EPOCH_LENGTH, salt_commitment=keccak256(b"salt")
+    )
 
 
 def test_a_record_is_stored_by_the_keccak_of_its_canonical_json_and_read_back_verified(tmp_path: Path) -> None:

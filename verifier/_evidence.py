@@ -295,6 +295,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in evidence")
 
 
+# -- what a record carries so that it can be checked ------------------------------------------------------------
+
+
+def record_header(
+    seed: EpochSeed, *, policy: AuditPolicy, epoch_start: int, epoch_length: int, salt_commitment: bytes
+) -> dict[str, Any]:
+    """The fields a record needs for :func:`check_record` to verify it: merge them into the record (``record |
+    record_header(...)``) and give each challenge entry its planned ``send_at_ms``, in plan order.
+
+    ``epoch_start``/``epoch_length`` are the contract's (``Attestations.epoch_start()``/``epoch_length()``);
+    ``salt_commitment`` is ``verifier._prompts.salt_commitment(salt)``.
+    """
+    if not isinstance(salt_commitment, bytes) or len(salt_commitment) != 32:
+        raise InvalidVerifierInput("salt_commitment", "<bytes>", "32 bytes: keccak256 of the prompt salt")
+    return {
+        "chain_id": seed.chain_id,
+        "attestations": seed.attestations,
+        "epoch_start": epoch_start,
+        "epoch_length": epoch_length,
+        "policy": policy.to_json(),
+        "salt_commitment": "0x" + salt_commitment.hex(),
+        "seed": seed.to_json(),
+    }
+
+
 # -- checking a record's content ---------------------------------------------------------------------------------
 
 
