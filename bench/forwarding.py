@@ -33,7 +33,7 @@ import platform
 import random
 import statistics
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,7 +41,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from node.client._policy import POLICIES, LoadTracker, NodeView, Policy, make_policy
+from node.client._policy import POLICIES, Dispatch, LoadReport, LoadTracker, Policy, make_policy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forwarding.json"
 MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
@@ -62,7 +62,8 @@ class Calibration:
 
 
 def measure_calibration() -> Calibration:
-    """Time the quick model's prefill at two lengths and its decode step at two batch sizes."""
+    """Time the quick model's prefill chunk at two lengths and its decode step at two batch sizes, on the engine
+    configured as ``ps-node serve`` runs it."""
     import asyncio
 
     from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, ensure_model
@@ -71,7 +72,7 @@ def measure_calibration() -> Calibration:
     folder = ensure_model(QUICK, MODELS)
 
     async def run() -> Calibration:
-        engine = TorchEngine.from_folder(folder, EngineConfig(device="cpu", max_queue=64, max_running=16))
+        engine = TorchEngine.from_folder(folder, EngineConfig(device="cpu", max_queue=64))  # as ps-node serve
         rng = random.Random(7)
         vocab = 250
 
@@ -90,8 +91,8 @@ def measure_calibration() -> Calibration:
         try:
             await one(64, 2)  # warm-up
             short = statistics.median([(await one(64, 1))[0] for _ in range(5)])
-            long = statistics.median([(await one(768, 1))[0] for _ in range(5)])
-            b = max(1e-7, (long - short) / (768 - 64))
+            long = statistics.median([(await one(448, 1))[0] for _ in range(5)])  # one prefill chunk (<= 512)
+            b = max(1e-7, (long - short) / (448 - 64))
             a = max(0.0, short - 64 * b)
             gen = 24
             solo = statistics.median([(lambda r: (r[1] - r[0]) / (gen - 1))(await one(16, gen)) for _ in range(3)])
@@ -107,8 +108,8 @@ def measure_calibration() -> Calibration:
     return asyncio.run(run())
 
 
-#: Fallback when the engine cannot run: figures of the committed bench/results/engine.json (1024-token prompts).
-DEFAULT_CALIBRATION = Calibration(0.005, 0.13e-3, 0.0066, 0.0053, "bench/results/engine.json (not measured now)")
+#: Fallback when the engine cannot run: the figures measured for the committed bench/results/forwarding.json before.
+DEFAULT_CALIBRATION = Calibration(0.0047, 6.44e-05, 0.00147, 0.00108, "committed calibration (not measured now)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +142,11 @@ class Request:
     matched: int = 0
     first_token: float = 0.0
     done: float = 0.0
-    remaining: int = 0
-    work_at_dispatch: int = 0
+    computed: int = 0
+    generated: int = 0
+    admitted: bool = False
+    queued_at: float = 0.0
+    record: Dispatch | None = None
 
 
 def make_requests(wl: Workload, rate: float, count: int, clients: int, seed: int) -> list[Request]:
@@ -171,38 +175,48 @@ def make_requests(wl: Workload, rate: float, count: int, clients: int, seed: int
     return out
 
 
+#: The torch engine's scheduler knobs as ``ps-node serve`` runs it (``EngineConfig`` defaults).
+MAX_RUNNING = 8
+MAX_BATCH_TOKENS = 512
+#: The engine's fairness bound (``_FAIRNESS_S``) and its per-decode-token EWMA weight (``_DECODE_EWMA``).
+FAIRNESS_S = 1.0
+DECODE_EWMA = 0.1
+#: ``HeartbeatPublisher.interval_s`` and ``ClientConfig.heartbeat_refresh_s``: the real staleness.
+PUBLISH_S = 0.5
+REFRESH_S = 0.5
+
+
 @dataclass(slots=True)
 class Node:
-    """One simulated model node. Its cache holds whole documents' blocks (each request inserts its document's
-    prefix at once), so LRU over documents is the block cache's leaf-first LRU for prompts that share only whole
-    documents."""
+    """One simulated model node: the torch engine's token-budget scheduler (``TorchEngine._step``: every decode,
+    then short prefill chunks, then long ones, admission up to ``MAX_RUNNING`` with the longest cached prefix first
+    unless a request waited over ``FAIRNESS_S``), costed with the calibration. Its cache holds whole documents'
+    blocks (each request inserts its document's prefix once prefilled), so LRU over documents is the block cache's
+    leaf-first LRU for prompts that share only whole documents. Its heartbeat carries exactly the engine's
+    ``stats()`` figures, re-issued lazily when fetched and older than ``PUBLISH_S``."""
 
     index: int
     slowdown: float
     liar: bool
     cache_blocks: int
-    max_running: int = 16
     cache: OrderedDict[int, int] = field(default_factory=OrderedDict)
     cached_blocks: int = 0
     seen: OrderedDict[int, int] = field(default_factory=OrderedDict)
-    waiting: deque[Request] = field(default_factory=deque)
+    waiting: list[Request] = field(default_factory=list)
     running: list[Request] = field(default_factory=list)
     busy: bool = False
+    decode_token_s: float = 0.0
     summary: dict[int, int] = field(default_factory=dict)
-    reported_queue: int = 0
+    report: LoadReport | None = None
+    step_decodes: list[Request] = field(default_factory=list)
+    step_chunks: list[tuple[Request, int]] = field(default_factory=list)
+    step_cost: float = 0.0
 
-    def matched_blocks(self, req: Request) -> int:
-        return min(self.cache.get(req.doc, 0), req.doc_blocks)
-
-    def queued_tokens(self) -> int:
-        waiting = sum(r.prompt_tokens - r.matched for r in self.waiting)
-        return waiting + sum(r.remaining for r in self.running)
+    def hit_blocks(self, req: Request) -> int:
+        # The engine leaves at least one prompt token to compute (its logits start the completion).
+        return min(self.cache.get(req.doc, 0), req.doc_blocks, (req.prompt_tokens - 1) // BLOCK)
 
     def insert(self, req: Request) -> None:
-        self.seen[req.doc] = self.seen.get(req.doc, 0) + 1
-        self.seen.move_to_end(req.doc)
-        while len(self.seen) > 8 * max(1, len(self.cache)) + 64:
-            self.seen.popitem(last=False)
         if req.doc in self.cache:
             self.cache.move_to_end(req.doc)
             return
@@ -212,9 +226,73 @@ class Node:
             _, blocks = self.cache.popitem(last=False)
             self.cached_blocks -= blocks
 
-    def publish(self, k_distinct: int) -> None:
-        self.summary = {doc: blocks for doc, blocks in self.cache.items() if self.seen.get(doc, 0) >= k_distinct}
-        self.reported_queue = 0 if self.liar else self.queued_tokens()
+    def observe(self, req: Request) -> None:
+        """The heartbeat's K-distinct counter (``CacheSummaryBuilder.observe``), at request start."""
+        self.seen[req.doc] = self.seen.get(req.doc, 0) + 1
+        self.seen.move_to_end(req.doc)
+        while len(self.seen) > 4096:
+            self.seen.popitem(last=False)
+
+    def heartbeat(self, now: float, k_distinct: int, publish_s: float) -> LoadReport:
+        """What ``GET /overlay/v1/heartbeat`` would serve now (re-issued when older than ``publish_s``)."""
+        if self.report is None or now - self.report.issued_at >= publish_s:
+            self.summary = {d: blocks for d, blocks in self.cache.items() if self.seen.get(d, 0) >= k_distinct}
+            prefilling = sum(r.prompt_tokens - r.computed for r in self.running if r.computed < r.prompt_tokens)
+            queued = sum(r.prompt_tokens for r in self.waiting) + prefilling
+            backlog = sum(r.output_tokens - r.generated for r in (*self.waiting, *self.running))
+            requests = len(self.waiting) + len(self.running)
+            if self.liar:  # reports zero load (its speed as measured, so only its load is a lie)
+                queued = backlog = requests = 0
+            self.report = LoadReport(
+                issued_at=now,
+                queued_tokens=queued,
+                requests=requests,
+                decode_backlog_tokens=backlog,
+                seconds_per_decode_token=self.decode_token_s,
+            )
+        return self.report
+
+    def plan_step(self, now: float, cal: Calibration) -> bool:
+        """Choose the next step's decodes and prefill chunks (``TorchEngine._step``); False when idle."""
+        decodes = [r for r in self.running if r.computed >= r.prompt_tokens]
+        prefilling = [r for r in self.running if r.computed < r.prompt_tokens]
+        budget = MAX_BATCH_TOKENS - len(decodes)
+        short = MAX_BATCH_TOKENS // 4
+        scored = []
+        for pos, r in enumerate(self.waiting):
+            hit = self.hit_blocks(r)
+            starving = now - r.queued_at > FAIRNESS_S
+            scored.append((0 if starving else 1, 0 if starving else -hit, pos, r, r.prompt_tokens - hit * BLOCK))
+        scored.sort(key=lambda row: row[:3])
+        pending = [(r, r.prompt_tokens - r.computed) for r in prefilling] + [(row[3], row[4]) for row in scored]
+        long_pending = any(left > short for _, left in pending)
+        short_budget = budget // 2 if long_pending else budget
+        spent = 0
+        blocked = False
+        chunks: list[tuple[Request, int]] = []
+        for phase in ("short", "long"):
+            cap = short_budget if phase == "short" else budget
+            for r, left in pending:
+                if (left <= short) != (phase == "short") or spent >= cap:
+                    continue
+                if not r.admitted:
+                    if blocked or len(self.running) >= MAX_RUNNING:
+                        blocked = True
+                        continue
+                    self.waiting.remove(r)
+                    r.admitted = True
+                    r.matched = r.computed = self.hit_blocks(r) * BLOCK
+                    self.running.append(r)
+                    left = r.prompt_tokens - r.computed
+                n = min(left, cap - spent)
+                chunks.append((r, n))
+                spent += n
+        if not decodes and not chunks:
+            return False
+        cost = cal.decode_fixed_s + cal.decode_per_seq_s * len(decodes) if decodes else 0.0
+        cost += sum(cal.prefill_fixed_s + cal.prefill_per_token_s * n for _, n in chunks)
+        self.step_decodes, self.step_chunks, self.step_cost = decodes, chunks, cost * self.slowdown
+        return True
 
 
 #: Prefixes a client remembers having sent (``Client``'s affinity memory).
@@ -236,18 +314,26 @@ class Scenario:
     workload: Workload
     nodes: int = 8
     clients: int = 1
-    heartbeat_s: float = 0.1
+    refresh_s: float = REFRESH_S
+    """How often a client re-fetches heartbeats (``ClientConfig.heartbeat_refresh_s``)."""
+    publish_s: float = PUBLISH_S
+    """How often a node re-issues its heartbeat at most (``HeartbeatPublisher.interval_s``)."""
     slow: tuple[int, ...] = ()
     liars: tuple[int, ...] = ()
     k_distinct: int = 3
     sample_candidates: int = 0
     """0: every client weighs every node; else a random sample of this many plus the nodes holding the prefix."""
+    overhead_s: float = 0.0
+    """Network time added to each request before it reaches the node (the real run's measured path latency)."""
 
 
 def simulate(
     sc: Scenario, policy_name: str, requests: Sequence[Request], cal: Calibration, seed: int = 0
 ) -> dict[str, float]:
-    """Run ``requests`` through ``sc.nodes`` simulated model nodes with one policy per client; latency statistics."""
+    """Run ``requests`` through ``sc.nodes`` simulated model nodes with one policy per client; latency statistics.
+
+    Each client builds its views with ``LoadTracker.view`` from the heartbeats it last fetched (every
+    ``refresh_s``, each at most ``PUBLISH_S`` old when fetched), exactly as ``Client.choose`` does."""
     rng = random.Random(seed)
     cache_blocks = sc.workload.cache_tokens // BLOCK
     nodes = [Node(i, 3.0 if i in sc.slow else 1.0, i in sc.liars, cache_blocks) for i in range(sc.nodes)]
@@ -258,6 +344,9 @@ def simulate(
     memories: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(sc.clients)]
     if policy_name in ("round_robin", "least_load"):
         memories = [_Forgetful() for _ in range(sc.clients)]
+    # Each client's copy of each node's heartbeat, and when it last fetched them.
+    beats: list[dict[int, tuple[LoadReport, dict[int, int]]]] = [{} for _ in range(sc.clients)]
+    fetched_at = [-math.inf] * sc.clients
     events: list[tuple[float, int, int, Any]] = []
     rr_next = [rng.randrange(sc.nodes) for _ in range(sc.clients)]
     seq = 0
@@ -267,30 +356,20 @@ def simulate(
         heapq.heappush(events, (t, seq, kind, payload))
         seq += 1
 
-    ARRIVE, ITER_END, BEAT = 0, 1, 2
+    ARRIVE, REACH, STEP_END = 0, 1, 2
     for r in reqs:
         push(r.arrival, ARRIVE, r)
-    for node in nodes:
-        push(rng.random() * sc.heartbeat_s, BEAT, node)
     horizon = reqs[-1].arrival if reqs else 0.0
-    finished = 0
-    prefilled: dict[int, Request | None] = {}
 
-    def start_iteration(node: Node, now: float) -> None:
-        prefill: Request | None = None
-        cost = 0.0
-        if node.waiting and len(node.running) < node.max_running:
-            prefill = node.waiting.popleft()
-            prefill.matched = node.matched_blocks(prefill) * BLOCK
-            cost += cal.prefill_fixed_s + cal.prefill_per_token_s * (prefill.prompt_tokens - prefill.matched)
-        if node.running:
-            cost += cal.decode_fixed_s + cal.decode_per_seq_s * len(node.running)
-        if prefill is None and not node.running:
-            node.busy = False
-            return
-        node.busy = True
-        prefilled[node.index] = prefill
-        push(now + cost * node.slowdown, ITER_END, node)
+    def start(node: Node, now: float) -> None:
+        node.busy = node.plan_step(now, cal)
+        if node.busy:
+            push(now + node.step_cost, STEP_END, node)
+
+    def done(r: Request, node: Node, now: float) -> None:
+        r.done = now
+        if r.record is not None:
+            trackers[r.client].finished(r.record, decode_s=now - r.first_token, tokens=r.generated)
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -311,62 +390,68 @@ def simulate(
                 candidates = list(chosen.values())
             else:
                 candidates = nodes
+            mine = beats[r.client]
+            if policy_name != "round_robin" and now - fetched_at[r.client] >= sc.refresh_s:
+                fetched_at[r.client] = now
+                for node in candidates if sc.sample_candidates else nodes:
+                    mine[node.index] = (node.heartbeat(now, sc.k_distinct, sc.publish_s), dict(node.summary))
+            elif sc.sample_candidates and policy_name != "round_robin":
+                for node in candidates:  # at scale: the sampled nodes' heartbeats are fetched for this request
+                    if node.index not in mine or now - mine[node.index][0].issued_at >= sc.refresh_s:
+                        mine[node.index] = (node.heartbeat(now, sc.k_distinct, sc.publish_s), dict(node.summary))
             views = []
             for node in candidates:
-                own = tracker.inflight_tokens(str(node.index))
-                matched = min(node.summary.get(r.doc, 0), r.doc_blocks)
+                report, summary = mine.get(node.index, (None, {}))
+                matched = min(summary.get(r.doc, 0), r.doc_blocks)
                 if memory.get(r.doc) == node.index:
                     matched = r.doc_blocks  # this client sent this prefix there itself (its own, private memory)
-                views.append(
-                    NodeView(
-                        node_id=str(node.index),
-                        queued_tokens=node.reported_queue + own,
-                        matched_tokens=matched * BLOCK,
-                        seconds_per_token=tracker.seconds_per_token(str(node.index)),
-                    )
-                )
-            pick = 0 if len(candidates) == 1 else policies[r.client].choose(views, r.prompt_tokens, rng)
+                views.append(tracker.view(str(node.index), report=report, matched_tokens=matched * BLOCK))
+            pick = (
+                0 if len(candidates) == 1 else policies[r.client].choose(views, r.prompt_tokens, rng, r.output_tokens)
+            )
             index = candidates[pick].index
             r.node = index
             memory[r.doc] = index
             memory.move_to_end(r.doc)
             if len(memory) > MEMORY_ENTRIES:
                 memory.popitem(last=False)
-            r.work_at_dispatch = views[pick].queued_tokens + r.prompt_tokens - views[pick].matched_tokens
-            tracker.dispatched(str(index), r.prompt_tokens + r.output_tokens)
-            node = nodes[index]
+            r.record = tracker.dispatched(
+                views[pick], prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens, at=now
+            )
+            push(now + sc.overhead_s, REACH, r)
+        elif kind == REACH:
+            r = payload
+            node = nodes[r.node]
+            r.queued_at = now
+            node.observe(r)
             node.waiting.append(r)
             if not node.busy:
-                start_iteration(node, now)
-        elif kind == ITER_END:
-            node = payload
-            for running in list(node.running):
-                running.remaining -= 1
-                if running.remaining <= 0:
-                    running.done = now
-                    node.running.remove(running)
-                    trackers[running.client].finished(str(node.index), running.prompt_tokens + running.output_tokens)
-                    finished += 1
-            prefill = prefilled.pop(node.index, None)
-            if prefill is not None:
-                prefill.first_token = now
-                prefill.remaining = prefill.output_tokens - 1
-                node.insert(prefill)
-                trackers[prefill.client].first_token(
-                    str(node.index), ttft_s=now - prefill.arrival, work_tokens=max(1, prefill.work_at_dispatch)
-                )
-                if prefill.remaining > 0:
-                    node.running.append(prefill)
-                else:
-                    prefill.done = now
-                    trackers[prefill.client].finished(str(node.index), prefill.prompt_tokens + prefill.output_tokens)
-                    finished += 1
-            start_iteration(node, now)
+                start(node, now)
         else:
             node = payload
-            node.publish(sc.k_distinct)
-            if finished < len(reqs):
-                push(now + sc.heartbeat_s, BEAT, node)
+            for d in node.step_decodes:
+                d.generated += 1
+                if d.generated >= d.output_tokens:
+                    node.running.remove(d)
+                    done(d, node, now)
+            for c, n in node.step_chunks:
+                c.computed += n
+                if c.computed >= c.prompt_tokens:
+                    c.first_token = now
+                    c.generated = 1
+                    node.insert(c)
+                    if c.record is not None:
+                        trackers[c.client].first_token(c.record, ttft_s=now - c.arrival)
+                    if c.generated >= c.output_tokens:
+                        node.running.remove(c)
+                        done(c, node, now)
+            if node.step_decodes:
+                # The engine times its batched decode forward alone, per sequence (prefill chunks are not in it).
+                sample = (cal.decode_fixed_s + cal.decode_per_seq_s * len(node.step_decodes)) * node.slowdown
+                sample /= len(node.step_decodes)
+                prev = node.decode_token_s
+                node.decode_token_s = sample if prev == 0.0 else prev + DECODE_EWMA * (sample - prev)
+            start(node, now)
     latencies = [r.done - r.arrival for r in reqs]
     ttfts = [r.first_token - r.arrival for r in reqs]
     hit = sum(r.matched for r in reqs) / max(1, sum(r.prompt_tokens for r in reqs))
@@ -496,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     multi_rows = []
     cap = capacity(Scenario(wl), cal, max(400, count // 2), args.seed)
     for beat in (0.25, 1.0):
-        sc = Scenario(wl, clients=8, heartbeat_s=beat)
+        sc = Scenario(wl, clients=8, refresh_s=beat, publish_s=beat)
         reqs = make_requests(wl, cap * 0.9, count, 8, args.seed + 3)
         rr = simulate(sc, "round_robin", reqs, cal, args.seed)
         ps = simulate(sc, "planetserve", reqs, cal, args.seed)
@@ -519,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Scale: 1,000 nodes, 100 clients.
     big_nodes, big_clients = (200, 20) if args.quick else (1000, 100)
     sc = Scenario(
-        WorkloadScaled(wl, big_nodes), nodes=big_nodes, clients=big_clients, heartbeat_s=1.0, sample_candidates=16
+        WorkloadScaled(wl, big_nodes), nodes=big_nodes, clients=big_clients, refresh_s=1.0, sample_candidates=16
     )
     big_count = count
     cap = capacity(sc, cal, max(2000, big_nodes * 4), args.seed)

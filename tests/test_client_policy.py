@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 
 from node.client._policy import (
+    STEP_TOKENS,
     LeastLoad,
+    LoadReport,
     LoadTracker,
     NodeView,
     NoEligibleNode,
@@ -16,6 +18,7 @@ from node.client._policy import (
     PlanetServeSettings,
     PrefixOnly,
     RoundRobin,
+    estimate,
     make_policy,
 )
 
@@ -71,34 +74,79 @@ def test_planetserve_excludes_the_most_loaded_fraction_even_with_affinity() -> N
 
 def test_power_of_two_choices_spreads_independent_clients_over_equal_nodes() -> None:
     views = [_view(f"n{i}") for i in range(8)]
-    picks = Counter(PlanetServePolicy().choose(views, 100, random.Random(seed)) for seed in range(400))
+    policy = PlanetServePolicy(PlanetServeSettings(choices=2))
+    picks = Counter(policy.choose(views, 100, random.Random(seed)) for seed in range(400))
     assert len(picks) == 8 and max(picks.values()) < 100  # no herd onto one node
 
 
 def test_load_tracker_catches_a_node_that_under_reports_its_queue() -> None:
     tracker = LoadTracker(prior_seconds_per_token=1e-3)
-    # Honest: reports 900 queued, its first token after (900 + 100) tokens at 1 ms each.
-    tracker.first_token("honest", ttft_s=1.0, work_tokens=900 + 100)
+    # Honest: reports 900 queued; its first token comes after those and its own 100 tokens (plus one step).
+    honest = tracker.view("honest", report=LoadReport(issued_at=0.0, queued_tokens=900))
+    tracker.first_token(tracker.dispatched(honest, prompt_tokens=100, max_tokens=0, at=1.0), ttft_s=1.0)
     # Liar: reports 0 queued but has the same hidden queue, so it answers just as late.
-    tracker.first_token("liar", ttft_s=1.0, work_tokens=0 + 100)
-    honest = _view("honest", queued_tokens=900, seconds_per_token=tracker.seconds_per_token("honest"))
-    liar = _view("liar", queued_tokens=0, seconds_per_token=tracker.seconds_per_token("liar"))
-    assert tracker.seconds_per_token("liar") == pytest.approx(10 * tracker.seconds_per_token("honest"))
-    # Its estimate for the next 100-token request is what it really costs (1 s), not the 0.1 s it claims.
-    assert liar.seconds_per_token * (liar.queued_tokens + 100) == pytest.approx(1.0)
-    assert PlanetServePolicy(PlanetServeSettings(choices=0)).choose([liar, honest], 100, random.Random(0)) in {0, 1}
+    liar = tracker.view("liar", report=LoadReport(issued_at=0.0, queued_tokens=0))
+    tracker.first_token(tracker.dispatched(liar, prompt_tokens=100, max_tokens=0, at=1.0), ttft_s=1.0)
+    per_token = {n: tracker.seconds_per_token(n) for n in ("honest", "liar")}
+    assert per_token["liar"] == pytest.approx(per_token["honest"] * (900 + 100 + STEP_TOKENS) / (100 + STEP_TOKENS))
+    # Its estimate for the next 100-token request is what it really cost (1 s), not what it claims.
+    view = tracker.view("liar", report=LoadReport(issued_at=2.0, queued_tokens=0))
+    assert estimate(view, 100, 0) == pytest.approx(1.0)
     # An unmeasured node is neither favoured nor avoided: it gets the mean of the measured ones.
-    assert tracker.seconds_per_token("new") == pytest.approx((1e-3 + 1e-2) / 2)
+    assert tracker.seconds_per_token("new") == pytest.approx(sum(per_token.values()) / 2)
 
 
-def test_load_tracker_counts_its_own_requests_in_flight() -> None:
+def test_a_decode_backlog_makes_a_node_with_a_quick_first_token_cost_more() -> None:
+    # Both nodes prefill nothing ahead; one is decoding 8 long replies (its TTFT stays short under chunked prefill).
+    idle = _view("idle", seconds_per_decode_token=2e-3)
+    busy = _view("busy", seconds_per_decode_token=2e-3, running_requests=8, decode_backlog_tokens=8 * 500)
+    assert estimate(busy, 64, 100) == pytest.approx(estimate(idle, 64, 100) + 2e-3 * 8 * 100)
+    # Only what overlaps the request's own 100 tokens counts: short replies ahead weigh their own length.
+    nearly_done = _view("done", seconds_per_decode_token=2e-3, running_requests=8, decode_backlog_tokens=8 * 5)
+    assert estimate(nearly_done, 64, 100) == pytest.approx(estimate(idle, 64, 100) + 2e-3 * 40)
+    picks = Counter(PlanetServePolicy().choose([busy, idle], 64, random.Random(s), 100) for s in range(50))
+    assert picks == Counter({1: 50})
+
+
+def test_the_clients_correction_catches_a_node_that_hides_its_decode_backlog() -> None:
     tracker = LoadTracker()
-    tracker.dispatched("a", 300)
-    tracker.dispatched("a", 200)
-    tracker.finished("a", 300)
-    assert tracker.inflight_tokens("a") == 200
-    tracker.finished("a", 10_000)
-    assert tracker.inflight_tokens("a") == 0
+    honest = tracker.view("honest", report=LoadReport(issued_at=0.0, seconds_per_decode_token=1e-3))
+    liar = tracker.view("liar", report=LoadReport(issued_at=0.0, seconds_per_decode_token=1e-3))
+    for _ in range(10):
+        # Honest: alone, as reported, 1 ms a token. Liar: reports nothing running but decodes 7 others: 8x slower.
+        tracker.finished(tracker.dispatched(honest, prompt_tokens=10, max_tokens=50, at=1.0), decode_s=0.049, tokens=50)
+        tracker.finished(tracker.dispatched(liar, prompt_tokens=10, max_tokens=50, at=1.0), decode_s=0.392, tokens=50)
+    assert tracker.correction("honest") == pytest.approx(1.0)
+    assert tracker.correction("liar") == pytest.approx(8.0)
+    fresh = tracker.view("liar", report=LoadReport(issued_at=2.0, seconds_per_decode_token=1e-3))
+    assert fresh.seconds_per_decode_token == pytest.approx(8e-3)
+    # A node whose heartbeat has no decode speed (version 1) is estimated from the client's own measurement.
+    blind = tracker.view("liar", report=LoadReport(issued_at=2.0))
+    assert (
+        blind.seconds_per_decode_token == pytest.approx(tracker.measured_decode_s("liar"))
+        and blind.seconds_per_decode_token > 0
+    )
+
+
+def test_the_views_add_only_the_clients_own_requests_sent_after_the_report_was_issued() -> None:
+    tracker = LoadTracker()
+    first = tracker.dispatched(tracker.view("a", report=None), prompt_tokens=300, max_tokens=20, at=1.0)
+    second = tracker.dispatched(tracker.view("a", report=None), prompt_tokens=200, max_tokens=30, at=3.0)
+    # A report issued at 2.0 already shows the first request; the second it cannot know of.
+    report = LoadReport(issued_at=2.0, queued_tokens=1000, requests=4, decode_backlog_tokens=400)
+    view = tracker.view("a", report=report)
+    assert (view.queued_tokens, view.running_requests, view.decode_backlog_tokens) == (1200, 5, 430)
+    # With no report at all, every request in flight counts.
+    assert tracker.view("a", report=None).queued_tokens == 500
+    tracker.finished(second)
+    tracker.finished(first)
+    assert tracker.inflight("a") == 0 and tracker.view("a", report=report).queued_tokens == 1000
+
+
+def test_independent_clients_on_the_same_view_of_near_equal_nodes_spread_instead_of_herding() -> None:
+    views = [_view(f"n{i}", queued_tokens=1000 + 10 * i) for i in range(8)]
+    picks = Counter(PlanetServePolicy().choose(views, 100, random.Random(seed)) for seed in range(400))
+    assert len(picks) >= 6 and max(picks.values()) < 150
 
 
 def test_unknown_policy_names_and_bad_settings_are_refused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -153,3 +154,54 @@ def test_the_publisher_reissues_at_most_once_per_interval_with_increasing_seq() 
     assert second.heartbeat.ttft_ms_p50 == pytest.approx(20.0)
     check = HeartbeatCheck(operator=OPERATOR.address, model_id=MODEL, max_age_s=10**10)
     assert check.accept(first, now=1000.0).seq == 1 and check.accept(second, now=1000.6).seq == 2
+
+
+def test_a_version_2_heartbeat_signs_its_decode_backlog_and_the_publisher_reports_the_engine_figures() -> None:
+    stats = EngineStats(
+        model_id=MODEL,
+        queued_requests=1,
+        running_requests=3,
+        queued_tokens=40,
+        cached_prefix_hashes=(),
+        cache_bytes=0,
+        prefill_tokens_computed=0,
+        prefill_tokens_cached=0,
+        tokens_per_second=0.0,
+        decode_backlog_tokens=700,
+        seconds_per_decode_token=0.0025,
+    )
+    signed = HeartbeatPublisher(account=OPERATOR, model_id=MODEL, stats=lambda: stats).current()
+    beat = _check().accept(SignedHeartbeat.model_validate_json(signed.model_dump_json()))
+    assert (beat.v, beat.decode_backlog_tokens) == (2, 700)
+    assert beat.decode_ms_per_token == pytest.approx(2.5)
+    # The new fields are signed: a node's backlog cannot be lowered on the way.
+    tampered = signed.model_copy(update={"heartbeat": signed.heartbeat.model_copy(update={"decode_backlog_tokens": 0})})
+    with pytest.raises(HeartbeatRejected, match="not signed by the node's operator"):
+        _check().accept(tampered)
+
+
+def test_a_version_1_heartbeat_still_verifies_with_an_unknown_backlog_and_one_carrying_v2_fields_is_refused() -> None:
+    from eth_account.messages import encode_defunct
+
+    # What a node before version 2 signed and served: exactly the version-1 fields, nothing else.
+    v1 = {
+        "v": 1,
+        "node": OPERATOR.address,
+        "model": MODEL,
+        "seq": 3,
+        "issued_at_ms": int(time.time() * 1000),
+        "queued_requests": 0,
+        "running_requests": 1,
+        "queued_tokens": 10,
+        "ttft_ms_p50": 4.0,
+        "summary": None,
+    }
+    body = json.dumps(v1, separators=(",", ":")).encode()
+    signature = OPERATOR.sign_message(encode_defunct(b"planetserve/v1/heartbeat\n" + body)).signature
+    raw = json.dumps({"heartbeat": v1, "signature": "0x" + bytes(signature).hex()})
+    beat = _check().accept(SignedHeartbeat.model_validate_json(raw))
+    assert (beat.v, beat.decode_backlog_tokens, beat.decode_ms_per_token) == (1, 0, 0.0)
+    with pytest.raises(ValueError, match="version-1 heartbeat carries no decode backlog"):
+        SignedHeartbeat.model_validate_json(
+            json.dumps({"heartbeat": {**v1, "decode_backlog_tokens": 5}, "signature": "0x" + "00" * 65})
+        )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from node.client._errors import UnknownModel
-from node.client._heartbeats import HeartbeatMonitor
+from node.client._heartbeats import HeartbeatMonitor, load_report
 from node.client._policy import NEUTRAL_REPUTATION, POLICIES, LoadTracker, NodeView, Policy, make_policy
 from node.client._service import ServedModel
 from node.inference import InvalidParams
@@ -270,9 +270,10 @@ class Client:
             self._memory.popitem(last=False)
 
     def choose(
-        self, candidates: Sequence[ModelNode], prompt_tokens: int, hashes: Sequence[bytes]
+        self, candidates: Sequence[ModelNode], prompt_tokens: int, hashes: Sequence[bytes], max_tokens: int = 0
     ) -> tuple[ModelNode, NodeView]:
-        """The model node the policy picks for a prompt, and the view it was picked on."""
+        """The model node the policy picks for a prompt asking for up to ``max_tokens``, and the view it was picked
+        on (each node's last heartbeat plus this client's own requests sent there since, ``LoadTracker.view``)."""
         if self.config.heartbeats:
             answering = [m for m in candidates if not self.heartbeats.silent(m.operator)]
             candidates = answering or list(candidates)  # when none answers, try anyway rather than refuse
@@ -284,15 +285,14 @@ class Client:
                 matched = beat.summary.matched_chunks(hashes)
             matched = max(matched, self._remembered(hashes, node.operator))
             views.append(
-                NodeView(
-                    node_id=node.operator,
-                    reputation=self._reputation(node.operator),
-                    queued_tokens=(beat.queued_tokens if beat else 0) + self.load.inflight_tokens(node.operator),
+                self.load.view(
+                    node.operator,
+                    report=load_report(beat) if beat is not None else None,
                     matched_tokens=matched * CHUNK_TOKENS,
-                    seconds_per_token=self.load.seconds_per_token(node.operator),
+                    reputation=self._reputation(node.operator),
                 )
             )
-        index = self.policy.choose(views, prompt_tokens, self._rng)
+        index = self.policy.choose(views, prompt_tokens, self._rng, max_tokens)
         return candidates[index], views[index]
 
     async def stream(
@@ -312,7 +312,7 @@ class Client:
             raise NoModelNode(request.model)
         await self._refresh_heartbeats(serving)
         prompt_tokens, hashes = self._prompt_hashes(request.prompt)
-        destination, view = self.choose(serving, prompt_tokens, hashes)
+        destination, view = self.choose(serving, prompt_tokens, hashes, request.max_tokens)
         route = directory.route(request.model, n=self.config.paths, hops=self.config.hops, destination=destination)
         avoid: set[str] = set()
         for attempt in range(1, self.config.attempts + 1):
@@ -322,9 +322,13 @@ class Client:
             if self.wallet is not None:  # a voucher for this destination only: a retry elsewhere pays elsewhere
                 counted = prompt_tokens if self._tokenizer is not None else None
                 paid, payment = await self.wallet.pay(destination, request, counted)
-            sent_to, work = destination.operator, prompt_tokens + request.max_tokens
-            self.load.dispatched(sent_to, work)
+            sent_to = destination.operator
+            # Heartbeats are stamped in unix time: a request sent after one was issued is added to it.
+            sent = self.load.dispatched(
+                view, prompt_tokens=prompt_tokens, max_tokens=request.max_tokens, at=time.time()
+            )
             self._remember(hashes, sent_to)
+            first_at = 0.0
             started = time.monotonic()
             yielded = False
             seen: CompletionDelta | None = None
@@ -332,8 +336,8 @@ class Client:
             try:
                 async for delta in self._transport.send(paid, route):
                     if not yielded:
-                        ahead = view.queued_tokens + max(0, prompt_tokens - view.matched_tokens)
-                        self.load.first_token(sent_to, ttft_s=time.monotonic() - started, work_tokens=ahead)
+                        first_at = time.monotonic()
+                        self.load.first_token(sent, ttft_s=first_at - started)
                     if not yielded and payment is not None and self.wallet is not None:
                         self.wallet.admitted(payment)  # the node accepted the voucher: the channel's next may go
                     yielded = True
@@ -356,7 +360,7 @@ class Client:
                 # The destination may be the culprit too (a dead model node fails every path alike): prefer another.
                 avoid.add(sent_to)
                 remaining = [m for m in serving if m.operator not in avoid] or serving
-                destination, view = self.choose(remaining, prompt_tokens, hashes)
+                destination, view = self.choose(remaining, prompt_tokens, hashes, request.max_tokens)
                 route = reroute(
                     directory,
                     request.model,
@@ -367,7 +371,8 @@ class Client:
                     destination=destination,
                 )
             finally:
-                self.load.finished(sent_to, work)
+                generated = seen.completion_tokens if seen is not None and seen.finish_reason is not None else 0
+                self.load.finished(sent, decode_s=time.monotonic() - first_at if first_at else 0.0, tokens=generated)
                 if payment is not None and self.wallet is not None:
                     self.wallet.finish(payment, used)
 

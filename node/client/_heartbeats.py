@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from node.client._policy import LoadReport
 from node.overlay import ModelNode
 from node.overlay._heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat, HeartbeatCheck, HeartbeatRejected, SignedHeartbeat
 
@@ -23,6 +24,18 @@ log = logging.getLogger(__name__)
 
 #: Fetches the raw heartbeat body of the node at an endpoint (bounded in size and time by the implementation).
 HeartbeatFetch = Callable[[str], Awaitable[bytes]]
+
+
+def load_report(beat: Heartbeat) -> LoadReport:
+    """The load figures of a verified heartbeat, as the policy's :class:`LoadReport` (a version-1 heartbeat has no
+    decode backlog: its decode fields read 0, unknown)."""
+    return LoadReport(
+        issued_at=beat.issued_at_ms / 1000.0,
+        queued_tokens=beat.queued_tokens,
+        requests=beat.queued_requests + beat.running_requests,
+        decode_backlog_tokens=beat.decode_backlog_tokens,
+        seconds_per_decode_token=beat.decode_ms_per_token / 1000.0,
+    )
 
 
 @dataclass(slots=True)

@@ -1,22 +1,27 @@
 """Forwarding policies: which model node gets a request (``docs/forwarding.md``).
 
-A policy sees one :class:`NodeView` per candidate (what the client knows of it: reputation, load reported in its
-last signed heartbeat plus the client's own requests in flight there, the prompt's prefix affinity, and the
-node's speed **as this client measured it**) and returns the index of its choice. Policies are pure and
-synchronous; the client and the forwarding benchmark's simulation call the same code.
+A policy sees one :class:`NodeView` per candidate (what the client knows of it: reputation, the load in its last
+signed heartbeat plus the client's own requests sent there since, the prompt's prefix affinity, and the node's speed
+**as this client measured it**) and returns the index of its choice. Policies are pure and synchronous; the client
+and the forwarding benchmark's simulation call the same code, and build their views with the same
+:meth:`LoadTracker.view`.
 
 ``planetserve`` (ours):
 
 1. drop nodes below the reputation floor;
-2. estimate each node's time to serve the request: ``seconds_per_token x (queued_tokens + prompt_tokens -
-   matched_tokens)``, divided by a reputation weight; ``seconds_per_token`` is the client's own EWMA, so a node that
-   under-reports its queue is caught by its own slow answers;
+2. estimate each node's time to serve the request (:func:`estimate`): its prefill wait, ``seconds_per_token x
+   (queued_tokens + prompt_tokens - matched_tokens)``, plus its decode time, ``seconds_per_decode_token x
+   (max_tokens + min(decode_backlog_tokens, running_requests x max_tokens))`` (the request's own tokens, and the
+   running tokens that will share its steps), divided by a reputation weight. ``seconds_per_token`` is the client's
+   own EWMA of TTFT per token ahead; ``seconds_per_decode_token`` is the node's fresh report corrected by the
+   client's own measurement of its replies, so a node that under-reports its load is caught by its slow answers;
 3. exclude the most loaded fraction;
 4. among the rest, prefer the nodes holding the longest prefix of the prompt, unless even the best of them would
    take ``affinity_slack`` times longer than the least-loaded node (then fall back to least load);
-5. take the cheapest candidate (or, with ``choices`` = d > 0, the cheaper of d sampled by reputation: power of d
-   choices); each client adds its own requests in flight to what heartbeats report, which is what keeps
-   independent clients on stale heartbeats from herding (measured in ``bench/forwarding.py``).
+5. sample: among the candidates whose estimate is within ``sample_slack`` of the cheapest, draw one weighted by
+   reputation (and, with ``choices`` = d > 0, first sample d nodes: power of d choices). Independent clients on the
+   same stale heartbeats then spread over the near-equal nodes instead of herding onto one; each client also adds
+   the requests it sent since a heartbeat was issued (measured in ``bench/forwarding.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+#: Prompt tokens counted for the one scheduler step every first token waits for, however little of the prompt is
+#: left to compute (the torch engine's step computes up to 512 tokens; half a step on average): without it a cached
+#: prompt's TTFT, divided by its few uncached tokens, would make the node that cached it look slow per token.
+STEP_TOKENS = 256
 #: Reputation of a node no verifier has scored yet (until the attestation contract exists, every node's).
 NEUTRAL_REPUTATION = 0.5
 
@@ -40,11 +49,22 @@ class NodeView:
     reputation: float = NEUTRAL_REPUTATION
     """On-chain reputation in [0, 1]."""
     queued_tokens: int = 0
-    """Tokens of work ahead of this request: as the node last reported, plus this client's own unreported ones."""
+    """Prompt tokens still to prefill ahead of this request: as the node last reported, plus this client's own
+    requests sent there since that report."""
     matched_tokens: int = 0
     """Leading prompt tokens the node's cache summary holds (a multiple of the chunk size)."""
     seconds_per_token: float = 1e-3
-    """The client's EWMA of the node's time per queued token, seconds (its prior until measured)."""
+    """The client's EWMA of the node's time to first token per prompt token ahead, seconds (its prior until
+    measured)."""
+    running_requests: int = 0
+    """Requests queued or running there (reported, plus this client's own since the report)."""
+    decode_backlog_tokens: int = 0
+    """Tokens those requests still have to generate (reported, plus this client's own since the report)."""
+    seconds_per_decode_token: float = 0.0
+    """Seconds per generated token: the node's report times the client's measured correction (0: unknown, the
+    estimate then has no decode term)."""
+    reported_decode_s: float = 0.0
+    """The node's own report of it, before the correction (0: none; the client then used its own measurement)."""
 
 
 class Policy(Protocol):
@@ -52,8 +72,9 @@ class Policy(Protocol):
 
     name: str
 
-    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random) -> int:
-        """Index into ``views`` (non-empty) of the chosen node."""
+    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
+        """Index into ``views`` (non-empty) of the chosen node for a prompt of ``prompt_tokens`` asking for up to
+        ``max_tokens`` (0: not known, the decode term is left out)."""
         ...
 
 
@@ -65,30 +86,47 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random) -> int:
+    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         index = self._next % len(views)
         self._next += 1
         return index
 
 
-def _estimate(view: NodeView, prompt_tokens: int) -> float:
+def estimate(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
+    """Seconds the node would take to serve the request: prefill wait plus decode time (module docstring, step 2).
+
+    The decode term counts the request's own ``max_tokens`` and the backlog tokens that will run in the same steps
+    (at most ``max_tokens`` of each running request); a node's step time grows with its batch, so a node that decodes
+    a large backlog is slow for every request sent to it, although its time to first token may stay short.
+    """
     uncached = max(0, prompt_tokens - view.matched_tokens)
-    return view.seconds_per_token * (view.queued_tokens + uncached)
+    prefill = view.seconds_per_token * (view.queued_tokens + uncached + STEP_TOKENS)
+    if max_tokens <= 0 or view.seconds_per_decode_token <= 0.0:
+        return prefill
+    overlap = min(view.decode_backlog_tokens, view.running_requests * max_tokens)
+    return prefill + view.seconds_per_decode_token * (max_tokens + overlap)
 
 
 class LeastLoad:
-    """The node with the least estimated work (power of two choices when ``choices`` is 2)."""
+    """The node with the least estimated time for the request, its cache ignored (with ``choices`` = d > 0, the
+    best of d sampled nodes)."""
 
     name = "least_load"
 
     def __init__(self, choices: int = 0) -> None:
         self.choices = choices
 
-    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random) -> int:
+    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         candidates = list(range(len(views)))
         if self.choices and len(candidates) > self.choices:
             candidates = rng.sample(candidates, self.choices)
-        return min(candidates, key=lambda i: (views[i].seconds_per_token * views[i].queued_tokens, rng.random()))
+        return min(candidates, key=lambda i: (_load(views[i], prompt_tokens, max_tokens), rng.random()))
+
+
+def _load(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
+    """The estimate as if the node held none of the prompt (what "most loaded" and least load rank by)."""
+    cached = min(prompt_tokens, view.matched_tokens)
+    return estimate(view, prompt_tokens, max_tokens) + view.seconds_per_token * cached
 
 
 class PrefixOnly:
@@ -96,7 +134,7 @@ class PrefixOnly:
 
     name = "prefix_only"
 
-    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random) -> int:
+    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         best = max(v.matched_tokens for v in views)
         return rng.choice([i for i, v in enumerate(views) if v.matched_tokens == best])
 
@@ -111,11 +149,13 @@ class PlanetServeSettings:
     """The most loaded fraction of candidates is excluded (at least one node always remains)."""
     affinity_slack: float = 1.2
     """Affinity is preferred unless its best node's estimate exceeds the least-loaded node's by this factor."""
+    sample_slack: float = 1.1
+    """The final draw is among candidates whose estimate is within this factor of the cheapest (1: the cheapest;
+    ties at random)."""
     choices: int = 0
-    """Nodes sampled per decision (power of d choices); 0 takes the best of the candidates. The default is 0
-    because the candidates are themselves a sample at scale (the client weighs a bounded random subset plus the
-    nodes holding its prefix), and measured with 8 independent clients on stale heartbeats, taking the best of 8 did
-    not herd (``bench/forwarding.py``: 0.65x round robin's mean vs 0.75x with two choices)."""
+    """Nodes sampled per decision before the estimate is consulted (power of d choices); 0 weighs every candidate.
+    At scale the candidates are themselves a sample (the client weighs a bounded random subset plus the nodes
+    holding its prefix)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.reputation_floor <= 1.0:
@@ -124,6 +164,8 @@ class PlanetServeSettings:
             raise ValueError("exclude_fraction must be in [0, 1)")
         if self.affinity_slack < 1.0:
             raise ValueError("affinity_slack must be at least 1")
+        if self.sample_slack < 1.0:
+            raise ValueError("sample_slack must be at least 1")
         if self.choices < 0:
             raise ValueError("choices must be >= 0")
 
@@ -133,7 +175,8 @@ class NoEligibleNode(ValueError):
 
 
 class PlanetServePolicy:
-    """Reputation floor, load estimate from the client's own measurements, prefix affinity, power of two choices."""
+    """Reputation floor, load and decode estimate corrected by the client's own measurements, prefix affinity, and
+    a randomized draw among near-best nodes."""
 
     name = "planetserve"
 
@@ -145,37 +188,31 @@ class PlanetServePolicy:
         # Neutral reputation weighs 1; a perfect one makes a node look a third faster, a poor one slower.
         return 0.5 + view.reputation
 
-    def _sample(self, indexes: list[int], cost: dict[int, float], views: Sequence[NodeView], rng: random.Random) -> int:
+    def _draw(self, indexes: list[int], cost: dict[int, float], views: Sequence[NodeView], rng: random.Random) -> int:
         d = self.settings.choices
-        if d == 0 or len(indexes) <= d:
-            picked = indexes
-        else:
-            weights = [self._weight(views[i]) for i in indexes]
-            picked = []
-            pool, pool_w = list(indexes), list(weights)
-            for _ in range(d):
-                choice = rng.choices(range(len(pool)), weights=pool_w)[0]
-                picked.append(pool.pop(choice))
-                pool_w.pop(choice)
-        return min(picked, key=lambda i: (cost[i], rng.random()))
+        if d and len(indexes) > d:
+            indexes = rng.choices(indexes, weights=[self._weight(views[i]) for i in indexes], k=d)
+        best = min(cost[i] for i in indexes)
+        near = [i for i in indexes if cost[i] <= self.settings.sample_slack * best]
+        return rng.choices(near, weights=[self._weight(views[i]) for i in near])[0]
 
-    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random) -> int:
+    def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         s = self.settings
         eligible = [i for i, v in enumerate(views) if v.reputation >= s.reputation_floor]
         if not eligible:
             raise NoEligibleNode("every candidate is below the reputation floor")
-        cost = {i: _estimate(views[i], prompt_tokens) / self._weight(views[i]) for i in eligible}
-        load = {i: views[i].seconds_per_token * views[i].queued_tokens for i in eligible}
+        cost = {i: estimate(views[i], prompt_tokens, max_tokens) / self._weight(views[i]) for i in eligible}
+        load = {i: _load(views[i], prompt_tokens, max_tokens) for i in eligible}
         keep = max(1, math.ceil(len(eligible) * (1.0 - s.exclude_fraction)))
         rest = sorted(eligible, key=lambda i: (load[i], rng.random()))[:keep]
         best_match = max(views[i].matched_tokens for i in rest)
         least = min(cost[i] for i in rest)
         if best_match > 0:
             affine = [i for i in rest if views[i].matched_tokens == best_match]
-            pick = self._sample(affine, cost, views, rng)
+            pick = self._draw(affine, cost, views, rng)
             if cost[pick] <= s.affinity_slack * least:
                 return pick
-        return self._sample(rest, cost, views, rng)
+        return self._draw(rest, cost, views, rng)
 
 
 #: The pluggable policies by name (``ClientConfig.policy``, ``bench/forwarding.py``).
@@ -195,19 +232,69 @@ def make_policy(name: str) -> Policy:
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadReport:
+    """The load figures of a node's last verified heartbeat (``Heartbeat`` v2 fields; the simulation builds the same
+    from its simulated engine)."""
+
+    issued_at: float
+    """When the node issued it, seconds (unix time; the simulation's clock there)."""
+    queued_tokens: int = 0
+    """Prompt tokens still to prefill there."""
+    requests: int = 0
+    """Requests queued or running there."""
+    decode_backlog_tokens: int = 0
+    """Tokens they still have to generate (0 in a version-1 heartbeat: unknown)."""
+    seconds_per_decode_token: float = 0.0
+    """The node's own measured time per generated token, seconds (0: unknown)."""
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Dispatch:
+    """One request this client sent to a node, as its tracker remembers it until it ends."""
+
+    key: int
+    """Its number in this tracker."""
+    node_id: str
+    at: float
+    """When it was sent, on the clock of the reports' ``issued_at``."""
+    prefill_tokens: int
+    """Its uncached prompt tokens as the client estimated them."""
+    max_tokens: int
+    work_tokens: int
+    """Prompt tokens ahead of its first token by the view it was chosen on (the TTFT sample's denominator)."""
+    expected_decode_s: float
+    """Per generated token, by the node's report before the client's correction (0: no report)."""
+
+
+#: Bounds of one decode-correction sample: a single reply can move the estimate at most this far.
+_CORRECTION_RANGE = (0.1, 100.0)
+
+
 @dataclass(slots=True)
 class _NodeStats:
     seconds_per_token: float
     samples: int = 0
-    inflight_tokens: int = 0
+    correction: float = 1.0
+    corrections: int = 0
+    decode_s_per_token: float = 0.0
+    decodes: int = 0
+    inflight: dict[int, Dispatch] = field(default_factory=dict)
 
 
 class LoadTracker:
-    """What a client measures of each node: an EWMA of its time per queued token, and its own requests in flight.
+    """What a client measures of each node, and its requests in flight there.
 
-    After each request's first token the client records ``ttft / (queued_tokens_at_dispatch + uncached_tokens)``:
-    for an honest node about its real time per token; for a node that reported less than its real queue, larger by
-    the hidden part, so its estimates grow to what it really costs.
+    - An EWMA of TTFT per prompt token ahead: after each request's first token, ``ttft / (queued_tokens_at_dispatch
+      + uncached_tokens)``. For an honest node about its real time per token; for a node that reported less than its
+      real queue, larger by the hidden part, so its estimates grow to what it really costs.
+    - A **correction** of the node's reported decode speed: after each reply, the measured time per generated token
+      over the one its report predicted at dispatch (the report's per-token time times ``1 + overlap / max_tokens``).
+      The prediction is made from a fresh report, so for an honest node the ratio stays near 1 however its load
+      moves (a correction does not lag by a reply, as an absolute measured decode speed would); a node that
+      under-reports its backlog or its speed answers slower than predicted, and its correction grows.
+    - The requests it sent and that have not ended (bounded by the client's own concurrency): those sent after a
+      report was issued are added to it, since the report cannot show them.
     """
 
     def __init__(self, *, prior_seconds_per_token: float = 1e-3, alpha: float = 0.2) -> None:
@@ -216,6 +303,7 @@ class LoadTracker:
         self.prior = prior_seconds_per_token
         self.alpha = alpha
         self._nodes: dict[str, _NodeStats] = {}
+        self._ids = 0
 
     def _stats(self, node_id: str) -> _NodeStats:
         stats = self._nodes.get(node_id)
@@ -224,33 +312,104 @@ class LoadTracker:
         return stats
 
     def seconds_per_token(self, node_id: str) -> float:
-        """The current estimate. A node not measured yet gets the mean of the measured ones (else the prior): an
-        optimistic guess would send every next request to whichever node is still unknown."""
+        """The TTFT-per-token estimate. A node not measured yet gets the mean of the measured ones (else the prior):
+        an optimistic guess would send every next request to whichever node is still unknown."""
         stats = self._stats(node_id)
         if stats.samples:
             return stats.seconds_per_token
         measured = [s.seconds_per_token for s in self._nodes.values() if s.samples]
         return sum(measured) / len(measured) if measured else self.prior
 
-    def inflight_tokens(self, node_id: str) -> int:
-        """Tokens of this client's own requests sent to the node and not yet answered."""
-        return self._stats(node_id).inflight_tokens
+    def correction(self, node_id: str) -> float:
+        """Measured over reported decode time per token (1 until measured)."""
+        return self._stats(node_id).correction
 
-    def dispatched(self, node_id: str, tokens: int) -> None:
-        """A request of ``tokens`` work tokens was sent to the node."""
-        self._stats(node_id).inflight_tokens += tokens
+    def measured_decode_s(self, node_id: str) -> float:
+        """The client's own EWMA of the node's time per generated token, seconds (0 until measured): what the
+        estimate uses for a node whose heartbeat reports no decode speed."""
+        return self._stats(node_id).decode_s_per_token
 
-    def first_token(self, node_id: str, *, ttft_s: float, work_tokens: int) -> None:
-        """The first token arrived after ``ttft_s``; ``work_tokens`` were ahead of it by the node's own account."""
+    def inflight(self, node_id: str) -> int:
+        """This client's requests sent to the node and not yet ended."""
+        return len(self._stats(node_id).inflight)
+
+    def view(
+        self,
+        node_id: str,
+        *,
+        report: LoadReport | None,
+        matched_tokens: int = 0,
+        reputation: float = NEUTRAL_REPUTATION,
+    ) -> NodeView:
+        """The node as the policy sees it: its report plus this client's own requests sent since it was issued
+        (all of them when there is no report), with the client's measurements."""
         stats = self._stats(node_id)
-        sample = ttft_s / max(1, work_tokens)
+        since = report.issued_at if report is not None else -math.inf
+        own = [d for d in stats.inflight.values() if d.at >= since]
+        reported_decode = report.seconds_per_decode_token if report is not None else 0.0
+        decode_s = reported_decode * stats.correction if reported_decode > 0.0 else stats.decode_s_per_token
+        return NodeView(
+            node_id=node_id,
+            reputation=reputation,
+            queued_tokens=(report.queued_tokens if report else 0) + sum(d.prefill_tokens for d in own),
+            matched_tokens=matched_tokens,
+            seconds_per_token=self.seconds_per_token(node_id),
+            running_requests=(report.requests if report else 0) + len(own),
+            decode_backlog_tokens=(report.decode_backlog_tokens if report else 0) + sum(d.max_tokens for d in own),
+            seconds_per_decode_token=decode_s,
+            reported_decode_s=reported_decode,
+        )
+
+    def dispatched(self, view: NodeView, *, prompt_tokens: int, max_tokens: int, at: float) -> Dispatch:
+        """A request was sent to ``view``'s node at ``at``; returns its record for :meth:`first_token` and
+        :meth:`finished`."""
+        stats = self._stats(view.node_id)
+        uncached = max(0, prompt_tokens - view.matched_tokens)
+        expected = 0.0
+        if max_tokens > 0 and view.reported_decode_s > 0.0:
+            overlap = min(view.decode_backlog_tokens, view.running_requests * max_tokens)
+            expected = view.reported_decode_s * (1.0 + overlap / max_tokens)
+        self._ids += 1
+        record = Dispatch(
+            key=self._ids,
+            node_id=view.node_id,
+            at=at,
+            prefill_tokens=uncached,
+            max_tokens=max_tokens,
+            work_tokens=view.queued_tokens + uncached + STEP_TOKENS,
+            expected_decode_s=expected,
+        )
+        stats.inflight[self._ids] = record
+        return record
+
+    def first_token(self, record: Dispatch, *, ttft_s: float) -> None:
+        """The request's first token arrived ``ttft_s`` after it was sent."""
+        stats = self._stats(record.node_id)
+        sample = ttft_s / record.work_tokens
         if stats.samples == 0:
             stats.seconds_per_token = sample
         else:
             stats.seconds_per_token += self.alpha * (sample - stats.seconds_per_token)
         stats.samples += 1
 
-    def finished(self, node_id: str, tokens: int) -> None:
-        """The request dispatched with ``tokens`` ended (answered or failed)."""
-        stats = self._stats(node_id)
-        stats.inflight_tokens = max(0, stats.inflight_tokens - tokens)
+    def finished(self, record: Dispatch, *, decode_s: float = 0.0, tokens: int = 0) -> None:
+        """The request ended (answered or failed); with ``tokens`` >= 2 generated, the ``decode_s`` from its first
+        token to its last are measured."""
+        stats = self._stats(record.node_id)
+        stats.inflight.pop(record.key, None)
+        if tokens < 2 or decode_s <= 0.0:
+            return
+        per_token = decode_s / (tokens - 1)
+        if stats.decodes == 0:
+            stats.decode_s_per_token = per_token
+        else:
+            stats.decode_s_per_token += self.alpha * (per_token - stats.decode_s_per_token)
+        stats.decodes += 1
+        if record.expected_decode_s > 0.0:
+            low, high = _CORRECTION_RANGE
+            sample = min(high, max(low, per_token / record.expected_decode_s))
+            if stats.corrections == 0:
+                stats.correction = sample
+            else:
+                stats.correction += self.alpha * (sample - stats.correction)
+            stats.corrections += 1

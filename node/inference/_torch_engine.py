@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 
 #: A waiting request older than this (seconds) is admitted before any request with a longer cached prefix.
 _FAIRNESS_S = 1.0
+#: Weight of the newest step in the per-decode-token time the engine reports (about the last 10 steps count).
+_DECODE_EWMA = 0.1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,6 +189,7 @@ class TorchEngine:
         self._prefill_computed = 0
         self._prefill_cached = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
+        self._decode_token_s = 0.0  # EWMA of a batched decode forward's time per sequence (heartbeats report it)
         self._batch: _Batch | None = None
         self._score_ids = 0
         self._worker = threading.Thread(target=self._run, name="torch-engine", daemon=True)
@@ -354,12 +357,19 @@ class TorchEngine:
                 model_id=self.model_id,
                 queued_requests=len(self._waiting),
                 running_requests=len(self._running),
-                queued_tokens=sum(len(s.tokens) for s in self._waiting),
+                queued_tokens=sum(len(s.tokens) for s in self._waiting)
+                + sum(max(0, len(s.tokens) - s.computed) for s in self._running if s.prefilling),
                 cached_prefix_hashes=self._pool.snapshot(self._config.advertise_limit),
                 cache_bytes=self._pool.cached_blocks() * self._pool.block_bytes,
                 prefill_tokens_computed=self._prefill_computed,
                 prefill_tokens_cached=self._prefill_cached,
                 tokens_per_second=tps,
+                decode_backlog_tokens=sum(
+                    max(0, s.params.max_tokens - len(s.generated))
+                    for s in (*self._waiting, *self._running)
+                    if s.kind == "generate"
+                ),
+                seconds_per_decode_token=self._decode_token_s,
             )
 
     async def abort(self, request_id: str) -> bool:
@@ -520,7 +530,14 @@ class TorchEngine:
                     chunks.append((seq, n))
                     spent += n
         if decodes:
+            started = time.perf_counter()
             self._decode(decodes)
+            # The batched decode forward's time per sequence: the node's decode throughput cost per token (prefill
+            # chunks are counted apart, as the prompt tokens still to compute).
+            sample = (time.perf_counter() - started) / len(decodes)
+            with self._lock:
+                previous = self._decode_token_s
+                self._decode_token_s = sample if previous == 0.0 else previous + _DECODE_EWMA * (sample - previous)
         for seq, n in chunks:
             self._guarded(seq, functools.partial(self._prefill_chunk, n=n))
 

@@ -182,7 +182,8 @@ class EngineStats:
     queued_requests: int
     #: Requests being decoded.
     running_requests: int
-    #: Prompt tokens of queued requests (a proxy for the work ahead).
+    #: Prompt tokens still to compute: queued requests' whole prompts plus the rest of prompts being prefilled (the
+    #: prefill work ahead of a new request).
     queued_tokens: int
     #: Chained prefix-chunk hashes (8 bytes each) whose KV is cached, most recently used first; bounded.
     cached_prefix_hashes: tuple[bytes, ...]
@@ -194,3 +195,10 @@ class EngineStats:
     prefill_tokens_cached: int
     #: Generated tokens per second over the recent window (0 when idle).
     tokens_per_second: float
+    #: Tokens still to generate by queued and running generate requests (``max_tokens`` minus generated, summed):
+    #: the decode work a new request will share its steps with. 0 when the engine does not know.
+    decode_backlog_tokens: int = 0
+    #: Seconds per generated token as this engine measured it: EWMA over recent steps of a batched decode forward's
+    #: wall time divided by the sequences in it (its decode throughput cost per token; prefill is counted apart, in
+    #: ``queued_tokens``). 0 until measured, or when the engine does not know.
+    seconds_per_decode_token: float = 0.0

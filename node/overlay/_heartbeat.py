@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from node.inference import EngineStats
 from node.overlay._errors import OverlayError
@@ -88,10 +88,20 @@ class CacheSummary(_Wire):
         return 0
 
 
-class Heartbeat(_Wire):
-    """A model node's load and cache, as it reports them."""
+#: Fields added by heartbeat version 2 (the decode backlog); a version-1 heartbeat carries none of them.
+V2_FIELDS = frozenset({"decode_backlog_tokens", "decode_ms_per_token"})
 
-    v: Literal[1] = 1
+
+class Heartbeat(_Wire):
+    """A model node's load and cache, as it reports them (version 2; version 1 still parses and verifies).
+
+    Version 1 (nodes before the decode backlog) signs exactly its own fields; version 2 adds
+    ``decode_backlog_tokens`` and ``decode_ms_per_token`` and signs them too. A reader treats a version-1 heartbeat
+    as one whose decode backlog is unknown (the fields read 0), and refuses a version-1 heartbeat that carries a
+    version-2 field (``docs/protocol.md`` §11).
+    """
+
+    v: Literal[1, 2] = 2
     """Message version."""
     node: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     """Operator address (the registry id) of the node."""
@@ -106,15 +116,27 @@ class Heartbeat(_Wire):
     running_requests: int = Field(ge=0)
     """Requests being generated."""
     queued_tokens: int = Field(ge=0)
-    """Tokens of work ahead of a new request (prompt tokens waiting plus tokens still to generate)."""
+    """Prompt tokens still to prefill ahead of a new request (queued prompts plus the rest of those prefilling)."""
     ttft_ms_p50: float = Field(ge=0)
     """Median time to first token over the recent window, ms (0 when idle)."""
     summary: CacheSummary | None = None
     """The prefix-cache summary (None when the node advertises none)."""
+    decode_backlog_tokens: int = Field(default=0, ge=0)
+    """v2: tokens still to generate by the node's queued and running requests (0 in v1: unknown)."""
+    decode_ms_per_token: float = Field(default=0.0, ge=0)
+    """v2: the node's own measured decode time per generated token (a batched decode step's time per sequence,
+    averaged over recent steps), ms (0: unknown)."""
+
+    @model_validator(mode="after")
+    def _version_fields(self) -> Heartbeat:
+        if self.v == 1 and self.model_fields_set & V2_FIELDS:
+            raise ValueError("a version-1 heartbeat carries no decode backlog fields")
+        return self
 
     def signing_bytes(self) -> bytes:
-        """The exact bytes the operator signs."""
-        return HEARTBEAT_DOMAIN + self.model_dump_json().encode()
+        """The exact bytes the operator signs: the canonical JSON of the fields of its version."""
+        exclude = set(V2_FIELDS) if self.v == 1 else None
+        return HEARTBEAT_DOMAIN + self.model_dump_json(exclude=exclude).encode()
 
 
 class SignedHeartbeat(_Wire):
@@ -359,6 +381,8 @@ class HeartbeatPublisher:
                 queued_tokens=stats.queued_tokens,
                 ttft_ms_p50=self.state.ttft_ms_p50(),
                 summary=self.builder.build(stats.cached_prefix_hashes, now=now),
+                decode_backlog_tokens=stats.decode_backlog_tokens,
+                decode_ms_per_token=stats.seconds_per_decode_token * 1000.0,
             )
             self._current = sign_heartbeat(heartbeat, self._account)
             self._issued_at = now
