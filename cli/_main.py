@@ -47,6 +47,8 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     ("ledger", "TransactionOutcomeUnknown", ExitCode.TX_OUTCOME_UNKNOWN),
     ("ledger", "InsufficientFunds", ExitCode.INSUFFICIENT_FUNDS),
     ("ledger", "OperatorKeyError", ExitCode.KEY_ERROR),
+    # The key given is not an active verifier's (not registered and staked as one, jailed or unbonding).
+    ("verifier._runner", "NotAVerifier", ExitCode.KEY_ERROR),
     ("verifier._errors", "InvalidVerifierInput", ExitCode.INVALID_INPUT),
     ("verifier._errors", "EvidenceNotFound", ExitCode.NOT_FOUND),
     ("verifier._errors", "EvidenceTampered", ExitCode.TAMPERED),
