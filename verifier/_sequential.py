@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -110,26 +110,38 @@ def unseen_rate(n: int, confidence: float = _UNSEEN_CONFIDENCE) -> float:
     return 1.0 - math.pow(1.0 - confidence, 1.0 / n)
 
 
-def _mgf(theta: float, deficits: Sequence[float], eps: float, kappa: float) -> float:
+def _histogram(deficits: Sequence[float]) -> list[tuple[float, float]]:
+    """(deficit, weight) pairs: the measured deficits rounded *up* to 1e-6 and merged (honest ones are nearly all
+    0), so the tail equation costs a few terms instead of one per calibration challenge."""
+    counts = Counter(math.ceil(d * 1e6) / 1e6 for d in deficits)
+    n = len(deficits)
+    return [(d, c / n) for d, c in sorted(counts.items())]
+
+
+def _mgf(theta: float, hist: Sequence[tuple[float, float]], eps: float, kappa: float) -> float:
     """``E[exp(theta (d - kappa))]`` under the honest model (measured deficits, plus ``eps`` at deficit 1)."""
-    body = statistics.fmean(math.exp(theta * (d - kappa)) for d in deficits)
+    body = math.fsum(w * math.exp(theta * (d - kappa)) for d, w in hist)
     return (1.0 - eps) * body + eps * math.exp(theta * (1.0 - kappa))
 
 
 def tail_exponent(deficits: Sequence[float], eps: float, kappa: float) -> float:
     """The positive root ``theta`` of ``E[exp(theta (d - kappa))] = 1``; 0 when there is none (mean >= kappa)."""
-    mean = (1.0 - eps) * statistics.fmean(deficits) + eps
+    return _tail_exponent(_histogram(deficits), eps, kappa)
+
+
+def _tail_exponent(hist: Sequence[tuple[float, float]], eps: float, kappa: float) -> float:
+    mean = (1.0 - eps) * math.fsum(d * w for d, w in hist) + eps
     if mean >= kappa:
         return 0.0
     hi = 1.0
-    while _mgf(hi, deficits, eps, kappa) < 1.0:
+    while _mgf(hi, hist, eps, kappa) < 1.0:
         hi *= 2.0
-        if hi > 1e6:
+        if hi > 1e6:  # no deficit ever exceeds kappa (eps = 0): no alarm is possible, the bound is as good as 0
             return hi
     lo = 0.0
-    for _ in range(100):
+    for _ in range(80):
         mid = (lo + hi) / 2.0
-        if _mgf(mid, deficits, eps, kappa) < 1.0:
+        if _mgf(mid, hist, eps, kappa) < 1.0:
             lo = mid
         else:
             hi = mid
@@ -155,9 +167,10 @@ def design_cusum(
     _finite("cheat_fraction", cheat_fraction, 1e-6, 1.0)
     _finite("cheat_deficit", cheat_deficit, 1e-6, 1.0)
     deficits = [min(1.0, max(0.0, 1.0 - s)) for s in honest_scores]
+    hist = _histogram(deficits)
     eps = unseen_rate(len(deficits))
-    honest_mean = (1.0 - eps) * statistics.fmean(deficits) + eps
-    cheat_mean = (1.0 - cheat_fraction) * statistics.fmean(deficits) + cheat_fraction * cheat_deficit
+    honest_mean = (1.0 - eps) * math.fsum(d * w for d, w in hist) + eps
+    cheat_mean = (1.0 - cheat_fraction) * math.fsum(d * w for d, w in hist) + cheat_fraction * cheat_deficit
     best: CusumParams | None = None
     best_delay = math.inf
     steps = 200
@@ -165,7 +178,7 @@ def design_cusum(
         kappa = honest_mean + (cheat_mean - honest_mean) * i / steps
         if not 0.0 < kappa < 1.0:
             continue
-        theta = tail_exponent(deficits, eps, kappa)
+        theta = _tail_exponent(hist, eps, kappa)
         if theta <= 0.0:
             continue
         h = math.log(challenges_per_epoch / target_false_alarm) / theta
