@@ -132,7 +132,8 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     # The model node was paid for both answers, in its own voucher book; without a key the client gets a clear refusal.
     node_env = _env(chain, tmp_path, 1, PS_STATE_DIR=str(tmp_path / "node-0"))
     earned = _ok_json(_run("node", ["earnings", "--json"], node_env))
-    assert earned["channels"] == 2 and int(earned["served_wei"]) > 0
+    # One channel: the second `ps-client ask` (another process) continued the first one's, from the wallet's book.
+    assert earned["channels"] == 1 and int(earned["served_wei"]) > 0
     unpaid = _run("client", ask, {k: v for k, v in client_env.items() if k != "PS_PRIVATE_KEY"})
     assert unpaid.returncode != 0 and "payment_required" in unpaid.stderr
 
