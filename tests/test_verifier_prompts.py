@@ -4,11 +4,13 @@ salt, with users' parameters, in the same sealed size classes as user requests."
 from __future__ import annotations
 
 import collections
+import json
 import math
 import random
 import re
+from pathlib import Path
 
-from node.client import CHAT_STOP
+from node.client import CHAT_STOP, load_tokenizer
 from node.overlay._completion import CompletionRequest
 from node.privacy._constants import REQUEST_CLASSES
 from verifier._epoch import keccak256
@@ -41,8 +43,14 @@ USER_SHAPES = [
 ] + [CompletionRequest(model=MODEL, prompt="03+04=07\n10+05=", max_tokens=32, temperature=0.0)]
 
 
-def _challenges(count: int, salt: bytes = SALT, epoch_seed: bytes = b"\x01" * 32) -> list[ChallengeRequest]:
-    generator = ChallengeGenerator(epoch_seed, salt)
+#: Long enough for the 4 KiB size class: what a model with a 2,048-token context takes in wordy prompts.
+LONG = PromptDistribution(max_prompt_chars=4_500)
+
+
+def _challenges(
+    count: int, salt: bytes = SALT, epoch_seed: bytes = b"\x01" * 32, distribution: PromptDistribution = LONG
+) -> list[ChallengeRequest]:
+    generator = ChallengeGenerator(epoch_seed, salt, distribution)
     return [generator.challenge(keccak256(i.to_bytes(4, "big"))) for i in range(count)]
 
 
@@ -103,8 +111,8 @@ def test_parameters_are_users_greedy_or_sampled_always_seeded_and_valid_requests
 def test_challenges_fall_in_the_same_size_classes_as_user_requests() -> None:
     challenges = _challenges(300)
     rng = random.Random(2026)
-    pool = user_prefix_pool(rng)
-    users = [PromptDistribution().draw(rng, shared_prefixes=pool) for _ in range(300)]
+    pool = user_prefix_pool(rng, LONG)
+    users = [LONG.draw(rng, shared_prefixes=pool) for _ in range(300)]
     ours, theirs = _classes(challenges), _classes(users)
     assert set(ours) <= set(REQUEST_CLASSES) and set(ours) == set(theirs) and len(ours) >= 2, (ours, theirs)
     # The class shares agree (two-proportion z under 4 for each class).
@@ -124,7 +132,19 @@ def test_the_length_bound_holds_and_shared_prefixes_repeat_within_an_epoch() -> 
     drawn = [generator.challenge(keccak256(bytes([i]))) for i in range(200)]
     assert all(len(c.prompt) <= 300 for c in drawn)
     full = _challenges(300)
-    assert max(len(c.prompt) for c in full) <= PromptDistribution().max_prompt_chars
+    assert max(len(c.prompt) for c in full) <= LONG.max_prompt_chars
     # Users share prefixes (a system prompt, a few-shot block): so do one epoch's challenges.
     starts = collections.Counter(c.prompt.lstrip("\n")[:40] for c in full if len(c.prompt) > 80)
     assert starts.most_common(1)[0][1] >= 10
+
+
+def test_with_the_models_tokenizer_every_prompt_and_its_answer_fit_the_context(tiny_model_dir: Path) -> None:
+    tokenize = load_tokenizer(tiny_model_dir)
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    fitted = PromptDistribution(max_prompt_chars=4_500, tokenize=tokenize, context_tokens=context)
+    drawn = _challenges(150, distribution=fitted)
+    lengths = [len(tokenize(c.prompt)) + c.max_tokens for c in drawn]
+    assert max(lengths) <= context and max(lengths) > context * 0.8  # trimmed to fit, not far below
+    untrimmed = _challenges(150)  # the same draws without the tokenizer: longer ones exist
+    assert max(len(tokenize(c.prompt)) + c.max_tokens for c in untrimmed) > context
+    assert [c.seed for c in drawn] == [c.seed for c in untrimmed]  # trimming changes the prompt only

@@ -34,7 +34,7 @@ import hashlib
 import hmac
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,9 +59,12 @@ PREFIX_ZIPF = 1.1
 #: Temperatures prompts use (greedy and sampled) and the share of greedy ones.
 TEMPERATURES = (0.0, 0.8)
 GREEDY_SHARE = 0.5
-#: Default bound on a prompt's characters: about 1,700 tokens of the project's byte-level BPE (0.47 tokens per
-#: character measured on corpus text), leaving room for ``max_tokens`` within the default models' 2,048 positions.
-DEFAULT_MAX_PROMPT_CHARS = 3_600
+#: Default bound on a prompt's characters. Measured on the default model's byte-level BPE: mixed corpus text is
+#: about 0.47 tokens per character, but digits are about one token each, so 3,600 characters of few-shot additions
+#: are up to ~3,450 tokens: more than the default models' 2,048 positions. Pass ``tokenize`` and
+#: ``context_tokens`` to trim to the model; without them this bound keeps prompt + ``max_tokens`` under 2,048 tokens
+#: for any byte-level tokenizer (at most one token per ASCII character).
+DEFAULT_MAX_PROMPT_CHARS = 1_900
 
 _ADJ = ("red", "small", "old", "quiet", "happy", "green", "tall", "cold", "bright", "lazy")
 _NOUN = ("cat", "dog", "bird", "river", "tree", "child", "farmer", "ship", "lamp", "horse", "teacher", "stone")
@@ -177,12 +180,19 @@ class PromptDistribution:
     chat_share: float = CHAT_SHARE
     #: Share of prompts starting with a shared-pool prefix, in [0, 1].
     shared_prefix_share: float = SHARED_PREFIX_SHARE
+    #: The served model's tokenizer (``node.client.load_tokenizer``); with :attr:`context_tokens`, prompts are
+    #: trimmed to fit the model's context. None: only :attr:`max_prompt_chars` bounds them.
+    tokenize: Callable[[str], Sequence[int]] | None = field(default=None, repr=False, compare=False)
+    #: The model's context in tokens (``max_position_embeddings``); prompt + ``max_tokens`` stay within it.
+    context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_prompt_chars, int) or not 64 <= self.max_prompt_chars <= 65_536:
             raise InvalidVerifierInput("max_prompt_chars", self.max_prompt_chars, "in [64, 65536]")
         if not isinstance(self.max_shots, int) or not 0 <= self.max_shots <= 10_000:
             raise InvalidVerifierInput("max_shots", self.max_shots, "in [0, 10000]")
+        if self.context_tokens is not None and (not isinstance(self.context_tokens, int) or self.context_tokens < 128):
+            raise InvalidVerifierInput("context_tokens", self.context_tokens, "at least 128 tokens")
         for name in ("chat_share", "shared_prefix_share"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -229,6 +239,9 @@ class PromptDistribution:
         return max(1, min(self.max_shots, math.floor(value)))
 
     def _context(self, draws: Draws, kind: str, shots: int, budget: int) -> str:
+        return "".join(self._context_lines(draws, kind, shots, budget))
+
+    def _context_lines(self, draws: Draws, kind: str, shots: int, budget: int) -> list[str]:
         lines: list[str] = []
         used = 0
         for _ in range(shots):
@@ -238,13 +251,18 @@ class PromptDistribution:
                 break
             lines.append(line)
             used += len(line)
-        return "".join(lines)
+        return lines
 
     # -- the draw ----------------------------------------------------------------------------------------------
 
     def draw(self, draws: Draws, *, shared_prefixes: Sequence[str] = ()) -> ChallengeRequest:
         """One request from the distribution, using ``draws``; ``shared_prefixes`` is the pool users share (the
-        first is the most popular)."""
+        first is the most popular).
+
+        Every random choice is made first, in a fixed order; then, when :attr:`tokenize` is set, the oldest worked
+        examples (and then the shared prefix) are dropped until the prompt and ``max_tokens`` fit in
+        :attr:`context_tokens`, as a user's client trims a too-long history.
+        """
         kind = KINDS[_weighted(draws, _KIND_WEIGHTS)]
         chat = draws.random() < self.chat_share
         question, _ = self._example(draws, kind)
@@ -254,28 +272,49 @@ class PromptDistribution:
             prefix = shared_prefixes[_weighted(draws, _zipf_weights(len(shared_prefixes), PREFIX_ZIPF))]
             prefix = prefix[: max(0, self.max_prompt_chars - reserve)]
         budget = max(0, self.max_prompt_chars - reserve - len(prefix))
-        body = prefix + self._context(draws, kind, self._shots(draws), budget) + question
-        if kind in ("addition", "fact") or draws.random() < 0.5:
-            stop: tuple[str, ...] = ("\n",)
-        else:
-            stop = ()
-        if chat:
-            from node.client import CHAT_STOP, ChatMessage, render_chat
-
-            messages = [ChatMessage(role="user", content=body)]
-            if draws.random() < 0.5:
-                messages.insert(0, ChatMessage(role="system", content=str(_choice(draws, _SYSTEM))))
-            prompt, stop = render_chat(messages), (CHAT_STOP,)
-        elif draws.random() < 0.5:
-            prompt = "\n" + body  # a prompt starting a line, as in training and ``held_out_prompts``
-        else:
-            prompt = body
+        lines = self._context_lines(draws, kind, self._shots(draws), budget)
+        stop: tuple[str, ...] = ("\n",) if kind in ("addition", "fact") or draws.random() < 0.5 else ()
+        system = str(_choice(draws, _SYSTEM)) if draws.random() < 0.5 else None
+        newline = draws.random() < 0.5
         greedy = draws.random() < GREEDY_SHARE
+        max_tokens = int(_choice(draws, _MAX_TOKENS[kind]))  # type: ignore[call-overload]
+        seed = _integer(draws, 0, 2**63 - 1)
+        if chat:
+            from node.client import CHAT_STOP
+
+            stop = (CHAT_STOP,)
+
+        def assemble(keep: int, with_prefix: bool) -> str:
+            body = (prefix if with_prefix else "") + "".join(lines[len(lines) - keep :]) + question
+            if chat:
+                from node.client import ChatMessage, render_chat
+
+                messages = [ChatMessage(role="user", content=body)]
+                if system is not None:
+                    messages.insert(0, ChatMessage(role="system", content=system))
+                return render_chat(messages)
+            return "\n" + body if newline else body  # a line start, as in training and ``held_out_prompts``
+
+        prompt = assemble(len(lines), True)
+        if self.tokenize is not None and self.context_tokens is not None:
+            room = self.context_tokens - max_tokens
+            fits = self.tokenize
+            if len(fits(prompt)) > room:
+                low, high = 0, len(lines)  # the most recent ``low`` examples (with the prefix) fit, or none do
+                while low < high:
+                    middle = (low + high + 1) // 2
+                    if len(fits(assemble(middle, True))) <= room:
+                        low = middle
+                    else:
+                        high = middle - 1
+                prompt = assemble(low, True)
+                if len(fits(prompt)) > room:
+                    prompt = assemble(0, False)
         return ChallengeRequest(
-            prompt=prompt[-self.max_prompt_chars :],
-            max_tokens=int(_choice(draws, _MAX_TOKENS[kind])),  # type: ignore[call-overload]
+            prompt=prompt,
+            max_tokens=max_tokens,
             temperature=TEMPERATURES[0] if greedy else TEMPERATURES[1],
-            seed=_integer(draws, 0, 2**63 - 1),
+            seed=seed,
             stop=stop,
             kind=kind,
             chat=chat,
