@@ -139,10 +139,16 @@ def _immediate(engine: Engine) -> Engine:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # the driver's own BEGIN is off; ours follows
+        # WAL: a commit is one fsync of the log (the rollback journal needs several), and readers never wait for
+        # the writer; synchronous FULL keeps every commit durable across a power loss, not only a crash.
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads (execution option ``planetserve_read``) see one snapshot without the write lock.
+        read = connection.get_execution_options().get("planetserve_read", False)
+        connection.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -157,6 +163,7 @@ class WalletStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S})
         self._engine = _immediate(engine)
+        self._reader = self._engine.execution_options(planetserve_read=True)
         self.path = path
         self._key = (genesis.lower(), contract, client)
         SQLModel.metadata.create_all(
@@ -173,7 +180,14 @@ class WalletStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
+        """A write transaction: the database's write lock is taken at its start."""
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A read-only transaction (one consistent snapshot; never waits for a writer under WAL)."""
+        with Session(self._reader, expire_on_commit=False) as session, session.begin():
             yield session
 
     def _rows(self, session: Session) -> list[WalletChannelRow]:
@@ -196,7 +210,7 @@ class WalletStore:
 
     def channels(self, *, include_closed: bool = False) -> list[ChannelState]:
         """Every channel (open and closing; settled and gone ones too with ``include_closed``), by id."""
-        with self._tx() as session:
+        with self._read() as session:
             rows = self._rows(session)
         return [_state(r) for r in rows if include_closed or r.state in (OPEN, CLOSING)]
 
@@ -207,7 +221,7 @@ class WalletStore:
 
     def get(self, channel_id: int) -> ChannelState | None:
         """Channel ``channel_id`` of this client, or None."""
-        with self._tx() as session:
+        with self._read() as session:
             try:
                 return _state(self._row(session, channel_id))
             except KeyError:
@@ -215,7 +229,7 @@ class WalletStore:
 
     def committed_deposits(self) -> int:
         """Wei in open and closing channels plus pending deposits: what the budget is measured against."""
-        with self._tx() as session:
+        with self._read() as session:
             return self._committed(session)
 
     def _committed(self, session: Session) -> int:
@@ -231,7 +245,7 @@ class WalletStore:
 
     def pending(self) -> list[PendingDeposit]:
         """Deposits sent (or about to be) whose channel is not recorded yet."""
-        with self._tx() as session:
+        with self._read() as session:
             return self._pending(session)
 
     # -- writes ------------------------------------------------------------------------------------------------
