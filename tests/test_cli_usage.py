@@ -131,6 +131,8 @@ def test_exit_codes_map_by_class_not_by_code_text() -> None:
     import node.inference
     import node.overlay
     import node.privacy
+    import verifier._errors
+    import verifier._runner  # its NotAVerifier is in the table
     from cli import _errors
 
     for module_name, class_name, _ in _EXIT_BY_CLASS:
@@ -147,6 +149,10 @@ def test_exit_codes_map_by_class_not_by_code_text() -> None:
     assert exit_code_for(ledger.OperatorKeyError("no key")) is ExitCode.KEY_ERROR
     assert exit_code_for(node.privacy.InsufficientRelays(3, 1)) is ExitCode.NETWORK_ERROR
     assert exit_code_for(_errors.PortInUse(host="127.0.0.1", port=1)) is ExitCode.PORT_IN_USE
+    missing = verifier._errors.EvidenceNotFound(evidence_hash="0x" + "00" * 32, store="evidence")
+    assert exit_code_for(missing) is ExitCode.NOT_FOUND
+    changed = verifier._errors.EvidenceTampered(evidence_hash="0x" + "00" * 32, path="p", detail="changed")
+    assert exit_code_for(changed) is ExitCode.TAMPERED
 
     class Renamed(node.PlanetServeError):
         code = "invalid_but_unmapped"  # a code that only looks like an invalid-input one
