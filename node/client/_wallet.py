@@ -50,6 +50,7 @@ from ledger import (
     PaymentChannels,
     TransactionOutcomeUnknown,
     TxReceipt,
+    VoucherDomain,
     Wei,
     checksum,
     sign_voucher,
@@ -239,7 +240,7 @@ class Wallet:
         return str(self._account.address)
 
     @property
-    def domain(self) -> Any:
+    def domain(self) -> VoucherDomain:
         """The voucher domain (chain id and contract) this wallet pays on."""
         return self._domain
 
@@ -318,28 +319,34 @@ class Wallet:
     # -- deposits (sync: the CLI's, and the request path's through worker threads) ----------------------------
 
     def _fund(self, payer: LocalAccount, amount: int) -> None:
-        """Send ``amount`` wei plus gas for its channel's life from the main address to a fresh ``payer``."""
-        w3 = self._reader.w3
-        gas_price = int(w3.eth.gas_price)
-        value = amount + FRESH_GAS_UNITS * gas_price * 2
-        tx: dict[str, Any] = {
-            "to": payer.address,
-            "value": value,
-            "gas": 21_000,
-            "gasPrice": gas_price * 2,
-            "nonce": w3.eth.get_transaction_count(self._account.address, "pending"),
-            "chainId": self._domain.chain_id,
-        }
-        raw = self._account.sign_transaction(tx).raw_transaction
-        try:
-            tx_hash = w3.eth.send_raw_transaction(raw)
-        except Exception as exc:
-            if "insufficient funds" in str(exc).lower():
-                from ledger import InsufficientFunds
+        """Send ``amount`` wei plus gas for its channel's life from the main address to a fresh ``payer``.
 
-                raise InsufficientFunds(self._account.address) from exc
-            raise
+        Through the ledger's per-key nonce manager, so it never collides with the main key's other transactions.
+        """
+        from ledger._tx import map_call_errors, nonce_manager
+
+        w3 = self._reader.w3
+        gas_price = 2 * int(w3.eth.gas_price)
+        value = amount + FRESH_GAS_UNITS * gas_price
+        manager = nonce_manager(w3, self._account.address)
+
+        def send(nonce: int) -> HexBytes:
+            tx: dict[str, Any] = {
+                "to": payer.address,
+                "value": value,
+                "gas": 21_000,
+                "gasPrice": gas_price,
+                "nonce": nonce,
+                "chainId": self._domain.chain_id,
+            }
+            raw = self._account.sign_transaction(tx).raw_transaction
+            return map_call_errors(
+                self._reader.decoder, self._account.address, lambda: HexBytes(w3.eth.send_raw_transaction(raw))
+            )
+
+        tx_hash = manager.submit(w3, send)
         w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.05)
+        manager.settled(tx_hash)
 
     def _open_sync(self, node: str, amount: int, *, budget: int | None, fresh: bool) -> ChannelState:
         node = checksum(node, param="node")
