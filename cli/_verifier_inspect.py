@@ -72,11 +72,19 @@ def _challenge_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 @app.command()
 def evidence(
     evidence_hash: Annotated[str, typer.Argument(help="0x + 64 hex digits: the evidence hash attested on chain.")],
+    anchor: Annotated[
+        bool,
+        typer.Option(
+            "--check-anchor", envvar="PS_CHECK_ANCHOR", help="Also check the seed's anchor block on the chain."
+        ),
+    ] = False,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a stored evidence record after re-hashing it, with its seed signature and schedule checked."""
-    from verifier._evidence import check_record, parse_hash
+    """Print a stored evidence record after re-hashing it, with its seed signature and schedule checked (and with
+    ``--check-anchor`` its anchor block against the chain at ``--rpc-url``)."""
+    from verifier._evidence import check_anchor, check_record, parse_hash
 
     digest = parse_hash(evidence_hash)
     store = _store(state_dir)
@@ -89,6 +97,15 @@ def evidence(
         "schedule_matches": check.schedule_matches,
         "problems": list(check.problems),
     }
+    if anchor:
+        from ledger import connect
+        from verifier._epoch import Web3Blocks
+
+        w3 = connect(rpc_url)
+        valid, why = check_anchor(record, Web3Blocks(w3), chain_id=int(w3.eth.chain_id))
+        summary["anchor_valid"] = valid
+        if why:
+            summary["problems"].append(why)
     if as_json:
         emit(summary | {"path": str(store.find(digest)), "record": record}, as_json=True)
         return

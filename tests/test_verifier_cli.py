@@ -124,12 +124,15 @@ def test_evidence_and_status_commands_show_what_was_stored_attested_and_penalise
     # A record whose attestation never happened (say the transaction failed): status lists it apart.
     never = "0x" + EvidenceStore(tmp_path / "v5" / "evidence").put(_record(chain, 5, address(3), epoch, HIGH)).hex()
     v5 = _env(chain, PS_STATE_DIR=str(tmp_path / "v5"), PS_PRIVATE_KEY=dev_account(5).key.hex())
+    v6 = _env(chain, PS_STATE_DIR=str(tmp_path / "v6"))
 
     # ps-verifier evidence: the record, re-hashed, with its seed signature and schedule checked.
     shown = _ok_json(_run("verifier", ["evidence", hashes[(5, FAILING)], "--json"], v5))
     assert shown["hash_verified"] is True and shown["signature_valid"] is True and shown["schedule_matches"] is True
     assert shown["record"] == EvidenceStore(tmp_path / "v5" / "evidence").get(hashes[(5, FAILING)])
     assert shown["record"]["score"] == LOW and shown["record"]["node"] == FAILING and shown["problems"] == []
+    anchored = _ok_json(inproc("verifier", ["evidence", hashes[(6, PASSING)], "--check-anchor", "--json"], v6))
+    assert anchored["anchor_valid"] is True and anchored["problems"] == []
     plain = inproc("verifier", ["evidence", hashes[(5, PASSING)].upper().replace("0X", "0x")], v5)
     assert plain.returncode == 0 and "hash_verified     True" in plain.stdout and "answer tokens" in plain.stdout
     assert dev_account(5).key.hex().removeprefix("0x") not in plain.stdout + plain.stderr + json.dumps(shown)

@@ -16,6 +16,7 @@ from verifier._errors import EvidenceNotFound, EvidenceTampered, EvidenceTooLarg
 from verifier._evidence import (
     EvidenceStore,
     canonical_json,
+    check_anchor,
     check_record,
     evidence_hash,
     parse_hash,
@@ -191,3 +192,34 @@ def test_check_record_verifies_the_seed_signature_and_that_no_planned_challenge_
     unsigned = {k: v for k, v in _record().items() if k != "seed"}
     assert check_record(unsigned) == check_record(unsigned)  # never raises
     assert check_record(unsigned).signature_valid is None and check_record(unsigned).ok
+
+
+class _Blocks:
+    """A chain of three blocks: 38 before the epoch, 39 starts it, 40 after (the records' anchor is 40)."""
+
+    def __init__(self, anchor_number: int) -> None:
+        start = EPOCH_START + EPOCH * EPOCH_LENGTH
+        self.blocks = {
+            n: AnchorBlock(
+                number=n, hash=keccak256(f"block {n}".encode()), timestamp=start + 3 + 3 * (n - anchor_number)
+            )
+            for n in (anchor_number - 2, anchor_number - 1, anchor_number)
+        }
+
+    def latest(self) -> AnchorBlock:
+        return self.blocks[max(self.blocks)]
+
+    def block(self, number: int) -> AnchorBlock | None:
+        return self.blocks.get(number)
+
+
+def test_check_anchor_compares_the_records_anchor_with_the_chain() -> None:
+    record = _record()
+    # The record's anchor (block 40 at start + 3) has a parent at start + 0: the parent starts the epoch.
+    valid, why = check_anchor(record, _Blocks(40), chain_id=31337)
+    assert valid is False and "earlier block" in why
+    shifted = _Blocks(40)
+    shifted.blocks[39] = AnchorBlock(number=39, hash=bytes(32), timestamp=EPOCH_START + EPOCH * EPOCH_LENGTH - 1)
+    assert check_anchor(record, shifted, chain_id=31337) == (True, "")
+    assert check_anchor(record, shifted, chain_id=1)[0] is False
+    assert check_anchor({k: v for k, v in record.items() if k != "epoch_start"}, shifted, chain_id=31337)[0] is None

@@ -41,11 +41,15 @@ from typing import Any
 
 from verifier._epoch import (
     AnchorBlock,
+    AnchorMismatch,
     AuditPolicy,
+    BlockSource,
     EpochSeed,
     InvalidEpochSeed,
+    epoch_bounds,
     keccak256,
     plan_epoch,
+    verify_anchor,
     verify_epoch_seed,
 )
 from verifier._errors import (
@@ -429,3 +433,20 @@ def _check_schedule(record: Mapping[str, Any], seed: EpochSeed, problems: list[s
         problems.append(f"the challenges differ from the plan ({len(sent)} recorded, {len(planned)} planned)")
         return False
     return True
+
+
+def check_anchor(record: Mapping[str, Any], source: BlockSource, *, chain_id: int) -> tuple[bool | None, str]:
+    """Whether the record's anchor block is, on the chain ``source`` reads (id ``chain_id``), the first block of its
+    epoch: ``(True, "")``, ``(False, why)``, or ``(None, why)`` when the record lacks what the check needs."""
+    seed = seed_from_record(record)
+    start, length = record.get("epoch_start"), record.get("epoch_length")
+    if seed is None or not isinstance(start, int) or not isinstance(length, int):
+        return None, "the anchor is not checkable: the record lacks its seed or epoch bounds"
+    if seed.chain_id != chain_id:
+        return False, f"the record is for chain {seed.chain_id}, this chain is {chain_id}"
+    try:
+        begin, _ = epoch_bounds(start, length, seed.epoch)
+        verify_anchor(source, seed.anchor, begin)
+    except (AnchorMismatch, InvalidVerifierInput) as exc:
+        return False, str(exc)
+    return True, ""
