@@ -269,7 +269,9 @@ class Redeemer:
             while queue and not done.failed and not done.jailed:
                 batch, queue = queue[: self._config.batch_size], queue[self._config.batch_size :]
                 self._send(batch, done)
-            self.stats.unredeemed_wei = max(0, unredeemed - done.redeemed)
+            if done.redeemed or done.caught_up or done.lost:
+                left = (b.unredeemed for b in self._store.books() if b.channel_id not in self._dead)
+                self.stats.unredeemed_wei = sum(left)
             return self._report(done)
 
     def _send(self, batch: list[Voucher], done: _Pass) -> None:
