@@ -192,6 +192,10 @@ def test_evidence_errors_are_one_line_with_their_exit_codes(
     _failed(inproc("verifier", ["evidence", "0x1234"], env), ExitCode.INVALID_INPUT, "64 hex digits")
     _failed(inproc("verifier", ["evidence"], env), ExitCode.USAGE, "Missing argument")
     _failed(inproc("verifier", ["status"], env), ExitCode.KEY_ERROR, "PS_PRIVATE_KEY")  # or --verifier
+    outsider = _ok_json(inproc("verifier", ["status", "--verifier", address(17), "--json"], env))
+    assert outsider["registered"] is False and outsider["attestations"] == [] and outsider["total_records"] == 1
+    nobody = _ok_json(inproc("node", ["status", "--operator", address(17), "--json"], env))
+    assert nobody["registered"] is False and nobody["reputation"] == NEUTRAL and nobody["attestations"] == []
     path = store.find(digest)
     path.write_bytes(path.read_bytes().replace(b'"score":100000', b'"score":900000'))
     line = _failed(inproc("verifier", ["evidence", digest], env), ExitCode.TAMPERED, "no longer hashes to it")
