@@ -40,6 +40,7 @@ from node.privacy import RelayDescriptor
 if TYPE_CHECKING:
     from ledger import AcceptedVoucher
     from node.overlay._payments import Payments
+    from node.overlay._reforward import Reforwarder
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class CompletionRequest(_Wire):
     """Up to four stop strings of 1..64 characters."""
     voucher: VoucherWire | None = None
     """v2 only: the payment voucher for the destination (§10.4). Never serialised when absent, so v1 stays v1."""
+    forwarded: bool = False
+    """§10.5: set by a model node that re-forwarded the request to a peer; a node never re-forwards such a request
+    again (loop-free). Never serialised when false, so requests without it are byte for byte what they were."""
 
     @field_validator("voucher")
     @classmethod
@@ -138,6 +142,8 @@ class CompletionRequest(_Wire):
         shown = f"model={self.model[:10]}…, prompt=<{len(self.prompt)} chars>, max_tokens={self.max_tokens}"
         if self.voucher is not None:
             shown += ", voucher=<redacted>"
+        if self.forwarded:
+            shown += ", forwarded"
         return f"CompletionRequest({shown})"
 
     __str__ = __repr__
@@ -154,8 +160,12 @@ class CompletionRequest(_Wire):
         )
 
     def to_bytes(self) -> bytes:
-        """Canonical UTF-8 JSON (the envelope body); a request without a voucher has no ``voucher`` key."""
-        return self.model_dump_json(by_alias=True, exclude={"voucher"} if self.voucher is None else None).encode()
+        """Canonical UTF-8 JSON (the envelope body); a request without a voucher has no ``voucher`` key, one not
+        re-forwarded no ``forwarded`` key."""
+        exclude = {
+            name for name, absent in (("voucher", self.voucher is None), ("forwarded", not self.forwarded)) if absent
+        }
+        return self.model_dump_json(by_alias=True, exclude=exclude or None).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CompletionRequest:
@@ -227,14 +237,19 @@ class RequestObserver(Protocol):
 
 
 def completion_handler(
-    engine: Engine, *, observers: Sequence[RequestObserver] = (), payments: Payments | None = None
+    engine: Engine,
+    *,
+    observers: Sequence[RequestObserver] = (),
+    payments: Payments | None = None,
+    reforward: Reforwarder | None = None,
 ) -> ReplyHandler:
     """The model node's reply handler serving ``engine`` (plug it into ``create_app(config, handler)``).
 
     With ``payments`` the node is paying (§10.4): a request is served only after its voucher was accepted and
     committed, and is charged after it ends, whatever the outcome. Without, vouchers are ignored (free serving).
     Each request ends with one log line at INFO: its random id, token counts, cache hits, finish reason and timings,
-    never prompt or answer text.
+    never prompt or answer text. With ``reforward``, a request accepted while the engine is over its queue bound may
+    be served by a peer instead (§10.5): its deltas are relayed here unchanged and charged like the engine's own.
     """
 
     async def handle(body: bytes) -> AsyncIterator[bytes]:
@@ -281,7 +296,9 @@ def completion_handler(
             observer.started(request.prompt)
         try:
             generation = GenerationRequest(request_id=request_id, prompt=request.prompt, params=request.sampling())
-            stream = engine.generate(generation)
+            stream = (
+                engine.generate(generation) if reforward is None else reforward.generate(request, generation, engine)
+            )
             started = True
             async with contextlib.aclosing(stream):
                 async for chunk in stream:

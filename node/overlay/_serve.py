@@ -22,6 +22,7 @@ from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 if TYPE_CHECKING:
     from ledger import IndexedNode
     from node.overlay._payments import Payments
+    from node.overlay._reforward import Reforwarder
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def create_model_app(
     heartbeat: HeartbeatPublisher | None = None,
     observers: Sequence[RequestObserver] = (),
     payments: Payments | None = None,
+    reforward: Reforwarder | None = None,
 ) -> web.Application:
     """A model node: the overlay serving completions from ``engine``, which it closes on shutdown.
 
@@ -67,6 +69,9 @@ def create_model_app(
 
     With ``heartbeat``, the node serves its signed heartbeat at ``GET /overlay/v1/heartbeat`` and feeds it the TTFT
     and prefix counts of every request it serves.
+
+    With ``reforward``, a request accepted while the engine is over its queue bound may be served by a peer
+    (protocol §10.5); ``planetserve_reforwards_total{outcome}`` at ``/metrics`` counts the decisions.
     """
 
     async def engine_ctx(_app: web.Application) -> AsyncIterator[None]:
@@ -78,11 +83,16 @@ def create_model_app(
     routes = []
     if heartbeat is not None:
         routes.append(web.get(HEARTBEAT_PATH.removeprefix("/overlay"), heartbeat_route(heartbeat)))
-    handler = completion_handler(engine, observers=watchers, payments=payments)
+    handler = completion_handler(engine, observers=watchers, payments=payments, reforward=reforward)
     app = create_app(config, handler, peers=peers, routes=routes)
     metrics = app[keys.NODE_METRICS]
     metrics.watch_engine(engine.stats)
     watchers.append(metrics)
+    if reforward is not None:
+        from node.overlay._reforward import ReforwardCollector
+
+        metrics.registry.register(ReforwardCollector(reforward))
+        app.cleanup_ctx.append(reforward.cleanup_ctx())
     if isinstance(peers, RegistryPeerDirectory):
         app.cleanup_ctx.append(peers.cleanup_ctx())
     app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
