@@ -228,3 +228,61 @@ def test_bad_inputs_are_refused_with_the_parameter_named() -> None:
         plan_epoch(bytes(32), epoch=0, epoch_start=0, epoch_length=60, nodes=["not-an-address"])
     with pytest.raises(InvalidVerifierInput, match="epoch_length"):
         epoch_bounds(0, 0, 1)
+
+
+def test_the_signed_digest_and_the_plan_follow_the_documented_formulas_written_out_independently() -> None:
+    """docs/verification.md "Sampling and evidence", re-derived here without ``verifier._epoch``'s helpers: the
+    EIP-712 digest by hand (type hashes, domain separator, ``\\x19\\x01``), the signer recovered with eth-keys, and
+    the plan's counts, times and keys from the keccak draws."""
+    from eth_abi.abi import encode
+    from eth_hash.auto import keccak
+    from eth_keys.datatypes import Signature
+
+    anchor = _anchor(9)
+    seed = _seed(7, 11, anchor)
+    domain_type = b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+    domain = keccak(
+        encode(
+            ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+            [keccak(domain_type), keccak(b"PlanetServe Verifier"), keccak(b"1"), CHAIN_ID, CONTRACT],
+        )
+    )
+    struct = keccak(
+        encode(
+            ["bytes32", "uint256", "uint256", "bytes32"],
+            [
+                keccak(b"EpochSeed(uint256 epoch,uint256 anchorBlock,bytes32 anchorHash)"),
+                11,
+                anchor.number,
+                anchor.hash,
+            ],
+        )
+    )
+    digest = keccak(b"\x19\x01" + domain + struct)
+    r, s, v = seed.signature[:32], seed.signature[32:64], seed.signature[64]
+    signature = Signature(vrs=(v - 27, int.from_bytes(r, "big"), int.from_bytes(s, "big")))
+    assert signature.recover_public_key_from_msg_hash(digest).to_checksum_address() == dev_account(7).address
+    assert seed.seed == keccak(seed.signature)
+
+    policy = AuditPolicy(mean_challenges=3.0, min_challenges=1, max_challenges=9)
+    start, length, not_before = 5_000, 900, 5_000 + 30
+    plan = plan_epoch(
+        seed.seed, epoch=0, epoch_start=start, epoch_length=length, nodes=NODES, policy=policy, not_before=not_before
+    )
+    begin_ms, span_ms = 30_000, (length - 30) * 1000
+    expected = []
+    for node in sorted(NODES):
+        raw = bytes.fromhex(node[2:])
+        u = (int.from_bytes(keccak(b"planetserve/epoch/count/" + seed.seed + raw), "big") >> 203) / 2.0**53
+        count, term, total = 0, math.exp(-3.0), math.exp(-3.0)
+        while u >= total and count < 9:
+            count += 1
+            term *= 3.0 / count
+            total += term
+        count = max(count, 1)
+        draws = [keccak(b"planetserve/epoch/time/" + seed.seed + raw + i.to_bytes(4, "big")) for i in range(count)]
+        times = sorted(begin_ms + (int.from_bytes(d, "big") * span_ms >> 256) for d in draws)
+        for i, at in enumerate(times):
+            key = keccak(b"planetserve/epoch/challenge/" + seed.seed + raw + i.to_bytes(4, "big"))
+            expected.append((at, node, i, key))
+    assert [(c.send_at_ms, c.node, c.index, c.key) for c in plan.challenges] == sorted(expected)
