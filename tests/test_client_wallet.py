@@ -3,9 +3,9 @@ reclaim``, against a real anvil; the live tests pay a real model node (tiny torc
 its SQLite voucher store) over six real relays on 127.0.0.1, from this process and from separate client processes
 (``tests/wallet_payer.py``).
 
-What is proven: a second process continues a channel's cumulative amount from the book and the node accepts it; two
-processes of one client paying one node at once share one channel and every voucher is accepted (none stale, none
-underpaid) and both books agree with the node's; a process killed right after committing a voucher leaves its
+What is proven: later processes continue a channel's cumulative amount from the book, two of them paying one node
+at once share that one channel, and the node accepts every voucher (none stale, none underpaid), the books agreeing
+with the node's; a process killed right after committing a voucher leaves its
 reservation counted as spent, and the next voucher is accepted; a deposit whose transaction left before the book
 recorded it is found again by its event; a book of another chain (same id, other genesis) is not reused; fresh
 addresses pay from a derived key; the CLI's amounts are exact to the wei, and its errors are one line.
@@ -27,7 +27,8 @@ from cli.exit_codes import ExitCode
 from ledger import Role, dev_account, model_id, sign_voucher
 from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, derive_channel_account
-from node.client._wallet_store import WalletStore
+from node.client._wallet_store import ChannelLocks, WalletStore
+from node.overlay import CompletionRequest, ModelNode
 from tests.fixtures.chain import ChainEnv
 from tests.fixtures.payments import eth_balance, payments
 from tests.test_chain_cli import InProcess, _env, _failed, _ok_json, _run
@@ -101,47 +102,30 @@ def _agrees_with_node(paid: PaidNet, wallet: Wallet) -> int:
     return state.channel_id
 
 
-async def test_another_process_continues_the_cumulative_amount_and_the_node_accepts_it(
+async def test_two_later_processes_continue_the_channel_at_once_and_the_node_accepts_every_voucher(
     chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    """This process pays first and stops; then two client processes at once continue from its book: each voucher
+    they sign is above every earlier one and reaches the node in order (none stale, none underpaid)."""
     paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
     state = tmp_path / "client"
     try:
         first = _wallet(chain, state)
         async with Client(paid.directory(), ClientConfig(heartbeats=False, attempts=1), wallet=first) as client:
-            for prompt in PROMPTS[:2]:
-                await client.complete(_request(paid, prompt))
+            await client.complete(_request(paid, PROMPTS[0]))
         (before,) = first.channels()
         first.close()
-        result = await _result(await _spawn(_job(chain, paid, state, [PROMPTS[2]])))
-        assert "error" not in result["results"][0], result
-        assert paid.engine.generated == 3
+        processes = [await _spawn(_job(chain, paid, state, list(PROMPTS[i : i + 2]))) for i in (1, 2)]
+        results = [await _result(p) for p in processes]
+        outcomes = [r for result in results for r in result["results"]]
+        assert len(outcomes) == 4 and all("error" not in r for r in outcomes), outcomes
+        assert paid.engine.generated == 5
         again = _wallet(chain, state)
         channel_id = _agrees_with_node(paid, again)
         (after,) = again.channels()
         assert channel_id == before.channel_id and after.last > before.last and after.owed > before.owed
         assert payments(chain).next_channel_id() == channel_id + 1  # no second channel was opened
         again.close()
-    finally:
-        await paid.close()
-
-
-async def test_two_processes_of_one_client_share_one_channel_and_every_voucher_is_accepted(
-    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    paid = await _start(chain, tiny_model_dir, tmp_path / "vouchers.db")
-    state = tmp_path / "client"
-    try:
-        jobs = [_job(chain, paid, state, list(PROMPTS[i : i + 3])) for i in (0, 1)]
-        processes = [await _spawn(job) for job in jobs]
-        results = [await _result(p) for p in processes]
-        outcomes = [r for result in results for r in result["results"]]
-        assert len(outcomes) == 6 and all("error" not in r for r in outcomes), outcomes
-        assert paid.engine.generated == 6
-        wallet = _wallet(chain, state)
-        channel_id = _agrees_with_node(paid, wallet)
-        assert payments(chain).next_channel_id() == channel_id + 1  # one channel, though both started without one
-        wallet.close()
     finally:
         await paid.close()
 
@@ -165,6 +149,33 @@ async def test_a_crash_after_signing_counts_the_reservation_as_spent_and_the_nex
         wallet.close()
     finally:
         await paid.close()
+
+
+async def test_no_voucher_is_signed_while_another_process_holds_the_nodes_lock(chain: ChainEnv, tmp_path: Path) -> None:
+    """``flock`` locks of two open files conflict exactly as two processes' do: the other "process" here is a second
+    ``ChannelLocks`` on the same folder, holding the node's lock as a request in transit would."""
+    wallet = _wallet(chain, tmp_path)
+    node = ModelNode(
+        operator=dev_account(NODE).address,
+        endpoint="http://127.0.0.1:9",
+        public_key=bytes(32),
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=PRICE,
+    )
+    request = CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
+    prefix = next(p.name.rsplit("-", 2)[0] for p in (tmp_path / "locks").iterdir() if p.name.endswith("-wallet.lock"))
+    other = ChannelLocks(tmp_path / "locks", prefix)
+    assert other.try_acquire(node.operator)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(wallet.pay(node, request, None), 0.5)
+    assert wallet.channels() == []  # nothing was signed, nor opened, while it waited
+    other.release(node.operator)
+    _paid, payment = await asyncio.wait_for(wallet.pay(node, request, None), 30)
+    assert payment is not None and not other.try_acquire(node.operator)  # now this wallet holds it until admitted
+    wallet.finish(payment, 0)
+    assert other.try_acquire(node.operator)
+    other.close()
+    wallet.close()
 
 
 def test_a_deposit_sent_before_the_book_recorded_it_is_found_again(chain: ChainEnv, tmp_path: Path) -> None:
