@@ -22,21 +22,24 @@ import pytest
 from sqlalchemy.pool import StaticPool
 from sqlmodel import create_engine
 
+from cli.exit_codes import ExitCode
 from ledger import (
     ChainNotReachable,
     InvalidChainInput,
     PaymentChannels,
     PriceRule,
+    Role,
     TransactionOutcomeUnknown,
     VoucherStore,
     Wei,
     dev_account,
+    model_id,
 )
 from ledger._reverts import PaymentChannelsNodeJailed
 from node.overlay._redeemer import Redeemer, RedeemerCollector, RedeemerConfig, RedeemerService
-from tests.fixtures.chain import ChainEnv, rpc
+from tests.fixtures.chain import OWNER, SLASHER, TEST_PARAMS, ChainEnv, rpc
 from tests.fixtures.payments import deploy_with_jail_switch, eth_balance, payments, spent, voucher
-from tests.test_chain_cli import _env
+from tests.test_chain_cli import InProcess, _env, _failed
 from tests.test_serve_cli import _ready, _spawn
 
 NODE, CLIENT, OTHER_CLIENT = 1, 10, 11
@@ -373,3 +376,27 @@ def test_ps_node_serve_redeems_at_start_what_a_killed_node_served_and_shows_it_i
     assert _nonce(chain) == nonce + 1
     processes[-1].send_signal(signal.SIGTERM)
     assert processes[-1].wait(timeout=30) == 0
+
+
+def test_ps_node_claim_on_a_jailed_node_fails_with_one_line_and_changes_nothing(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pay = payments(chain)
+    db = tmp_path / "book.db"
+    channel = _open(pay)
+    _serve(_store(pay, db), pay, channel, 3)
+    registry = chain.registry(NODE)
+    registry.register(
+        role=Role.MODEL,
+        endpoint="http://127.0.0.1:9",
+        x25519_public_key=b"\x05" * 32,
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=1_000,
+        stake=TEST_PARAMS.minimum_stake_model,
+    )
+    registry.with_account(dev_account(OWNER)).grant_slasher(dev_account(SLASHER).address)
+    registry.with_account(dev_account(SLASHER)).slash(dev_account(NODE).address, 1, b"\x09" * 32)
+    env = _env(chain, tmp_path, NODE, PS_VOUCHERS_DB=f"sqlite:///{db}")
+    failed = InProcess(monkeypatch, capsys)("node", ["claim"], env)
+    _failed(failed, ExitCode.TX_REVERTED, "PaymentChannelsNodeJailed")
+    assert pay.channel(channel).redeemed == 0 and _store(pay, db).book(channel).redeemed == 0  # type: ignore[union-attr]
