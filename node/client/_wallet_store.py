@@ -15,8 +15,7 @@ before signing until the node answered (the lock dies with its process, so a cra
 Rows are keyed by the chain's genesis block hash, the contract and the client address: a fresh anvil reuses chain id
 31337 and often the same contract addresses, and its channel 1 is not the old chain's channel 1.
 
-Amounts are decimal strings (SQLite integers are 64-bit; wei reach 2**256). One book per client state directory;
-``sqlite://`` (in memory) serves a wallet that lives in one process.
+Amounts are decimal strings (SQLite integers are 64-bit; wei reach 2**256). One book per client state directory.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 #: Channel states, as the client sees them.
@@ -156,12 +154,11 @@ def _immediate(engine: Engine) -> Engine:
 class WalletStore:
     """The channels of ``client`` on one contract of one chain, in a SQLite file (or in memory)."""
 
-    def __init__(self, path: Path | None, *, genesis: str, contract: str, client: str) -> None:
-        if path is None:
-            engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S})
+    def __init__(self, path: Path, *, genesis: str, contract: str, client: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        engine = create_engine(
+            f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+        )
         self._engine = _immediate(engine)
         self._reader = self._engine.execution_options(planetserve_read=True)
         self.path = path
