@@ -323,6 +323,8 @@ class Scenario:
     k_distinct: int = 3
     sample_candidates: int = 0
     """0: every client weighs every node; else a random sample of this many plus the nodes holding the prefix."""
+    speed: float = 1.0
+    """Every node's cost factor (the slow ones' 3 is on top of it)."""
     overhead_s: float = 0.0
     """Network time added to each request before it reaches the node (the real run's measured path latency)."""
 
@@ -336,7 +338,7 @@ def simulate(
     ``refresh_s``, each at most ``PUBLISH_S`` old when fetched), exactly as ``Client.choose`` does."""
     rng = random.Random(seed)
     cache_blocks = sc.workload.cache_tokens // BLOCK
-    nodes = [Node(i, 3.0 if i in sc.slow else 1.0, i in sc.liars, cache_blocks) for i in range(sc.nodes)]
+    nodes = [Node(i, sc.speed * (3.0 if i in sc.slow else 1.0), i in sc.liars, cache_blocks) for i in range(sc.nodes)]
     policies: list[Policy] = [make_policy(policy_name) for _ in range(sc.clients)]
     trackers = [LoadTracker(prior_seconds_per_token=cal.prefill_per_token_s) for _ in range(sc.clients)]
     reqs = [replace(r) for r in requests]  # fresh per run: the simulation writes timings into them
@@ -516,8 +518,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-measure", action="store_true", help="use the committed engine figures")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--real", action="store_true", help="also the real multi-process run beside the simulation (a few minutes)"
+    )
+    parser.add_argument(
+        "--real-only", action="store_true", help="only the real run; the other sections of --out are kept"
+    )
+    parser.add_argument("--real-requests", type=int, default=200, help="requests per policy in the real run")
+    parser.add_argument(
+        "--real-load", type=float, default=0.6, help="the real run's load (of its round robin capacity)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.real_only:
+        kept = json.loads(args.out.read_text()) if args.out.exists() else {"bench": "forwarding"}
+        kept["real"] = _real(args)
+        args.out.write_text(json.dumps(kept, indent=2) + "\n")
+        print(f"\nwrote {args.out} in {time.perf_counter() - started:.0f} s")
+        return kept
     count = 600 if args.quick else 3000
     cal = DEFAULT_CALIBRATION if args.no_measure else measure_calibration()
     print("calibration:", json.dumps(asdict(cal)))
@@ -559,22 +577,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cap = capacity(equal, cal, max(400, count // 2), args.seed)
         reqs = make_requests(wl, cap * load, count, 1, args.seed + 7)
         base = simulate(equal, "planetserve", reqs, cal, args.seed)
-        for name in ("round_robin", "planetserve"):
-            r = simulate(Scenario(wl, slow=(0, 1), liars=(1,)), name, reqs, cal, args.seed)
+        # The bound no policy can beat by balancing: 8 equal nodes with the same total capacity (6 + 2/3 nodes).
+        same_capacity = simulate(Scenario(wl, speed=8 / (6 + 2 / 3)), "planetserve", reqs, cal, args.seed)
+        cases = [
+            ("round_robin", Scenario(wl, slow=(0, 1), liars=(1,)), "round_robin"),
+            ("planetserve", Scenario(wl, slow=(0, 1), liars=(1,)), "planetserve"),
+            ("planetserve (no liar)", Scenario(wl, slow=(0, 1)), "planetserve"),
+        ]
+        for label, scenario, name in cases:
+            r = simulate(scenario, name, reqs, cal, args.seed)
             hetero_rows.append(
                 {
                     "load": load,
-                    "policy": name,
+                    "policy": label,
                     "mean_s": r["mean_s"],
                     "p99_s": r["p99_s"],
                     "vs_all_equal": r["mean_s"] / base["mean_s"],
+                    "vs_same_capacity": r["mean_s"] / same_capacity["mean_s"],
                 }
             )
+        hetero_rows.append(
+            {
+                "load": load,
+                "policy": "bound: 8 equal nodes, same total capacity",
+                "mean_s": same_capacity["mean_s"],
+                "p99_s": same_capacity["p99_s"],
+                "vs_all_equal": same_capacity["mean_s"] / base["mean_s"],
+                "vs_same_capacity": 1.0,
+            }
+        )
     results["heterogeneous"] = hetero_rows
     _table(
-        "2 of 8 nodes 3x slower (one reports zero load); vs planetserve with all nodes equal",
+        "2 of 8 nodes 3x slower (node 1 also reports zero load); vs planetserve with all nodes equal, and vs 8 equal "
+        "nodes with the same total capacity",
         hetero_rows,
-        ("load", "policy", "mean_s", "p99_s", "vs_all_equal"),
+        ("load", "policy", "mean_s", "p99_s", "vs_all_equal", "vs_same_capacity"),
     )
 
     # Independent clients with stale heartbeats.
@@ -630,11 +667,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         [scale],
         tuple(scale),
     )
+    if args.real:
+        results["real"] = _real(args)
     results["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out} in {results['wall_s']:.0f} s")
     return results
+
+
+def _real(args: argparse.Namespace) -> dict[str, Any]:
+    """The real multi-process run beside the simulation at its scale (``bench/forwarding_real.py``); prints it."""
+    from forwarding_real import run_real
+
+    real = run_real(
+        policies=("round_robin", "least_load", "planetserve"),
+        load=args.real_load,
+        count=args.real_requests,
+        seed=args.seed,
+    )
+    cols = ["policy", "failed", "completion_tokens_mean"]
+    for metric in ("mean_s", "p50_s", "p99_s", "ttft_mean_s", "cache_hit_rate"):
+        cols += [f"real_{metric}", f"sim_{metric}"]
+    cols += [c for c in ("real_mean_vs_rr", "sim_mean_vs_rr") if c in real["rows"][0]]
+    _table(
+        f"real run: {real['nodes']} model nodes + {real['relays']} relays as processes, {real['rows'][0]['requests']} "
+        f"requests per policy at {real['load']:.0%} of real RR capacity ({real['rate_rps']:.2f} req/s); "
+        f"network {real['network_overhead_s'] * 1e3:.0f} ms per request; {real['machine']}",
+        real["rows"],
+        cols,
+    )
+    return real
 
 
 def bloom_bytes(entries: int, false_positive_rate: float) -> int:
