@@ -70,10 +70,21 @@ class NodeProcess:
     x25519_public_key: bytes = b""
     model_id: str = ""
     stderr_tail: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+    """The threads reading its stdout and stderr (they end at the process's end of output)."""
 
     def alive(self) -> bool:
         """Whether the process is still running."""
         return self.proc.poll() is None
+
+    def release(self) -> None:
+        """Once the process has exited: let its pumps read to the end (bounded), then close its pipes, so that no
+        file is left for the garbage collector (a ResourceWarning, an error where warnings are errors)."""
+        for pump in self.pumps:
+            pump.join(timeout=STOP_TIMEOUT_S)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None and not any(p.is_alive() for p in self.pumps):
+                stream.close()
 
 
 def _pump(stream: IO[str], sink: queue.Queue[str | None], tail: list[str]) -> None:
@@ -163,8 +174,12 @@ class ProcessNetwork:
                 self.running.append(node)
                 lines: queue.Queue[str | None] = queue.Queue()
                 assert proc.stdout is not None and proc.stderr is not None
-                threading.Thread(target=_pump, args=(proc.stdout, lines, []), daemon=True).start()
-                threading.Thread(target=_pump, args=(proc.stderr, queue.Queue(), node.stderr_tail), daemon=True).start()
+                node.pumps = [
+                    threading.Thread(target=_pump, args=(proc.stdout, lines, []), daemon=True),
+                    threading.Thread(target=_pump, args=(proc.stderr, queue.Queue(), node.stderr_tail), daemon=True),
+                ]
+                for pump in node.pumps:
+                    pump.start()
                 started.append((node, lines))
             for node, lines in started:
                 ready = _read_ready(node, lines, ready_timeout_s)
@@ -198,6 +213,7 @@ class ProcessNetwork:
             if node.spec.name == name and node.alive():
                 node.proc.kill()
                 node.proc.wait(timeout=STOP_TIMEOUT_S)
+                node.release()
 
     def stop(self) -> None:
         """SIGTERM every node, wait, then kill what is left."""
@@ -211,6 +227,8 @@ class ProcessNetwork:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+        for node in self.running:
+            node.release()
 
 
 def network_specs(*, relays: int, model_nodes: int, first_account: int = 1) -> list[NodeSpec]:
