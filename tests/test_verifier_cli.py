@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from cli.exit_codes import ExitCode
 from ledger import dev_account
+from tests._procs import run_cli
 from tests.fixtures.attest import (
     ETH,
     NEUTRAL,
@@ -42,8 +42,7 @@ def _env(chain: ChainEnv, **extra: str) -> dict[str, str]:
 
 
 def _run(tool: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    code = f"import sys; from cli.{tool} import main; sys.argv[0] = 'ps-{tool}'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    return run_cli(tool, args, env, timeout=120)
 
 
 def _ok_json(proc: subprocess.CompletedProcess[str]) -> Any:
