@@ -82,8 +82,8 @@ def evidence(
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a stored evidence record after re-hashing it, with its seed signature and schedule checked (and with
-    ``--check-anchor`` its anchor block against the chain at ``--rpc-url``)."""
+    """Print a stored evidence record after re-hashing it, with its seed signature and schedule checked (and, with
+    --check-anchor, its anchor block against the chain)."""
     from verifier._evidence import check_anchor, check_record, parse_hash
 
     digest = parse_hash(evidence_hash)
