@@ -60,7 +60,8 @@ from verifier._errors import (
     VerifierError,
 )
 
-#: Default bound on one record's canonical bytes (4 MiB: 64 challenges of 4,096 tokens with log-probs fit).
+#: Default bound on one record's canonical bytes (4 MiB: 64 challenges of 1,024 answer tokens each fit, at about
+#: 30 bytes a token with its id, log-prob and text; challenges ask for at most 64).
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 #: Largest bound a store may be configured with.
 MAX_RECORD_BYTES_LIMIT = 64 * 1024 * 1024
