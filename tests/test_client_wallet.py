@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from cli.exit_codes import ExitCode
-from ledger import Role, dev_account, model_id, sign_voucher
+from ledger import Role, Voucher, dev_account, model_id, sign_voucher
 from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, derive_channel_account
 from node.client._wallet_store import ChannelLocks, WalletStore
@@ -175,6 +175,33 @@ async def test_no_voucher_is_signed_while_another_process_holds_the_nodes_lock(c
     wallet.finish(payment, 0)
     assert other.try_acquire(node.operator)
     other.close()
+    wallet.close()
+
+
+async def test_a_wallet_on_fresh_addresses_opens_and_signs_from_a_derived_key(chain: ChainEnv, tmp_path: Path) -> None:
+    wallet = Wallet(
+        payments(chain),
+        dev_account(CLIENT),
+        budget_wei=BUDGET,
+        deposit_wei=DEPOSIT,
+        state_dir=tmp_path,
+        fresh_addresses=True,
+    )
+    node = ModelNode(
+        operator=dev_account(NODE).address,
+        endpoint="http://127.0.0.1:9",
+        public_key=bytes(32),
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=PRICE,
+    )
+    request = CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
+    paid, payment = await wallet.pay(node, request, None)
+    assert payment is not None and paid.voucher is not None
+    wallet.finish(payment, 0)
+    (state,) = wallet.channels()
+    info = payments(chain).channel(state.channel_id)
+    signer = payments(chain).voucher_signer(Voucher.from_json(paid.voucher.to_json()))
+    assert info is not None and info.client == signer == wallet.signer_address(state) != wallet.address
     wallet.close()
 
 
