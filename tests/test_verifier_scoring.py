@@ -270,3 +270,37 @@ async def test_calibrate_measures_a_tolerance_from_batched_honest_answers(
     assert min(cal.honest()) >= 0.99
     with pytest.raises(InvalidVerifierInput):
         await calibrate(torch_engine, challenges, answers[:-1], node_engine=TORCH_FP32, reference_engine=TORCH_FP32)
+
+
+class _UntouchableReference(_ScriptedReference):
+    """A reference that fails the test if the scorer asks it for any work."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        raise AssertionError("the reference engine was asked to replay a malformed answer")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def score(self, prompt: str | Sequence[int], completion: str | Sequence[int]) -> ScoreResult:
+        raise AssertionError("the reference engine was asked to score a malformed answer")
+
+
+async def test_malformed_or_oversized_answers_from_a_peer_score_zero_without_reference_work() -> None:
+    scorer = Scorer(_UntouchableReference([], [], {}), tolerance=Tolerance(logprob_abs=1e-4, tie_gap=1e-4))
+    challenge = Challenge(prompt="x", max_tokens=4, temperature=0.0, top_p=1.0, seed=0)
+    ok = {"text": "ab", "token_ids": (1, 2), "logprobs": (-0.1, -0.2), "finish_reason": "stop"}
+    junk: list[dict[str, object]] = [
+        {"token_ids": (1, None)},
+        {"token_ids": (1, -3)},
+        {"token_ids": (True, 2)},
+        {"token_ids": [1, 2]},
+        {"logprobs": (-0.1, "x")},
+        {"logprobs": (False, -0.2)},
+        {"text": None},
+        {"finish_reason": 3},
+        {"token_ids": tuple(range(10_000)), "logprobs": (-0.1,) * 10_000},
+        {"logprobs": (-0.1,) * 5},
+        {"text": "y" * 10_000_000, "token_ids": ()},
+    ]
+    for change in junk:
+        answer = Answer(**{**ok, **change})  # type: ignore[arg-type]
+        result = await scorer.score(challenge, answer)
+        assert result.score == 0.0 and result.rejected, change

@@ -50,6 +50,8 @@ W_REPLAY = 0.3
 W_LIKELIHOOD = 0.2
 #: Under sampling, a divergent token with a reference log-prob at least this (nats) counts as explainable.
 SAMPLED_PLAUSIBLE_LOGPROB = math.log(1e-3)
+#: Most characters an answer may hold per token asked for (a byte-level token decodes to a few characters).
+MAX_CHARS_PER_TOKEN = 64
 #: Longest a replay or teacher-forced score may take, in seconds (the reference engine is local).
 REFERENCE_TIMEOUT_S = 120.0
 #: The tolerance used when no calibration is given: fp32 vs fp32, before measurement (the shipped file replaces it).
@@ -181,6 +183,24 @@ def _zero(reason: str, answer_tokens: int, reference_tokens: int) -> ChallengeSc
     )
 
 
+def _malformed(challenge: Challenge, answer: Answer) -> str:
+    """Why ``answer`` cannot be scored at all ("" when it can)."""
+    ids, logprobs = answer.token_ids, answer.logprobs
+    if not isinstance(ids, tuple) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        return "malformed"
+    if not isinstance(logprobs, tuple) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in logprobs
+    ):
+        return "malformed"
+    if not isinstance(answer.text, str) or not isinstance(answer.finish_reason, str):
+        return "malformed"
+    if len(ids) > challenge.max_tokens or len(logprobs) > challenge.max_tokens:
+        return "more tokens than max_tokens"
+    if len(answer.text) > MAX_CHARS_PER_TOKEN * challenge.max_tokens:
+        return "more text than max_tokens"
+    return ""
+
+
 def _token_fidelity(reported: float, reference: float, tol: float) -> tuple[float, float]:
     """(credit in 0..1, |error|) of one reported log-prob."""
     if not math.isfinite(reported):
@@ -237,7 +257,15 @@ class Scorer:
         return ids, logprobs, finish
 
     async def score(self, challenge: Challenge, answer: Answer) -> ChallengeScore:
-        """Replay the challenge, teacher-force the answer, and combine the parts into a score in [0, 1]."""
+        """Replay the challenge, teacher-force the answer, and combine the parts into a score in [0, 1].
+
+        An answer is a peer's bytes: one that cannot be an honest answer to this challenge (ids that are not
+        non-negative integers, log-probs that are not numbers, more tokens or text than ``max_tokens`` allows) scores
+        0 before the reference engine does any work for it.
+        """
+        bad = _malformed(challenge, answer)
+        if bad:
+            return _zero(bad, len(answer.token_ids) if isinstance(answer.token_ids, tuple) else 0, 0)
         ref_ids, ref_lp, ref_finish = await self._replay(challenge)
         ids = list(answer.token_ids)
         try:
