@@ -52,6 +52,16 @@ def serve(
         str | None,
         typer.Option("--upstream", envvar="PS_UPSTREAM", help="openai-http engine: the OpenAI-compatible server URL."),
     ] = None,
+    reforward_bound: Annotated[
+        int | None,
+        typer.Option(
+            "--reforward-bound",
+            envvar="PS_REFORWARD_BOUND",
+            min=0,
+            help="Model nodes: re-forward a request once to a free peer serving the same model when more than this "
+            "many wait in the engine (protocol §10.5; needs the operator key). Off when not set.",
+        ),
+    ] = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     registry_refresh: Annotated[
@@ -145,7 +155,11 @@ def serve(
         payments, redeemer = _payments(rpc_url, deployment, state, loaded, redeem)
         ready["heartbeats"] = heartbeat is not None
         ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
-        application = create_model_app(config, loaded, peers=peers, heartbeat=heartbeat, payments=payments)
+        reforward = _reforwarder(reforward_bound, rpc_url, deployment, state, loaded)
+        ready["reforward"] = "off" if reforward is None else f"over {reforward_bound} waiting, to free peers"
+        application = create_model_app(
+            config, loaded, peers=peers, heartbeat=heartbeat, payments=payments, reforward=reforward
+        )
         if redeemer is not None:
             from node.overlay import keys
             from node.overlay._redeemer import RedeemerCollector
@@ -199,6 +213,25 @@ def _heartbeat_publisher(engine: Any) -> Any:
         stats=engine.stats,
         prefix_hashes=(lambda prompt: chunk_hashes(tokenize(prompt))) if callable(tokenize) else None,
     )
+
+
+def _reforwarder(bound: int | None, rpc_url: str, deployment: Path | None, state: Path, engine: Any) -> Any:
+    """The model node's re-forwarding (protocol §10.5) when ``--reforward-bound`` is set and the operator key is in the
+    environment (the node must know its own registry entry, never to pick itself). Free peers only: paying a peer
+    from the node's own wallet is a library option (``Reforwarder(payer=...)``), not wired here yet."""
+    if bound is None:
+        return None
+    if not os.environ.get("PS_PRIVATE_KEY"):
+        info("no PS_PRIVATE_KEY: this model node does not re-forward (it needs its operator address)")
+        return None
+    from cli._node_chain import load_operator
+    from node.overlay._reforward import ReforwardConfig, Reforwarder
+    from node.overlay._serve import registry_directory_source
+
+    source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
+    config = ReforwardConfig(operator=load_operator(None).address, queue_bound=bound)
+    tokenize = getattr(engine, "tokenize", None)
+    return Reforwarder(config, source, tokenize=tokenize if callable(tokenize) else None)
 
 
 def _payments(

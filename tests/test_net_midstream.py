@@ -2,7 +2,8 @@
 registered on a real anvil; the ``Client`` streams a long greedy completion over 4 onion paths of 3 relays and, once
 the first delta is in, one relay of the route gets SIGKILL. The reply still comes back on the paths that survive
 (every live path carries every chunk): the client gets the whole answer, the engine's own greedy output token for
-token, once (no duplicate delta, one final delta), and part of it after the kill.
+token, once (no duplicate delta, one final delta), and part of it after the kill. The model node runs with
+``--reforward-bound`` (``PS_REFORWARD_BOUND``) and says so at ``/metrics``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from node.client import Client, ClientConfig, load_tokenizer
@@ -57,6 +59,7 @@ def network(chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path) -> Iterator[P
         state_root=tmp_path / "nodes",
         nodes=specs,
         model_dir=tiny_model_dir,
+        extra_env={"PS_REFORWARD_BOUND": "4"},  # re-forwarding wired in ps-node serve (no peer here: it never fires)
     )
     net.start()
     try:
@@ -111,3 +114,6 @@ async def test_a_relay_killed_mid_stream_and_the_stream_completes_once(
     assert tuple(t for d in deltas for t in d.token_ids) == expected  # whole, in order, no duplicate delta
     assert after_kill > 0, "the whole answer had arrived before the kill: nothing was proven"
     assert [n.spec.name for n in network.crashed()] == [killed]
+    async with aiohttp.ClientSession() as session, session.get(model.endpoint + "/metrics") as response:
+        exposition = await response.text()
+    assert 'planetserve_reforwards_total{outcome="no_peer"} 0.0' in exposition  # under its bound: served itself

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from node.overlay import keys
 from node.overlay._app import create_app
 from node.overlay._completion import RequestObserver, completion_handler
 from node.overlay._config import OverlayConfig
+from node.overlay._directory import Directory
 from node.overlay._heartbeat import HEARTBEAT_PATH, HeartbeatPublisher, heartbeat_route
 from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 
@@ -51,6 +53,48 @@ def registry_peer_directory(
         return indexer.nodes()
 
     return RegistryPeerDirectory(read, refresh_interval_s=refresh_interval_s)
+
+
+def registry_directory_source(
+    rpc_url: str, deployment: Path | None, db_url: str, *, refresh_s: float = 15.0
+) -> Callable[[], Awaitable[Directory]]:
+    """The node's registry view as a :class:`Directory` (relays and model nodes), what its re-forwarding chooses
+    peers and paths from (§10.5): read through the ledger's indexer into ``db_url`` in a worker thread, at most every
+    ``refresh_s`` (the previous view is served in between, and kept when a read fails)."""
+    state: dict[str, object] = {}
+    lock = asyncio.Lock()
+
+    def read() -> Directory:
+        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
+
+        indexer = state.get("indexer")
+        if not isinstance(indexer, Indexer):
+            path = deployment if deployment is not None else default_deployment_path(connect(rpc_url).eth.chain_id)
+            dep, registry = open_registry(rpc_url, path)
+            indexer = Indexer(registry, dep, db_url)
+            state["indexer"] = indexer
+        indexer.sync()
+        return Directory.from_registry(indexer.nodes())
+
+    cached: Directory | None = None
+    read_at = -float("inf")
+
+    async def source() -> Directory:
+        nonlocal cached, read_at
+        async with lock:
+            now = time.monotonic()
+            if cached is not None and now - read_at < refresh_s:
+                return cached
+            try:
+                cached, read_at = await asyncio.to_thread(read), now
+            except Exception:  # a chain or database error: keep the last view (none yet: raise to the caller)
+                read_at = now  # and try again only after refresh_s: a dead chain must not slow every decision
+                if cached is None:
+                    raise
+                log.warning("registry view for re-forwarding not refreshed; keeping the last one")
+            return cached
+
+    return source
 
 
 def create_model_app(
