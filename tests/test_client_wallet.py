@@ -43,6 +43,18 @@ def _wallet(chain: ChainEnv, state: Path, index: int = CLIENT) -> Wallet:
     return Wallet(payments(chain), dev_account(index), budget_wei=BUDGET, deposit_wei=DEPOSIT, state_dir=state)
 
 
+def _unreached_node() -> tuple[ModelNode, CompletionRequest]:
+    """A paid model node nothing is sent to (the wallet tests that stop at the voucher) and a request for it."""
+    node = ModelNode(
+        operator=dev_account(NODE).address,
+        endpoint="http://127.0.0.1:9",
+        public_key=bytes(32),
+        model_id=model_id("tiny-llama@v1"),
+        price_per_1k_tokens=PRICE,
+    )
+    return node, CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
+
+
 def _job(chain: ChainEnv, paid: PaidNet, state: Path, prompts: list[str], **extra: Any) -> dict[str, Any]:
     node = paid.served()
     return {
@@ -155,14 +167,7 @@ async def test_no_voucher_is_signed_while_another_process_holds_the_nodes_lock(c
     """``flock`` locks of two open files conflict exactly as two processes' do: the other "process" here is a second
     ``ChannelLocks`` on the same folder, holding the node's lock as a request in transit would."""
     wallet = _wallet(chain, tmp_path)
-    node = ModelNode(
-        operator=dev_account(NODE).address,
-        endpoint="http://127.0.0.1:9",
-        public_key=bytes(32),
-        model_id=model_id("tiny-llama@v1"),
-        price_per_1k_tokens=PRICE,
-    )
-    request = CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
+    node, request = _unreached_node()
     prefix = next(p.name.rsplit("-", 2)[0] for p in (tmp_path / "locks").iterdir() if p.name.endswith("-wallet.lock"))
     other = ChannelLocks(tmp_path / "locks", prefix)
     assert other.try_acquire(node.operator)
@@ -187,14 +192,7 @@ async def test_a_wallet_on_fresh_addresses_opens_and_signs_from_a_derived_key(ch
         state_dir=tmp_path,
         fresh_addresses=True,
     )
-    node = ModelNode(
-        operator=dev_account(NODE).address,
-        endpoint="http://127.0.0.1:9",
-        public_key=bytes(32),
-        model_id=model_id("tiny-llama@v1"),
-        price_per_1k_tokens=PRICE,
-    )
-    request = CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
+    node, request = _unreached_node()
     paid, payment = await wallet.pay(node, request, None)
     assert payment is not None and paid.voucher is not None
     wallet.finish(payment, 0)
@@ -203,6 +201,32 @@ async def test_a_wallet_on_fresh_addresses_opens_and_signs_from_a_derived_key(ch
     signer = payments(chain).voucher_signer(Voucher.from_json(paid.voucher.to_json()))
     assert info is not None and info.client == signer == wallet.signer_address(state) != wallet.address
     wallet.close()
+
+
+async def test_a_channel_another_process_closed_is_not_paid_on_again(chain: ChainEnv, tmp_path: Path) -> None:
+    running = Wallet(
+        payments(chain),
+        dev_account(CLIENT),
+        budget_wei=BUDGET,
+        deposit_wei=DEPOSIT,
+        state_dir=tmp_path,
+        chain_check_s=0,
+    )
+    node, request = _unreached_node()
+    _paid, first = await running.pay(node, request, None)
+    assert first is not None
+    running.finish(first, 0)
+    other = _wallet(chain, tmp_path)  # `ps-client close` in another process, while this one keeps running
+    other.start_close(node=node.operator)
+    other.close()
+    _paid, second = await running.pay(node, request, None)
+    assert second is not None and second.channel_id != first.channel_id
+    running.finish(second, 0)
+    assert {c.channel_id: c.state for c in running.channels()} == {
+        first.channel_id: "closing",
+        second.channel_id: "open",
+    }
+    running.close()
 
 
 def test_a_deposit_sent_before_the_book_recorded_it_is_found_again(chain: ChainEnv, tmp_path: Path) -> None:

@@ -132,6 +132,8 @@ class _Progress:
 #: Gas a fresh address is funded with beyond its deposit: opening a channel, closing it, finishing the close and
 #: withdrawing (about 250,000 gas measured in bench/gas.py), with room.
 FRESH_GAS_UNITS = 400_000
+#: Seconds between two chain reads of a channel before paying on it (``Wallet.chain_check_s``).
+CHAIN_CHECK_S = 30.0
 #: HKDF salt of fresh channel keys (a label: changing it changes every derived address).
 FRESH_KEY_SALT = b"planetserve/client/channel-key/v1"
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -194,6 +196,7 @@ class Wallet:
         deposit_wei: int,
         state_dir: Path | None = None,
         fresh_addresses: bool = False,
+        chain_check_s: float = CHAIN_CHECK_S,
     ) -> None:
         if budget_wei < 0 or deposit_wei <= 0:
             raise ValueError("budget_wei must be >= 0 and deposit_wei > 0")
@@ -204,6 +207,9 @@ class Wallet:
         self.budget_wei = budget_wei
         self.deposit_wei = deposit_wei
         self.fresh_addresses = fresh_addresses
+        self.chain_check_s = chain_check_s
+        """Seconds between two chain reads of a channel before paying on it (another process may have closed it)."""
+        self._checked: dict[int, float] = {}
         self.spent_wei = 0
         """Wei this wallet object deposited on its own (opens and top-ups for requests)."""
         temporary = state_dir is None
@@ -303,6 +309,31 @@ class Wallet:
                 closes_at=info.closes_at,
                 state=_state_name(info),
             )
+            self._checked[state.channel_id] = time.monotonic()
+
+    async def _current(self, node: str) -> ChannelState | None:
+        """The open channel to pay ``node`` on, re-read from the chain when last read over ``chain_check_s`` ago:
+        a channel another process of this client closed (or the chain forgot) is skipped, not paid on (the node
+        would refuse it, ``voucher_channel_closing``)."""
+        for _ in range(8):  # each pass retires one channel; a client has few per node
+            state = self.store.active(node)
+            if state is None or time.monotonic() - self._checked.get(state.channel_id, 0.0) < self.chain_check_s:
+                return state
+            info = await asyncio.to_thread(self._reader.channel, state.channel_id)
+            self._checked[state.channel_id] = time.monotonic()
+            if info is None or info.client != self._signer(state).address or info.node != state.node:
+                self.store.mark(state.channel_id, GONE)
+                continue
+            self.store.refresh(
+                state.channel_id,
+                deposit=info.deposit,
+                redeemed=info.redeemed,
+                closes_at=info.closes_at,
+                state=_state_name(info),
+            )
+            if _state_name(info) == OPEN:
+                return self.store.get(state.channel_id)
+        return None
 
     def _opened_ids(self, client: str, node: str, from_block: int) -> list[int]:
         topic = Web3.keccak(text="ChannelOpened(uint256,address,address,uint256)")
@@ -532,9 +563,10 @@ class Wallet:
         self, node: str, request: CompletionRequest, price: int, reservation: int
     ) -> tuple[CompletionRequest, Payment]:
         async with self._lock:
-            state = self.store.active(node)
+            state = await self._current(node)
             if state is None:
                 state = await self._open(node, max(1, reservation))
+                self._checked[state.channel_id] = time.monotonic()
             amount = self.store.sign_amount(state.channel_id, reservation)  # committed before the voucher exists
             for _ in range(3):
                 if amount is not None:
