@@ -41,6 +41,7 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     # A packet that fails a check came from a peer: a network problem, not the user's input.
     ("node.privacy", "MalformedPacket", ExitCode.NETWORK_ERROR),
     ("node.overlay", "OverlayError", ExitCode.NETWORK_ERROR),
+    ("planetserve", "InvalidValue", ExitCode.INVALID_INPUT),
     ("ledger", "InvalidChainInput", ExitCode.INVALID_INPUT),
     ("ledger", "ChainUnavailable", ExitCode.CHAIN_UNAVAILABLE),
     ("ledger", "TransactionFailed", ExitCode.TX_REVERTED),

@@ -233,7 +233,7 @@ def _node_json(node: NodeInfo | IndexedNode) -> dict[str, Any]:
         "role": node.role.name.lower(),
         "endpoint": node.endpoint,
         "x25519_public_key": "0x" + node.x25519_public_key.hex(),
-        "model_id": "0x" + node.model_id.hex(),
+        "model_id": node.model_id,
         "price_per_1k_tokens_wei": str(node.price_per_1k_tokens),
         "stake_wei": str(node.stake),
         "stake_eth": format_eth(node.stake),

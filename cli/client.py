@@ -21,6 +21,7 @@ from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
 from cli._output import emit, info
 from node.inference import InvalidParams
+from planetserve import InvalidValue, ModelId
 
 app = new_app("Send private requests to the PlanetServe network.", root=True)
 app.add_typer(_client_net.app)
@@ -35,13 +36,9 @@ def version() -> None:
     print(_version("planetserve"))
 
 
-def _model_id(model: str) -> str:
-    from ledger import model_id
-
-    if model.startswith("0x") and len(model) == 66:
-        int(model, 16)
-        return model.lower()
-    return "0x" + model_id(model).hex()
+def _model_id(model: str) -> ModelId:
+    """``NAME@REVISION`` or a 0x id to the model id (``InvalidValue`` when it is neither)."""
+    return ModelId.of(model) if "@" in model else ModelId(model)
 
 
 @app.command()
@@ -81,7 +78,7 @@ def ask(
         raise InvalidParams(param="prompt", value=len(text), reason=f"1..{MAX_PROMPT_CHARS} characters")
     try:
         wanted = _model_id(model)
-    except ValueError as exc:
+    except InvalidValue as exc:
         raise InvalidParams(param="model", value=model, reason="NAME@REVISION or 0x + 64 hex") from exc
     request = CompletionRequest(model=wanted, prompt=text, max_tokens=max_tokens, temperature=temperature, seed=seed)
     request.sampling()  # ranges checked here, before any network work (raises InvalidParams naming the option)

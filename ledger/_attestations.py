@@ -19,10 +19,9 @@ from ledger._errors import ChainError, InvalidChainInput
 from ledger._handle import ContractHandle
 from ledger._reverts import RevertDecoder
 from ledger._tx import map_call_errors, send_transaction
-from ledger._types import TxReceipt, checksum
+from ledger._types import TxReceipt, check_bytes32, check_uint, checksum
 
 _CONTRACT = "Attestations"
-_UINT256 = 2**256
 
 #: Fixed-point one: scores, reputations, weights, the threshold and slash fractions are integers over this.
 SCORE_SCALE = 1_000_000
@@ -73,18 +72,6 @@ def evidence_root(attestations: list[tuple[str, int, bytes]]) -> bytes:
     return root
 
 
-def _uint(value: int, param: str, *, high: int = _UINT256, low: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
-        raise InvalidChainInput(param, value, f"must be an integer in [{low}, {high})")
-    return value
-
-
-def _bytes32(value: bytes, param: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise InvalidChainInput(param, value, "must be exactly 32 bytes")
-    return value
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttestationParams:
     """Constructor parameters of ``Attestations`` (immutable once deployed); validated on construction.
@@ -108,13 +95,13 @@ class AttestationParams:
 
     def __post_init__(self) -> None:
         if self.epoch_length is not None:
-            _uint(self.epoch_length, "epoch_length", low=MIN_EPOCH_LENGTH, high=2**64)
+            check_uint(self.epoch_length, "epoch_length", low=MIN_EPOCH_LENGTH, high=2**64)
         if self.epoch_start is not None:
-            _uint(self.epoch_start, "epoch_start", high=2**64)
-        _uint(self.committee_size, "committee_size", low=1, high=MAX_COMMITTEE + 1)
-        _uint(self.score_threshold, "score_threshold", high=SCORE_SCALE + 1)
-        _uint(self.stake_slash_fraction, "stake_slash_fraction", low=1, high=SCORE_SCALE + 1)
-        _uint(self.earnings_slash_fraction, "earnings_slash_fraction", high=SCORE_SCALE + 1)
+            check_uint(self.epoch_start, "epoch_start", high=2**64)
+        check_uint(self.committee_size, "committee_size", low=1, high=MAX_COMMITTEE + 1)
+        check_uint(self.score_threshold, "score_threshold", high=SCORE_SCALE + 1)
+        check_uint(self.stake_slash_fraction, "stake_slash_fraction", low=1, high=SCORE_SCALE + 1)
+        check_uint(self.earnings_slash_fraction, "earnings_slash_fraction", high=SCORE_SCALE + 1)
 
     @property
     def quorum(self) -> int:
@@ -219,7 +206,7 @@ class Attestations(ContractHandle):
 
     def tally(self, node: str, epoch: int) -> EpochTally:
         """The attestations so far for ``node`` in ``epoch``."""
-        address, epoch = checksum(node, param="node"), _uint(epoch, "epoch")
+        address, epoch = checksum(node, param="node"), check_uint(epoch, "epoch")
         count, finalized, median, root = self._call(self._contract.functions.tallyOf(address, epoch))
         scores = self._call(self._contract.functions.scoresOf(address, epoch))
         return EpochTally(
@@ -233,7 +220,7 @@ class Attestations(ContractHandle):
     def has_attested(self, verifier: str, node: str, epoch: int) -> bool:
         """Whether ``verifier`` attested ``node`` for ``epoch``."""
         fn = self._contract.functions.hasAttested(
-            checksum(verifier, param="verifier"), checksum(node, param="node"), _uint(epoch, "epoch")
+            checksum(verifier, param="verifier"), checksum(node, param="node"), check_uint(epoch, "epoch")
         )
         return bool(self._call(fn))
 
@@ -287,9 +274,9 @@ class Attestations(ContractHandle):
         """
         fn = self._contract.functions.attest(
             checksum(node, param="node"),
-            _uint(epoch, "epoch"),
-            _uint(score, "score", high=2**32),
-            _bytes32(evidence_hash, "evidence_hash"),
+            check_uint(epoch, "epoch"),
+            check_uint(score, "score", high=2**32),
+            check_bytes32(evidence_hash, "evidence_hash"),
         )
         return self._send(fn)
 

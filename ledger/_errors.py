@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from planetserve import PlanetServeError
+from planetserve import InvalidValue, PlanetServeError
 
 if TYPE_CHECKING:
     from ledger._types import TxReceipt
@@ -116,15 +116,17 @@ class InsufficientFunds(ChainError):
         super().__init__(f"account {account} has insufficient funds for this transaction{suffix}")
 
 
-class InvalidChainInput(ChainError):
-    """A value given to the chain layer is invalid; ``param`` names it."""
+class InvalidChainInput(ChainError, InvalidValue):
+    """A value given to the chain layer is invalid; ``param`` names it.
+
+    Also the kernel's :class:`~planetserve.InvalidValue`: the chain layer's parsers (``parse_eth``, ``checksum``,
+    ``model_id``) are the kernel's, re-raised as this leaf, so one ``except`` catches bad input from either layer.
+    """
 
     code = "invalid_input"
 
     def __init__(self, param: str, value: object, reason: str) -> None:
-        self.param = param
-        self.value = value
-        super().__init__(f"invalid {param} {value!r}: {reason}")
+        InvalidValue.__init__(self, param, value, reason)
 
 
 class OperatorKeyError(ChainError):

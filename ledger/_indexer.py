@@ -53,6 +53,7 @@ from ledger._deploy import Deployment
 from ledger._errors import ChainError, ChainUnavailable, InvalidChainInput
 from ledger._registry import NodeRegistry
 from ledger._types import Role, Wei, checksum
+from planetserve import ModelId
 
 #: Blocks per ``eth_getLogs`` request and per database transaction (bounds memory and RPC response size).
 DEFAULT_BATCH_BLOCKS = 2_000
@@ -282,8 +283,8 @@ class IndexedNode:
     endpoint: str
     #: Raw X25519 public key (32 bytes).
     x25519_public_key: bytes
-    #: Model id (32 bytes; zero for relays).
-    model_id: bytes
+    #: Model id (:attr:`ModelId.ZERO` for relays).
+    model_id: ModelId
     #: Price in wei per 1000 tokens.
     price_per_1k_tokens: Wei
     #: Bonded stake in wei.
@@ -937,7 +938,7 @@ class Indexer:
             role=role,
             endpoint=row.endpoint,
             x25519_public_key=bytes.fromhex(row.x25519_public_key),
-            model_id=bytes.fromhex(row.model_id),
+            model_id=ModelId(bytes.fromhex(row.model_id)),  # stored as 64 hex digits (the schema's form)
             price_per_1k_tokens=Wei(int(row.price_per_1k_tokens)),
             stake=Wei(stake),
             status=row.status,

@@ -14,24 +14,10 @@ from ledger._errors import ChainError, InvalidChainInput
 from ledger._handle import ContractHandle
 from ledger._reverts import RevertDecoder
 from ledger._tx import RECEIPT_TIMEOUT, send_transaction
-from ledger._types import TxReceipt, Wei, checksum
+from ledger._types import TxReceipt, Wei, check_bytes32, check_uint, checksum
 from ledger._vouchers import DOMAIN_NAME, DOMAIN_VERSION, Voucher, VoucherDomain
 
 _CONTRACT = "PaymentChannels"
-_UINT256 = 2**256
-
-
-def _uint(value: int, param: str, *, positive: bool = False) -> int:
-    low = 1 if positive else 0
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < _UINT256:
-        raise InvalidChainInput(param, value, f"must be an integer in [{low}, 2**256)")
-    return value
-
-
-def _bytes32(value: bytes, param: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise InvalidChainInput(param, value, "must be exactly 32 bytes")
-    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,7 +172,7 @@ class PaymentChannels(ContractHandle):
 
     def channel(self, channel_id: int) -> ChannelInfo | None:
         """Channel ``channel_id``, or None when no such channel was opened."""
-        raw = self._call(self._contract.functions.getChannel(_uint(channel_id, "channel_id")))
+        raw = self._call(self._contract.functions.getChannel(check_uint(channel_id, "channel_id")))
         client, deposit, node, redeemed, closes_at, settled = raw
         client = checksum(client)
         if int(client, 16) == 0:
@@ -211,7 +197,7 @@ class PaymentChannels(ContractHandle):
     def voucher_digest(self, channel_id: int, cumulative_amount: int) -> bytes:
         """The EIP-712 digest the contract computes for a voucher."""
         fn = self._contract.functions.voucherDigest(
-            _uint(channel_id, "channel_id"), _uint(cumulative_amount, "cumulative_amount")
+            check_uint(channel_id, "channel_id"), check_uint(cumulative_amount, "cumulative_amount")
         )
         return bytes(self._call(fn))
 
@@ -247,7 +233,7 @@ class PaymentChannels(ContractHandle):
 
     def has_role(self, role: bytes, account: str) -> bool:
         """Whether ``account`` holds ``role`` (32 bytes, e.g. :attr:`SLASHER_ROLE`)."""
-        fn = self._contract.functions.hasRole(_bytes32(role, "role"), checksum(account, param="account"))
+        fn = self._contract.functions.hasRole(check_bytes32(role, "role"), checksum(account, param="account"))
         return bool(self._call(fn))
 
     # -- writes ------------------------------------------------------------------------------------------------
@@ -256,7 +242,7 @@ class PaymentChannels(ContractHandle):
         """Open a channel from the signer to ``node`` with ``deposit`` wei; returns its id."""
         fn = self._contract.functions.open(checksum(node, param="node"))
         receipt = send_transaction(
-            self._w3, self._signer(), fn, self._decoder, value=_uint(deposit, "deposit", positive=True)
+            self._w3, self._signer(), fn, self._decoder, value=check_uint(deposit, "deposit", low=1)
         )
         ids = [
             int.from_bytes(bytes(log["topics"][1]), "big")
@@ -269,8 +255,8 @@ class PaymentChannels(ContractHandle):
 
     def top_up(self, channel_id: int, amount: int) -> TxReceipt:
         """Add ``amount`` wei to the signer's open channel."""
-        fn = self._contract.functions.topUp(_uint(channel_id, "channel_id"))
-        return self._send(fn, value=_uint(amount, "amount", positive=True))
+        fn = self._contract.functions.topUp(check_uint(channel_id, "channel_id"))
+        return self._send(fn, value=check_uint(amount, "amount", low=1))
 
     def redeem(self, voucher: Voucher) -> TxReceipt:
         """Redeem ``voucher`` (the signer must be the channel's node)."""
@@ -287,11 +273,11 @@ class PaymentChannels(ContractHandle):
 
     def start_close(self, channel_id: int) -> TxReceipt:
         """Start closing the signer's channel; the node may redeem for ``dispute_delay()`` more seconds."""
-        return self._send(self._contract.functions.startClose(_uint(channel_id, "channel_id")))
+        return self._send(self._contract.functions.startClose(check_uint(channel_id, "channel_id")))
 
     def finish_close(self, channel_id: int) -> TxReceipt:
         """After the dispute delay, credit the channel's unredeemed rest to its client (anyone may call)."""
-        return self._send(self._contract.functions.finishClose(_uint(channel_id, "channel_id")))
+        return self._send(self._contract.functions.finishClose(check_uint(channel_id, "channel_id")))
 
     def withdraw(self) -> TxReceipt:
         """Pull everything the signer may withdraw."""
@@ -300,7 +286,7 @@ class PaymentChannels(ContractHandle):
     def slash(self, node: str, amount: int, evidence_hash: bytes) -> TxReceipt:
         """Take up to ``amount`` wei of ``node``'s locked earnings (the signer must hold the slasher role)."""
         fn = self._contract.functions.slash(
-            checksum(node, param="node"), _uint(amount, "amount"), _bytes32(evidence_hash, "evidence_hash")
+            checksum(node, param="node"), check_uint(amount, "amount"), check_bytes32(evidence_hash, "evidence_hash")
         )
         return self._send(fn)
 

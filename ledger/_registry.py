@@ -7,22 +7,21 @@ from web3 import Web3
 
 from ledger._errors import ChainError, InvalidChainInput
 from ledger._handle import ContractHandle
-from ledger._types import NodeInfo, Role, TxReceipt, Wei, WithdrawalReceipts, checksum
+from ledger._types import NodeInfo, Role, TxReceipt, Wei, WithdrawalReceipts, check_bytes32, check_uint, checksum
+from planetserve import InvalidValue, ModelId
 
 _CONTRACT = "NodeRegistry"
 _ZERO32 = bytes(32)
 
 
-def _bytes32(value: bytes, param: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise InvalidChainInput(param, value, "must be exactly 32 bytes")
-    return value
-
-
-def _non_negative(value: int, param: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 2**256:
-        raise InvalidChainInput(param, value, "must be an integer in [0, 2**256)")
-    return value
+def _model_id_bytes32(value: ModelId | None) -> bytes:
+    """The ABI ``bytes32`` of a model id (all zero for ``None``: relays): the chain edge of :class:`ModelId`."""
+    if value is None:
+        return _ZERO32
+    try:
+        return ModelId.parse(value, param="model_id").to_bytes()
+    except InvalidValue as exc:
+        raise InvalidChainInput(exc.param, exc.value, exc.reason) from None
 
 
 class NodeRegistry(ContractHandle):
@@ -54,7 +53,7 @@ class NodeRegistry(ContractHandle):
             role=Role(role),
             stake=Wei(stake),
             x25519_public_key=bytes(key),
-            model_id=bytes(mid),
+            model_id=ModelId(bytes(mid)),
             price_per_1k_tokens=Wei(price),
             registered_at=registered_at,
             unbonding_ends_at=unbonding_ends_at,
@@ -93,7 +92,7 @@ class NodeRegistry(ContractHandle):
 
     def has_role(self, role: bytes, account: str) -> bool:
         """Whether ``account`` holds ``role`` (32 bytes, e.g. :attr:`SLASHER_ROLE`)."""
-        fn = self._contract.functions.hasRole(_bytes32(role, "role"), checksum(account, param="account"))
+        fn = self._contract.functions.hasRole(check_bytes32(role, "role"), checksum(account, param="account"))
         return bool(self._call(fn))
 
     def is_slasher(self, account: str) -> bool:
@@ -143,7 +142,7 @@ class NodeRegistry(ContractHandle):
         role: Role,
         endpoint: str,
         x25519_public_key: bytes,
-        model_id: bytes | None,
+        model_id: ModelId | None,
         price_per_1k_tokens: int,
         stake: int,
     ) -> TxReceipt:
@@ -151,20 +150,20 @@ class NodeRegistry(ContractHandle):
         fn = self._contract.functions.register(
             int(Role(role)),
             endpoint,
-            _bytes32(x25519_public_key, "x25519_public_key"),
-            _ZERO32 if model_id is None else _bytes32(model_id, "model_id"),
-            _non_negative(price_per_1k_tokens, "price"),
+            check_bytes32(x25519_public_key, "x25519_public_key"),
+            _model_id_bytes32(model_id),
+            check_uint(price_per_1k_tokens, "price"),
         )
-        return self._send(fn, value=_non_negative(stake, "stake"))
+        return self._send(fn, value=check_uint(stake, "stake"))
 
     def add_stake(self, amount: int) -> TxReceipt:
         """Add ``amount`` wei to the signer's stake."""
-        return self._send(self._contract.functions.addStake(), value=_non_negative(amount, "amount"))
+        return self._send(self._contract.functions.addStake(), value=check_uint(amount, "amount"))
 
     def update(self, *, endpoint: str, x25519_public_key: bytes, price_per_1k_tokens: int) -> TxReceipt:
         """Replace the signer's endpoint, X25519 key and price."""
         fn = self._contract.functions.update(
-            endpoint, _bytes32(x25519_public_key, "x25519_public_key"), _non_negative(price_per_1k_tokens, "price")
+            endpoint, check_bytes32(x25519_public_key, "x25519_public_key"), check_uint(price_per_1k_tokens, "price")
         )
         return self._send(fn)
 
@@ -212,8 +211,8 @@ class NodeRegistry(ContractHandle):
         """
         fn = self._contract.functions.slash(
             checksum(operator, param="operator"),
-            _non_negative(amount, "amount"),
-            _bytes32(evidence_hash, "evidence_hash"),
+            check_uint(amount, "amount"),
+            check_bytes32(evidence_hash, "evidence_hash"),
         )
         return self._send(fn)
 

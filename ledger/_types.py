@@ -1,24 +1,23 @@
-"""Value types of the chain layer: amounts, roles, model ids and the records the handles return."""
+"""Value types of the chain layer: amounts, roles, model ids and the records the handles return.
+
+Wei, model ids and addresses are the kernel's (:mod:`planetserve`), shared with every layer; the names kept here
+(``Wei``, ``parse_eth``, ``format_eth``, ``checksum``, ``model_id``) are the ledger's public spelling of them, raising
+the chain layer's ``InvalidChainInput``.
+"""
 
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import NewType
+from decimal import Decimal
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 
 from ledger._errors import InvalidChainInput
-
-#: An amount of ether in wei (1 ether = 10**18 wei). Never a float.
-Wei = NewType("Wei", int)
-
-_WEI_PER_ETH = 10**18
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,128}@[A-Za-z0-9._-]{1,64}$")
+from planetserve import InvalidValue, ModelId, parse_address
+from planetserve import Wei as Wei  # re-exported: the ledger's public names
+from planetserve import format_eth as format_eth
+from planetserve import parse_eth as _parse_eth
 
 
 class Role(enum.IntEnum):
@@ -38,39 +37,53 @@ class Role(enum.IntEnum):
             raise InvalidChainInput("role", text, f"unknown role, expected one of {choices}") from None
 
 
+def _as_chain_input(exc: InvalidValue) -> InvalidChainInput:
+    return InvalidChainInput(exc.param, exc.value, exc.reason)
+
+
 def parse_eth(text: str | int | Decimal, *, param: str = "amount") -> Wei:
-    """An ETH amount (``"1.5"``) to wei, exactly; rejects negatives, NaN and more than 18 decimals."""
+    """An ETH amount (``"1.5"``) to wei, exactly (the kernel's :func:`planetserve.parse_eth`)."""
     try:
-        value = Decimal(str(text).strip())
-    except InvalidOperation:
-        raise InvalidChainInput(param, text, "not a number of ETH") from None
-    if not value.is_finite() or value < 0:
-        raise InvalidChainInput(param, text, "must be a non-negative number of ETH")
-    wei = value * _WEI_PER_ETH
-    if wei != wei.to_integral_value():
-        raise InvalidChainInput(param, text, "more than 18 decimal places")
-    return Wei(int(wei))
-
-
-def format_eth(amount: int) -> str:
-    """Wei to a plain ETH string without float rounding (``1500000000000000000`` -> ``"1.5"``)."""
-    whole, frac = divmod(amount, _WEI_PER_ETH)
-    return f"{whole}.{frac:018d}".rstrip("0").rstrip(".") if frac else str(whole)
+        return _parse_eth(text, param=param)
+    except InvalidValue as exc:
+        raise _as_chain_input(exc) from None
 
 
 def checksum(address: str, *, param: str = "address") -> ChecksumAddress:
     """A checksummed address, or ``InvalidChainInput``; every address entering the layer passes here."""
     try:
-        return to_checksum_address(address)
-    except (ValueError, TypeError):
-        raise InvalidChainInput(param, address, "not a 20-byte hex address") from None
+        return parse_address(address, param=param)
+    except InvalidValue as exc:
+        raise _as_chain_input(exc) from None
 
 
-def model_id(name_at_revision: str) -> bytes:
-    """The on-chain model id: keccak256 of the UTF-8 ``name@revision`` (validated, e.g. ``tiny-llama@v1``)."""
-    if not _MODEL_NAME.fullmatch(name_at_revision):
-        raise InvalidChainInput("model", name_at_revision, "expected NAME@REVISION, e.g. tiny-llama@v1")
-    return keccak(text=name_at_revision)
+def model_id(name_at_revision: str) -> ModelId:
+    """The on-chain model id of ``name@revision`` (validated, e.g. ``tiny-llama@v1``): :meth:`ModelId.of`."""
+    try:
+        return ModelId.of(name_at_revision)
+    except InvalidValue as exc:
+        raise _as_chain_input(exc) from None
+
+
+_UINT256 = 2**256
+
+
+def check_uint(value: int, param: str, *, low: int = 0, high: int = _UINT256) -> int:
+    """``value`` if it is an integer in ``[low, high)`` (default: a uint256), else ``InvalidChainInput``.
+
+    The handles check every ABI integer here before web3 sees it, so a bad argument is a named error, not web3's.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+        shown = "2**256" if high == _UINT256 else str(high)
+        raise InvalidChainInput(param, value, f"must be an integer in [{low}, {shown})")
+    return value
+
+
+def check_bytes32(value: bytes, param: str) -> bytes:
+    """``value`` if it is exactly 32 bytes (an ABI ``bytes32``), else ``InvalidChainInput``."""
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise InvalidChainInput(param, value, "must be exactly 32 bytes")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,8 +98,8 @@ class NodeInfo:
     stake: Wei
     #: The raw 32-byte X25519 public key used for onion encryption.
     x25519_public_key: bytes
-    #: keccak256 of ``name@revision`` (32 bytes); all zero for relays.
-    model_id: bytes
+    #: keccak256 of ``name@revision``; :attr:`ModelId.ZERO` for relays.
+    model_id: ModelId
     #: Price in wei per 1000 tokens.
     price_per_1k_tokens: Wei
     #: Unix time of registration (seconds).

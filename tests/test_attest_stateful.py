@@ -25,6 +25,7 @@ from ledger._reverts import (
     AttestationsScoreOutOfRange,
     AttestationsVerifierInactive,
 )
+from planetserve import ModelId
 from tests.fixtures.attest import (
     ETH,
     NEUTRAL,
@@ -69,7 +70,7 @@ class AttestationMachine(RuleBasedStateMachine):
                 role=role,
                 endpoint=f"http://127.0.0.1:{9200 + index}",
                 x25519_public_key=bytes([index + 1]) * 32,
-                model_id=None if role is Role.RELAY else bytes([7]) * 32,
+                model_id=None if role is Role.RELAY else ModelId(bytes([7]) * 32),
                 price_per_1k_tokens=1,
                 stake=stake,
             )

@@ -36,6 +36,7 @@ from ledger._reverts import (
     RevertDecoder,
 )
 from ledger._tx import send_transaction
+from planetserve import ModelId
 from tests.fixtures.chain import OUTSIDER, OWNER, SLASHER, TEST_PARAMS, ChainEnv
 
 ETH = 10**18
@@ -104,7 +105,7 @@ def test_register_other_roles_at_their_minimum(chain: ChainEnv, role: Role) -> N
     _register(reg, role, stake=reg.minimum_stake(role))
     node = reg.get_node(reg.account)
     assert node is not None and node.role is role and node.active
-    assert node.model_id == (bytes(32) if role is Role.RELAY else MODEL)
+    assert node.model_id == (ModelId.ZERO if role is Role.RELAY else MODEL)
 
 
 def test_add_stake_update_unbond_deregister_withdraw_lifecycle(chain: ChainEnv) -> None:
@@ -171,7 +172,7 @@ def test_register_reverts_with_decoded_arguments(chain: ChainEnv) -> None:
         reg.register(
             role=Role.RELAY, endpoint="e", x25519_public_key=KEY, model_id=MODEL, price_per_1k_tokens=0, stake=ETH
         )
-    assert (relay_model.value.role, relay_model.value.modelId) == (Role.RELAY, MODEL)
+    assert (relay_model.value.role, relay_model.value.modelId) == (Role.RELAY, MODEL.to_bytes())
     _register(reg)
     with pytest.raises(NodeRegistryAlreadyRegistered) as twice:
         _register(reg)

@@ -32,6 +32,7 @@ from node.client import (
 from node.inference import GenerationRequest, SamplingParams, TorchEngine, read_info
 from node.overlay import CompletionDelta, CompletionRequest, Directory, ModelNode, completion_handler
 from node.overlay._localnet import LocalNetwork, serve_ephemeral
+from planetserve import ModelId
 
 PROMPT = "3+4=7\n10+5=15\n12+7="
 
@@ -44,7 +45,7 @@ class Endpoint:
     net: LocalNetwork
 
 
-def _directory(net: LocalNetwork, model_id: str) -> Directory:
+def _directory(net: LocalNetwork, model_id: ModelId) -> Directory:
     assert net.model is not None
     node = ModelNode(
         operator="0x" + net.model.node_id.hex(),
@@ -186,7 +187,7 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_parsed(endpoint: En
 class _Held:
     """The endpoint's direct neighbour for the in-flight bound: a service whose streams wait until released."""
 
-    def __init__(self, name: str, model_id: str) -> None:
+    def __init__(self, name: str, model_id: ModelId) -> None:
         self.release = asyncio.Event()
         self.started = 0
         self._model = ServedModel(name=name, model_id=model_id, nodes=1)
@@ -206,7 +207,7 @@ class _Held:
 
 
 async def test_requests_over_the_in_flight_bound_get_429_and_the_bound_is_released() -> None:
-    held = _Held("m@v1", "0x" + "11" * 32)
+    held = _Held("m@v1", ModelId("0x" + "11" * 32))
     runner, url = await serve_ephemeral(create_openai_app(held, OpenAIConfig(max_concurrent=2)))
     try:
         async with aiohttp.ClientSession() as session:
@@ -228,7 +229,7 @@ async def test_requests_over_the_in_flight_bound_get_429_and_the_bound_is_releas
 
 
 async def test_an_api_key_when_configured_is_required() -> None:
-    held = _Held("m@v1", "0x" + "11" * 32)
+    held = _Held("m@v1", ModelId("0x" + "11" * 32))
     held.release.set()
     runner, url = await serve_ephemeral(create_openai_app(held, OpenAIConfig(api_key="s3cret")))
     try:

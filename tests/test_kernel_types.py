@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 
 import pytest
 from eth_utils.address import to_checksum_address
@@ -47,6 +49,8 @@ def test_model_id_round_trips_through_bytes_text_and_json() -> None:
     keyed: dict[str, int] = {mid: 1}
     assert keyed["0x" + raw.hex()] == 1  # a dict keyed by the canonical text finds it
     assert repr(mid).startswith("ModelId('0x")
+    for copied in (copy.deepcopy(mid), pickle.loads(pickle.dumps(mid))):  # dataclasses.asdict deep-copies
+        assert type(copied) is ModelId and copied == mid
 
 
 def test_one_canonical_form_whatever_the_hex_case() -> None:
@@ -127,3 +131,17 @@ def test_address_rejects_a_wrong_checksum_and_bad_shapes() -> None:
         with pytest.raises(InvalidValue) as exc:
             parse_address(bad, param="operator")
         assert exc.value.param == "operator"
+
+
+def test_a_bad_kernel_value_is_an_invalid_input_exit_in_the_cli() -> None:
+    import ledger
+    from cli._main import exit_code_for
+    from cli.exit_codes import ExitCode
+
+    assert exit_code_for(InvalidValue("model", "x", "r")) is ExitCode.INVALID_INPUT
+    chain = ledger.InvalidChainInput("stake", "x", "r")  # the ledger's leaf is the kernel's error too
+    assert isinstance(chain, InvalidValue) and isinstance(chain, ledger.ChainError) and chain.param == "stake"
+    with pytest.raises(ledger.InvalidChainInput):
+        ledger.model_id("no-revision")
+    with pytest.raises(ledger.InvalidChainInput):
+        ledger.checksum("0x1234")

@@ -18,6 +18,7 @@ from web3 import HTTPProvider, Web3
 
 from ledger import Anvil, AnvilConfig, Indexer, NodeRegistry, Role, deploy_all, dev_account, model_id
 from ledger._indexer import CursorRow, IndexerUnavailable
+from planetserve import ModelId
 from tests.fixtures.chain import OWNER, SLASHER, TEST_PARAMS, ChainEnv, rpc
 
 ETH = 10**18
@@ -132,7 +133,7 @@ def test_indexer_folds_every_event_into_tables(chain: ChainEnv, make_db: MakeDb)
             b"\x05" * 32,
             5,
         )
-        assert two.model_id == bytes(32) and two.role is Role.RELAY
+        assert two.model_id == ModelId.ZERO and two.role is Role.RELAY
         assert (three.status, three.active, three.unbonding_ends_at > 0) == ("unbonding", False, True)
         assert (four.status, four.stake) == ("deregistered", 0)
         assert (five.status, five.unbonding_ends_at, five.active) == ("active", 0, True)

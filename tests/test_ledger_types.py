@@ -6,6 +6,7 @@ import pytest
 from eth_utils.crypto import keccak
 
 from ledger import InvalidChainInput, Role, checksum, format_eth, model_id, parse_eth
+from planetserve import ModelId
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,8 @@ def test_role_parse_accepts_names_and_rejects_others() -> None:
 
 
 def test_model_id_is_keccak_of_name_at_revision() -> None:
-    assert model_id("tiny-llama@v1") == keccak(text="tiny-llama@v1")
+    assert model_id("tiny-llama@v1").to_bytes() == keccak(text="tiny-llama@v1")
+    assert model_id("tiny-llama@v1") == ModelId.of("tiny-llama@v1") == "0x" + keccak(text="tiny-llama@v1").hex()
     for bad in ("tiny-llama", "@v1", "a@", "a b@v1", "x@y@z"):
         with pytest.raises(InvalidChainInput):
             model_id(bad)

@@ -207,4 +207,4 @@ def test_model_id_agrees_with_the_ledger_registry_id(tiny_model_dir: Path) -> No
 
     info = read_info(tiny_model_dir)
     assert info is not None
-    assert "0x" + model_id(f"{info.name}@{info.revision}").hex() == info.model_id
+    assert model_id(f"{info.name}@{info.revision}") == info.model_id

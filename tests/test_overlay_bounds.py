@@ -21,6 +21,7 @@ from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._receiver import MAX_COMBINE_ATTEMPTS, CloveReceiver
 from node.privacy import Clove, Envelope, Hop, build_onion, combine, public_key, split
 from node.privacy._constants import FRAME_LEN_BYTES, REPLY_FRAME_BODY
+from planetserve import ModelId
 
 ONION = "/overlay/v1/onion"
 
@@ -178,7 +179,7 @@ async def test_lone_cloves_filling_the_message_table_do_not_block_honest_message
 class _SlowEngine:
     """The completion handler's direct neighbour: yields a token every 20 ms for 10 s and records aborts."""
 
-    model_id = "0x" + "ab" * 32
+    model_id = ModelId("0x" + "ab" * 32)
 
     def __init__(self) -> None:
         self.aborted: list[str] = []

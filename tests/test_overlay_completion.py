@@ -28,6 +28,7 @@ from node.overlay import (
 from node.overlay._directory import common_suspects, suspect_relays
 from node.overlay._localnet import LocalNetwork
 from node.privacy import RelayDescriptor, public_key, select_paths
+from planetserve import ModelId
 
 PROMPT = "12+7="
 
@@ -192,13 +193,13 @@ async def test_model_node_is_not_ready_once_its_engine_is_closed(tiny_model_dir:
         await server
 
 
-def _directory(net: LocalNetwork, model_id: str) -> Directory:
+def _directory(net: LocalNetwork, model_id: ModelId) -> Directory:
     assert net.model is not None
     model = ModelNode(
         operator="0x" + net.model.node_id.hex(),
         endpoint=net.model.endpoint,
         public_key=net.model.public_key,
-        model_id=model_id.lower(),
+        model_id=model_id,
         price_per_1k_tokens=1000,
     )
     return Directory(relays=tuple(net.descriptors()), model_nodes=(model,))
@@ -247,7 +248,11 @@ def _relay(name: str) -> RelayDescriptor:
 def test_suspects_are_the_relays_that_can_explain_each_early_failure() -> None:
     a, b, c, d, e, f = (_relay(x) for x in "abcdef")
     model = ModelNode(
-        operator="m", endpoint="http://127.0.0.1:9999", public_key=bytes(32), model_id="0x1", price_per_1k_tokens=1
+        operator="m",
+        endpoint="http://127.0.0.1:9999",
+        public_key=bytes(32),
+        model_id=ModelId.ZERO,
+        price_per_1k_tokens=1,
     )
     route = Route(destination=model, paths=((d, a, b), (c, e, d), (a, c, f), (b, e, f)))
     # Path 0's first hop failed itself; path 1's first hop blamed a hop behind it; path 2 started; path 3 in flight.

@@ -12,6 +12,7 @@ from eth_account import Account
 from ledger import IndexedNode, Role, Wei
 from node.overlay._peers import RegistryPeerDirectory
 from node.privacy import public_key
+from planetserve import ModelId
 
 
 def _node(address: str) -> IndexedNode:
@@ -20,7 +21,7 @@ def _node(address: str) -> IndexedNode:
         role=Role.RELAY,
         endpoint="http://127.0.0.1:9",
         x25519_public_key=public_key(secrets.token_bytes(32)),
-        model_id=bytes(32),
+        model_id=ModelId.ZERO,
         price_per_1k_tokens=Wei(0),
         stake=Wei(10**18),
         status="active",

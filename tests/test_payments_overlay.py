@@ -49,6 +49,7 @@ from node.overlay._completion import _first_error, completion_handler
 from node.overlay._payments import PaymentGate
 from node.overlay._serve import create_model_app
 from node.testing import LocalNetwork, LocalNode, serve_ephemeral
+from planetserve import ModelId
 from tests.fixtures.chain import OUTSIDER, ChainEnv
 from tests.fixtures.payments import eth_balance, payments
 from tests.test_chain_cli import InProcess, _env, _ok_json
@@ -68,7 +69,7 @@ class CountingEngine:
         self.generated = 0
 
     @property
-    def model_id(self) -> str:
+    def model_id(self) -> ModelId:
         return self.inner.model_id
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

@@ -42,6 +42,7 @@ from node.overlay import (
 )
 from node.overlay._directory import ModelNode, NoModelNode, reroute
 from node.overlay._heartbeat import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES
+from planetserve import InvalidValue, ModelId
 
 if TYPE_CHECKING:
     from node.client._wallet import Wallet
@@ -149,10 +150,8 @@ class _DirectoryCache:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def _name_id(name: str) -> str:
-    from ledger import model_id  # web3's keccak; imported when a name is first resolved
-
-    return "0x" + model_id(name).hex()
+def _name_id(name: str) -> ModelId:
+    return ModelId.of(name)  # raises the kernel's InvalidValue for a malformed name
 
 
 class Client:
@@ -186,7 +185,7 @@ class Client:
         )
         self._heartbeats_at = 0.0
         self._memory: OrderedDict[bytes, str] = OrderedDict()
-        self._names: dict[str, str] = {}  # model id -> name@revision
+        self._names: dict[ModelId, str] = {}  # model id -> name@revision
         for name in self.config.models:
             self._names[_name_id(name)] = name
 
@@ -211,7 +210,7 @@ class Client:
                 self._cache.fetched_at = now
             return self._cache.directory
 
-    def served(self, directory: Directory, model_id: str) -> ServedModel:
+    def served(self, directory: Directory, model_id: ModelId) -> ServedModel:
         """``model_id`` as a :class:`ServedModel` of ``directory``, named where this client knows the name."""
         return ServedModel(
             name=self._names.get(model_id, model_id), model_id=model_id, nodes=len(directory.serving(model_id))
@@ -230,11 +229,11 @@ class Client:
     def resolve_in(self, directory: Directory, model: str) -> ServedModel:
         """:meth:`resolve` against a given directory (no I/O)."""
         if _MODEL_ID.fullmatch(model):
-            wanted = [model.lower()]
+            wanted = [ModelId(model)]
         elif "@" in model:
             try:
                 wanted = [_name_id(model)]
-            except Exception as exc:  # the ledger's InvalidChainInput: a malformed name
+            except InvalidValue as exc:  # a malformed name
                 raise UnknownModel(model) from exc
         else:
             # A bare name: its known revisions, the last configured first.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from node.overlay import CompletionDelta, CompletionRequest
+from planetserve import ModelId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -19,8 +20,8 @@ class ServedModel:
 
     name: str
     """``name@revision``, or the 0x model id when no name is known for it."""
-    model_id: str
-    """0x + 64 hex: keccak of ``name@revision``, as registered on chain."""
+    model_id: ModelId
+    """keccak of ``name@revision``, as registered on chain."""
     nodes: int
     """Routable model nodes serving it right now."""
 

@@ -41,6 +41,7 @@ from typing import Literal
 from node.inference._engine import Engine
 from node.inference._errors import InvalidParams
 from node.inference._types import EngineStats, GenerationChunk, GenerationRequest, ScoreResult
+from planetserve import ModelId
 
 CheatMode = Literal["canned", "replay", "substitute"]
 CHEAT_MODES: tuple[str, ...] = ("canned", "replay", "substitute")
@@ -147,7 +148,7 @@ class CheatingEngine:
 
     # ------------------------------------------------------------------------------------------------ Engine
     @property
-    def model_id(self) -> str:
+    def model_id(self) -> ModelId:
         """The honest model's id: a cheater claims the registered model."""
         return self._honest.model_id
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 from node.inference._types import EngineStats, GenerationChunk, GenerationRequest, ScoreResult
+from planetserve import ModelId
 
 
 @runtime_checkable
@@ -17,8 +18,8 @@ class Engine(Protocol):
     """An inference engine serving one model."""
 
     @property
-    def model_id(self) -> str:
-        """0x-prefixed keccak of ``name@revision`` of the served model ("" when the folder has no metadata)."""
+    def model_id(self) -> ModelId:
+        """The served model's registry id (keccak of ``name@revision``; ``ModelId.ZERO`` without metadata)."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:

@@ -2,8 +2,8 @@
 
 A model folder is what ``save_pretrained`` writes (``config.json``, ``model.safetensors``) plus the tokenizer files and
 ``planetserve.json`` (name, revision, id, how it was made). The revision is a hash of the weights, so two folders with
-the same weights have the same id whatever their file layout; the id is ``keccak(name@revision)``, the ``bytes32`` the
-registry stores.
+the same weights have the same id whatever their file layout; the id is ``keccak(name@revision)``, the kernel's
+:class:`~planetserve.ModelId` (the ``bytes32`` the registry stores, written as 0x-hex in ``planetserve.json``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node.inference._errors import ModelLoadError
+from node.inference._errors import InvalidParams, ModelLoadError
+from planetserve import InvalidValue, ModelId
 
 if TYPE_CHECKING:
     import torch
@@ -33,19 +34,20 @@ class ModelInfo:
     name: str
     #: 40 hex characters: sha256 of the weights in canonical order, truncated.
     revision: str
-    #: 0x-prefixed 32-byte keccak of ``name@revision``.
-    model_id: str
+    #: keccak of ``name@revision`` (read from the file's 0x-hex and checked).
+    model_id: ModelId
     #: How it was made: "base" or a variant kind ("fewer-layers", "int8", "undertrained", "seed").
     kind: str
     #: Everything needed to rebuild it (corpus seed, sizes, steps); opaque to the engine.
     recipe: dict[str, Any]
 
 
-def model_id_for(name: str, revision: str) -> str:
-    """The registry's model id: ``keccak(utf8(name@revision))`` as 0x-hex."""
-    from eth_utils.crypto import keccak
-
-    return "0x" + keccak(text=f"{name}@{revision}").hex()
+def model_id_for(name: str, revision: str) -> ModelId:
+    """The registry's model id of ``name`` at ``revision``: :meth:`planetserve.ModelId.of` of ``name@revision``."""
+    try:
+        return ModelId.of(f"{name}@{revision}", param="name")
+    except InvalidValue as exc:
+        raise InvalidParams(param="name", value=name, reason="a model name is 1-128 of A-Z a-z 0-9 . _ / -") from exc
 
 
 def weights_revision(state_dict: dict[str, torch.Tensor]) -> str:
@@ -76,11 +78,11 @@ def read_info(path: Path) -> ModelInfo | None:
         return ModelInfo(
             name=str(raw["name"]),
             revision=str(raw["revision"]),
-            model_id=str(raw["model_id"]),
+            model_id=ModelId.parse(raw["model_id"], param="model_id"),
             kind=str(raw.get("kind", "base")),
             recipe=dict(raw.get("recipe", {})),
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, InvalidValue) as exc:
         raise ModelLoadError(path=str(path), reason=f"{METADATA_FILE} is unreadable ({type(exc).__name__})") from exc
 
 

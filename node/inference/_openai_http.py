@@ -52,6 +52,7 @@ from node.inference._types import (
     SamplingParams,
     ScoreResult,
 )
+from planetserve import ModelId
 
 if TYPE_CHECKING:
     import aiohttp
@@ -163,9 +164,9 @@ class OpenAIHttpEngine:
 
     # ------------------------------------------------------------------------------------------------- public API
     @property
-    def model_id(self) -> str:
-        """The served model's id ("" without metadata)."""
-        return self._info.model_id if self._info else ""
+    def model_id(self) -> ModelId:
+        """The served model's id, ``ModelId.ZERO`` when the folder had no metadata."""
+        return self._info.model_id if self._info else ModelId.ZERO
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream ``/v1/completions`` as delta chunks."""

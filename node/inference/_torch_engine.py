@@ -52,6 +52,7 @@ from node.inference._types import (
     SamplingParams,
     ScoreResult,
 )
+from planetserve import ModelId
 
 if TYPE_CHECKING:
     import torch
@@ -217,9 +218,9 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------------- public API
     @property
-    def model_id(self) -> str:
-        """The served model's id, "" when the folder had no metadata."""
-        return self._info.model_id if self._info else ""
+    def model_id(self) -> ModelId:
+        """The served model's id, ``ModelId.ZERO`` when the folder had no metadata."""
+        return self._info.model_id if self._info else ModelId.ZERO
 
     @property
     def max_context(self) -> int:

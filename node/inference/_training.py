@@ -26,6 +26,7 @@ from node.inference._modelio import (
     weights_revision,
     write_info,
 )
+from planetserve import ModelId
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -111,7 +112,8 @@ DEFAULT = ModelRecipe(
 class EvalResult:
     """Quality of one model folder."""
 
-    model_id: str
+    #: The folder's model id (``ModelId.ZERO`` without metadata).
+    model_id: ModelId
     name: str
     kind: str
     #: Exact-match accuracy on held-out addition problems, 0..1.
@@ -458,7 +460,7 @@ def evaluate(path: Path, *, n_problems: int = 100, eval_lines: int = 400, n_prom
     window = int(info.recipe.get("seq_len", 96)) if info else 96
     ppl, n_tokens = _perplexity(model, ids, window)
     return EvalResult(
-        model_id=info.model_id if info else "",
+        model_id=info.model_id if info else ModelId.ZERO,
         name=info.name if info else path.name,
         kind=info.kind if info else "unknown",
         arithmetic_accuracy=correct / max(len(problems), 1),

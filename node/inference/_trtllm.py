@@ -61,6 +61,7 @@ from node.inference._types import (
     SamplingParams,
     ScoreResult,
 )
+from planetserve import ModelId
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -315,9 +316,9 @@ class TensorRtLlmEngine:
         )
 
     @property
-    def model_id(self) -> str:
-        """The served model's id ("" without metadata)."""
-        return self._info.model_id if self._info else ""
+    def model_id(self) -> ModelId:
+        """The served model's id, ``ModelId.ZERO`` when the folder had no metadata."""
+        return self._info.model_id if self._info else ModelId.ZERO
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream via ``LLM.generate_async(..., streaming=True)``, converting cumulative outputs to deltas."""

@@ -17,6 +17,7 @@ from node.overlay._errors import OverlayError, ReplyIncomplete
 from node.overlay._peers import Peer
 from node.privacy import Hop, InsufficientRelays, InvalidPrivacyParam, RelayDescriptor, select_paths
 from node.privacy._paths import node_id_bytes
+from planetserve import ModelId
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
@@ -45,8 +46,8 @@ class ModelNode:
     """``http://host:port``."""
     public_key: bytes = field(repr=False)
     """Raw X25519 public key (the last onion hop)."""
-    model_id: str
-    """0x-hex model id."""
+    model_id: ModelId
+    """The model it serves (the registry's id)."""
     price_per_1k_tokens: int
     """Wei per 1000 tokens."""
 
@@ -101,7 +102,7 @@ class Directory:
                         operator=node.operator,
                         endpoint=node.endpoint,
                         public_key=node.x25519_public_key,
-                        model_id="0x" + node.model_id.hex(),
+                        model_id=node.model_id,
                         price_per_1k_tokens=int(node.price_per_1k_tokens),
                     )
                     model.peer()  # validates the id, endpoint and key now, not at send time

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from planetserve import ModelId
+
 log = logging.getLogger(__name__)
 
 #: Seconds a node process gets to print its ready line (a model node loads its engine first).
@@ -191,7 +193,7 @@ class ProcessNetwork:
                     role=role,
                     endpoint=node.endpoint,
                     x25519_public_key=node.x25519_public_key,
-                    model_id=bytes.fromhex(node.model_id[2:]) if role is Role.MODEL else None,
+                    model_id=ModelId(node.model_id) if role is Role.MODEL else None,
                     price_per_1k_tokens=node.spec.price_per_1k_tokens,
                     stake=node.spec.stake_wei,
                 )
