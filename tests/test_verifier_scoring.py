@@ -153,6 +153,7 @@ async def test_impossible_finish_reasons_and_malformed_tokens_score_zero(
             honest, token_ids=honest.token_ids * 3, logprobs=honest.logprobs * 3, finish_reason="length"
         ),
         "outside vocabulary": replace(honest, token_ids=(10**7,) * len(honest.token_ids)),
+        "empty": replace(honest, text="", token_ids=(), logprobs=(), finish_reason="stop"),
     }
     for name, answer in cases.items():
         result = await scorer.score(challenge, answer)

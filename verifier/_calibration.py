@@ -152,7 +152,7 @@ class Calibration:
     tolerances: Mapping[str, Tolerance]
     #: ``pair_key`` -> per-challenge scores of honest answers measured with that pair's tolerance (0..1 each; at
     #: most MAX_HONEST_SCORES per pair); what ``design_cusum`` derives the false-alarm bound from.
-    honest_scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    honest_scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict, repr=False)
     #: ``pair_key`` -> conditions of the honest measurement (model, temperatures, prompts, batching), for the record.
     conditions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
