@@ -1,8 +1,10 @@
 """Solidity custom errors as Python exceptions, decoded by selector from the compiled ABIs.
 
-Each custom error of our contracts (and the OpenZeppelin errors they can raise) is one class below whose
-annotated attributes are the error's decoded arguments, by the Solidity parameter names. A test checks that every
-error in the ABI has its class here, so a new Solidity error cannot ship without its Python twin.
+Each custom error of our contracts (and the OpenZeppelin errors they can raise) is one class below, named as the
+error, whose annotated attributes are its decoded arguments by the Solidity parameter names; the class body is all
+there is to write (the base class takes the name and registers it for the decoder). Classes rather than a table of
+names: callers catch them by name and mypy checks the attribute types. A test checks that every error in the ABI has
+its class here, so a new Solidity error cannot ship without its Python twin.
 """
 
 from __future__ import annotations
@@ -29,12 +31,30 @@ _PANIC_REASONS = {
 }
 
 
+#: Every decodable error class, by Solidity name: each subclass below registers itself (``__init_subclass__``).
+REVERT_CLASSES: dict[str, type[ContractRevert]] = {}
+
+
 class ContractRevert(TransactionFailed):
-    """A call or transaction reverted with a decoded error. ``error_name`` and ``values`` give the error."""
+    """A call or transaction reverted with a decoded error. ``error_name`` and ``values`` give the error.
+
+    A subclass is one Solidity error: its name is the error's name (``error_name``, unless given as a class
+    keyword), its annotations are the error's arguments by their Solidity names (set as attributes when decoded),
+    and defining it registers it in :data:`REVERT_CLASSES` for the decoder, so no error is written twice.
+    ``abi=False`` marks the decoder's own classes (``Error(string)``, ``Panic``, unknown data), which no ABI lists.
+    """
 
     code = "tx_reverted"
-    #: The Solidity error name; subclasses set it to their own class name.
+    #: The Solidity error name: the class name unless the class says otherwise.
     error_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, *, abi: bool = True, error_name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.error_name = error_name or cls.__name__
+        if abi and cls.__module__ == __name__:  # subclasses elsewhere (tests, callers) never join the ABI table
+            if cls.error_name in REVERT_CLASSES:
+                raise TypeError(f"two classes for the Solidity error {cls.error_name}")
+            REVERT_CLASSES[cls.error_name] = cls
 
     def __init__(self, values: Mapping[str, Any], *, tx_hash: str | None = None) -> None:
         self.values = dict(values)
@@ -52,24 +72,21 @@ def _render(value: Any) -> str:
     return str(value)
 
 
-class UnknownRevert(ContractRevert):
+class UnknownRevert(ContractRevert, abi=False):
     """Revert data whose selector matches no known error; ``data`` is the raw 0x-hex revert data."""
 
-    error_name = "UnknownRevert"
     data: str
 
 
-class RevertString(ContractRevert):
+class RevertString(ContractRevert, abi=False, error_name="Error"):
     """A ``revert("reason")`` / ``require(cond, "reason")``."""
 
-    error_name = "Error"
     reason: str
 
 
-class Panic(ContractRevert):
+class Panic(ContractRevert, abi=False):
     """A Solidity panic (``assert``, arithmetic, invalid enum...); ``code_value`` is the panic code."""
 
-    error_name = "Panic"
     code_value: int
     meaning: str
 
@@ -77,21 +94,18 @@ class Panic(ContractRevert):
 class NodeRegistryAlreadyRegistered(ContractRevert):
     """The operator already has a node."""
 
-    error_name = "NodeRegistryAlreadyRegistered"
     operator: ChecksumAddress
 
 
 class NodeRegistryNotRegistered(ContractRevert):
     """The operator has no node."""
 
-    error_name = "NodeRegistryNotRegistered"
     operator: ChecksumAddress
 
 
 class NodeRegistryStakeBelowMinimum(ContractRevert):
     """The stake (wei) is below the role's minimum (wei)."""
 
-    error_name = "NodeRegistryStakeBelowMinimum"
     operator: ChecksumAddress
     role: Role | int
     stake: int
@@ -101,7 +115,6 @@ class NodeRegistryStakeBelowMinimum(ContractRevert):
 class NodeRegistryInvalidEndpoint(ContractRevert):
     """The endpoint is empty or longer than ``maxLength`` bytes."""
 
-    error_name = "NodeRegistryInvalidEndpoint"
     length: int
     maxLength: int
 
@@ -109,14 +122,12 @@ class NodeRegistryInvalidEndpoint(ContractRevert):
 class NodeRegistryInvalidPublicKey(ContractRevert):
     """The X25519 public key is zero."""
 
-    error_name = "NodeRegistryInvalidPublicKey"
     x25519PublicKey: bytes
 
 
 class NodeRegistryInvalidModelId(ContractRevert):
     """Model/verifier nodes need a model id; relays must not give one."""
 
-    error_name = "NodeRegistryInvalidModelId"
     role: Role | int
     modelId: bytes
 
@@ -124,14 +135,12 @@ class NodeRegistryInvalidModelId(ContractRevert):
 class NodeRegistryZeroAmount(ContractRevert):
     """A call that moves value carried none."""
 
-    error_name = "NodeRegistryZeroAmount"
     operator: ChecksumAddress
 
 
 class NodeRegistryNodeUnbonding(ContractRevert):
     """The node is unbonding, which forbids the call."""
 
-    error_name = "NodeRegistryNodeUnbonding"
     operator: ChecksumAddress
     unbondingEndsAt: int
 
@@ -139,14 +148,12 @@ class NodeRegistryNodeUnbonding(ContractRevert):
 class NodeRegistryNotUnbonding(ContractRevert):
     """The node has not requested unbonding."""
 
-    error_name = "NodeRegistryNotUnbonding"
     operator: ChecksumAddress
 
 
 class NodeRegistryUnbondingNotFinished(ContractRevert):
     """The unbonding delay has not elapsed (times in Unix seconds)."""
 
-    error_name = "NodeRegistryUnbondingNotFinished"
     operator: ChecksumAddress
     unbondingEndsAt: int
     currentTime: int
@@ -155,14 +162,12 @@ class NodeRegistryUnbondingNotFinished(ContractRevert):
 class NodeRegistryNothingToWithdraw(ContractRevert):
     """The account has no pending withdrawal."""
 
-    error_name = "NodeRegistryNothingToWithdraw"
     account: ChecksumAddress
 
 
 class NodeRegistryTransferFailed(ContractRevert):
     """The recipient refused the payment."""
 
-    error_name = "NodeRegistryTransferFailed"
     to: ChecksumAddress
     amount: int
 
@@ -170,28 +175,24 @@ class NodeRegistryTransferFailed(ContractRevert):
 class NodeRegistryNotJailed(ContractRevert):
     """``unjail`` on a node that is not jailed."""
 
-    error_name = "NodeRegistryNotJailed"
     operator: ChecksumAddress
 
 
 class NodeRegistryUnauthorizedTreasury(ContractRevert):
     """Only the treasury may withdraw slashed funds."""
 
-    error_name = "NodeRegistryUnauthorizedTreasury"
     caller: ChecksumAddress
 
 
 class NodeRegistryInvalidTreasury(ContractRevert):
     """The treasury address is zero (deployment)."""
 
-    error_name = "NodeRegistryInvalidTreasury"
     treasury: ChecksumAddress
 
 
 class NodeRegistryInvalidMinimumStake(ContractRevert):
     """A role's minimum stake (wei) is zero (deployment)."""
 
-    error_name = "NodeRegistryInvalidMinimumStake"
     role: Role | int
     minimum: int
 
@@ -199,14 +200,12 @@ class NodeRegistryInvalidMinimumStake(ContractRevert):
 class NodeRegistryInvalidVerificationWindow(ContractRevert):
     """The verification window (seconds) is zero (deployment)."""
 
-    error_name = "NodeRegistryInvalidVerificationWindow"
     verificationWindow: int
 
 
 class NodeRegistryUnbondingDelayTooShort(ContractRevert):
     """The unbonding delay is shorter than the verification window, both in seconds (deployment)."""
 
-    error_name = "NodeRegistryUnbondingDelayTooShort"
     unbondingDelay: int
     verificationWindow: int
 
@@ -214,7 +213,6 @@ class NodeRegistryUnbondingDelayTooShort(ContractRevert):
 class NodeRegistryUnbondingDelayTooLong(ContractRevert):
     """The unbonding delay exceeds the contract's maximum, both in seconds (deployment)."""
 
-    error_name = "NodeRegistryUnbondingDelayTooLong"
     unbondingDelay: int
     maxUnbondingDelay: int
 
@@ -222,7 +220,6 @@ class NodeRegistryUnbondingDelayTooLong(ContractRevert):
 class AccessControlUnauthorizedAccount(ContractRevert):
     """OpenZeppelin ``AccessControl``: ``account`` lacks ``neededRole`` (32-byte role id)."""
 
-    error_name = "AccessControlUnauthorizedAccount"
     account: ChecksumAddress
     neededRole: bytes
 
@@ -230,34 +227,27 @@ class AccessControlUnauthorizedAccount(ContractRevert):
 class AccessControlBadConfirmation(ContractRevert):
     """OpenZeppelin ``AccessControl``: ``renounceRole`` was not confirmed with the caller's own address."""
 
-    error_name = "AccessControlBadConfirmation"
-
 
 class AccessControlInvalidDefaultAdmin(ContractRevert):
     """OpenZeppelin ``AccessControlDefaultAdminRules``: the new default admin is unusable (zero, or not pending)."""
 
-    error_name = "AccessControlInvalidDefaultAdmin"
     defaultAdmin: ChecksumAddress
 
 
 class AccessControlEnforcedDefaultAdminRules(ContractRevert):
     """OpenZeppelin ``AccessControlDefaultAdminRules``: the default admin role moves only by the two-step transfer."""
 
-    error_name = "AccessControlEnforcedDefaultAdminRules"
-
 
 class AccessControlEnforcedDefaultAdminDelay(ContractRevert):
     """OpenZeppelin ``AccessControlDefaultAdminRules``: the admin transfer cannot be accepted before ``schedule``
     (Unix seconds)."""
 
-    error_name = "AccessControlEnforcedDefaultAdminDelay"
     schedule: int
 
 
 class SafeCastOverflowedUintDowncast(ContractRevert):
     """OpenZeppelin ``SafeCast``: ``value`` does not fit in ``bits`` bits."""
 
-    error_name = "SafeCastOverflowedUintDowncast"
     bits: int
     value: int
 
@@ -265,21 +255,17 @@ class SafeCastOverflowedUintDowncast(ContractRevert):
 class OwnableUnauthorizedAccount(ContractRevert):
     """OpenZeppelin ``Ownable``: the caller is not the owner."""
 
-    error_name = "OwnableUnauthorizedAccount"
     account: ChecksumAddress
 
 
 class OwnableInvalidOwner(ContractRevert):
     """OpenZeppelin ``Ownable``: the owner address is invalid (zero)."""
 
-    error_name = "OwnableInvalidOwner"
     owner: ChecksumAddress
 
 
 class ReentrancyGuardReentrantCall(ContractRevert):
     """OpenZeppelin ``ReentrancyGuardTransient``: a guarded function was re-entered."""
-
-    error_name = "ReentrancyGuardReentrantCall"
 
 
 # -- PaymentChannels (engineer H7's block: contracts/PaymentChannels.sol) ---------------------------------------
@@ -288,14 +274,12 @@ class ReentrancyGuardReentrantCall(ContractRevert):
 class PaymentChannelsZeroAmount(ContractRevert):
     """A payable call carried no value, or a slash asked for zero."""
 
-    error_name = "PaymentChannelsZeroAmount"
     caller: ChecksumAddress
 
 
 class PaymentChannelsDepositTooLarge(ContractRevert):
     """A deposit (wei) would exceed the largest representable one (2**96 - 1 wei); ``channelId`` 0 when opening."""
 
-    error_name = "PaymentChannelsDepositTooLarge"
     channelId: int
     deposit: int
     maximum: int
@@ -304,21 +288,18 @@ class PaymentChannelsDepositTooLarge(ContractRevert):
 class PaymentChannelsInvalidNode(ContractRevert):
     """A channel's node is zero or the client itself."""
 
-    error_name = "PaymentChannelsInvalidNode"
     node: ChecksumAddress
 
 
 class PaymentChannelsUnknownChannel(ContractRevert):
     """No channel has this id."""
 
-    error_name = "PaymentChannelsUnknownChannel"
     channelId: int
 
 
 class PaymentChannelsNotClient(ContractRevert):
     """Only the channel's client may top it up or close it."""
 
-    error_name = "PaymentChannelsNotClient"
     channelId: int
     caller: ChecksumAddress
     client: ChecksumAddress
@@ -327,7 +308,6 @@ class PaymentChannelsNotClient(ContractRevert):
 class PaymentChannelsNotNode(ContractRevert):
     """Only the channel's node may redeem on it."""
 
-    error_name = "PaymentChannelsNotNode"
     channelId: int
     caller: ChecksumAddress
     node: ChecksumAddress
@@ -336,7 +316,6 @@ class PaymentChannelsNotNode(ContractRevert):
 class PaymentChannelsChannelClosing(ContractRevert):
     """The channel is already closing (``closesAt`` in Unix seconds): no top-up, no second close."""
 
-    error_name = "PaymentChannelsChannelClosing"
     channelId: int
     closesAt: int
 
@@ -344,7 +323,6 @@ class PaymentChannelsChannelClosing(ContractRevert):
 class PaymentChannelsChannelClosed(ContractRevert):
     """The dispute delay is over (times in Unix seconds): the node can no longer redeem."""
 
-    error_name = "PaymentChannelsChannelClosed"
     channelId: int
     closesAt: int
     currentTime: int
@@ -353,14 +331,12 @@ class PaymentChannelsChannelClosed(ContractRevert):
 class PaymentChannelsCloseNotStarted(ContractRevert):
     """``finishClose`` on a channel whose client has not started closing it."""
 
-    error_name = "PaymentChannelsCloseNotStarted"
     channelId: int
 
 
 class PaymentChannelsDisputeNotOver(ContractRevert):
     """``finishClose`` before the dispute delay ended (times in Unix seconds)."""
 
-    error_name = "PaymentChannelsDisputeNotOver"
     channelId: int
     closesAt: int
     currentTime: int
@@ -369,14 +345,12 @@ class PaymentChannelsDisputeNotOver(ContractRevert):
 class PaymentChannelsAlreadySettled(ContractRevert):
     """The channel was already settled."""
 
-    error_name = "PaymentChannelsAlreadySettled"
     channelId: int
 
 
 class PaymentChannelsInvalidSignature(ContractRevert):
     """The voucher is not the client's signature (``signer`` is zero for a malformed or high-s signature)."""
 
-    error_name = "PaymentChannelsInvalidSignature"
     channelId: int
     signer: ChecksumAddress
     client: ChecksumAddress
@@ -385,7 +359,6 @@ class PaymentChannelsInvalidSignature(ContractRevert):
 class PaymentChannelsVoucherNotAboveRedeemed(ContractRevert):
     """The voucher's cumulative amount (wei) is not above what was already redeemed: nothing new to pay."""
 
-    error_name = "PaymentChannelsVoucherNotAboveRedeemed"
     channelId: int
     cumulativeAmount: int
     redeemed: int
@@ -394,7 +367,6 @@ class PaymentChannelsVoucherNotAboveRedeemed(ContractRevert):
 class PaymentChannelsVoucherExceedsDeposit(ContractRevert):
     """The voucher asks for more (wei) than the channel's deposit (wei)."""
 
-    error_name = "PaymentChannelsVoucherExceedsDeposit"
     channelId: int
     cumulativeAmount: int
     deposit: int
@@ -403,14 +375,12 @@ class PaymentChannelsVoucherExceedsDeposit(ContractRevert):
 class PaymentChannelsNodeJailed(ContractRevert):
     """The registry has jailed the node: it may not redeem."""
 
-    error_name = "PaymentChannelsNodeJailed"
     node: ChecksumAddress
 
 
 class PaymentChannelsInvalidBatchSize(ContractRevert):
     """A batch redemption must carry 1..``maxLength`` vouchers."""
 
-    error_name = "PaymentChannelsInvalidBatchSize"
     length: int
     maxLength: int
 
@@ -418,14 +388,12 @@ class PaymentChannelsInvalidBatchSize(ContractRevert):
 class PaymentChannelsNothingToWithdraw(ContractRevert):
     """The account has nothing withdrawable (locked earnings do not count)."""
 
-    error_name = "PaymentChannelsNothingToWithdraw"
     account: ChecksumAddress
 
 
 class PaymentChannelsTransferFailed(ContractRevert):
     """The recipient refused the payment."""
 
-    error_name = "PaymentChannelsTransferFailed"
     to: ChecksumAddress
     amount: int
 
@@ -433,7 +401,6 @@ class PaymentChannelsTransferFailed(ContractRevert):
 class PaymentChannelsInvalidConfig(ContractRevert):
     """A constructor argument is unusable: a zero registry or treasury, or a zero verification window (s)."""
 
-    error_name = "PaymentChannelsInvalidConfig"
     registry: ChecksumAddress
     treasury: ChecksumAddress
     verificationWindow: int
@@ -442,40 +409,11 @@ class PaymentChannelsInvalidConfig(ContractRevert):
 class InvalidShortString(ContractRevert):
     """OpenZeppelin ``ShortStrings`` (EIP-712 name/version): a stored short string is malformed."""
 
-    error_name = "InvalidShortString"
-
 
 class StringTooLong(ContractRevert):
     """OpenZeppelin ``ShortStrings`` (EIP-712 name/version): a string is too long to store inline."""
 
-    error_name = "StringTooLong"
     str: str
-
-
-#: H7's PaymentChannels errors, registered below with the rest.
-_PAYMENT_CHANNEL_REVERTS: tuple[type[ContractRevert], ...] = (
-    PaymentChannelsZeroAmount,
-    PaymentChannelsDepositTooLarge,
-    PaymentChannelsInvalidNode,
-    PaymentChannelsUnknownChannel,
-    PaymentChannelsNotClient,
-    PaymentChannelsNotNode,
-    PaymentChannelsChannelClosing,
-    PaymentChannelsChannelClosed,
-    PaymentChannelsCloseNotStarted,
-    PaymentChannelsDisputeNotOver,
-    PaymentChannelsAlreadySettled,
-    PaymentChannelsInvalidSignature,
-    PaymentChannelsVoucherNotAboveRedeemed,
-    PaymentChannelsVoucherExceedsDeposit,
-    PaymentChannelsNodeJailed,
-    PaymentChannelsInvalidBatchSize,
-    PaymentChannelsNothingToWithdraw,
-    PaymentChannelsTransferFailed,
-    PaymentChannelsInvalidConfig,
-    InvalidShortString,
-    StringTooLong,
-)
 
 
 # -- Attestations (engineer H9's block: contracts/Attestations.sol) ---------------------------------------------
@@ -484,28 +422,24 @@ _PAYMENT_CHANNEL_REVERTS: tuple[type[ContractRevert], ...] = (
 class AttestationsNotVerifier(ContractRevert):
     """The caller has no verifier node in the registry."""
 
-    error_name = "AttestationsNotVerifier"
     account: ChecksumAddress
 
 
 class AttestationsVerifierInactive(ContractRevert):
     """The caller's verifier node is unbonding, jailed or below the minimum stake."""
 
-    error_name = "AttestationsVerifierInactive"
     verifier: ChecksumAddress
 
 
 class AttestationsNotModelNode(ContractRevert):
     """The attested address is not a registered model node."""
 
-    error_name = "AttestationsNotModelNode"
     node: ChecksumAddress
 
 
 class AttestationsScoreOutOfRange(ContractRevert):
     """The score exceeds ``maximum`` (the fixed-point scale, 1e6 = 1.0)."""
 
-    error_name = "AttestationsScoreOutOfRange"
     score: int
     maximum: int
 
@@ -513,7 +447,6 @@ class AttestationsScoreOutOfRange(ContractRevert):
 class AttestationsMissingEvidence(ContractRevert):
     """The evidence hash is zero."""
 
-    error_name = "AttestationsMissingEvidence"
     verifier: ChecksumAddress
     node: ChecksumAddress
     epoch: int
@@ -522,7 +455,6 @@ class AttestationsMissingEvidence(ContractRevert):
 class AttestationsFutureEpoch(ContractRevert):
     """The attested epoch has not started yet."""
 
-    error_name = "AttestationsFutureEpoch"
     epoch: int
     currentEpoch: int
 
@@ -530,7 +462,6 @@ class AttestationsFutureEpoch(ContractRevert):
 class AttestationsEpochTooOld(ContractRevert):
     """The attested epoch is more than ``maxAge`` epochs before the current one."""
 
-    error_name = "AttestationsEpochTooOld"
     epoch: int
     currentEpoch: int
     maxAge: int
@@ -539,7 +470,6 @@ class AttestationsEpochTooOld(ContractRevert):
 class AttestationsAlreadyAttested(ContractRevert):
     """The verifier already attested this node for this epoch."""
 
-    error_name = "AttestationsAlreadyAttested"
     verifier: ChecksumAddress
     node: ChecksumAddress
     epoch: int
@@ -548,7 +478,6 @@ class AttestationsAlreadyAttested(ContractRevert):
 class AttestationsEpochFinalized(ContractRevert):
     """The node's epoch already reached quorum with ``median``; later attestations are refused."""
 
-    error_name = "AttestationsEpochFinalized"
     node: ChecksumAddress
     epoch: int
     median: int
@@ -557,7 +486,6 @@ class AttestationsEpochFinalized(ContractRevert):
 class AttestationsInvalidContracts(ContractRevert):
     """A constructor argument is unusable: a zero registry or payment contract."""
 
-    error_name = "AttestationsInvalidContracts"
     registry: ChecksumAddress
     payments: ChecksumAddress
 
@@ -565,7 +493,6 @@ class AttestationsInvalidContracts(ContractRevert):
 class AttestationsInvalidEpochLength(ContractRevert):
     """A constructor argument is unusable: the epoch length (s) is outside [minimum, maximum]."""
 
-    error_name = "AttestationsInvalidEpochLength"
     epochLength: int
     minimum: int
     maximum: int
@@ -574,7 +501,6 @@ class AttestationsInvalidEpochLength(ContractRevert):
 class AttestationsInvalidEpochStart(ContractRevert):
     """A constructor argument is unusable: epoch 0 starts (unix s) after the deployment block."""
 
-    error_name = "AttestationsInvalidEpochStart"
     epochStart: int
     currentTime: int
 
@@ -582,7 +508,6 @@ class AttestationsInvalidEpochStart(ContractRevert):
 class AttestationsInvalidCommitteeSize(ContractRevert):
     """A constructor argument is unusable: the committee size is outside [1, maximum]."""
 
-    error_name = "AttestationsInvalidCommitteeSize"
     committeeSize: int
     maximum: int
 
@@ -590,7 +515,6 @@ class AttestationsInvalidCommitteeSize(ContractRevert):
 class AttestationsInvalidThreshold(ContractRevert):
     """A constructor argument is unusable: the score threshold exceeds the fixed-point scale."""
 
-    error_name = "AttestationsInvalidThreshold"
     scoreThreshold: int
     scale: int
 
@@ -598,68 +522,9 @@ class AttestationsInvalidThreshold(ContractRevert):
 class AttestationsInvalidSlashFraction(ContractRevert):
     """A constructor argument is unusable: a stake fraction outside [1, scale] or an earnings one above scale."""
 
-    error_name = "AttestationsInvalidSlashFraction"
     stakeSlashFraction: int
     earningsSlashFraction: int
     scale: int
-
-
-#: H9's Attestations errors, registered below with the rest.
-_ATTESTATION_REVERTS: tuple[type[ContractRevert], ...] = (
-    AttestationsNotVerifier,
-    AttestationsVerifierInactive,
-    AttestationsNotModelNode,
-    AttestationsScoreOutOfRange,
-    AttestationsMissingEvidence,
-    AttestationsFutureEpoch,
-    AttestationsEpochTooOld,
-    AttestationsAlreadyAttested,
-    AttestationsEpochFinalized,
-    AttestationsInvalidContracts,
-    AttestationsInvalidEpochLength,
-    AttestationsInvalidEpochStart,
-    AttestationsInvalidCommitteeSize,
-    AttestationsInvalidThreshold,
-    AttestationsInvalidSlashFraction,
-)
-
-
-#: Every decodable error class, by Solidity name.
-REVERT_CLASSES: dict[str, type[ContractRevert]] = {
-    cls.error_name: cls
-    for cls in (
-        NodeRegistryAlreadyRegistered,
-        NodeRegistryNotRegistered,
-        NodeRegistryStakeBelowMinimum,
-        NodeRegistryInvalidEndpoint,
-        NodeRegistryInvalidPublicKey,
-        NodeRegistryInvalidModelId,
-        NodeRegistryZeroAmount,
-        NodeRegistryNodeUnbonding,
-        NodeRegistryNotUnbonding,
-        NodeRegistryUnbondingNotFinished,
-        NodeRegistryNothingToWithdraw,
-        NodeRegistryTransferFailed,
-        NodeRegistryNotJailed,
-        NodeRegistryUnauthorizedTreasury,
-        NodeRegistryInvalidTreasury,
-        NodeRegistryInvalidMinimumStake,
-        NodeRegistryInvalidVerificationWindow,
-        NodeRegistryUnbondingDelayTooShort,
-        NodeRegistryUnbondingDelayTooLong,
-        AccessControlUnauthorizedAccount,
-        AccessControlBadConfirmation,
-        AccessControlInvalidDefaultAdmin,
-        AccessControlEnforcedDefaultAdminRules,
-        AccessControlEnforcedDefaultAdminDelay,
-        SafeCastOverflowedUintDowncast,
-        OwnableUnauthorizedAccount,
-        OwnableInvalidOwner,
-        ReentrancyGuardReentrantCall,
-    )
-}
-REVERT_CLASSES.update({cls.error_name: cls for cls in _PAYMENT_CHANNEL_REVERTS})
-REVERT_CLASSES.update({cls.error_name: cls for cls in _ATTESTATION_REVERTS})
 
 
 def _abi_type(param: Mapping[str, Any]) -> str:

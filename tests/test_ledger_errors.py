@@ -44,6 +44,17 @@ def test_every_abi_error_has_its_own_exception_class() -> None:
         assert cls.__name__ == name and issubclass(cls, ContractRevert)
 
 
+def test_revert_classes_register_themselves_once_and_only_from_the_ledger() -> None:
+    class Elsewhere(ContractRevert):  # a caller's own subclass is not an ABI error
+        pass
+
+    assert Elsewhere.error_name == "Elsewhere" and "Elsewhere" not in REVERT_CLASSES
+    assert {"Error", "Panic", "UnknownRevert"}.isdisjoint(REVERT_CLASSES)
+    assert RevertString.error_name == "Error" and Panic.error_name == "Panic"
+    with pytest.raises(TypeError, match="two classes"):
+        type("NodeRegistryNotJailed", (ContractRevert,), {"__module__": "ledger._reverts"})
+
+
 def test_decoder_decodes_arguments_by_selector() -> None:
     selector = function_signature_to_4byte_selector("NodeRegistryStakeBelowMinimum(address,uint8,uint256,uint256)")
     operator = dev_account(1).address
