@@ -29,6 +29,7 @@ from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, derive_channel_account
 from node.client._wallet_store import ChannelLocks, WalletStore
 from node.overlay import CompletionRequest, ModelNode
+from planetserve import ModelId
 from tests.fixtures.chain import ChainEnv
 from tests.fixtures.payments import eth_balance, payments
 from tests.test_chain_cli import InProcess, _env, _failed, _ok_json, _run
@@ -49,7 +50,7 @@ def _unreached_node() -> tuple[ModelNode, CompletionRequest]:
         operator=dev_account(NODE).address,
         endpoint="http://127.0.0.1:9",
         public_key=bytes(32),
-        model_id=model_id("tiny-llama@v1"),
+        model_id=ModelId.of("tiny-llama@v1"),
         price_per_1k_tokens=PRICE,
     )
     return node, CompletionRequest(model=node.model_id, prompt="hello", max_tokens=4)
