@@ -5,7 +5,9 @@ and knows only node A, so whatever B serves reached the client through A, on the
 What is proven: A over its queue bound hands a request to an idle peer B and the client gets B's whole answer (the
 engine's own greedy output); a request already re-forwarded is never re-forwarded again, even when B is over its
 bound too and A looks idle to it; a client marking its own request ``forwarded`` only loses the option; a peer that
-fails before answering leaves the request to A, which serves it; re-forwards in flight are bounded; the decisions are
+fails before answering leaves the request to A, which serves it; re-forwards in flight are bounded; a peer whose
+heartbeat is forged is never chosen; paid: the client pays A at A's price, A pays B from its own wallet on its own
+channel exactly what B charged, and without a wallet A never re-forwards to a charging peer; the decisions are
 counted at ``/metrics``.
 """
 
@@ -136,15 +138,17 @@ async def _side(
     account: LocalAccount | None = None,
     gate: Callable[[TorchEngine], PaymentGate] | None = None,
     payer: Payer | None = None,
+    forger: LocalAccount | None = None,
 ) -> Side:
     account = account or Account.create()
     engine = TorchEngine.from_folder(model_dir, EngineConfig(device="cpu", max_running=1, max_queue=32))
     publisher = HeartbeatPublisher(
-        account=account,
+        account=forger or account,
         model_id=engine.model_id,
         stats=_zero_load(engine.stats) if lie else engine.stats,
         interval_s=0.05,
     )
+    publisher.operator = account.address  # with a forger: heartbeats naming this node, signed by someone else
 
     async def registry_view() -> Directory:
         return net.directory()
@@ -276,7 +280,8 @@ async def test_a_client_marking_its_request_forwarded_only_loses_the_option(tiny
 async def test_a_peer_that_fails_before_answering_leaves_the_request_to_the_node(tiny_model_dir: Path) -> None:
     async with _net() as net:
         # A keeps B's last heartbeat for a minute: B will look idle (and alive) after it died.
-        a = await _side(net, tiny_model_dir, reforward=BOUND, refresh_s=60.0)
+        trusting = dataclasses.replace(BOUND, heartbeat_max_age_s=60.0)
+        a = await _side(net, tiny_model_dir, reforward=trusting, refresh_s=60.0)
         b = await _side(net, tiny_model_dir, reforward=BOUND)
         await a.make_busy()
         async with _client(net, a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
@@ -294,8 +299,11 @@ async def test_re_forwards_in_flight_are_bounded(tiny_model_dir: Path) -> None:
     async with _net() as net:
         one = dataclasses.replace(BOUND, max_concurrent=1)
         a = await _side(net, tiny_model_dir, reforward=one)
-        b = await _side(net, tiny_model_dir, reforward=one)
+        # B looks idle but answers slowly (its own queue): a re-forward holds A's one slot for a second or more, so
+        # the client's three requests, sent at once, find it taken.
+        b = await _side(net, tiny_model_dir, reforward=one, lie=True)
         await a.make_busy()
+        await b.make_busy()
         async with _client(net, a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
             results = await asyncio.gather(*(client.complete(_request(a, max_tokens=32)) for _ in range(3)))
         assert a.reforwarder is not None
@@ -304,6 +312,18 @@ async def test_re_forwards_in_flight_are_bounded(tiny_model_dir: Path) -> None:
         assert sum(a.reforwarder.outcomes.values()) == 3
         assert b.served.count == a.reforwarder.outcomes["served_by_peer"]
         assert all(r.finish_reason in {"stop", "length"} for r in results)
+
+
+async def test_a_peer_whose_heartbeat_is_forged_is_never_re_forwarded_to(tiny_model_dir: Path) -> None:
+    async with _net() as net:
+        a = await _side(net, tiny_model_dir, reforward=BOUND)
+        b = await _side(net, tiny_model_dir, reforward=None, forger=Account.create())
+        await a.make_busy()
+        async with _client(net, a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
+            result = await client.complete(_request(a))
+        assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
+        assert b.served.count == 0 and a.served.count == 1
+        assert result.finish_reason in {"stop", "length"}
 
 
 def _gate(chain: ChainEnv, db: Path, node: int) -> Callable[[TorchEngine], PaymentGate]:
