@@ -46,8 +46,6 @@ from node.client._policy import POLICIES, Dispatch, LoadReport, LoadTracker, Pol
 RESULTS = Path(__file__).resolve().parent / "results" / "forwarding.json"
 MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
 BLOCK = 16
-#: Bytes of a heartbeat besides its cache summary (fields and signature).
-HEARTBEAT_FIXED_BYTES = 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reqs = make_requests(sc.workload, cap * 0.9, big_count * 3, big_clients, args.seed + 5)
     rr = simulate(sc, "round_robin", reqs, cal, args.seed)
     ps = simulate(sc, "planetserve", reqs, cal, args.seed)
-    beat_bytes = HEARTBEAT_FIXED_BYTES + bloom_bytes(sc.workload.cache_tokens // BLOCK, 0.01)
+    beat_bytes = heartbeat_bytes(sc.workload.cache_tokens // BLOCK)
     fetched = 2 * sc.sample_candidates  # a client keeps heartbeats of about twice the nodes it samples per request
     scale = {
         "nodes": big_nodes,
@@ -700,10 +698,37 @@ def _real(args: argparse.Namespace) -> dict[str, Any]:
     return real
 
 
-def bloom_bytes(entries: int, false_positive_rate: float) -> int:
-    """Size of a Bloom filter holding ``entries`` at the given false-positive rate (the heartbeat's cache summary)."""
-    bits = math.ceil(-entries * math.log(false_positive_rate) / math.log(2) ** 2)
-    return (bits + 7) // 8
+def heartbeat_bytes(chunks: int) -> int:
+    """Bytes of a real signed version-2 heartbeat whose summary advertises ``chunks`` prefix chunks (at most the
+    summary's 4,096), as ``GET /overlay/v1/heartbeat`` serves it (JSON, base64 filter, signature)."""
+    import secrets
+
+    from eth_account import Account
+
+    from node.inference import EngineStats
+    from node.overlay._heartbeat import CacheSummaryBuilder, HeartbeatPublisher
+
+    builder = CacheSummaryBuilder()
+    hashes = tuple(secrets.token_bytes(8) for _ in range(min(chunks, builder.max_entries)))
+    for _ in range(builder.k_distinct):
+        builder.observe(hashes)
+    stats = EngineStats(
+        model_id="0x" + "ab" * 32,
+        queued_requests=64,
+        running_requests=8,
+        queued_tokens=262_144,
+        cached_prefix_hashes=hashes,
+        cache_bytes=0,
+        prefill_tokens_computed=0,
+        prefill_tokens_cached=0,
+        tokens_per_second=0.0,
+        decode_backlog_tokens=32_768,
+        seconds_per_decode_token=0.0123456789,
+    )
+    publisher = HeartbeatPublisher(
+        account=Account.create(), model_id=stats.model_id, stats=lambda: stats, builder=builder
+    )
+    return len(publisher.current().model_dump_json().encode())
 
 
 def WorkloadScaled(wl: Workload, nodes: int) -> Workload:

@@ -289,8 +289,9 @@ async def _measure(
         info(f"real run: {policy}: {sum(x is not None for x in results)}/{len(requests)} answered in {wall:.0f} s")
 
     # The simulation at the same scale: the engine costs measured alone, scaled by ONE factor fitted so that its
-    # round robin's mean latency is the real one (the 3 engines share 2 cores with the relays, the client and the
-    # rest of the machine); the other policies are then predictions, compared with what the real ones measured.
+    # round robin's median latency is the real one (the 3 engines share 2 cores with the relays, the client and the
+    # rest of the machine; the median, since the real tail comes from that sharing); the other policies are then
+    # predictions, compared with what the real ones measured.
     scenario = Scenario(workload, nodes=REAL_NODES, overhead_s=overhead)
 
     def scaled(factor: float) -> Calibration:
@@ -299,15 +300,15 @@ async def _measure(
             cal.prefill_per_token_s * factor,
             cal.decode_fixed_s * factor,
             cal.decode_per_seq_s * factor,
-            cal.source + f"; costs x{factor:.2f}, fitted to the real round robin's mean latency (shared cores)",
+            cal.source + f"; costs x{factor:.2f}, fitted to the real round robin's median latency (shared cores)",
         )
 
     rr = next((run_ for run_ in runs if run_[0] == "round_robin"), runs[0])
-    rr_real = statistics.fmean(x[0] for x in rr[2] if x is not None)
-    low, high = 0.25, 16.0
-    for _ in range(24):  # the simulated mean grows with the cost factor: bisect it
+    rr_real = statistics.median(x[0] for x in rr[2] if x is not None)
+    low, high = 0.25, 64.0
+    for _ in range(24):  # the simulated median grows with the cost factor: bisect it
         mid = math.sqrt(low * high)
-        if simulate(scenario, rr[0], rr[1], scaled(mid), seed)["mean_s"] < rr_real:
+        if simulate(scenario, rr[0], rr[1], scaled(mid), seed)["p50_s"] < rr_real:
             low = mid
         else:
             high = mid
