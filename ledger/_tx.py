@@ -211,6 +211,10 @@ def _raise_for_failed(w3: Web3, tx: dict[str, Any], receipt: TxReceipt, decoder:
     except (ContractCustomError, ContractPanicError, ContractLogicError) as exc:
         data = exc.data if isinstance(exc.data, str | bytes) else None
         raise decoder.decode(data, tx_hash=tx_hash) from exc
+    except Web3RPCError as exc:  # the replay itself ran out of gas (anvil: "EVM error OutOfGas"), no revert data
+        raise TransactionFailed(
+            "transaction failed on chain (out of gas: its gas estimate ran on an older state)", tx_hash=tx_hash
+        ) from exc
     raise TransactionFailed(
         "transaction failed on chain (out of gas or a reason the replay did not reproduce)", tx_hash=tx_hash
     )

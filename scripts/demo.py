@@ -17,8 +17,10 @@
    runs, then redeems its latest vouchers in one transaction, and its earnings are locked for the verification
    window.
 8. One relay is stopped while still registered: the client re-routes around it.
-
-Verification (challenges, attestations) joins this script with its issue.
+9. Verification (``scripts/demo_verification.py``): a dishonest model node joins (it serves a cheaper model behind
+   the real one's id); the verifiers audit every model node through their own paying ``Client`` over short epochs,
+   attest, and the committee's failing median slashes its stake and locked earnings and jails it; a user's client
+   then no longer routes to it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from rich.table import Table
 from ledger import (
     Anvil,
     AnvilConfig,
+    AttestationParams,
     Deployment,
     IndexedNode,
     Indexer,
@@ -72,6 +75,7 @@ from node.overlay._payments import PaymentGate
 from node.overlay._peers import StaticPeerDirectory
 from node.overlay._serve import create_model_app
 from node.testing import LocalNode, serve_ephemeral, start_node
+from scripts.demo_verification import DEMO_EPOCH_S, VerificationResult, verification_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where the demo's model is cached (``ensure_model`` names the folder by its recipe's hash).
@@ -135,6 +139,8 @@ class DemoResult:
     """Requests sent over the overlay before the relay was stopped."""
     served_tokens: dict[str, list[int]] = field(default_factory=dict)
     """Prompt plus completion tokens of each request, by the model node (operator) that served it."""
+    verification: VerificationResult | None = None
+    """What the verification epochs did."""
     seconds: float = 0.0
     """Wall time of the whole demo."""
 
@@ -322,11 +328,18 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
     model = f"{info.name}@{info.revision}"
     nodes_up: list[LocalNode] = []
     engines: list[TorchEngine] = []
-    chain = AnvilConfig(accounts=len(DEMO_NODES) + 2)  # the nodes, the deployer and the demo's paying client
+    # The nodes, the deployer, the demo's paying client, then the dishonest node and the verifiers' two payers.
+    chain = AnvilConfig(accounts=len(DEMO_NODES) + 5)
     with tempfile.TemporaryDirectory(prefix="planetserve-demo-") as tmp, Anvil(chain) as anvil:
         root = Path(tmp)
         w3 = anvil.web3()
-        deployment = deploy_all(w3, dev_account(0), RegistryParams(), path=root / "deployment.json")
+        deployment = deploy_all(
+            w3,
+            dev_account(0),
+            RegistryParams(),
+            path=root / "deployment.json",
+            attestation_params=AttestationParams(epoch_length=DEMO_EPOCH_S),  # short epochs, for the demo only
+        )
         console.print(f"deployed NodeRegistry at {deployment.registry_address} (block {deployment.deploy_block})")
         registry = NodeRegistry(w3, deployment.registry_address)
         payments = PaymentChannels(w3, deployment.payments_address)
@@ -388,6 +401,21 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                     result.relay_forwards[relay.endpoint] = await _forwarded(session, relay)
             _claim(console, result, payments, stores, wallet)
 
+            verifiers = [dev_account(i) for i, (role, _, _) in enumerate(DEMO_NODES, start=1) if role is Role.VERIFIER]
+            result.verification = await verification_epochs(
+                console,
+                w3=w3,
+                deployment=deployment,
+                model=model,
+                model_dir=model_dir,
+                peers=peers,
+                root=root,
+                verifiers=verifiers,
+                payers=[dev_account(len(DEMO_NODES) + 3 + i) for i in range(len(verifiers))],
+                dishonest=dev_account(len(DEMO_NODES) + 2),
+                user_wallet=wallet,
+            )
+
             # A relay dies but is still registered: the client finds out from its paths and re-routes.
             victim = relays[0]
             await victim.stop()
@@ -437,6 +465,8 @@ def main() -> int:
         and all(n.active for n in result.nodes)
         and len(result.replies) == len(DEMO_PROMPTS)
         and all(count > 0 for count in result.relay_forwards.values())
+        and result.verification is not None
+        and result.verification.jailed
     )
     return 0 if ok else 1
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ledger import Role
+from ledger import Role, Wei, format_eth
 from scripts.demo import DEMO_NODES, DEMO_PROMPTS, run_demo
 
 
@@ -40,3 +40,20 @@ async def test_demo_serves_private_requests_through_registered_relays(tiny_model
     text = out.getvalue()
     assert f"PlanetServe network on chain {result.deployment.chain_id}" in text
     assert result.model in text and "chain and nodes stopped" in text
+    # Verification: the dishonest node was caught by the committee, slashed (stake and locked earnings), jailed,
+    # its reputation fell and it got no more traffic; the honest nodes kept theirs.
+    v = result.verification
+    assert v is not None and v.jailed and v.penalized_epoch is not None
+    assert 0 <= v.median < 500_000 and min(v.scores[v.cheater]) < 500_000
+    assert v.stake_slashed > 0 and v.stake_after == v.stake_before - v.stake_slashed
+    assert f"stake slashed {format_eth(Wei(v.stake_slashed))} ETH" in text
+    # Its earnings were redeemed (locked) before the verdict, and the verdict took half of what was locked then.
+    assert (
+        v.locked_before > 0 and v.earnings_slashed > 0 and f"locked earnings slashed {v.earnings_slashed} wei" in text
+    )
+    assert v.reputation_after[v.cheater] < v.reputation_before[v.cheater]
+    assert v.honest and all(v.reputation_after[o] >= v.reputation_before[o] for o in v.honest)
+    assert all(s >= 500_000 for o in v.honest for s in v.scores.get(o, []))
+    assert f"{v.reputation_before[v.cheater]} → {v.reputation_after[v.cheater]}" in text
+    assert v.routed_after and v.cheater not in v.routed_after and "none to the jailed node" in text
+    assert f"median {v.median} < threshold" in text

@@ -14,21 +14,28 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from cli.exit_codes import ExitCode
+from ledger import Role
 from node.client import Client, ClientConfig
 from node.client._wallet import Wallet
 from node.inference import EngineConfig, TorchEngine
 from node.overlay import CompletionRequest, Route
+from tests.fixtures.attest import register
 from tests.fixtures.auditnet import MODEL_STAKE, AuditNet, audit_net
-from verifier._calibration import TORCH_FP32, Calibration, pair_key
+from tests.fixtures.chain import ChainEnv
+from tests.test_chain_cli import InProcess, _env, _failed
+from verifier._calibration import Calibration
 from verifier._runner import EpochReport, Verifier, VerifierConfig
-from verifier._scoring import FALLBACK_TOLERANCE
 from verifier._sequential import CusumParams
 
 #: Seconds per epoch: a few challenges per node and verifier fit, with room for retries and the attestations.
 EPOCH_S = 6
-#: The scorer's fp32/fp32 tolerance (the shipped calibration's when present).
-CALIBRATION = Calibration(tolerances={pair_key(TORCH_FP32, TORCH_FP32): FALLBACK_TOLERANCE})
-#: A CUSUM that alarms after two clearly failed challenges and never on honest noise (deficits ~0).
+#: The shipped fp32/fp32 calibration (what ``ps-verifier run`` scores with).
+CALIBRATION = Calibration.default()
+#: A CUSUM that alarms after two clearly failed challenges (so a test needs one epoch, not the shipped design's
+#: dozen challenges) and stays at 0 on honest answers (deficits ~0, under the allowance).
 CUSUM = CusumParams(kappa=0.3, threshold=1.0, challenges_per_epoch=8)
 NEUTRAL = 500_000
 
@@ -130,8 +137,8 @@ async def test_a_committee_slashes_and_jails_a_canned_cheater_and_keeps_the_hone
         assert not registry.is_jailed(honest) and registry.stake_of(honest) == MODEL_STAKE
         assert reader.reputation_of(honest) >= NEUTRAL and reader.record_of(honest).penalties == 0
         mine = [v for per in reports for r in per for v in r.verdicts if v.node == honest]
-        assert mine and all(v.score is not None and v.score >= NEUTRAL and not v.alarm for v in mine)
-        assert all(v.answered == v.sent for v in mine)
+        assert mine and all(not v.alarm and (v.score is None or v.score >= NEUTRAL) for v in mine)
+        assert any(v.outcome in ("attested", "finalized") for v in mine)
         # Sampled audits (temperature 0.8) of the honest node were among them, and scored as honest.
         store = net.root / "verifier-0" / "evidence"
         records = [json.loads(p.read_text()) for p in store.rglob(f"{honest}.*.json")]
@@ -167,3 +174,22 @@ async def test_the_state_survives_a_restart_and_an_epoch_is_not_counted_twice(
                 assert outcomes <= {"already_attested", "too_late", "epoch_finalized", "abstained"}
         finally:
             await reference.close()
+
+
+@pytest.mark.parametrize("who", ["unregistered", "model node"])
+def test_ps_verifier_run_refuses_a_key_that_is_not_an_active_verifier(
+    chain: ChainEnv,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    who: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+
+    index = 12
+    if who == "model node":
+        register(chain, index, Role.MODEL, 2 * 10**18)
+    run = InProcess(monkeypatch, capsys)
+    proc = run("verifier", ["run", "--model", str(tiny_model_dir), "--epochs", "1"], _env(chain, tmp_path, index))
+    line = _failed(proc, ExitCode.KEY_ERROR, chain.account(index).address)
+    assert ("not registered" in line) if who == "unregistered" else ("registered as a model" in line)

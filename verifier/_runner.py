@@ -16,17 +16,22 @@ Per epoch (the contract's clock, ``Attestations.epoch_start/epoch_length``):
 5. the evidence (challenges, answers, scores) goes to the evidence store by its keccak hash, and the epoch score
    with that hash is attested (``ledger.Attestations.attest``) while the contract still accepts it.
 
-Unanswered audits (decided here; docs/verification.md says so too). A model node cannot tell an audit from a user's
-request, so dropping an audit means dropping users' requests as well; but it must not be a way out either. Each
-challenge is retried inside the epoch (same prompt, same node, new relay paths: what a user's client would do) until
-``retry_window`` of the epoch. What stays unanswered is not scored as a failed challenge (a network fault must not
-look like cheating: the CUSUM would slash an honest node behind a broken relay), it is counted instead:
+Unanswered audits (decided here). A model node cannot tell an audit from a user's request, so dropping an audit
+means dropping users' requests as well (which costs it their payments and, through the clients' own load
+measurements, their traffic); but dropping must not be a way out of verification either. Each challenge is retried
+inside the epoch (same prompt, same node, new relay paths: what a user's client does) until ``retry_grace`` after
+the epoch's end. What stays unanswered is never scored as a failed challenge: a timeout can be the network's, a
+relay's, or the verifier's own (its wallet admits one request per channel at a time, and an overloaded verifier
+times out its own audits — measured: a demo verifier sending ~70 audits in 8 s on two busy cores timed out most of
+them at an honest node); feeding that to the CUSUM would slash honest nodes. Instead:
 
-- an epoch where the node answered fewer than half its challenges is an *unresponsive* epoch; ``unresponsive_epochs``
-  of them in a row (3 by default) and the verifier attests a failing score (at most the threshold minus one), so a
-  node that ducks audits is slashed within a few epochs, while one bad epoch of an honest node costs nothing;
-- an epoch with no answer at all and no alarm yet is not attested (abstain: no evidence either way); one with an
-  alarm already raised is attested from the alarm (the evidence of earlier epochs stands).
+- an epoch in which the node answered *none* of its challenges is an *unresponsive* epoch; after
+  ``unresponsive_epochs`` of them in a row (3 by default) the verifier attests a failing score (the threshold minus
+  one, at most), so a node that stops answering while staying registered is slashed within a few epochs, while an
+  honest node that answered anything at all, or was down for an epoch or two, is not;
+- an unresponsive epoch before that, with no alarm raised, is not attested (abstain: no evidence either way); with
+  an alarm already raised it is attested from the alarm (the evidence of earlier epochs stands);
+- a node jailed or deregistered during the epoch (the directory stops listing it) is not retried any more.
 
 Every log line is structured (``key=value``) and never holds prompt or answer text, seeds or keys.
 """
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from node.overlay import NoModelNode
 from verifier._calibration import Calibration
 from verifier._epoch import (
     AuditPolicy,
@@ -71,6 +77,8 @@ log = logging.getLogger(__name__)
 
 #: Fixed-point one of the attestation contract (1e6 = 1.0).
 SCALE = 1_000_000
+#: Attestation transactions sent for one verdict when one fails on chain without a reason (see ``_attest``).
+ATTEST_TRIES = 3
 #: State file format version.
 STATE_VERSION = 1
 #: Most challenges per node per epoch (bounds the evidence record and the epoch's traffic).
@@ -199,7 +207,8 @@ class NodeVerdict:
     """Unresponsive epochs in a row, this one included."""
     outcome: str
     """``attested``, ``finalized`` (this attestation reached quorum), ``penalized`` (and slashed),
-    ``already_attested``, ``epoch_finalized`` (quorum was reached without it), ``too_late``, ``abstained``."""
+    ``already_attested``, ``epoch_finalized`` (quorum was reached without it), ``too_late``, ``abstained``,
+    ``attest_failed`` (the transaction failed; logged)."""
     evidence_hash: str = ""
     """0x keccak of the evidence record ("" when none was stored)."""
     tx_hash: str = ""
@@ -232,6 +241,7 @@ class _Try:
     send_at_ms: int
     tries: int = 0
     answer: Answer | None = None
+    score: ChallengeScore | None = None
     failures: list[str] = field(default_factory=list)
 
 
@@ -359,12 +369,18 @@ class Verifier:
         """
         start, length, offset = await self._epoch_times()
         epoch = int((time.time() + offset - start) // length) + 1
-        running: list[asyncio.Task[EpochReport]] = []
+        running: list[asyncio.Task[None]] = []
 
-        async def finish_oldest() -> None:
-            report = await running.pop(0)
+        async def one(epoch: int) -> None:
+            try:
+                report = await self.run_epoch(epoch)
+            except VerifierError:
+                raise  # the verifier's own configuration or state is wrong: stop
+            except Exception as exc:  # the chain or the network failed this epoch: the next one starts afresh
+                log.error("verifier epoch=%d failed=%s: %s", epoch, type(exc).__name__, exc)
+                return
             if on_epoch is not None:
-                on_epoch(report)
+                on_epoch(report)  # as soon as it concluded (epochs conclude in order: see run_epoch)
 
         try:
             launched = 0
@@ -374,12 +390,15 @@ class Verifier:
                     raise InvalidVerifierInput("epoch_wait_timeout_s", wait, "the next epoch starts later than this")
                 if wait > 0:
                     await asyncio.sleep(wait)
-                running.append(asyncio.create_task(self.run_epoch(epoch)))
+                for task in [t for t in running if t.done()]:
+                    running.remove(task)
+                    task.result()  # re-raises an epoch's failure
+                running.append(asyncio.create_task(one(epoch)))
                 launched, epoch = launched + 1, epoch + 1
                 while len(running) >= 2:
-                    await finish_oldest()
+                    await running.pop(0)
             while running:
-                await finish_oldest()
+                await running.pop(0)
         finally:
             for task in running:
                 task.cancel()
@@ -511,6 +530,8 @@ class Verifier:
                 reason = getattr(exc, "code", None) or type(exc).__name__
                 attempt.failures.append(str(reason))
                 log.info("verifier audit epoch=%d node=%s try=%d failed=%s", epoch, node, attempt.tries, reason)
+                if isinstance(exc, NoModelNode):
+                    return  # no longer routable (jailed, unbonding, deregistered meanwhile): a user could not reach it
                 if time.time() + self.config.retry_backoff_s >= retry_until:
                     return
                 await asyncio.sleep(self.config.retry_backoff_s)
@@ -530,6 +551,19 @@ class Verifier:
                 done.finish_reason,
                 (time.monotonic() - sent) * 1e3,
             )
+            # Scored now, while the epoch goes on: the attestation must not wait for a backlog of replays.
+            try:
+                attempt.score = await self.scorer.score(attempt.challenge, attempt.answer)
+            except Exception as exc:  # the verifier's own engine failed: no evidence either way, not the node's fault
+                log.warning("verifier score epoch=%d node=%s failed=%s", epoch, node, type(exc).__name__)
+                return
+            log.info(
+                "verifier score epoch=%d node=%s temperature=%g score=%.4f",
+                epoch,
+                node,
+                attempt.challenge.temperature,
+                attempt.score.score,
+            )
             return
 
     # -- per node: score, state, evidence, attestation -----------------------------------------------------------
@@ -540,14 +574,11 @@ class Verifier:
         node = _checksum(node)
         state = self.node_state(node)
         answered = [t for t in tries if t.answer is not None]
-        scored: list[tuple[_Try, ChallengeScore]] = []
-        for t in answered:
-            assert t.answer is not None
-            scored.append((t, await self.scorer.score(t.challenge, t.answer)))
+        scored = [(t, t.score) for t in answered if t.score is not None]
         fresh = state.last_epoch < epoch  # a restart inside an epoch must not feed its scores twice
         if fresh:
             self.sequential.observe(node, [s.score for _, s in scored])
-            unresponsive = len(answered) * 2 < len(tries)
+            unresponsive = not answered
             state.unresponsive_streak = state.unresponsive_streak + 1 if unresponsive else 0
             state.last_epoch = epoch
         cusum = self.sequential.state(node)
@@ -555,8 +586,8 @@ class Verifier:
         score = self.sequential.epoch_score(node)
         threshold = await asyncio.to_thread(self.attestations.score_threshold)
         if state.unresponsive_streak >= self.config.unresponsive_epochs:
-            # Ducking audits is not free: a failing score, scaled by the share that was still answered.
-            score = min(score, int((threshold - 1) * len(answered) / max(1, len(tries))))
+            # Not answering at all, epoch after epoch, is not free: a failing score.
+            score = min(score, threshold - 1)
         verdict = NodeVerdict(
             node=node,
             sent=len(tries),
@@ -626,25 +657,43 @@ class Verifier:
             ],
         }
         evidence_hash = await asyncio.to_thread(self.evidence.put, record)
-        outcome, tx_hash = await self._attest(epoch, node, score, evidence_hash)
+        try:
+            outcome, tx_hash = await self._attest(epoch, node, score, evidence_hash)
+        except Exception as exc:  # kept in the evidence store; the other nodes' verdicts still go out
+            log.error("verifier attest epoch=%d node=%s failed=%s: %s", epoch, node, type(exc).__name__, exc)
+            outcome, tx_hash = "attest_failed", getattr(exc, "tx_hash", None) or ""
         return replace(verdict, score=score, outcome=outcome, evidence_hash=_hex(evidence_hash), tx_hash=tx_hash)
 
     async def _attest(self, epoch: int, node: str, score: int, evidence_hash: bytes) -> tuple[str, str]:
-        """Attest; a revert that only says the work is moot (finalized, already attested, too late) is logged."""
-        from ledger import ContractRevert
+        """Attest; a revert that only says the work is moot (finalized, already attested, too late) is logged.
 
-        try:
-            receipt = await asyncio.to_thread(self.attestations.attest, node, epoch, score, evidence_hash)
-        except ContractRevert as exc:
-            moot = {
-                "AttestationsEpochFinalized": "epoch_finalized",
-                "AttestationsAlreadyAttested": "already_attested",
-                "AttestationsEpochTooOld": "too_late",
-            }
-            if exc.error_name not in moot:
-                raise
-            log.info("verifier attest epoch=%d node=%s score=%d outcome=%s", epoch, node, score, moot[exc.error_name])
-            return moot[exc.error_name], exc.tx_hash or ""
+        A transaction that failed on chain without a revert reason is sent again (up to ``ATTEST_TRIES`` in all):
+        another verifier's attestation mined between this one's gas estimate and its inclusion can turn it into
+        the quorum-reaching one, whose median, reputation update and slashes need more gas than was estimated.
+        """
+        from ledger import ContractRevert, TransactionFailed
+
+        moot = {
+            "AttestationsEpochFinalized": "epoch_finalized",
+            "AttestationsAlreadyAttested": "already_attested",
+            "AttestationsEpochTooOld": "too_late",
+        }
+        for attempt in range(1, ATTEST_TRIES + 1):
+            try:
+                receipt = await asyncio.to_thread(self.attestations.attest, node, epoch, score, evidence_hash)
+                break
+            except ContractRevert as exc:
+                if exc.error_name not in moot:
+                    raise
+                outcome = moot[exc.error_name]
+                log.info("verifier attest epoch=%d node=%s score=%d outcome=%s", epoch, node, score, outcome)
+                return outcome, exc.tx_hash or ""
+            except TransactionFailed as exc:
+                if attempt == ATTEST_TRIES:
+                    raise
+                log.info(
+                    "verifier attest epoch=%d node=%s failed on chain (tx %s): sending again", epoch, node, exc.tx_hash
+                )
         if "NodePenalized" in receipt.events:
             outcome = "penalized"
         elif "EpochFinalized" in receipt.events:
