@@ -16,6 +16,7 @@ from eth_account import Account
 from cli.exit_codes import ExitCode
 from ledger import connect, dev_account
 from ledger._anvil import free_port
+from tests._procs import read_json_object, run_cli, spawn_cli
 from tests.fixtures.chain import TEST_PARAMS, ChainEnv
 
 OPERATOR = 9
@@ -33,12 +34,8 @@ def _env(chain: ChainEnv | None, tmp_path: Path, key_index: int | None = OPERATO
     return env
 
 
-def _run(tool: str, args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    code = f"import sys; from cli.{tool} import main; sys.argv[0] = 'ps-{tool}'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-_run_subprocess = _run
+#: The subprocess runner under the names other test modules import (tests/_procs.py holds the one copy).
+_run = _run_subprocess = run_cli
 
 
 class InProcess:
@@ -195,28 +192,12 @@ def test_keystore_unlocks_with_password_from_env(chain: ChainEnv, tmp_path: Path
     _failed(_run("node", ["status"], env), ExitCode.KEY_ERROR, "wrong password")
 
 
-def _read_json_object(proc: subprocess.Popen[str]) -> Any:
-    """Read stdout lines until one JSON object is complete (``emit`` pretty-prints it)."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError("ps-chain up exited before printing its JSON")
-        lines.append(line)
-        if line.rstrip() == "}":
-            return json.loads("".join(lines))
-
-
 def _chain_up(tmp_path: Path, state_dir: Path) -> tuple[subprocess.Popen[str], Any]:
     env = _env(None, tmp_path, key_index=None)
-    code = "import sys; from cli.chain import main; sys.argv[0] = 'ps-chain'; main()"
     args = ["up", "--port", "0", "--json", "--state-dir", str(state_dir), "--deployment", str(tmp_path / "dep.json")]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = spawn_cli("chain", args, env)
     try:
-        return proc, _read_json_object(proc)
+        return proc, read_json_object(proc, 60, what="ps-chain up")
     except BaseException:
         proc.kill()
         proc.wait(timeout=10)
@@ -315,13 +296,10 @@ def test_a_second_chain_up_on_the_same_port_refuses_or_reuses_and_never_redeploy
 
 def test_chain_up_shows_dev_keys_only_when_asked_each_flagged_dev_only(tmp_path: Path) -> None:
     env = _env(None, tmp_path, key_index=None)
-    code = "import sys; from cli.chain import main; sys.argv[0] = 'ps-chain'; main()"
     args = ["up", "--port", "0", "--json", "--show-dev-keys", "--deployment", str(tmp_path / "dep.json")]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = spawn_cli("chain", args, env)
     try:
-        shown = _read_json_object(proc)
+        shown = read_json_object(proc, 60, what="ps-chain up")
     finally:
         stderr = _stop(proc)
     keys = shown["dev_keys"]
@@ -337,17 +315,10 @@ def test_register_checks_the_endpoint_serves_the_key_and_update_rebond_deregiste
 ) -> None:
     run = InProcess(monkeypatch, capsys)
     served_state = tmp_path / "relay-state"
-    code = "import sys; from cli.node import main; sys.argv[0] = 'ps-node'; main()"
     serve_env = _env(chain, tmp_path, None, PS_STATE_DIR=str(served_state))
-    relay_proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--role", "relay", "--port", "0", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=serve_env,
-    )
+    relay_proc = spawn_cli("node", ["serve", "--role", "relay", "--port", "0", "--json"], serve_env)
     try:
-        served = _read_json_object(relay_proc)
+        served = read_json_object(relay_proc, 60, what="ps-node serve")
         endpoint = served["endpoint"]
         env = _env(chain, tmp_path, key_index=OPERATOR + 3)
         relay = ["register", "--role", "relay", "--endpoint", endpoint, "--stake", "0.1"]

@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,28 +19,25 @@ from ledger import Role, model_id
 from ledger._anvil import free_port
 from node import NodeIdentity
 from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, read_info
+from tests._procs import read_json_object, spawn_cli
 from tests.fixtures.chain import ChainEnv
 from tests.test_chain_cli import _env, _failed, _ok_json, _run
 
 PROMPT = "3+4=7\n10+5="
 
 
+#: Seconds ``ps-node serve`` gets to print its ready line (a model node loads its engine first).
+READY_TIMEOUT_S = 180.0
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    code = "import sys; from cli.node import main; sys.argv[0] = 'ps-node'; main()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    """``ps-node serve ARGS`` in the background (other test modules import this name)."""
+    return spawn_cli("node", args, env)
 
 
 def _ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """The JSON object ``serve --json`` prints once it listens (pretty-printed over several lines)."""
-    assert proc.stdout is not None
-    text = ""
-    for line in proc.stdout:
-        text += line
-        if line.rstrip() == "}":
-            return dict(json.loads(text))
-    raise AssertionError(f"serve exited early: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}")
+    """The JSON object ``serve --json`` prints once it listens."""
+    return read_json_object(proc, READY_TIMEOUT_S, what="ps-node serve")
 
 
 @pytest.fixture
