@@ -53,7 +53,3 @@ def parse_address(value: object, *, param: str = "address") -> Address:
 def address_bytes(address: str) -> bytes:
     """The 20 raw bytes of ``address`` (parsed first, so a bad one raises ``InvalidValue``)."""
     return bytes.fromhex(parse_address(address)[2:])
-
-
-#: The zero address (as checksummed text it is all digits).
-ZERO_ADDRESS = cast("Address", "0x" + "0" * 40)
