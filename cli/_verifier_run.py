@@ -82,6 +82,16 @@ def run_command(
         float,
         typer.Option("--mean-challenges", envvar="PS_MEAN_CHALLENGES", min=0.1, max=64.0, help="Per node and epoch."),
     ] = 4.0,
+    max_prompt_chars: Annotated[
+        int,
+        typer.Option(
+            "--max-prompt-chars",
+            envvar="PS_MAX_PROMPT_CHARS",
+            min=64,
+            max=65_536,
+            help="Longest challenge prompt (keep prompt + answer inside the model's context).",
+        ),
+    ] = 3_600,
     state_dir: StateDir = None,
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
@@ -92,9 +102,9 @@ def run_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Audit every active model node serving MODEL each epoch through the private network, and attest on chain."""
-    from ledger import Attestations, Indexer, PaymentChannels, parse_eth
+    from cli._client_wallet import make_wallet
+    from ledger import Attestations, Indexer, parse_eth
     from node.client import Client, ClientConfig
-    from node.client._wallet import Wallet
     from node.inference import EngineConfig, ModelLoadError, TorchEngine, read_info
     from node.overlay import Directory
     from verifier._runner import Verifier, VerifierConfig, check_verifier
@@ -128,13 +138,14 @@ def run_command(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     w3 = registry.w3
     attestations = Attestations(w3, dep.attestations_address, account)
-    wallet = Wallet(
-        PaymentChannels(w3, dep.payments_address),
+    wallet = make_wallet(
+        rpc_url,
+        deployment,
         payer,
+        state_dir=folder / "wallet",
         budget_wei=parse_eth(os.environ.get("PS_BUDGET", "0.05"), param="PS_BUDGET"),
         deposit_wei=parse_eth(os.environ.get("PS_DEPOSIT", "0.01"), param="PS_DEPOSIT"),
-        state_dir=folder / "wallet",
-        fresh_addresses=True,
+        fresh_addresses=True,  # a fresh address per channel: no one client address across the audited nodes
     )
     indexer = Indexer(registry, dep, db or default_index_db(folder, dep.chain_id))
     name = f"{meta.name}@{meta.revision}"
@@ -154,7 +165,12 @@ def run_command(
         try:
             async with Client(directory, ClientConfig(models=(name,)), wallet=wallet) as client:
                 verifier = Verifier(
-                    VerifierConfig(state_dir=folder, model_dir=model, mean_challenges=mean_challenges),
+                    VerifierConfig(
+                        state_dir=folder,
+                        model_dir=model,
+                        mean_challenges=mean_challenges,
+                        max_prompt_chars=max_prompt_chars,
+                    ),
                     account=account,
                     attestations=attestations,
                     nodes=nodes,

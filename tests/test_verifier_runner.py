@@ -2,14 +2,17 @@
 short epochs through the private, paid network, and attests; the canned cheater is slashed and jailed and stops
 getting traffic, the honest node (greedy and sampled audits alike) keeps its reputation.
 
-Also: the state survives a restart without counting an epoch twice; ``ps-verifier run`` refuses a key that is not
-an active verifier with one line.
+Also ``ps-verifier run`` as a separate process: it audits an epoch and attests, and its state survives a restart
+without counting an epoch twice; it refuses a key that is not an active verifier with one line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -150,32 +153,6 @@ async def test_a_committee_slashes_and_jails_a_canned_cheater_and_keeps_the_hone
         assert after and set(after) == {honest}
 
 
-async def test_the_state_survives_a_restart_and_an_epoch_is_not_counted_twice(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    async with audit_net(tiny_model_dir, tmp_path, epoch_length=EPOCH_S, verifiers=1, relays=4) as net:
-        reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
-        try:
-            async with _committee(net, reference, tmp_path) as (verifier,):
-                first: list[EpochReport] = []
-                await verifier.run(1, on_epoch=first.append)
-                epoch = first[0].epoch
-                audited = max(first[0].verdicts, key=lambda v: v.answered)
-                assert audited.answered >= 1
-                before = verifier.sequential.state(audited.node)
-                assert before.challenges == audited.answered
-            async with _committee(net, reference, tmp_path) as (again,):
-                restored = again.sequential.state(audited.node)
-                assert restored == before  # read back from the state dir
-                # Auditing the same epoch again (a restart inside it): nothing is fed twice, nothing attested twice.
-                report = await again.run_epoch(epoch)
-                assert again.sequential.state(audited.node) == before
-                outcomes = {v.outcome for v in report.verdicts}
-                assert outcomes <= {"already_attested", "too_late", "epoch_finalized", "abstained"}
-        finally:
-            await reference.close()
-
-
 @pytest.mark.parametrize("who", ["unregistered", "model node"])
 def test_ps_verifier_run_refuses_a_key_that_is_not_an_active_verifier(
     chain: ChainEnv,
@@ -193,3 +170,64 @@ def test_ps_verifier_run_refuses_a_key_that_is_not_an_active_verifier(
     proc = run("verifier", ["run", "--model", str(tiny_model_dir), "--epochs", "1"], _env(chain, tmp_path, index))
     line = _failed(proc, ExitCode.KEY_ERROR, chain.account(index).address)
     assert ("not registered" in line) if who == "unregistered" else ("registered as a model" in line)
+
+
+async def test_ps_verifier_run_audits_an_epoch_and_attests_and_its_state_survives_a_restart(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with audit_net(tiny_model_dir, tmp_path, cheats=(None,), verifiers=1, relays=4, epoch_length=EPOCH_S) as net:
+        honest = net.honest().account.address
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+        env |= {
+            "PS_RPC_URL": net.anvil.rpc_url,
+            "PS_DEPLOYMENT": str(net.root / "deployment.json"),
+            "PS_PRIVATE_KEY": net.verifiers[0].key.hex(),
+            "PS_PAYER_KEY": net.payers[0].key.hex(),
+        }
+        code = "import sys; from cli.verifier import main; sys.argv[0] = 'ps-verifier'; main()"
+        args = ["run", "--model", str(tiny_model_dir), "--epochs", "1", "--mean-challenges", "3"]
+        args += ["--max-prompt-chars", "400", "--state-dir", str(tmp_path / "cli-verifier"), "--json"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, *args, env=env, stdout=PIPE, stderr=PIPE
+        )
+        async with asyncio.timeout(120):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()[-3000:]
+        (line,) = out.decode().splitlines()  # one JSON object per epoch
+        report = json.loads(line)
+        (verdict,) = report["verdicts"]
+        assert verdict["node"] == honest and verdict["answered"] >= 1
+        assert verdict["outcome"] == "finalized" and verdict["score"] >= NEUTRAL  # committee of one: quorum 1
+        assert net.attestations().tally(honest, report["epoch"]).finalized
+        # Structured log lines on stderr, no prompt text (the evidence store has it).
+        assert "verifier audit" in err.decode() and "verifier attest" in err.decode()
+        evidence = next((tmp_path / "cli-verifier" / "evidence").rglob("*.json"))
+        prompts = [c["prompt"] for c in json.loads(evidence.read_text())["challenges"]]
+        assert prompts and not any(p in err.decode() for p in prompts if len(p) > 8)
+
+        # A verifier started again on the process's state dir restores its CUSUM state and, auditing the same epoch
+        # again (a restart inside it), neither feeds the scores twice nor attests twice.
+        reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
+        indexer = net.indexer("restart")
+        nodes, directory = net.sources(indexer)
+        wallet = Wallet(net.payments(), net.payers[0], budget_wei=10**17, deposit_wei=10**16, state_dir=tmp_path / "w2")
+        try:
+            async with Client(directory, ClientConfig(models=(net.model,)), wallet=wallet) as client:
+                again = Verifier(
+                    VerifierConfig(state_dir=tmp_path / "cli-verifier", model_dir=tiny_model_dir, max_prompt_chars=400),
+                    account=net.verifiers[0],
+                    attestations=net.attestations(net.verifiers[0]),
+                    nodes=nodes,
+                    client=client,
+                    engine=reference,
+                    model_id=net.model_id,
+                )
+                before = again.sequential.state(honest)
+                assert before.challenges == verdict["answered"]
+                rerun = await again.run_epoch(report["epoch"])
+                assert again.sequential.state(honest) == before
+                assert {v.outcome for v in rerun.verdicts} <= {"epoch_finalized", "too_late", "abstained"}
+        finally:
+            wallet.close()
+            indexer.close()
+            await reference.close()
