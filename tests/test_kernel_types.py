@@ -145,3 +145,17 @@ def test_a_bad_kernel_value_is_an_invalid_input_exit_in_the_cli() -> None:
         ledger.model_id("no-revision")
     with pytest.raises(ledger.InvalidChainInput):
         ledger.checksum("0x1234")
+
+
+def test_the_old_public_names_still_import_and_are_the_kernels() -> None:
+    import ledger
+    import node.inference
+
+    assert ledger.Wei is Wei and ledger.format_eth is format_eth
+    assert ledger.parse_eth("1.5") == parse_eth("1.5")
+    assert ledger.checksum("0x" + "ab" * 20) == parse_address("0x" + "ab" * 20)
+    assert ledger.model_id("m@v1") == ModelId.of("m@v1") and type(ledger.model_id("m@v1")) is ModelId
+    made = node.inference.model_id_for("ps-tiny", "ab" * 20)
+    assert type(made) is ModelId and made == ModelId.of("ps-tiny@" + "ab" * 20)
+    with pytest.raises(node.inference.InvalidParams):
+        node.inference.model_id_for("a name", "r")
