@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,52 +18,19 @@ import pytest
 
 from ledger import dev_account
 from node.inference import read_info
+from tests._procs import read_json_object, run_cli, spawn_cli
 
-
-def _spawn(module: str, args: list[str]) -> subprocess.Popen[str]:
-    code = f"import sys; from cli.{module} import main; sys.argv[0] = 'ps-{module}'; main()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def _run(
-    module: str, args: list[str], timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    code = f"import sys; from cli.{module} import main; sys.argv[0] = 'ps-{module}'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _json_object(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The first JSON object the process prints (pretty-printed over several lines)."""
-    assert proc.stdout is not None
-    result: dict[str, Any] = {}
-
-    def read() -> None:
-        assert proc.stdout is not None
-        text = ""
-        for line in proc.stdout:
-            text += line
-            if line.rstrip() == "}":
-                result.update(json.loads(text))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not result:
-        proc.kill()
-        raise AssertionError(f"no JSON from ps-net up: {proc.stderr.read() if proc.stderr else ''}")
-    return result
+#: Seconds a ``ps-net`` or ``ps-client`` command gets (``down`` stops every process of the network).
+NET_TIMEOUT_S = 120.0
 
 
 @pytest.fixture
 def network(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any], Path]]:
     state = tmp_path / "net"
     args = ["up", "--relays", "4", "--models", "2", "--model-dir", str(tiny_model_dir), "--openai-port", "0"]
-    proc = _spawn("net", [*args, "--state-dir", str(state), "--json"])
+    proc = spawn_cli("net", [*args, "--state-dir", str(state), "--json"])
     try:
-        summary = _json_object(proc, timeout=240)
+        summary = read_json_object(proc, 240, what="ps-net up")
         yield proc, summary, state
     finally:
         if proc.poll() is None:
@@ -101,7 +66,7 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_crashes_an
     )
     assert chunks and chunks[0].choices[0].delta.role == "assistant"
 
-    chat = _run(
+    chat = run_cli(
         "client",
         [
             "chat",
@@ -120,12 +85,13 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_crashes_an
         ],
         # The model node charges its registered price: this client pays from its own dev key (an unused account).
         env={**os.environ, "PS_PRIVATE_KEY": "0x" + bytes(dev_account(6).key).hex()},
+        timeout=NET_TIMEOUT_S,
     )
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout)["model"] == name
 
     # A second `up` from the same state refuses in one line instead of clobbering the running network.
-    again = _run("net", ["up", "--state-dir", str(state)])
+    again = run_cli("net", ["up", "--state-dir", str(state)], timeout=NET_TIMEOUT_S)
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already up" in again.stderr
 
     # A model node crashes: every next request is answered, once, by the other one (a silent node is not routed
@@ -141,7 +107,7 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_crashes_an
     deadline = time.monotonic() + 20
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        shown = _run("net", ["status", "--state-dir", str(state), "--json"])
+        shown = run_cli("net", ["status", "--state-dir", str(state), "--json"], timeout=NET_TIMEOUT_S)
         status = json.loads(shown.stdout)
         if not next(n for n in status["nodes"] if n["name"] == relay["name"])["alive"]:
             break
@@ -149,11 +115,11 @@ def test_a_local_network_of_processes_serves_openai_and_chat_survives_crashes_an
     assert not next(n for n in status["nodes"] if n["name"] == relay["name"])["alive"]
     assert proc.poll() is None, "the network went down with one relay"
 
-    down = _run("net", ["down", "--state-dir", str(state), "--json"])
+    down = run_cli("net", ["down", "--state-dir", str(state), "--json"], timeout=NET_TIMEOUT_S)
     assert down.returncode == 0 and json.loads(down.stdout)["stopped"] is True
     assert proc.wait(timeout=60) == 0
     assert proc.stderr is not None
     reported = proc.stderr.read()
     assert f"{relay['name']} exited" in reported and f"{model['name']} exited" in reported
-    gone = _run("net", ["down", "--state-dir", str(state)])
+    gone = run_cli("net", ["down", "--state-dir", str(state)], timeout=NET_TIMEOUT_S)
     assert gone.returncode != 0 and "no network is up" in gone.stderr
