@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, rule
 from web3.logs import DISCARD
 
 from ledger import Anvil, Attestations, ContractRevert, Deployment, NodeRegistry, PaymentChannels, Role, dev_account
@@ -26,6 +25,7 @@ from ledger._reverts import (
     AttestationsVerifierInactive,
 )
 from planetserve import ModelId
+from tests._stateful import ChainMachine, run_on_chain
 from tests.fixtures.attest import (
     ETH,
     NEUTRAL,
@@ -46,16 +46,11 @@ TARGETS = (*MODELS, RELAY)
 scores = st.one_of(st.sampled_from([0, 499_999, 500_000, SCALE, SCALE + 1]), st.integers(0, SCALE))
 
 
-class AttestationMachine(RuleBasedStateMachine):
+class AttestationMachine(ChainMachine):
     """A model of one deployment's attestations driven alongside the contract."""
-
-    anvil: Anvil
-    deployment: Deployment
 
     def __init__(self) -> None:
         super().__init__()
-        self.w3 = self.anvil.web3()
-        self.snapshot = rpc(self.w3, "evm_snapshot", [])
         dep = self.deployment
         assert dep.attestations_address is not None
         self.att = Attestations(self.w3, dep.attestations_address)
@@ -91,9 +86,6 @@ class AttestationMachine(RuleBasedStateMachine):
         self.jailed = dict.fromkeys(MODELS, False)
         self.unbonding = dict.fromkeys(VERIFIERS, False)
         self._fresh_epoch(0)  # a whole epoch ahead: no boundary between reading the epoch and mining
-
-    def teardown(self) -> None:
-        assert rpc(self.w3, "evm_revert", [self.snapshot]) is True
 
     def _expected_error(self, who: int, node: int, epoch: int, score: int, current: int) -> type[ContractRevert] | None:
         if score > SCALE:
@@ -217,15 +209,4 @@ class AttestationMachine(RuleBasedStateMachine):
 def test_random_attestation_sequences_keep_the_invariants(
     anvil: Anvil, chain_deployment: tuple[Deployment, Path]
 ) -> None:
-    AttestationMachine.anvil = anvil
-    AttestationMachine.deployment = chain_deployment[0]
-    run_state_machine_as_test(
-        AttestationMachine,
-        settings=settings(
-            max_examples=6,
-            stateful_step_count=24,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_on_chain(AttestationMachine, anvil, chain_deployment[0], examples=6, steps=24)

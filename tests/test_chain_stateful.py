@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, rule
 
 from ledger import Anvil, ContractRevert, Deployment, NodeRegistry, Role, model_id
 from ledger._reverts import (
@@ -25,6 +24,7 @@ from ledger._reverts import (
     NodeRegistryUnbondingNotFinished,
     NodeRegistryZeroAmount,
 )
+from tests._stateful import ChainMachine, run_on_chain
 from tests.fixtures.chain import OUTSIDER, OWNER, SLASHER, TEST_PARAMS, rpc
 
 TENTH = 10**17
@@ -43,16 +43,11 @@ slashers = st.sampled_from(SLASHERS)
 amounts = st.integers(min_value=0, max_value=30).map(lambda n: n * TENTH)
 
 
-class RegistryMachine(RuleBasedStateMachine):
+class RegistryMachine(ChainMachine):
     """A model of the registry (stakes, unbonding, pending withdrawals, treasury) driven alongside the contract."""
-
-    anvil: Anvil
-    deployment: Deployment
 
     def __init__(self) -> None:
         super().__init__()
-        self.w3 = self.anvil.web3()
-        self.snapshot = rpc(self.w3, "evm_snapshot", [])
         address = self.deployment.registry_address
         self.regs = {i: NodeRegistry(self.w3, address, dev(i)) for i in (*OPERATORS, OWNER, *SLASHERS)}
         self.regs[OWNER].grant_slasher(dev(SLASHER).address)
@@ -65,9 +60,6 @@ class RegistryMachine(RuleBasedStateMachine):
         self.deposited = dict.fromkeys(OPERATORS, 0)
         self.withdrawn = dict.fromkeys(OPERATORS, 0)
         self.treasury = 0
-
-    def teardown(self) -> None:
-        assert rpc(self.w3, "evm_revert", [self.snapshot]) is True
 
     def _expect(self, error: type[ContractRevert] | None, call: Any) -> Any:
         if error is None:
@@ -256,15 +248,4 @@ def dev(index: int) -> Any:
 def test_random_registry_operations_keep_the_invariants(
     anvil: Anvil, chain_deployment: tuple[Deployment, Path]
 ) -> None:
-    RegistryMachine.anvil = anvil
-    RegistryMachine.deployment = chain_deployment[0]
-    run_state_machine_as_test(
-        RegistryMachine,
-        settings=settings(
-            max_examples=8,
-            stateful_step_count=16,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_on_chain(RegistryMachine, anvil, chain_deployment[0], examples=8, steps=16)

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, precondition, rule
 
 from ledger import (
     Anvil,
@@ -43,6 +43,7 @@ from ledger._reverts import (
     PaymentChannelsVoucherNotAboveRedeemed,
     PaymentChannelsZeroAmount,
 )
+from tests._stateful import ChainMachine, run_on_chain
 from tests.fixtures.chain import OUTSIDER, OWNER, SLASHER, rpc
 
 CLIENTS = (10, 11)
@@ -76,16 +77,11 @@ def _with_amount(ch: ModelChannel) -> st.SearchStrategy[tuple[ModelChannel, int]
     return st.tuples(st.just(ch), _amounts(ch))
 
 
-class PaymentsMachine(RuleBasedStateMachine):
+class PaymentsMachine(ChainMachine):
     """The contract's state re-derived in Python, driven alongside the real contract."""
-
-    anvil: Anvil
-    deployment: Deployment
 
     def __init__(self) -> None:
         super().__init__()
-        self.w3 = self.anvil.web3()
-        self.snapshot = rpc(self.w3, "evm_snapshot", [])
         # A contract of its own (reverted with the snapshot) with a dispute delay of one epoch, so closes settle
         # within a run; it reads jail flags from the session's real registry.
         params = PaymentParams(dispute_delay=1_800, verification_window=1_800, slashers=(dev_account(SLASHER).address,))
@@ -110,9 +106,6 @@ class PaymentsMachine(RuleBasedStateMachine):
         self.withdrawn = dict.fromkeys(ACCOUNTS, 0)
         for client, node in ((10, 1), (11, 2)):  # start with channels so that vouchers flow from the first step
             self.open(client, node, 5_000)
-
-    def teardown(self) -> None:
-        assert rpc(self.w3, "evm_revert", [self.snapshot]) is True
 
     # -- model helpers -------------------------------------------------------------------------------------------
 
@@ -342,18 +335,4 @@ class PaymentsMachine(RuleBasedStateMachine):
 
 
 def test_random_payment_operations_keep_the_invariants(anvil: Anvil, chain_deployment: tuple[Deployment, Path]) -> None:
-    PaymentsMachine.anvil = anvil
-    PaymentsMachine.deployment = chain_deployment[0]
-    run_state_machine_as_test(
-        PaymentsMachine,
-        settings=settings(
-            max_examples=6,
-            stateful_step_count=25,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-            # No shrinking: each step is a transaction, and shrinking a chain run takes minutes; the failure
-            # report still lists every step.
-            phases=[Phase.explicit, Phase.generate],
-        ),
-    )
+    run_on_chain(PaymentsMachine, anvil, chain_deployment[0], examples=6, steps=25, shrink=False)
