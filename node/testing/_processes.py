@@ -58,6 +58,9 @@ class NodeSpec:
     """Stake registered with it."""
     price_per_1k_tokens: int = 0
     """Model nodes: price, wei per 1000 tokens."""
+    prelude: str = ""
+    """Python statements the node's process runs before ``ps-node`` starts (tests: a dishonest node, e.g. one whose
+    heartbeat under-reports its load); empty for an honest node."""
 
 
 @dataclass(slots=True)
@@ -165,7 +168,7 @@ class ProcessNetwork:
                         raise ValueError("model nodes need a model_dir")
                     args += ["--engine", self.engine, "--model-dir", str(self.model_dir), "--device", "cpu"]
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", _SPAWN, *args],
+                    [sys.executable, "-c", f"{spec.prelude}\n{_SPAWN}" if spec.prelude else _SPAWN, *args],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
