@@ -305,11 +305,14 @@ class Client:
         """
         directory = await self.directory()
         serving = directory.serving(request.model)
-        if to is not None:
-            serving = [m for m in serving if m.operator.lower() == to.lower()]
         if not serving:
             raise NoModelNode(request.model)
+        # Every serving node's heartbeat, pinned or not: an audit's target must not be the one node it polled.
         await self._refresh_heartbeats(serving)
+        if to is not None:
+            serving = [m for m in serving if m.operator.lower() == to.lower()]
+            if not serving:
+                raise NoModelNode(request.model)
         prompt_tokens, hashes = self._prompt_hashes(request.prompt)
         destination, view = self.choose(serving, prompt_tokens, hashes, request.max_tokens)
         route = directory.route(request.model, n=self.config.paths, hops=self.config.hops, destination=destination)
