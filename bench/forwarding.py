@@ -405,7 +405,7 @@ def simulate(
                 matched = min(summary.get(r.doc, 0), r.doc_blocks)
                 if memory.get(r.doc) == node.index:
                     matched = r.doc_blocks  # this client sent this prefix there itself (its own, private memory)
-                views.append(tracker.view(str(node.index), report=report, matched_tokens=matched * BLOCK))
+                views.append(tracker.view(str(node.index), report=report, matched_tokens=matched * BLOCK, now=now))
             pick = (
                 0 if len(candidates) == 1 else policies[r.client].choose(views, r.prompt_tokens, rng, r.output_tokens)
             )

@@ -15,6 +15,7 @@ nodes are not independent machines, which the simulation assumes; the table show
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import os
 import random
@@ -38,6 +39,8 @@ REAL_PATHS = 4
 REAL_HOPS = 1
 #: Longest wait for one request, seconds.
 REQUEST_TIMEOUT_S = 120.0
+#: The request a task is sending (set per task), so the client's route callback can say where it went.
+_CURRENT: contextvars.ContextVar[int] = contextvars.ContextVar("request")
 
 
 def _line(rng: random.Random) -> str:
@@ -73,6 +76,7 @@ async def _one(
     info: Callable[[str], None],
 ) -> None:
     """Send one request at its scheduled time (open loop: latency counts from then, however late it went)."""
+    _CURRENT.set(i)
     await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
     first = 0.0
     last = None
@@ -200,9 +204,16 @@ async def _measure(
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=db)
 
+    destinations: dict[int, str] = {}  # request index -> the model node its (last) try went to
+
+    def routed(route: Any) -> None:
+        index = _CURRENT.get(-1)
+        if index >= 0:
+            destinations[index] = route.destination.operator
+
     def client_for(policy: str) -> Any:
         config = ClientConfig(models=(model,), policy=policy, paths=REAL_PATHS, hops=REAL_HOPS)
-        return Client(directory, config, tokenizer=encode, reputation=directory.reputation)
+        return Client(directory, config, tokenizer=encode, reputation=directory.reputation, on_route=routed)
 
     # The network's own time per request (paths, sealing, relays, the reply frames), idle: a one-token reply's
     # TTFT minus the engine's prefill of it.
@@ -252,8 +263,11 @@ async def _measure(
             requests.append(replace(r, doc_blocks=doc_tokens // 16, prompt_tokens=len(encode(prompt))))
         return requests, prompts
 
-    async def run(policy: str, requests: Sequence[Request], prompts: Sequence[str]) -> tuple[list[Any], float]:
+    async def run(
+        policy: str, requests: Sequence[Request], prompts: Sequence[str]
+    ) -> tuple[list[Any], float, dict[int, str]]:
         results: list[tuple[float, float, int, int, int] | None] = [None] * len(requests)
+        destinations.clear()
         async with client_for(policy) as client:
             start = time.perf_counter() + 0.5
             await asyncio.gather(
@@ -270,13 +284,13 @@ async def _measure(
                 )
             )
             wall = time.perf_counter() - start
-        return results, wall
+        return results, wall, dict(destinations)
 
     # Round robin's real capacity, as the simulation defines it (all requests at once, the queue never empty): the
     # real run's arrival rate is a fraction of it.
     burst_n = 16 * REAL_NODES
     burst, burst_prompts = materialize(make_requests(workload, 1e9, burst_n, 1, seed + 1), salt=999)
-    burst_results, _ = await run("round_robin", burst, burst_prompts)
+    burst_results, _, _ = await run("round_robin", burst, burst_prompts)
     cap = burst_n / max(x[0] for x in burst_results if x is not None)
     info(f"real run: round robin capacity {cap:.2f} req/s")
     rate = cap * load
@@ -284,8 +298,8 @@ async def _measure(
     runs = []
     for p_index, policy in enumerate(policies):
         requests, prompts = materialize(arrivals, salt=p_index)
-        results, wall = await run(policy, requests, prompts)
-        runs.append((policy, requests, results, wall))
+        results, wall, sent_to = await run(policy, requests, prompts)
+        runs.append((policy, requests, results, wall, sent_to))
         info(f"real run: {policy}: {sum(x is not None for x in results)}/{len(requests)} answered in {wall:.0f} s")
 
     # The simulation at the same scale: the engine costs measured alone, scaled by ONE factor fitted so that its
@@ -316,8 +330,13 @@ async def _measure(
     cal = scaled(scale)
     info(f"real run: simulated engine costs x{scale:.2f} (fitted on {rr[0]})")
     rows: list[dict[str, Any]] = []
-    for policy, requests, results, wall in runs:
+    names: dict[str, str] = {}
+    for policy, requests, results, wall, sent_to in runs:
         done = [x for x in results if x is not None]
+        for operator in sorted(set(sent_to.values())):
+            names.setdefault(operator, f"model-{len(names) + 1}")
+        per_node = {name: sum(1 for o in sent_to.values() if names[o] == name) for name in sorted(names.values())}
+        slowest = sorted((i for i, x in enumerate(results) if x is not None), key=lambda i: -results[i][0])[:3]
         real = _stats([x[0] for x in done], [x[1] for x in done], sum(x[2] for x in done), sum(x[3] for x in done))
         simulated = simulate(scenario, policy, requests, cal, seed)
         rows.append(
@@ -327,6 +346,18 @@ async def _measure(
                 "failed": len(requests) - len(done),
                 "completion_tokens_mean": statistics.fmean(x[4] for x in done) if done else 0.0,
                 "wall_s": wall,
+                "requests_per_node": per_node,
+                "slowest": [
+                    {
+                        "arrival_s": requests[i].arrival,
+                        "latency_s": results[i][0],
+                        "ttft_s": results[i][1],
+                        "node": names.get(sent_to.get(i, ""), "?"),
+                        "prompt_tokens": results[i][3],
+                        "cached_tokens": results[i][2],
+                    }
+                    for i in slowest
+                ],
                 **{f"real_{k}": v for k, v in real.items()},
                 **{f"sim_{k}": simulated[k] for k in ("mean_s", "p50_s", "p99_s", "ttft_mean_s", "cache_hit_rate")},
             }

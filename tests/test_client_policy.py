@@ -156,3 +156,18 @@ def test_unknown_policy_names_and_bad_settings_are_refused() -> None:
         PlanetServeSettings(exclude_fraction=1.0)
     with pytest.raises(ValueError):
         LoadTracker(alpha=0.0)
+
+
+def test_old_measurements_age_so_a_node_avoided_after_slow_answers_is_tried_again() -> None:
+    tracker = LoadTracker(half_life_s=10.0)
+    for node, ttft in (("fast", 0.1), ("slow", 1.0)):
+        view = tracker.view(node, report=LoadReport(issued_at=0.0))
+        tracker.first_token(tracker.dispatched(view, prompt_tokens=100, max_tokens=0, at=0.0), ttft_s=ttft)
+    mean = (tracker.seconds_per_token("fast") + tracker.seconds_per_token("slow")) / 2
+    # Measured now, it is judged by its measurement; ten seconds later half of the gap to the mean is gone.
+    assert tracker.seconds_per_token("slow", now=0.0) == pytest.approx(tracker.seconds_per_token("slow"))
+    gap = tracker.seconds_per_token("slow") - mean
+    assert tracker.seconds_per_token("slow", now=10.0) == pytest.approx(mean + gap / 2)
+    assert tracker.seconds_per_token("slow", now=1000.0) == pytest.approx(mean, rel=1e-6)
+    with pytest.raises(ValueError):
+        LoadTracker(half_life_s=0.0)

@@ -277,6 +277,7 @@ class Client:
             answering = [m for m in candidates if not self.heartbeats.silent(m.operator)]
             candidates = answering or list(candidates)  # when none answers, try anyway rather than refuse
         views = []
+        now = time.time()  # the clock of heartbeats' issued_at and of LoadTracker.dispatched
         for node in candidates:
             beat = self.heartbeats.latest(node.operator) if self.config.heartbeats else None
             matched = 0
@@ -289,6 +290,7 @@ class Client:
                     report=load_report(beat) if beat is not None else None,
                     matched_tokens=matched * CHUNK_TOKENS,
                     reputation=self._reputation(node.operator),
+                    now=now,
                 )
             )
         index = self.policy.choose(views, prompt_tokens, self._rng, max_tokens)
@@ -330,8 +332,8 @@ class Client:
                 view, prompt_tokens=prompt_tokens, max_tokens=request.max_tokens, at=time.time()
             )
             self._remember(hashes, sent_to)
-            first_at = 0.0
             started = time.monotonic()
+            first_at = 0.0
             yielded = False
             seen: CompletionDelta | None = None
             used: int | None = None  # None: unknown, the node may have charged the whole reservation

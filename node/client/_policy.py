@@ -275,6 +275,7 @@ _CORRECTION_RANGE = (0.1, 100.0)
 class _NodeStats:
     seconds_per_token: float
     samples: int = 0
+    sampled_at: float = 0.0
     correction: float = 1.0
     corrections: int = 0
     decode_s_per_token: float = 0.0
@@ -297,11 +298,14 @@ class LoadTracker:
       report was issued are added to it, since the report cannot show them.
     """
 
-    def __init__(self, *, prior_seconds_per_token: float = 1e-3, alpha: float = 0.2) -> None:
+    def __init__(self, *, prior_seconds_per_token: float = 1e-3, alpha: float = 0.2, half_life_s: float = 10.0) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
+        if half_life_s <= 0.0:
+            raise ValueError("half_life_s must be positive")
         self.prior = prior_seconds_per_token
         self.alpha = alpha
+        self.half_life_s = half_life_s
         self._nodes: dict[str, _NodeStats] = {}
         self._ids = 0
 
@@ -311,23 +315,37 @@ class LoadTracker:
             stats = self._nodes[node_id] = _NodeStats(seconds_per_token=self.prior)
         return stats
 
-    def seconds_per_token(self, node_id: str) -> float:
-        """The TTFT-per-token estimate. A node not measured yet gets the mean of the measured ones (else the prior):
-        an optimistic guess would send every next request to whichever node is still unknown."""
+    def _aged(self, value: float, baseline: float, stats: _NodeStats, now: float | None) -> float:
+        """``value`` drawn back towards ``baseline`` with the age of the node's last measurement (half-life
+        ``half_life_s``): a node the client stopped choosing after a few slow answers is not judged by them forever,
+        so it gets chosen, and measured, again; a node that really is slow is measured slow again each time."""
+        if now is None:
+            return value
+        weight = math.pow(0.5, max(0.0, now - stats.sampled_at) / self.half_life_s)
+        return baseline + (value - baseline) * weight
+
+    def seconds_per_token(self, node_id: str, *, now: float | None = None) -> float:
+        """The TTFT-per-token estimate (aged at ``now``, on the clock of the dispatch times). A node not measured
+        yet gets the mean of the measured ones (else the prior): an optimistic guess would send every next request
+        to whichever node is still unknown."""
         stats = self._stats(node_id)
-        if stats.samples:
-            return stats.seconds_per_token
         measured = [s.seconds_per_token for s in self._nodes.values() if s.samples]
-        return sum(measured) / len(measured) if measured else self.prior
+        mean = sum(measured) / len(measured) if measured else self.prior
+        return self._aged(stats.seconds_per_token, mean, stats, now) if stats.samples else mean
 
-    def correction(self, node_id: str) -> float:
-        """Measured over reported decode time per token (1 until measured)."""
-        return self._stats(node_id).correction
+    def correction(self, node_id: str, *, now: float | None = None) -> float:
+        """Measured over reported decode time per token (1 until measured; aged towards 1 at ``now``)."""
+        stats = self._stats(node_id)
+        return self._aged(stats.correction, 1.0, stats, now)
 
-    def measured_decode_s(self, node_id: str) -> float:
+    def measured_decode_s(self, node_id: str, *, now: float | None = None) -> float:
         """The client's own EWMA of the node's time per generated token, seconds (0 until measured): what the
         estimate uses for a node whose heartbeat reports no decode speed."""
-        return self._stats(node_id).decode_s_per_token
+        stats = self._stats(node_id)
+        measured = [s.decode_s_per_token for s in self._nodes.values() if s.decodes]
+        if not stats.decodes:
+            return 0.0
+        return self._aged(stats.decode_s_per_token, sum(measured) / len(measured), stats, now)
 
     def inflight(self, node_id: str) -> int:
         """This client's requests sent to the node and not yet ended."""
@@ -340,20 +358,26 @@ class LoadTracker:
         report: LoadReport | None,
         matched_tokens: int = 0,
         reputation: float = NEUTRAL_REPUTATION,
+        now: float | None = None,
     ) -> NodeView:
         """The node as the policy sees it: its report plus this client's own requests sent since it was issued
-        (all of them when there is no report), with the client's measurements."""
+        (all of them when there is no report), with the client's measurements (aged at ``now``, the clock of the
+        reports and dispatches; None: not aged)."""
         stats = self._stats(node_id)
         since = report.issued_at if report is not None else -math.inf
         own = [d for d in stats.inflight.values() if d.at >= since]
         reported_decode = report.seconds_per_decode_token if report is not None else 0.0
-        decode_s = reported_decode * stats.correction if reported_decode > 0.0 else stats.decode_s_per_token
+        decode_s = (
+            reported_decode * self.correction(node_id, now=now)
+            if reported_decode > 0.0
+            else self.measured_decode_s(node_id, now=now)
+        )
         return NodeView(
             node_id=node_id,
             reputation=reputation,
             queued_tokens=(report.queued_tokens if report else 0) + sum(d.prefill_tokens for d in own),
             matched_tokens=matched_tokens,
-            seconds_per_token=self.seconds_per_token(node_id),
+            seconds_per_token=self.seconds_per_token(node_id, now=now),
             running_requests=(report.requests if report else 0) + len(own),
             decode_backlog_tokens=(report.decode_backlog_tokens if report else 0) + sum(d.max_tokens for d in own),
             seconds_per_decode_token=decode_s,
@@ -386,6 +410,7 @@ class LoadTracker:
         """The request's first token arrived ``ttft_s`` after it was sent."""
         stats = self._stats(record.node_id)
         sample = ttft_s / record.work_tokens
+        stats.sampled_at = max(stats.sampled_at, record.at)
         if stats.samples == 0:
             stats.seconds_per_token = sample
         else:
@@ -400,6 +425,7 @@ class LoadTracker:
         if tokens < 2 or decode_s <= 0.0:
             return
         per_token = decode_s / (tokens - 1)
+        stats.sampled_at = max(stats.sampled_at, record.at)
         if stats.decodes == 0:
             stats.decode_s_per_token = per_token
         else:
