@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
@@ -29,7 +30,7 @@ from ledger import VoucherStore, dev_account
 from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, cost
 from node.inference import EngineConfig, EngineStats, GenerationRequest, SamplingParams, TorchEngine
-from node.overlay import CompletionRequest, Directory, ModelNode, OverlayConfig
+from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode, OverlayConfig
 from node.overlay._heartbeat import HeartbeatPublisher
 from node.overlay._payments import PaymentGate
 from node.overlay._reforward import Payer, ReforwardConfig, Reforwarder
@@ -42,6 +43,8 @@ PROMPT = "03+04=07\n12+05="
 #: Dev accounts: model nodes A and B, A's own wallet, the client's wallet; wei per 1000 tokens of both nodes.
 NODE_A, NODE_B, A_WALLET, CLIENT = 1, 2, 11, 10
 PRICE = 1_000_001
+LONG = 400
+LONG_PROMPTS = ("the quick brown fox", "hello there, ", "and runs far away ", "a b c d e f ")
 BUSY_PROMPT = "the quick brown fox jumps over the lazy dog; " * 3
 
 
@@ -293,6 +296,35 @@ async def test_a_peer_that_fails_before_answering_leaves_the_request_to_the_node
         assert a.served.count == 2 and b.served.count == 1
         await a.idle()
         assert result.token_ids == await _greedy(a.engine)
+
+
+async def test_a_peer_dying_mid_reply_ends_the_reply_with_reforward_failed(tiny_model_dir: Path) -> None:
+    async with _net() as net:
+        a = await _side(net, tiny_model_dir, reforward=BOUND)
+        b = await _side(net, tiny_model_dir, reforward=None)
+        # A prompt whose greedy answer runs long (a fresh tiny model may stop some early): long enough that B cannot
+        # finish it within its stop's grace period, whatever the machine's speed.
+        prompt, length = "", 0
+        for candidate in LONG_PROMPTS:
+            params = SamplingParams(max_tokens=LONG, temperature=0.0)
+            request = GenerationRequest(request_id=f"probe-{len(candidate)}", prompt=candidate, params=params)
+            tokens = [t async for chunk in b.engine.generate(request) for t in chunk.token_ids]
+            if len(tokens) > length:
+                prompt, length = candidate, len(tokens)
+            if length == LONG:
+                break
+        assert length >= LONG // 2
+        await a.make_busy()
+        deltas = 0
+        async with _client(net, a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
+            long = CompletionRequest(model=a.engine.model_id, prompt=prompt, max_tokens=LONG, temperature=0.0)
+            with pytest.raises(CompletionError) as failed:
+                async for _delta in client.stream(long):
+                    deltas += 1
+                    if deltas == 1:
+                        await b.node.stop()  # B crashes while A relays its reply
+        assert failed.value.code == "reforward_failed"
+        assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"broken": 1}
 
 
 async def test_re_forwards_in_flight_are_bounded(tiny_model_dir: Path) -> None:
