@@ -62,6 +62,11 @@ def main() -> None:
             "voucher": None,
         },
         {"name": "v1 without a voucher, unchanged", "body": _body(v=1), "voucher": None},
+        {
+            "name": "v2 re-forwarded by a model node, with its own voucher (§10.5)",
+            "body": _body(voucher=voucher, forwarded=True),
+            "voucher": voucher,
+        },
     ]
     reject = [
         ("v1 carrying a voucher", _body(v=1, voucher=voucher), "voucher"),
@@ -81,6 +86,7 @@ def main() -> None:
         ("contract of 19 bytes", _body(voucher=with_voucher(contract=voucher["contract"][:-2])), "voucher.contract"),
         ("an unknown voucher field", _body(voucher=with_voucher(nonce="1")), "voucher.nonce"),
         ("snake_case field names", _body(voucher={"chain_id": "1", **with_voucher(chainId=_DROP)}), "voucher.chainId"),
+        ("forwarded that is not a boolean (§10.5)", _body(v=1, forwarded="yes"), "forwarded"),
     ]
     out = {
         "description": "Completion v2 request bodies (docs/protocol.md §10.1, §10.4). Each accept body MUST parse, "
