@@ -13,7 +13,9 @@ from node.inference import EngineConfig, EngineStats
 
 
 def _zero_load(stats: Callable[[], EngineStats]) -> Callable[[], EngineStats]:
-    return lambda: dataclasses.replace(stats(), queued_requests=0, running_requests=0, queued_tokens=0)
+    return lambda: dataclasses.replace(
+        stats(), queued_requests=0, running_requests=0, queued_tokens=0, decode_backlog_tokens=0
+    )
 
 
 def install(*, max_running: int = 1) -> None:

@@ -128,7 +128,9 @@ class Net:
 
 def _zero_load(stats: Callable[[], EngineStats]) -> Callable[[], EngineStats]:
     """A heartbeat that says the node is idle whatever its engine says (a node under-reporting its load)."""
-    return lambda: dataclasses.replace(stats(), queued_requests=0, running_requests=0, queued_tokens=0)
+    return lambda: dataclasses.replace(
+        stats(), queued_requests=0, running_requests=0, queued_tokens=0, decode_backlog_tokens=0
+    )
 
 
 async def _side(
