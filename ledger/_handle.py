@@ -108,9 +108,15 @@ class ContractHandle:
     def _call(self, fn: ContractFunction) -> Any:
         return map_call_errors(self._decoder, None, fn.call)
 
-    def _send(self, fn: ContractFunction, *, value: int = 0) -> TxReceipt:
+    def _send(self, fn: ContractFunction, *, value: int = 0, gas_floor: int = 0) -> TxReceipt:
         receipt = send_transaction(
-            self._w3, self._signer(), fn, self._decoder, value=value, receipt_timeout=self._receipt_timeout
+            self._w3,
+            self._signer(),
+            fn,
+            self._decoder,
+            value=value,
+            receipt_timeout=self._receipt_timeout,
+            gas_floor=gas_floor,
         )
         return self._typed_receipt(receipt)
 

@@ -172,8 +172,13 @@ def send_transaction(
     *,
     value: int = 0,
     receipt_timeout: float = RECEIPT_TIMEOUT,
+    gas_floor: int = 0,
 ) -> TxReceipt:
     """Estimate, sign locally, send and wait for a successful receipt of a call or a deployment.
+
+    ``gas_floor``: the least gas limit to send with. A call whose cost depends on other senders' transactions mined
+    first (an attestation that a concurrent one turns into the quorum-reaching, slashing one) is estimated on the
+    cheaper state and would run out of gas; its handle passes the worst case's cost as the floor.
 
     Reverts surface as the contract's custom error (decoded from the gas estimate's revert data, or by replaying
     a mined failed transaction); lack of funds as ``InsufficientFunds``; no receipt within ``receipt_timeout``
@@ -187,6 +192,9 @@ def send_transaction(
 
     def send(nonce: int) -> HexBytes:
         params: TxParams = {"from": account.address, "value": Wei(value), "nonce": Nonce(nonce), "chainId": chain_id}
+        if gas_floor:
+            estimate = map_call_errors(decoder, account.address, lambda: function.estimate_gas(params))
+            params["gas"] = max(estimate, gas_floor)
         tx.update(map_call_errors(decoder, account.address, lambda: function.build_transaction(params)))
         raw = account.sign_transaction(tx).raw_transaction
         return map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(raw))

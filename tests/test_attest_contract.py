@@ -409,3 +409,41 @@ def test_deploy_all_refuses_a_window_too_short_for_an_epoch_before_deploying_att
             attestation_params=AttestationParams(epoch_length=1),
         )
     assert (bound.value.epochLength, bound.value.maximum) == (1, 0)
+
+
+def test_two_verifiers_attesting_in_one_block_both_land_and_the_second_finalizes(chain: ChainEnv) -> None:
+    """Both attestations are estimated before either is mined (the below-quorum cost); the one mined second reaches
+    quorum and slashes, which costs more. ``Attestations.attest`` sends with the worst case's gas as a floor, so the
+    second does not run out of gas (it did, as a verifier committee of 3 showed in the demo)."""
+    import threading
+
+    register_network(chain)
+    node = address(NODE)
+    att = attestations(chain)
+    epoch = _next_epoch(chain)
+    results: dict[int, object] = {}
+
+    def attest(verifier: int) -> None:
+        try:
+            results[verifier] = attestations(chain, verifier).attest(node, epoch, FAIL, evidence("race", verifier))
+        except Exception as exc:  # the assertion below shows which failed and why
+            results[verifier] = exc
+
+    chain.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+    try:
+        threads = [threading.Thread(target=attest, args=(v,)) for v in VERIFIERS[:2]]
+        for thread in threads:
+            thread.start()
+        deadline = 20.0
+        while deadline > 0 and int(chain.w3.provider.make_request("txpool_status", [])["result"]["pending"], 16) < 2:  # type: ignore[arg-type]
+            threading.Event().wait(0.05)
+            deadline -= 0.05
+        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+    receipts = [results[v] for v in VERIFIERS[:2]]
+    assert all(not isinstance(r, BaseException) for r in receipts), receipts
+    assert att.tally(node, epoch).finalized
+    assert chain.registry().is_jailed(node)
