@@ -15,6 +15,7 @@ nodes are not independent machines, which the simulation assumes; the table show
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import os
@@ -37,6 +38,8 @@ REAL_RELAYS = 3
 #: request); the relay work per reply token is what the 2 cores can afford next to 3 engines.
 REAL_PATHS = 4
 REAL_HOPS = 1
+#: Requests per block: the policies take turns block by block.
+REAL_BLOCK = 25
 #: Longest wait for one request, seconds.
 REQUEST_TIMEOUT_S = 120.0
 #: The request a task is sending (set per task), so the client's route callback can say where it went.
@@ -204,14 +207,14 @@ async def _measure(
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=db)
 
-    destinations: dict[int, str] = {}  # request index -> the model node its (last) try went to
+    def client_for(policy: str, destinations: dict[int, str] | None = None) -> Any:
+        """A client; with ``destinations``, it records where each request (by index) was last routed."""
 
-    def routed(route: Any) -> None:
-        index = _CURRENT.get(-1)
-        if index >= 0:
-            destinations[index] = route.destination.operator
+        def routed(route: Any) -> None:
+            index = _CURRENT.get(-1)
+            if destinations is not None and index >= 0:
+                destinations[index] = route.destination.operator
 
-    def client_for(policy: str) -> Any:
         config = ClientConfig(models=(model,), policy=policy, paths=REAL_PATHS, hops=REAL_HOPS)
         return Client(directory, config, tokenizer=encode, reputation=directory.reputation, on_route=routed)
 
@@ -263,44 +266,70 @@ async def _measure(
             requests.append(replace(r, doc_blocks=doc_tokens // 16, prompt_tokens=len(encode(prompt))))
         return requests, prompts
 
-    async def run(
-        policy: str, requests: Sequence[Request], prompts: Sequence[str]
-    ) -> tuple[list[Any], float, dict[int, str]]:
-        results: list[tuple[float, float, int, int, int] | None] = [None] * len(requests)
-        destinations.clear()
-        async with client_for(policy) as client:
-            start = time.perf_counter() + 0.5
-            await asyncio.gather(
-                *(
-                    _one(
-                        client,
-                        CompletionRequest(model=model_id, prompt=p, max_tokens=r.output_tokens, temperature=0.0),
-                        start + r.arrival,
-                        results,
-                        i,
-                        info,
-                    )
-                    for i, (r, p) in enumerate(zip(requests, prompts, strict=True))
+    async def send(
+        client: Any,
+        requests: Sequence[Request],
+        prompts: Sequence[str],
+        indexes: Sequence[int],
+        results: list[tuple[float, float, int, int, int] | None],
+    ) -> float:
+        """Send ``indexes`` at their arrival times counted from the first of them; returns when it started."""
+        start = time.perf_counter() + 0.2
+        offset = requests[indexes[0]].arrival
+        await asyncio.gather(
+            *(
+                _one(
+                    client,
+                    CompletionRequest(
+                        model=model_id, prompt=prompts[i], max_tokens=requests[i].output_tokens, temperature=0.0
+                    ),
+                    start + requests[i].arrival - offset,
+                    results,
+                    i,
+                    info,
                 )
+                for i in indexes
             )
-            wall = time.perf_counter() - start
-        return results, wall, dict(destinations)
+        )
+        return start
 
     # Round robin's real capacity, as the simulation defines it (all requests at once, the queue never empty): the
     # real run's arrival rate is a fraction of it.
     burst_n = 16 * REAL_NODES
     burst, burst_prompts = materialize(make_requests(workload, 1e9, burst_n, 1, seed + 1), salt=999)
-    burst_results, _, _ = await run("round_robin", burst, burst_prompts)
+    burst_results: list[tuple[float, float, int, int, int] | None] = [None] * burst_n
+    async with client_for("round_robin") as client:
+        await send(client, burst, burst_prompts, range(burst_n), burst_results)
     cap = burst_n / max(x[0] for x in burst_results if x is not None)
     info(f"real run: round robin capacity {cap:.2f} req/s")
     rate = cap * load
     arrivals = make_requests(workload, rate, count, 1, seed)
-    runs = []
-    for p_index, policy in enumerate(policies):
-        requests, prompts = materialize(arrivals, salt=p_index)
-        results, wall, sent_to = await run(policy, requests, prompts)
-        runs.append((policy, requests, results, wall, sent_to))
-        info(f"real run: {policy}: {sum(x is not None for x in results)}/{len(requests)} answered in {wall:.0f} s")
+    # The policies take turns in blocks of the arrivals (the first policy of each block rotates), each with its own
+    # client throughout: a burst of other work on the shared machine then hits every policy alike, not just the one
+    # that happened to run at the time. Each block starts with the nodes idle; the simulation replays the same
+    # blocks at the times they started for real.
+    blocks = [list(range(b, min(count, b + REAL_BLOCK))) for b in range(0, count, REAL_BLOCK)]
+    t0 = time.perf_counter()
+    runs: list[tuple[str, list[Request], list[Any], float, dict[int, str]]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        state = []
+        for p_index, policy in enumerate(policies):
+            requests, prompts = materialize(arrivals, salt=p_index)
+            sent_to: dict[int, str] = {}
+            client = await stack.enter_async_context(client_for(policy, sent_to))
+            results: list[tuple[float, float, int, int, int] | None] = [None] * len(requests)
+            state.append((policy, client, requests, prompts, results, sent_to, list(requests)))
+        for b, block in enumerate(blocks):
+            for k in range(len(state)):
+                policy, client, requests, prompts, results, sent_to, replay = state[(b + k) % len(state)]
+                started = await send(client, requests, prompts, block, results) - t0
+                offset = requests[block[0]].arrival
+                for i in block:
+                    replay[i] = replace(requests[i], arrival=started + requests[i].arrival - offset)
+    wall = time.perf_counter() - t0
+    for policy, _client, _requests, _prompts, results, sent_to, replay in state:
+        runs.append((policy, replay, results, wall, sent_to))
+        info(f"real run: {policy}: {sum(x is not None for x in results)}/{len(replay)} answered")
 
     # The simulation at the same scale: the engine costs measured alone, scaled by ONE factor fitted so that its
     # round robin's median latency is the real one (the 3 engines share 2 cores with the relays, the client and the
@@ -331,12 +360,12 @@ async def _measure(
     info(f"real run: simulated engine costs x{scale:.2f} (fitted on {rr[0]})")
     rows: list[dict[str, Any]] = []
     names: dict[str, str] = {}
-    for policy, requests, results, wall, sent_to in runs:
-        done = [x for x in results if x is not None]
+    for policy, requests, answers, wall, sent_to in runs:
+        done = [x for x in answers if x is not None]
         for operator in sorted(set(sent_to.values())):
             names.setdefault(operator, f"model-{len(names) + 1}")
         per_node = {name: sum(1 for o in sent_to.values() if names[o] == name) for name in sorted(names.values())}
-        slowest = sorted((i for i, x in enumerate(results) if x is not None), key=lambda i: -results[i][0])[:3]
+        slowest = sorted((i for i, x in enumerate(answers) if x is not None), key=lambda i: -answers[i][0])[:3]
         real = _stats([x[0] for x in done], [x[1] for x in done], sum(x[2] for x in done), sum(x[3] for x in done))
         simulated = simulate(scenario, policy, requests, cal, seed)
         rows.append(
@@ -350,11 +379,11 @@ async def _measure(
                 "slowest": [
                     {
                         "arrival_s": requests[i].arrival,
-                        "latency_s": results[i][0],
-                        "ttft_s": results[i][1],
+                        "latency_s": answers[i][0],
+                        "ttft_s": answers[i][1],
                         "node": names.get(sent_to.get(i, ""), "?"),
-                        "prompt_tokens": results[i][3],
-                        "cached_tokens": results[i][2],
+                        "prompt_tokens": answers[i][3],
+                        "cached_tokens": answers[i][2],
                     }
                     for i in slowest
                 ],
