@@ -171,3 +171,18 @@ def test_old_measurements_age_so_a_node_avoided_after_slow_answers_is_tried_agai
     assert tracker.seconds_per_token("slow", now=1000.0) == pytest.approx(mean, rel=1e-6)
     with pytest.raises(ValueError):
         LoadTracker(half_life_s=0.0)
+
+
+def test_a_node_that_reports_no_decode_speed_yet_is_not_taken_for_free() -> None:
+    """A node that has not decoded since it started reports 0 ("unknown"); counting no decode time for it made it
+    look cheaper than the node holding the prompt's prefix (the demo's second shared-prefix prompt left the holder)."""
+    from node.client._policy import PlanetServePolicy, with_known_decode
+
+    holder = NodeView(node_id="a", matched_tokens=32, seconds_per_token=1.7e-4, seconds_per_decode_token=7e-3)
+    fresh = NodeView(node_id="b", seconds_per_token=1.7e-4, seconds_per_decode_token=0.0)
+    filled = with_known_decode([holder, fresh])
+    assert filled[1].seconds_per_decode_token == pytest.approx(7e-3) and filled[0] == holder
+    picks = {PlanetServePolicy().choose([holder, fresh], 42, random.Random(seed), 8) for seed in range(50)}
+    assert picks == {0}
+    # Nothing known anywhere: nothing is invented.
+    assert with_known_decode([fresh, fresh]) == [fresh, fresh]

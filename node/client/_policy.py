@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 #: Prompt tokens counted for the one scheduler step every first token waits for, however little of the prompt is
@@ -107,6 +107,20 @@ def estimate(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
     return prefill + view.seconds_per_decode_token * (max_tokens + overlap)
 
 
+def with_known_decode(views: Sequence[NodeView]) -> list[NodeView]:
+    """``views`` with each unknown decode speed (0: a node that has not decoded since it started, and that this
+    client has not measured) set to the mean of the known ones.
+
+    Left at 0, the estimate counts no decode time for such a node, so it looks several times cheaper than one that
+    reports its real speed, and every next request goes to whichever node is still unknown, its cached prefix or
+    not (as ``LoadTracker.seconds_per_token`` guards the prefill term)."""
+    known = [v.seconds_per_decode_token for v in views if v.seconds_per_decode_token > 0.0]
+    if not known or len(known) == len(views):
+        return list(views)
+    mean = sum(known) / len(known)
+    return [v if v.seconds_per_decode_token > 0.0 else replace(v, seconds_per_decode_token=mean) for v in views]
+
+
 class LeastLoad:
     """The node with the least estimated time for the request, its cache ignored (with ``choices`` = d > 0, the
     best of d sampled nodes)."""
@@ -117,6 +131,7 @@ class LeastLoad:
         self.choices = choices
 
     def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
+        views = with_known_decode(views)
         candidates = list(range(len(views)))
         if self.choices and len(candidates) > self.choices:
             candidates = rng.sample(candidates, self.choices)
@@ -198,6 +213,7 @@ class PlanetServePolicy:
 
     def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         s = self.settings
+        views = with_known_decode(views)
         eligible = [i for i, v in enumerate(views) if v.reputation >= s.reputation_floor]
         if not eligible:
             raise NoEligibleNode("every candidate is below the reputation floor")
@@ -334,9 +350,15 @@ class LoadTracker:
         return self._aged(stats.seconds_per_token, mean, stats, now) if stats.samples else mean
 
     def correction(self, node_id: str, *, now: float | None = None) -> float:
-        """Measured over reported decode time per token (1 until measured; aged towards 1 at ``now``)."""
+        """Measured over reported decode time per token, aged at ``now`` towards the mean of the measured nodes'.
+
+        A node not measured yet gets that mean (1 when none is): part of every correction is this client's own
+        (reply batching and path latency make each reply slower per token than any engine reports), and leaving an
+        unmeasured node at 1 made it look cheaper than the node that had just answered, whose prefix it lacks."""
         stats = self._stats(node_id)
-        return self._aged(stats.correction, 1.0, stats, now)
+        measured = [s.correction for s in self._nodes.values() if s.corrections]
+        mean = sum(measured) / len(measured) if measured else 1.0
+        return self._aged(stats.correction, mean, stats, now) if stats.corrections else mean
 
     def measured_decode_s(self, node_id: str, *, now: float | None = None) -> float:
         """The client's own EWMA of the node's time per generated token, seconds (0 until measured): what the
