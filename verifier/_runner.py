@@ -486,9 +486,16 @@ class Verifier:
     def _challenges(self, seed: bytes, planned: Sequence[Any], begin_wall: float) -> list[_Try]:
         """The challenges planned ones stand for: prompts and parameters from the user distribution, each keyed by
         its plan entry and the verifier's salt, sent at its planned time."""
-        generator = ChallengeGenerator(
-            seed, self._salt, PromptDistribution(max_prompt_chars=self.config.max_prompt_chars)
+        # Trimmed to the reference model's context with its tokenizer (digits are about a token each: the
+        # character bound alone let 3,600 characters of additions overflow a 2,048-token context).
+        tokenize = getattr(self.engine, "tokenize", None)
+        context = getattr(self.engine, "max_context", None)
+        distribution = PromptDistribution(
+            max_prompt_chars=self.config.max_prompt_chars,
+            tokenize=tokenize if callable(tokenize) and isinstance(context, int) else None,
+            context_tokens=context if callable(tokenize) and isinstance(context, int) else None,
         )
+        generator = ChallengeGenerator(seed, self._salt, distribution)
         out = []
         for p in planned:
             drawn = generator.challenge(p.key)
