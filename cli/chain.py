@@ -143,6 +143,15 @@ def up(
     unbonding_delay: Annotated[
         int, typer.Option(envvar="PS_UNBONDING_DELAY", min=0, help="Unbonding delay, seconds.")
     ] = 86_400,
+    block_time: Annotated[
+        int,
+        typer.Option(
+            envvar="PS_BLOCK_TIME",
+            min=0,
+            max=3600,
+            help="Also mine a block every this many seconds (0: only on transactions; verifiers need blocks).",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Start anvil, deploy the contracts, print where they are, and run until Ctrl-C or SIGTERM.
@@ -192,7 +201,7 @@ def up(
 
     previous = signal.signal(signal.SIGTERM, _on_signal)
     try:
-        with Anvil(AnvilConfig(port=port, state_file=state_file)) as anvil:
+        with Anvil(AnvilConfig(port=port, state_file=state_file, block_time_s=block_time)) as anvil:
             w3 = anvil.web3()
             chain_id = w3.eth.chain_id
             path = deployment or default_deployment_path(chain_id)

@@ -83,6 +83,10 @@ class AnvilConfig:
     accounts: int = 10
     #: Balance of each dev account, in ETH.
     balance_eth: int = 10_000
+    #: Mine a block every this many seconds besides on each transaction (``--block-time``); 0: only on
+    #: transactions. Verifier epochs are anchored to the first block at or after their start, so a chain that
+    #: mines only on demand leaves ``ps-verifier run`` waiting for one.
+    block_time_s: int = 0
     #: Seconds to wait for JSON-RPC readiness.
     start_timeout: float = 15.0
     #: Seconds to wait for a clean exit after SIGTERM before SIGKILL.
@@ -146,6 +150,8 @@ class Anvil:
             str(self.config.balance_eth),
             "--quiet",
         ]
+        if self.config.block_time_s:
+            cmd += ["--block-time", str(self.config.block_time_s)]
         if self.config.state_file is not None:
             self.config.state_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--state", str(self.config.state_file)]

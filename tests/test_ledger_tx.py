@@ -132,3 +132,19 @@ def test_a_failing_second_transaction_still_reports_the_first(chain: ChainEnv) -
         drained.deregister_and_withdraw()
     assert [r.events for r in exc.value.completed] == [("NodeDeregistered",)]
     assert reg.get_node(reg.account) is None and reg.pending_withdrawal(reg.account) == ETH
+
+
+def test_an_anvil_with_a_block_time_mines_without_transactions() -> None:
+    """``ps-chain up --block-time``: verifier epochs are anchored to the first block at or after their start, which
+    a chain mining only on transactions may never produce."""
+    import time
+
+    from ledger import Anvil, AnvilConfig
+
+    with Anvil(AnvilConfig(block_time_s=1)) as anvil:
+        w3 = anvil.web3()
+        first = w3.eth.block_number
+        deadline = time.monotonic() + 10
+        while w3.eth.block_number < first + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert w3.eth.block_number >= first + 2
