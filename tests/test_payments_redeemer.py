@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -305,6 +306,34 @@ async def test_the_service_retries_with_backoff_while_the_chain_is_down(chain: C
     assert pay.channel(channel).redeemed == latest  # type: ignore[union-attr]
     samples = {s.name: s.value for m in RedeemerCollector(service).collect() for s in m.samples if not s.labels}
     assert samples["planetserve_redeem_transactions_total"] == 1 and samples["planetserve_redeem_wei_total"] == latest
+
+
+async def test_the_service_survives_a_voucher_book_locked_by_another_process_and_redeems_after(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    pay = payments(chain)
+    path = tmp_path / "book.db"
+    # The book as a second process (``ps-node claim``) sees it: SQLite's own file lock, a short busy timeout.
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    store = VoucherStore(engine, domain=pay.domain(), node=dev_account(NODE).address, channels=pay)
+    channel = _open(pay)
+    latest = _serve(store, pay, channel, 5)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # readers and writers of the book wait, then fail
+    service = RedeemerService(lambda: Redeemer(store, pay.with_account(dev_account(NODE)), FAST), FAST)
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: service.redeemer is not None and sum(service.redeemer.stats.failures.values()) >= 2)
+        assert not task.done()  # the pass failed, the service did not
+        holder.execute("ROLLBACK")
+        await _until(lambda: service.redeemer is not None and service.redeemer.stats.transactions == 1)
+    finally:
+        holder.close()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert pay.channel(channel).redeemed == latest  # type: ignore[union-attr]
+    assert service.redeemer is not None and service.redeemer.stats.failures.get("OperationalError", 0) >= 2
 
 
 def test_the_configuration_is_validated() -> None:
