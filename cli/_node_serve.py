@@ -21,6 +21,7 @@ import typer
 from cli._errors import PortInUse
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
+from cli._node_reforward import DEFAULT_BUDGET_ETH, DEFAULT_DEPOSIT_ETH, BudgetOpt, DepositOpt, node_reforward
 from cli._output import emit, info
 
 if TYPE_CHECKING:
@@ -58,10 +59,12 @@ def serve(
             "--reforward-bound",
             envvar="PS_REFORWARD_BOUND",
             min=0,
-            help="Model nodes: re-forward a request once to a free peer serving the same model when more than this "
+            help="Model nodes: re-forward a request once to a peer serving the same model when more than this "
             "many wait in the engine (protocol §10.5; needs the operator key). Off when not set.",
         ),
     ] = None,
+    reforward_budget: BudgetOpt = DEFAULT_BUDGET_ETH,
+    reforward_deposit: DepositOpt = DEFAULT_DEPOSIT_ETH,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     registry_refresh: Annotated[
@@ -155,11 +158,26 @@ def serve(
         payments, redeemer = _payments(rpc_url, deployment, state, loaded, redeem)
         ready["heartbeats"] = heartbeat is not None
         ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
-        reforward = _reforwarder(reforward_bound, rpc_url, deployment, state, loaded)
-        ready["reforward"] = "off" if reforward is None else f"over {reforward_bound} waiting, to free peers"
-        application = create_model_app(
-            config, loaded, peers=peers, heartbeat=heartbeat, payments=payments, reforward=reforward
+        reforward = node_reforward(
+            reforward_bound,
+            rpc_url,
+            deployment,
+            state,
+            loaded,
+            budget_eth=reforward_budget,
+            deposit_eth=reforward_deposit,
         )
+        ready["reforward"] = "off" if reforward is None else reforward.describe()
+        application = create_model_app(
+            config,
+            loaded,
+            peers=peers,
+            heartbeat=heartbeat,
+            payments=payments,
+            reforward=None if reforward is None else reforward.reforwarder,
+        )
+        if reforward is not None:
+            application.cleanup_ctx.append(reforward.cleanup_ctx())
         if redeemer is not None:
             from node.overlay import keys
             from node.overlay._redeemer import RedeemerCollector
@@ -213,25 +231,6 @@ def _heartbeat_publisher(engine: Any) -> Any:
         stats=engine.stats,
         prefix_hashes=(lambda prompt: chunk_hashes(tokenize(prompt))) if callable(tokenize) else None,
     )
-
-
-def _reforwarder(bound: int | None, rpc_url: str, deployment: Path | None, state: Path, engine: Any) -> Any:
-    """The model node's re-forwarding (protocol §10.5) when ``--reforward-bound`` is set and the operator key is in the
-    environment (the node must know its own registry entry, never to pick itself). Free peers only: paying a peer
-    from the node's own wallet is a library option (``Reforwarder(payer=...)``), not wired here yet."""
-    if bound is None:
-        return None
-    if not os.environ.get("PS_PRIVATE_KEY"):
-        info("no PS_PRIVATE_KEY: this model node does not re-forward (it needs its operator address)")
-        return None
-    from cli._node_chain import load_operator
-    from node.overlay._reforward import ReforwardConfig, Reforwarder
-    from node.overlay._serve import registry_directory_source
-
-    source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
-    config = ReforwardConfig(operator=load_operator(None).address, queue_bound=bound)
-    tokenize = getattr(engine, "tokenize", None)
-    return Reforwarder(config, source, tokenize=tokenize if callable(tokenize) else None)
 
 
 def _payments(
