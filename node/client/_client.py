@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 _MODEL_ID = re.compile(r"0x[0-9a-fA-F]{64}")
 
+#: Most nodes added to a request's sampled candidates because this client sent them the prompt's prefix before
+#: (the deepest remembered chunk's node first): affinity survives the sampling, and the set stays bounded.
+MAX_PREFIX_HOLDERS = 2
+
 #: Produces the current directory (e.g. syncs the registry index and reads it); called at most every refresh.
 DirectorySource = Callable[[], Awaitable[Directory]]
 
@@ -131,6 +135,11 @@ class ClientConfig:
     """A heartbeat older than this does not count, seconds."""
     memory_entries: int = 4096
     """Prefix chunks this client remembers having sent, and where (its own affinity memory; never sent anywhere)."""
+    candidates: int = 16
+    """Model nodes weighed per request (0: every serving node): a random sample of this many, plus the nodes this
+    client remembers sending the prompt's prefix to (at most ``MAX_PREFIX_HOLDERS``). Only their heartbeats are
+    fetched, so a client's heartbeat traffic stays bounded however many nodes serve the model (power of d choices;
+    ``bench/forwarding.py``'s scale run). Over a sample, ``round_robin`` rotates over a different set each time."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -141,6 +150,8 @@ class ClientConfig:
             raise InvalidParams(param="directory_refresh_s", value=self.directory_refresh_s, reason="positive")
         if self.policy not in POLICIES:
             raise InvalidParams(param="policy", value=self.policy, reason=f"one of {', '.join(POLICIES)}")
+        if self.candidates < 0:
+            raise InvalidParams(param="candidates", value=self.candidates, reason="0 (all) or more")
 
 
 @dataclass(slots=True)
@@ -183,7 +194,8 @@ class Client:
         self.heartbeats = HeartbeatMonitor(
             fetch=self._transport.fetch_heartbeat, max_age_s=self.config.heartbeat_max_age_s
         )
-        self._heartbeats_at = 0.0
+        # When each node's heartbeat was last fetched (monotonic): one entry per model node of the registry.
+        self._fetched_at: dict[str, float] = {}
         self._memory: OrderedDict[bytes, str] = OrderedDict()
         self._names: dict[ModelId, str] = {}  # model id -> name@revision
         for name in self.config.models:
@@ -244,9 +256,49 @@ class Client:
         raise UnknownModel(model)
 
     async def _refresh_heartbeats(self, nodes: Sequence[ModelNode]) -> None:
-        if self.config.heartbeats and time.monotonic() - self._heartbeats_at >= self.config.heartbeat_refresh_s:
-            await self.heartbeats.refresh(nodes)
-            self._heartbeats_at = time.monotonic()
+        """Fetch the heartbeats of ``nodes`` last fetched ``heartbeat_refresh_s`` ago or more (per node: each request
+        samples its own candidates)."""
+        if not self.config.heartbeats:
+            return
+        now = time.monotonic()
+        every = self.config.heartbeat_refresh_s
+        due = [m for m in nodes if now - self._fetched_at.get(m.operator, -float("inf")) >= every]
+        for m in due:
+            self._fetched_at[m.operator] = now
+        if due:
+            await self.heartbeats.refresh(due)
+
+    def _prefix_holders(self, hashes: Sequence[bytes]) -> list[str]:
+        """Operators this client sent the prompt's prefix to, the deepest chunk's first (at most
+        ``MAX_PREFIX_HOLDERS``)."""
+        holders: list[str] = []
+        for h in reversed(hashes):
+            operator = self._memory.get(h)
+            if operator is not None and operator not in holders:
+                holders.append(operator)
+                if len(holders) == MAX_PREFIX_HOLDERS:
+                    break
+        return holders
+
+    def candidates(
+        self, serving: Sequence[ModelNode], hashes: Sequence[bytes], *, to: str | None = None
+    ) -> list[ModelNode]:
+        """The nodes weighed for one request (``ClientConfig.candidates``): a fresh random sample of ``serving``,
+        the prompt's remembered prefix holders, then ``to``'s node (a pinned request samples like any other, so the
+        heartbeats it fetches do not single out its target)."""
+        k = self.config.candidates
+        if k == 0 or len(serving) <= k:
+            return list(serving)
+        chosen = self._rng.sample(list(serving), k)
+        have = {m.operator.lower() for m in chosen}
+        by_operator = {m.operator.lower(): m for m in serving}
+        extra = [*self._prefix_holders(hashes), *([to] if to is not None else [])]
+        for operator in extra:
+            node = by_operator.get(operator.lower())
+            if node is not None and operator.lower() not in have:
+                chosen.append(node)
+                have.add(operator.lower())
+        return chosen
 
     def _prompt_hashes(self, prompt: str) -> tuple[int, list[bytes]]:
         """(prompt tokens, chained chunk hashes), computed here: the prompt never leaves the client for this."""
@@ -309,13 +361,14 @@ class Client:
         serving = directory.serving(request.model)
         if not serving:
             raise NoModelNode(request.model)
-        # Every serving node's heartbeat, pinned or not: an audit's target must not be the one node it polled.
+        prompt_tokens, hashes = self._prompt_hashes(request.prompt)
+        # The sampled candidates' heartbeats, pinned or not: an audit's target must not be the one node it polled.
+        serving = self.candidates(serving, hashes, to=to)
         await self._refresh_heartbeats(serving)
         if to is not None:
             serving = [m for m in serving if m.operator.lower() == to.lower()]
             if not serving:
                 raise NoModelNode(request.model)
-        prompt_tokens, hashes = self._prompt_hashes(request.prompt)
         destination, view = self.choose(serving, prompt_tokens, hashes, request.max_tokens)
         route = directory.route(request.model, n=self.config.paths, hops=self.config.hops, destination=destination)
         avoid: set[str] = set()
