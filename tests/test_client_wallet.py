@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +184,74 @@ async def test_no_voucher_is_signed_while_another_process_holds_the_nodes_lock(c
     wallet.finish(payment, 0)
     assert other.try_acquire(node.operator)
     other.close()
+    wallet.close()
+
+
+def _hold_write_lock(path: Path, seconds: float) -> threading.Timer:
+    """Another process's write transaction on the wallet's book (SQLite's own lock), released after ``seconds``
+    from a timer thread (the event loop may be the one stuck)."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+
+    def release() -> None:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
+
+
+async def _loop_stall(until: asyncio.Future[Any]) -> float:
+    """The longest the event loop went without running this coroutine while ``until`` was pending, seconds."""
+    worst, last = 0.0, time.monotonic()
+    while not until.done():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+    return worst
+
+
+async def test_a_voucher_waiting_for_the_books_write_lock_does_not_stall_the_event_loop(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    wallet = _wallet(chain, tmp_path)
+    node, request = _unreached_node()
+    _paid, first = await wallet.pay(node, request, None)  # opens the channel
+    assert first is not None
+    wallet.finish(first, 0)
+    timer = _hold_write_lock(wallet.store.path, 1.0)
+    paying = asyncio.ensure_future(wallet.pay(node, request, None))
+    stall = await _loop_stall(paying)
+    _paid, second = await paying
+    timer.join()
+    assert second is not None and second.amount > first.amount
+    assert stall < 0.5  # the 1 s wait for the lock happened in a worker thread
+    wallet.finish(second, 0)
+    wallet.close()
+
+
+async def test_a_payment_cancelled_while_its_voucher_is_committed_leaves_no_reservation(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    """A request timeout can cancel ``pay`` after the book committed the voucher's amount but before the voucher
+    exists; its reservation must not stay in flight, or every later voucher on the channel is that much too high."""
+    wallet = _wallet(chain, tmp_path)
+    node, request = _unreached_node()
+    _paid, first = await wallet.pay(node, request, None)
+    assert first is not None
+    wallet.finish(first, 0)
+    timer = _hold_write_lock(wallet.store.path, 0.6)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(wallet.pay(node, request, None), 0.2)
+    await asyncio.to_thread(timer.join)
+    deadline = time.monotonic() + 15
+    while (state := wallet.channels()[0]).in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert state.in_flight == 0 and state.owed == 0
+    _paid, third = await wallet.pay(node, request, None)  # the next voucher is the usual step above the last one
+    assert third is not None and third.amount == max(state.last + 1, third.reservation)
+    wallet.finish(third, 0)
     wallet.close()
 
 

@@ -30,6 +30,7 @@ the funding transfer still links them on chain (docs/threat-model.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from ledger import (
     PaymentChannels,
     TransactionOutcomeUnknown,
     TxReceipt,
+    Voucher,
     VoucherDomain,
     Wei,
     checksum,
@@ -322,15 +324,17 @@ class Wallet:
             info = await asyncio.to_thread(self._reader.channel, state.channel_id)
             self._checked[state.channel_id] = time.monotonic()
             if info is None or info.client != self._signer(state).address or info.node != state.node:
-                self.store.mark(state.channel_id, GONE)
+                await asyncio.to_thread(self.store.mark, state.channel_id, GONE)  # a write: off the event loop
                 continue
-            self.store.refresh(
+            refresh = functools.partial(
+                self.store.refresh,
                 state.channel_id,
                 deposit=info.deposit,
                 redeemed=info.redeemed,
                 closes_at=info.closes_at,
                 state=_state_name(info),
             )
+            await asyncio.to_thread(refresh)
             if _state_name(info) == OPEN:
                 return self.store.get(state.channel_id)
         return None
@@ -567,16 +571,16 @@ class Wallet:
             if state is None:
                 state = await self._open(node, max(1, reservation))
                 self._checked[state.channel_id] = time.monotonic()
-            amount = self.store.sign_amount(state.channel_id, reservation)  # committed before the voucher exists
+            signed = await self._reserve_and_sign(state, reservation)
             for _ in range(3):
-                if amount is not None:
+                if signed is not None:
                     break
-                needed = self.store.next_amount(state.channel_id, reservation)
+                needed = await asyncio.to_thread(self.store.next_amount, state.channel_id, reservation)
                 state = await self._top_up(state, needed - state.deposit)
-                amount = self.store.sign_amount(state.channel_id, reservation)
-            if amount is None:
+                signed = await self._reserve_and_sign(state, reservation)
+            if signed is None:
                 raise WalletExhausted(reservation, max(0, self.budget_wei - self.store.committed_deposits()))
-            voucher = await asyncio.to_thread(sign_voucher, self._signer(state), self._domain, state.channel_id, amount)
+            amount, voucher = signed
         payment = Payment(
             node=node,
             channel_id=state.channel_id,
@@ -585,6 +589,39 @@ class Wallet:
             price_per_1k_tokens=price,
         )
         return request.with_voucher(voucher.to_json()), payment
+
+    async def _reserve_and_sign(self, state: ChannelState, reservation: int) -> tuple[int, Voucher] | None:
+        """Commit the next amount on ``state``'s channel (before the voucher exists) and sign it, in a worker thread:
+        the commit waits for the book's write lock (up to ``BUSY_TIMEOUT_S`` while another process writes) and
+        fsyncs, which must not stall the event loop. None when the deposit does not cover it (nothing committed).
+
+        A caller cancelled meanwhile (a request timeout) never sends the voucher: the thread still runs to its end,
+        and a reservation it committed is released then, or every later voucher on the channel would be that much
+        too high.
+        """
+        job = asyncio.ensure_future(asyncio.to_thread(self._reserve_and_sign_sync, state, reservation))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda done: self._release_unsent(done, state.channel_id, reservation))
+            raise
+
+    def _reserve_and_sign_sync(self, state: ChannelState, reservation: int) -> tuple[int, Voucher] | None:
+        amount = self.store.sign_amount(state.channel_id, reservation)  # committed before the voucher exists
+        if amount is None:
+            return None
+        try:
+            return amount, sign_voucher(self._signer(state), self._domain, state.channel_id, amount)
+        except BaseException:
+            self.store.settle(state.channel_id, reservation, 0)  # no voucher: the node never sees this request
+            raise
+
+    def _release_unsent(
+        self, done: asyncio.Future[tuple[int, Voucher] | None], channel_id: int, reservation: int
+    ) -> None:
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            return  # nothing was committed (or the thread released it itself)
+        asyncio.get_running_loop().run_in_executor(None, self.store.settle, channel_id, reservation, 0)
 
     def admitted(self, payment: Payment) -> None:
         """The node answered ``payment``'s request (its voucher was accepted): the next one may be sent."""
