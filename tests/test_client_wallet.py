@@ -14,6 +14,7 @@ addresses pay from a derived key; the CLI's amounts are exact to the wei, and it
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import sqlite3
@@ -252,6 +253,35 @@ async def test_a_payment_cancelled_while_its_voucher_is_committed_leaves_no_rese
     _paid, third = await wallet.pay(node, request, None)  # the next voucher is the usual step above the last one
     assert third is not None and third.amount == max(state.last + 1, third.reservation)
     wallet.finish(third, 0)
+    wallet.close()
+
+
+def test_a_wallet_alone_folds_dead_reservations_before_another_process_can_join(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folding while another process has already joined would count that live process's reservation as spent (its
+    later vouchers would pay the node that much more): the fold runs while the wallet lock is still exclusive."""
+    could_join: list[bool] = []
+    fold = WalletStore.fold_in_flight
+
+    def checked_fold(store: WalletStore) -> int:
+        (lock,) = (tmp_path / "locks").glob("*-wallet.lock")
+        fd = os.open(lock, os.O_RDWR)  # another process joining: a shared lock on its own open file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            could_join.append(True)
+        except BlockingIOError:
+            could_join.append(False)
+        finally:
+            os.close(fd)
+        return fold(store)
+
+    monkeypatch.setattr(WalletStore, "fold_in_flight", checked_fold)
+    wallet = _wallet(chain, tmp_path)
+    assert could_join == [False]
+    second = _wallet(chain, tmp_path)  # not alone: it folds nothing
+    assert could_join == [False]
+    second.close()
     wallet.close()
 
 

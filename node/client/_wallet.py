@@ -231,8 +231,8 @@ class Wallet:
         self._book = threading.Lock()
         self._keys: dict[str, LocalAccount] = {}
         self._finalizer = weakref.finalize(self, _release, self._locks, self.store, state_dir if temporary else None)
-        if self._locks.join():
-            self.store.fold_in_flight()  # no other process of this client is alive: their reservations are spent
+        # No other process of this client is alive: their reservations are spent (folded before another can join).
+        self._locks.join(on_alone=self.store.fold_in_flight)
         self.reconcile()
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,14 +400,24 @@ class ChannelLocks:
     def _path(self, name: str) -> Path:
         return self._folder / f"{self._prefix}-{name}.lock"
 
-    def join(self) -> bool:
-        """Take this process's shared wallet lock; True when no other process held it (this one is alone)."""
+    def join(self, on_alone: Callable[[], object] | None = None) -> bool:
+        """Take this process's shared wallet lock; True when no other process held it (this one is alone).
+
+        ``on_alone`` runs first in that case, while the lock is still exclusive: no other process can join (and sign
+        a voucher whose reservation it would treat as a dead process's) until it returned.
+        """
         fd = os.open(self._path("wallet"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
         except BlockingIOError:
             alone = False
+        if alone and on_alone is not None:
+            try:
+                on_alone()
+            except BaseException:
+                os.close(fd)
+                raise
         fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while another process is joining
         self._wallet_fd = fd
         return alone
