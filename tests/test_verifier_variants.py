@@ -3,14 +3,16 @@
 The strategies (beside ``CheatConfig(mode="canned")``, which ``test_verifier_runner`` covers): each variant kind of
 ``make_variant`` served as a whole node under the registered model's id (fewer layers, half width, int8 kernels,
 under-trained, another seed), a node that replays earlier answers to other prompts, and a node that substitutes the
-fewer-layers variant on a seeded half of its requests. A committee of one verifier (quorum 1) audits them through the
+under-trained variant on a seeded half of its requests. A committee of one verifier (quorum 1) audits them through the
 private, paid network for four short epochs with ``test_verifier_runner``'s CUSUM (it alarms after about two
 clearly failed challenges).
 
 Each cheater ends penalized (at least once), slashed, jailed, and with a lower reputation than it had before its
-first penalty and than the honest node's. A node caught in the first epoch ends below neutral; the fractional cheater
-may pass an epoch or two first (its CUSUM is still under the threshold, so the attested score is a pass and its
-reputation rises above neutral), and one penalty then pulls it down but not always under neutral. The 20%
+first penalty and than the honest node's. A node caught in the first epoch ends below neutral. One caught later (the
+int8 node, whose answers score 0.5 each, always; the fractional cheater or another variant when an epoch's first
+challenges happened to pass) passed an epoch or two first: its CUSUM was still under the threshold, so the attested
+score was a pass and its reputation rose above neutral, and one penalty (weight 0.2 for a first failure) pulls it
+down but not always under neutral (0.48-0.63 seen, neutral 0.5). The 20%
 substitution the issue names needs more challenges than a test can afford: its detection rate and epochs to
 detection are measured in ``bench/verification.py``.
 """
@@ -34,8 +36,11 @@ from verifier._runner import EpochReport
 
 #: The seeded half of requests the fractional cheater substitutes (``CheatConfig.seed``).
 FRACTION, FRACTION_SEED = 0.5, 0
-#: The variant the fractional cheater substitutes.
-FRACTION_VARIANT = "fewer-layers"
+#: The variant the fractional cheater substitutes: its answers fail every challenge (scores 0.00-0.07 measured), so
+#: whether the node is caught rests on the share cheated on. With fewer-layers, whose greedy tokens often equal the
+#: base's (a challenge then scores 0.5, +0.2 on the CUSUM), seed 0's draws (2 honest, 2 cheated, 1 honest, ...) can
+#: stay under the threshold for eight challenges; it was caught in epoch 2 or 3 in the runs measured.
+FRACTION_VARIANT = "undertrained"
 #: Epochs audited: a whole-node int8 answer scores 0.5 (same tokens, log-probs off), +0.2 on the CUSUM, so it alarms
 #: at its fifth challenge; four epochs of at least two challenges leave room for an audit lost to a loaded machine.
 EPOCHS = 4
