@@ -47,6 +47,16 @@ DepositOpt = Annotated[
         help="ETH a new channel to a charging peer is opened with (at most the budget).",
     ),
 ]
+MaxPriceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--reforward-max-price",
+        envvar="PS_REFORWARD_MAX_PRICE",
+        min=0,
+        help="Highest price of a charging peer the node re-forwards to, wei per 1000 tokens (default: any within the "
+        "budget; set it to your own price not to pay a peer more than the client pays you).",
+    ),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +86,26 @@ class NodeReforward:
         return ctx
 
 
+def parse_amounts(budget_eth: str, deposit_eth: str) -> tuple[int, int]:
+    """(budget, deposit) in wei; ``ps-node serve`` checks them before loading a model. Raises ``InvalidValue``
+    (exit 3) for a malformed amount, or a 0 deposit under a budget."""
+    from planetserve import InvalidValue, parse_eth
+
+    budget = parse_eth(budget_eth, param="reforward_budget")
+    deposit = parse_eth(deposit_eth, param="reforward_deposit")
+    if budget > 0 and deposit == 0:
+        raise InvalidValue("reforward_deposit", deposit_eth, "must be more than 0 while the budget is not 0")
+    return budget, deposit
+
+
 def reforward_wallet(
     rpc_url: str, deployment: Path | None, state: Path, *, budget_eth: str, deposit_eth: str
 ) -> Wallet | None:
     """The node's own wallet for charging peers, from ``PS_PRIVATE_KEY``, its book in ``<state>/reforward-wallet``;
     None when the budget is 0 or there is no key. Raises ``InvalidValue`` (exit 3) for a malformed amount."""
-    from planetserve import parse_eth
-
-    budget = parse_eth(budget_eth, param="reforward_budget")
-    deposit = parse_eth(deposit_eth, param="reforward_deposit")
+    budget, deposit = parse_amounts(budget_eth, deposit_eth)
     if budget == 0 or not os.environ.get("PS_PRIVATE_KEY"):
         return None
-    if deposit == 0:
-        from planetserve import InvalidValue
-
-        raise InvalidValue("reforward_deposit", deposit_eth, "must be more than 0 while the budget is not 0")
     from cli._client_wallet import make_wallet
     from cli._node_chain import load_operator
 
@@ -115,10 +130,12 @@ def node_reforward(
     *,
     budget_eth: str = DEFAULT_BUDGET_ETH,
     deposit_eth: str = DEFAULT_DEPOSIT_ETH,
+    max_peer_price: int | None = None,
 ) -> NodeReforward | None:
     """The model node's re-forwarding when ``--reforward-bound`` is set and the operator key is in the environment
     (the node must know its own registry entry, never to pick itself); charging peers are paid from the node's own
-    wallet (:func:`reforward_wallet`) within the budget, free peers always qualify."""
+    wallet (:func:`reforward_wallet`) within the budget and at most ``max_peer_price`` (wei per 1000 tokens; None:
+    any), free peers always qualify."""
     if bound is None:
         return None
     if not os.environ.get("PS_PRIVATE_KEY"):
@@ -130,7 +147,9 @@ def node_reforward(
 
     wallet = reforward_wallet(rpc_url, deployment, state, budget_eth=budget_eth, deposit_eth=deposit_eth)
     source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
-    config = ReforwardConfig(operator=load_operator(None).address, queue_bound=bound)
+    config = ReforwardConfig(
+        operator=load_operator(None).address, queue_bound=bound, max_peer_price_per_1k_tokens=max_peer_price
+    )
     tokenize = getattr(engine, "tokenize", None)
     reforwarder = Reforwarder(config, source, payer=wallet, tokenize=tokenize if callable(tokenize) else None)
     return NodeReforward(reforwarder=reforwarder, wallet=wallet)

@@ -21,7 +21,15 @@ import typer
 from cli._errors import PortInUse
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, StateDir, state_dir_or_default
-from cli._node_reforward import DEFAULT_BUDGET_ETH, DEFAULT_DEPOSIT_ETH, BudgetOpt, DepositOpt, node_reforward
+from cli._node_reforward import (
+    DEFAULT_BUDGET_ETH,
+    DEFAULT_DEPOSIT_ETH,
+    BudgetOpt,
+    DepositOpt,
+    MaxPriceOpt,
+    node_reforward,
+    parse_amounts,
+)
 from cli._output import emit, info
 
 if TYPE_CHECKING:
@@ -65,6 +73,7 @@ def serve(
     ] = None,
     reforward_budget: BudgetOpt = DEFAULT_BUDGET_ETH,
     reforward_deposit: DepositOpt = DEFAULT_DEPOSIT_ETH,
+    reforward_max_price: MaxPriceOpt = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     registry_refresh: Annotated[
@@ -126,6 +135,8 @@ def serve(
         raise InvalidParams(param="role", value=role, reason="relay or model")
     if not (0 <= port <= 65535):
         raise InvalidParams(param="port", value=port, reason="0..65535")
+    if reforward_bound is not None:
+        parse_amounts(reforward_budget, reforward_deposit)  # a malformed amount fails before the model loads
     if port and not _port_free(host, port):  # before a model load that could take a while
         raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there")
     state = state_dir_or_default(state_dir)
@@ -166,6 +177,7 @@ def serve(
             loaded,
             budget_eth=reforward_budget,
             deposit_eth=reforward_deposit,
+            max_peer_price=reforward_max_price,
         )
         ready["reforward"] = "off" if reforward is None else reforward.describe()
         application = create_model_app(

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from cli._node_reforward import WALLET_FOLDER, node_reforward, reforward_wallet
+from cli.exit_codes import ExitCode
 from ledger import dev_account
 from node.client._wallet import cost
 from planetserve import InvalidValue
+from tests._procs import run_cli
 from tests.fixtures.chain import ChainEnv
 from tests.test_overlay_reforward import (
     BOUND,
@@ -48,10 +50,13 @@ def test_the_node_builds_a_wallet_only_with_its_key_and_a_budget(
     free = node_reforward(3, rpc, deployment, tmp_path, None, budget_eth="0", deposit_eth="0.002")
     assert free is not None and free.wallet is None and free.describe() == "over 3 waiting, to free peers"
     assert not (tmp_path / WALLET_FOLDER).exists()
-    paid = node_reforward(3, rpc, deployment, tmp_path, None, budget_eth="0.01", deposit_eth="0.5")
+    paid = node_reforward(
+        3, rpc, deployment, tmp_path, None, budget_eth="0.01", deposit_eth="0.5", max_peer_price=PRICE
+    )
     assert paid is not None and paid.wallet is not None
     try:
         assert paid.reforwarder.config.operator == dev_account(NODE_A).address  # never re-forwards to itself
+        assert paid.reforwarder.config.max_peer_price_per_1k_tokens == PRICE
         assert paid.wallet.address == dev_account(NODE_A).address
         assert (paid.wallet.budget_wei, paid.wallet.deposit_wei) == (10**16, 10**16)  # the deposit capped at it
         assert paid.wallet.store.path.parent == tmp_path / WALLET_FOLDER
@@ -61,6 +66,15 @@ def test_the_node_builds_a_wallet_only_with_its_key_and_a_budget(
     for budget, deposit in (("-1", "0.002"), ("0.01", "lots"), ("0.01", "0")):
         with pytest.raises(InvalidValue):
             reforward_wallet(rpc, deployment, tmp_path, budget_eth=budget, deposit_eth=deposit)
+
+
+def test_a_malformed_budget_fails_in_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    args = ["serve", "--role", "model", "--model-dir", str(tmp_path / "no-model"), "--port", "0"]
+    args += ["--reforward-bound", "1", "--reforward-budget", "lots", "--state-dir", str(tmp_path)]
+    done = run_cli("node", args)
+    assert done.returncode == ExitCode.INVALID_INPUT, done.stderr
+    assert "reforward_budget" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 async def test_the_cli_built_wallet_pays_a_charging_peer_and_the_books_agree(
