@@ -12,7 +12,7 @@ first penalty and than the honest node's. A node caught in the first epoch ends 
 int8 node, whose answers score 0.5 each, always; the fractional cheater or another variant when an epoch's first
 challenges happened to pass) passed an epoch or two first: its CUSUM was still under the threshold, so the attested
 score was a pass and its reputation rose above neutral, and one penalty (weight 0.2 for a first failure) pulls it
-down but not always under neutral (0.48-0.63 seen, neutral 0.5). The 20%
+down but not always under neutral (0.48-0.61 seen, neutral 0.5). The 20%
 substitution the issue names needs more challenges than a test can afford: its detection rate and epochs to
 detection are measured in ``bench/verification.py``.
 """
