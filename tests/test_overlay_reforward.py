@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
@@ -31,11 +33,12 @@ from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, cost
 from node.inference import EngineConfig, EngineStats, GenerationRequest, SamplingParams, TorchEngine
 from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode, OverlayConfig
-from node.overlay._heartbeat import HeartbeatPublisher
+from node.overlay._heartbeat import HEARTBEAT_PATH, Heartbeat, HeartbeatPublisher, sign_heartbeat
 from node.overlay._payments import PaymentGate
 from node.overlay._reforward import Payer, ReforwardConfig, Reforwarder
 from node.overlay._serve import create_model_app
 from node.testing import LocalNetwork, LocalNode, serve_ephemeral
+from planetserve import ModelId
 from tests.fixtures.chain import ChainEnv
 from tests.fixtures.payments import payments
 
@@ -358,6 +361,52 @@ async def test_a_peer_whose_heartbeat_is_forged_is_never_re_forwarded_to(tiny_mo
         assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
         assert b.served.count == 0 and a.served.count == 1
         assert result.finish_reason in {"stop", "length"}
+
+
+async def test_a_peer_heartbeat_arriving_in_several_segments_is_read_whole_and_accepted() -> None:
+    """A heartbeat body need not arrive in one read (a slow link, a large cache summary): the node reads it to its
+    end (bounded), not only what the first read returned."""
+    operator = Account.create()
+    model = ModelId.of("tiny-llama@v1")
+    now_ms = int(time.time() * 1000)
+    beat = Heartbeat(
+        node=operator.address,
+        model=str(model),
+        seq=1,
+        issued_at_ms=now_ms,
+        queued_requests=0,
+        running_requests=0,
+        queued_tokens=0,
+        ttft_ms_p50=0.0,
+    )
+    body = sign_heartbeat(beat, operator).model_dump_json().encode()
+
+    async def heartbeat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:40])
+        await asyncio.sleep(0.1)  # the rest in a later segment
+        await response.write(body[40:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get(HEARTBEAT_PATH, heartbeat)
+    runner, endpoint = await serve_ephemeral(app)
+    peer = ModelNode(
+        operator=operator.address, endpoint=endpoint, public_key=bytes(32), model_id=model, price_per_1k_tokens=0
+    )
+    reforwarder = Reforwarder(
+        ReforwardConfig(operator=dev_account(NODE_A).address),
+        lambda: asyncio.sleep(0, Directory(relays=(), model_nodes=(peer,))),
+    )
+    try:
+        await reforwarder._refresh(peer)
+        assert reforwarder._beats[peer.operator].latest == beat
+    finally:
+        await reforwarder.close()
+        await runner.cleanup()
 
 
 def _gate(chain: ChainEnv, db: Path, node: int) -> Callable[[TorchEngine], PaymentGate]:

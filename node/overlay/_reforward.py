@@ -306,7 +306,10 @@ class Reforwarder:
             ):
                 if response.status != 200:
                     raise OSError(f"heartbeat answered {response.status}")
-                raw = await response.content.read(MAX_HEARTBEAT_BYTES + 1)
+                # ``read(n)`` returns what has arrived, up to n: a body in several segments is read to its end.
+                raw = b""
+                while len(raw) <= MAX_HEARTBEAT_BYTES and (part := await response.content.read(MAX_HEARTBEAT_BYTES)):
+                    raw += part
             if len(raw) > MAX_HEARTBEAT_BYTES:
                 raise HeartbeatRejected("too large")
             signed = SignedHeartbeat.model_validate_json(raw)
