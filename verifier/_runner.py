@@ -61,10 +61,10 @@ from verifier._epoch import (
     plan_epoch,
     sign_epoch_seed,
 )
-from verifier._errors import InvalidVerifierInput, VerifierError
+from verifier._errors import EvidenceTooLarge, InvalidVerifierInput, VerifierError
 from verifier._evidence import EvidenceStore
 from verifier._prompts import SALT_BYTES, ChallengeGenerator, ChallengeRequest, PromptDistribution, salt_commitment
-from verifier._scoring import Answer, Challenge, ChallengeScore, Scorer
+from verifier._scoring import MAX_CHARS_PER_TOKEN, Answer, Challenge, ChallengeScore, Scorer
 from verifier._sequential import CusumParams, SequentialTest, design_cusum
 
 if TYPE_CHECKING:
@@ -83,6 +83,11 @@ ATTEST_TRIES = 3
 STATE_VERSION = 1
 #: Most challenges per node per epoch (bounds the evidence record and the epoch's traffic).
 MAX_CHALLENGES_PER_NODE = 64
+#: Failure reasons kept per challenge in the evidence record (``tries`` counts them all): a node that answers every
+#: try with an error line at once must not grow the record past the store's bound.
+MAX_FAILURES_KEPT = 16
+#: Longest failure reason kept or logged, characters (a peer's error code is its own text).
+MAX_REASON_CHARS = 64
 
 #: Returns the registry's nodes as indexed now (``ledger.IndexedNode``s).
 NodeSource = Callable[[], Awaitable[Sequence["IndexedNode"]]]
@@ -208,7 +213,7 @@ class NodeVerdict:
     outcome: str
     """``attested``, ``finalized`` (this attestation reached quorum), ``penalized`` (and slashed),
     ``already_attested``, ``epoch_finalized`` (quorum was reached without it), ``too_late``, ``abstained``,
-    ``attest_failed`` (the transaction failed; logged)."""
+    ``attest_failed`` (the transaction failed; logged), ``evidence_too_large`` (not stored, not attested; logged)."""
     evidence_hash: str = ""
     """0x keccak of the evidence record ("" when none was stored)."""
     tx_hash: str = ""
@@ -534,8 +539,9 @@ class Verifier:
                 async with asyncio.timeout(budget):
                     done = await self.client.complete(request, to=node)
             except Exception as exc:  # a network or node failure: retried below, never scored as cheating
-                reason = getattr(exc, "code", None) or type(exc).__name__
-                attempt.failures.append(str(reason))
+                reason = _reason(getattr(exc, "code", None) or type(exc).__name__)
+                if len(attempt.failures) < MAX_FAILURES_KEPT:
+                    attempt.failures.append(reason)
                 log.info("verifier audit epoch=%d node=%s try=%d failed=%s", epoch, node, attempt.tries, reason)
                 if isinstance(exc, NoModelNode):
                     return  # no longer routable (jailed, unbonding, deregistered meanwhile): a user could not reach it
@@ -650,20 +656,17 @@ class Verifier:
                     "seed": t.challenge.seed,
                     "tries": t.tries,
                     "failures": t.failures,
-                    "answer": None
-                    if t.answer is None
-                    else {
-                        "text": t.answer.text,
-                        "token_ids": list(t.answer.token_ids),
-                        "logprobs": [x if math.isfinite(x) else None for x in t.answer.logprobs],
-                        "finish_reason": t.answer.finish_reason,
-                    },
+                    "answer": _answer_record(t),
                     "score": next((s.to_dict() for tt, s in scored if tt is t), None),
                 }
                 for t in tries
             ],
         }
-        evidence_hash = await asyncio.to_thread(self.evidence.put, record)
+        try:
+            evidence_hash = await asyncio.to_thread(self.evidence.put, record)
+        except EvidenceTooLarge as exc:  # not the node's to decide: the other nodes' verdicts still go out
+            log.error("verifier evidence epoch=%d node=%s too_large=%d: not attested", epoch, node, exc.size)
+            return replace(verdict, outcome="evidence_too_large")
         try:
             outcome, tx_hash = await self._attest(epoch, node, score, evidence_hash)
         except Exception as exc:  # kept in the evidence store; the other nodes' verdicts still go out
@@ -711,6 +714,35 @@ class Verifier:
             "verifier attest epoch=%d node=%s score=%d outcome=%s tx=%s", epoch, node, score, outcome, receipt.tx_hash
         )
         return outcome, receipt.tx_hash
+
+
+def _reason(reason: object) -> str:
+    """A failure reason fit for a log line and the record: printable, at most ``MAX_REASON_CHARS``."""
+    return "".join(c if c.isprintable() else "?" for c in str(reason)[:MAX_REASON_CHARS])
+
+
+def _answer_record(attempt: _Try) -> dict[str, Any] | None:
+    """The answer as the evidence keeps it: a peer's bytes, so cut to what an answer to this challenge can be
+    (``max_tokens`` tokens and log-probs, ``MAX_CHARS_PER_TOKEN`` characters a token; its score already says it was
+    oversized), with the sizes it came with. Unbounded, one answer could push the record past the store's bound."""
+    answer = attempt.answer
+    if answer is None:
+        return None
+    tokens = attempt.challenge.max_tokens
+    chars = MAX_CHARS_PER_TOKEN * tokens
+    out: dict[str, Any] = {
+        "text": answer.text[:chars],
+        "token_ids": list(answer.token_ids[:tokens]),
+        "logprobs": [x if math.isfinite(x) else None for x in answer.logprobs[:tokens]],
+        "finish_reason": answer.finish_reason,
+    }
+    if len(answer.text) > chars or len(answer.token_ids) > tokens or len(answer.logprobs) > tokens:
+        out["truncated"] = {
+            "text_chars": len(answer.text),
+            "tokens": len(answer.token_ids),
+            "logprobs": len(answer.logprobs),
+        }
+    return out
 
 
 def _is_model(node: IndexedNode) -> bool:
