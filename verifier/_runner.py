@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from node.overlay import NoModelNode
 from verifier._calibration import Calibration
 from verifier._epoch import (
+    AnchorMismatch,
     AuditPolicy,
     EpochPlan,
     EpochSeed,
@@ -465,7 +466,11 @@ class Verifier:
         w3 = self.attestations.w3
         blocks = Web3Blocks(w3)
         while True:
-            anchor = await asyncio.to_thread(find_anchor_block, blocks, begin)
+            try:
+                anchor = await asyncio.to_thread(find_anchor_block, blocks, begin)
+            except AnchorMismatch:  # the chain reorganised under the search: the chain's doing, ask again
+                log.warning("verifier epoch=%d anchor search saw a reorganisation: searching again", epoch)
+                anchor = None
             if anchor is not None:
                 break
             if time.time() + offset >= end:
