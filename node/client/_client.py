@@ -100,7 +100,12 @@ class OverlayTransport:
         ) as response:
             if response.status != 200:
                 raise OSError(f"heartbeat answered {response.status}")
-            body = await response.content.read(MAX_HEARTBEAT_BYTES + 1)
+            # ``read(n)`` returns what has arrived, up to n: read on to the end, never past the bound plus one.
+            body = b""
+            while len(body) <= MAX_HEARTBEAT_BYTES and (
+                part := await response.content.read(MAX_HEARTBEAT_BYTES + 1 - len(body))
+            ):
+                body += part
             if len(body) > MAX_HEARTBEAT_BYTES:
                 raise ValueError("heartbeat too large")
             return body
