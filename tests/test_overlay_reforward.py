@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,7 +29,7 @@ from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from ledger import VoucherStore, dev_account
+from ledger import Indexer, VoucherStore, dev_account
 from node.client import Client, ClientConfig
 from node.client._wallet import Wallet, cost
 from node.inference import EngineConfig, EngineStats, GenerationRequest, SamplingParams, TorchEngine
@@ -36,7 +37,7 @@ from node.overlay import CompletionError, CompletionRequest, Directory, ModelNod
 from node.overlay._heartbeat import HEARTBEAT_PATH, Heartbeat, HeartbeatPublisher, sign_heartbeat
 from node.overlay._payments import PaymentGate
 from node.overlay._reforward import Payer, ReforwardConfig, Reforwarder
-from node.overlay._serve import create_model_app
+from node.overlay._serve import create_model_app, registry_directory_source
 from node.testing import LocalNetwork, LocalNode, serve_ephemeral
 from planetserve import ModelId
 from tests.fixtures.chain import ChainEnv
@@ -407,6 +408,31 @@ async def test_a_peer_heartbeat_arriving_in_several_segments_is_read_whole_and_a
     finally:
         await reforwarder.close()
         await runner.cleanup()
+
+
+async def test_a_slow_registry_view_is_read_once_however_many_callers_give_up_waiting(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each re-forward decision waits at most 5 s for the view; callers that give up must not each start another
+    read (and another worker thread syncing the same index) while the first is still under way."""
+    syncs: list[float] = []
+    sync = Indexer.sync
+
+    def slow_sync(self: Indexer, **kwargs: Any) -> Any:
+        syncs.append(time.monotonic())
+        time.sleep(0.6)  # a chain far behind, or slow to answer
+        return sync(self, **kwargs)
+
+    monkeypatch.setattr(Indexer, "sync", slow_sync)
+    source = registry_directory_source(
+        chain.rpc_url, chain.deployment_path, f"sqlite:///{tmp_path / 'index.sqlite'}", refresh_s=60
+    )
+    for _ in range(5):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(source(), 0.05)
+    view = await asyncio.wait_for(source(), 30)
+    assert len(syncs) == 1 and isinstance(view, Directory)
+    assert await source() is view  # within refresh_s: served from memory
 
 
 def _gate(chain: ChainEnv, db: Path, node: int) -> Callable[[TorchEngine], PaymentGate]:

@@ -62,7 +62,6 @@ def registry_directory_source(
     peers and paths from (§10.5): read through the ledger's indexer into ``db_url`` in a worker thread, at most every
     ``refresh_s`` (the previous view is served in between, and kept when a read fails)."""
     state: dict[str, object] = {}
-    lock = asyncio.Lock()
 
     def read() -> Directory:
         from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
@@ -78,20 +77,33 @@ def registry_directory_source(
 
     cached: Directory | None = None
     read_at = -float("inf")
+    #: The read under way: one at a time, shared by every caller. A caller that gives up (the re-forwarder waits
+    #: 5 s) leaves it running for the next one; a fresh read per caller would pile up worker threads (and syncs of
+    #: one index) while the chain is slow, starving the node's other worker-thread work.
+    pending: asyncio.Future[Directory] | None = None
+
+    def settled(job: asyncio.Future[Directory]) -> None:
+        nonlocal cached, read_at, pending
+        pending = None
+        read_at = time.monotonic()  # also after a failure: a dead chain must not slow every decision
+        if not job.cancelled() and job.exception() is None:
+            cached = job.result()
+        elif cached is not None:
+            log.warning("registry view for re-forwarding not refreshed; keeping the last one")
 
     async def source() -> Directory:
-        nonlocal cached, read_at
-        async with lock:
-            now = time.monotonic()
-            if cached is not None and now - read_at < refresh_s:
-                return cached
-            try:
-                cached, read_at = await asyncio.to_thread(read), now
-            except Exception:  # a chain or database error: keep the last view (none yet: raise to the caller)
-                read_at = now  # and try again only after refresh_s: a dead chain must not slow every decision
-                if cached is None:
-                    raise
-                log.warning("registry view for re-forwarding not refreshed; keeping the last one")
+        nonlocal pending
+        if cached is not None and time.monotonic() - read_at < refresh_s:
+            return cached
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(read))
+            pending.add_done_callback(settled)
+        job = pending
+        try:
+            return await asyncio.shield(job)
+        except Exception:  # a chain or database error: keep the last view (none yet: raise to the caller)
+            if cached is None:
+                raise
             return cached
 
     return source
