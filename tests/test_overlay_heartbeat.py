@@ -7,6 +7,7 @@ import time
 
 import pytest
 from eth_account import Account
+from pydantic import ValidationError
 
 from node.inference import EngineStats
 from node.inference._prefix import chunk_hashes
@@ -205,3 +206,26 @@ def test_a_version_1_heartbeat_still_verifies_with_an_unknown_backlog_and_one_ca
         SignedHeartbeat.model_validate_json(
             json.dumps({"heartbeat": {**v1, "decode_backlog_tokens": 5}, "signature": "0x" + "00" * 65})
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("queued_tokens", 10**400),  # readers multiply it by a float: OverflowError in every client's choice
+        ("queued_requests", 2**53 + 1),
+        ("seq", 2**64),
+        ("issued_at_ms", 10**30),  # divided by 1000 in the age check
+        ("decode_backlog_tokens", 2**64),
+        ("ttft_ms_p50", 1e308),
+        ("decode_ms_per_token", float("inf")),
+    ],
+)
+def test_a_heartbeat_carrying_a_number_past_what_readers_compute_with_is_refused(field: str, value: object) -> None:
+    body = json.loads(sign_heartbeat(_heartbeat(), OPERATOR).model_dump_json())
+    body["heartbeat"][field] = value
+    with pytest.raises(ValidationError):
+        SignedHeartbeat.model_validate_json(json.dumps(body))
+    body["heartbeat"][field] = 2**53 if isinstance(value, int) else 1e9  # the largest accepted
+    assert (
+        SignedHeartbeat.model_validate_json(json.dumps(body)).heartbeat.model_dump()[field] == body["heartbeat"][field]
+    )

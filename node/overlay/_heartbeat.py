@@ -39,6 +39,11 @@ HEARTBEAT_DOMAIN = b"planetserve/v1/heartbeat\n"
 MAX_SUMMARY_BYTES = 16_384
 #: Largest heartbeat body a client reads, bytes.
 MAX_HEARTBEAT_BYTES = 32_768
+#: Largest integer a heartbeat field may carry (§11.1): past 2**53 a float no longer holds it, and readers compute
+#: with floats (a node's ``queued_tokens = 10**400`` made every client's cost estimate raise ``OverflowError``).
+MAX_HEARTBEAT_INT = 2**53
+#: Largest time a heartbeat field may carry, ms (about 11.6 days; §11.1).
+MAX_HEARTBEAT_MS = 1e9
 
 
 class HeartbeatRejected(OverlayError):
@@ -59,7 +64,7 @@ class _Wire(BaseModel):
 class CacheSummary(_Wire):
     """Which prefix chunks a node holds, as a salted Bloom filter."""
 
-    epoch: int = Field(ge=0)
+    epoch: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Summary epoch (``issued_at // epoch_s``); the salt changes with it."""
     salt: str = Field(pattern=r"^[0-9a-f]{32}$")
     """16 random bytes (hex) the node drew for this epoch."""
@@ -67,7 +72,7 @@ class CacheSummary(_Wire):
     """Bloom hash functions, k."""
     bits: str = Field(max_length=4 * MAX_SUMMARY_BYTES // 3 + 4)
     """The filter, base64 (``m = 8 * len`` bits)."""
-    entries: int = Field(ge=0)
+    entries: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Chunks inserted."""
 
     def _filter(self) -> bytes:
@@ -107,23 +112,23 @@ class Heartbeat(_Wire):
     """Operator address (the registry id) of the node."""
     model: str = Field(pattern=r"^0x[0-9a-f]{64}$")
     """The served model id."""
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Increases with every heartbeat the node issues."""
-    issued_at_ms: int = Field(ge=0)
+    issued_at_ms: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Unix milliseconds."""
-    queued_requests: int = Field(ge=0)
+    queued_requests: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Requests waiting for admission."""
-    running_requests: int = Field(ge=0)
+    running_requests: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Requests being generated."""
-    queued_tokens: int = Field(ge=0)
+    queued_tokens: int = Field(ge=0, le=MAX_HEARTBEAT_INT)
     """Prompt tokens still to prefill ahead of a new request (queued prompts plus the rest of those prefilling)."""
-    ttft_ms_p50: float = Field(ge=0)
+    ttft_ms_p50: float = Field(ge=0, le=MAX_HEARTBEAT_MS)
     """Median time to first token over the recent window, ms (0 when idle)."""
     summary: CacheSummary | None = None
     """The prefix-cache summary (None when the node advertises none)."""
-    decode_backlog_tokens: int = Field(default=0, ge=0)
+    decode_backlog_tokens: int = Field(default=0, ge=0, le=MAX_HEARTBEAT_INT)
     """v2: tokens still to generate by the node's queued and running requests (0 in v1: unknown)."""
-    decode_ms_per_token: float = Field(default=0.0, ge=0)
+    decode_ms_per_token: float = Field(default=0.0, ge=0, le=MAX_HEARTBEAT_MS)
     """v2: the node's own measured decode time per generated token (a batched decode step's time per sequence,
     averaged over recent steps), ms (0: unknown)."""
 
