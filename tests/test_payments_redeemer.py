@@ -336,6 +336,36 @@ async def test_the_service_survives_a_voucher_book_locked_by_another_process_and
     assert service.redeemer is not None and service.redeemer.stats.failures.get("OperationalError", 0) >= 2
 
 
+async def test_the_service_survives_the_chain_failing_between_opening_and_reading_the_dispute_delay(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pay = payments(chain)
+    store = _store(pay, tmp_path / "book.db")
+    channel = _open(pay)
+    latest = _serve(store, pay, channel, 5)
+    reads: list[float] = []
+    period = Redeemer.close_check_period
+
+    def flaky_period(self: Redeemer) -> float:
+        reads.append(time.monotonic())
+        if len(reads) == 1:  # the chain went away right after the redeemer was opened
+            raise ChainNotReachable("http://127.0.0.1:1", "ConnectionError")
+        return period(self)
+
+    monkeypatch.setattr(Redeemer, "close_check_period", flaky_period)
+    service = RedeemerService(lambda: Redeemer(store, pay.with_account(dev_account(NODE)), FAST), FAST)
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: service.redeemer is not None and service.redeemer.stats.transactions == 1)
+        await asyncio.sleep(0.5)  # more passes: the service keeps its schedule
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(reads) == 2 and pay.channel(channel).redeemed == latest  # type: ignore[union-attr]
+
+
 def test_the_configuration_is_validated() -> None:
     for bad in ({"batch_size": 65}, {"batch_size": 0}, {"min_worth_wei": 0}, {"interval_s": 0}, {"reorg_depth": -1}):
         with pytest.raises(InvalidChainInput):

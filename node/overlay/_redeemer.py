@@ -491,10 +491,12 @@ class RedeemerService:
         failures = 0
         loop = asyncio.get_running_loop()
         next_due = next_close = loop.time()
+        period: float | None = None
         while True:
-            if self.redeemer is None:
+            if self.redeemer is None or period is None:  # opened, but the chain failed before the period was read
                 try:
-                    self.redeemer = await asyncio.to_thread(self._open)
+                    if self.redeemer is None:
+                        self.redeemer = await asyncio.to_thread(self._open)
                     period = await asyncio.to_thread(self.redeemer.close_check_period)
                 except (ChainError, Web3Exception, requests.RequestException, OSError) as exc:
                     failures += 1
