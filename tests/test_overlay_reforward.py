@@ -490,6 +490,37 @@ async def test_a_paid_request_is_re_forwarded_to_a_charging_peer_paid_from_the_n
         assert [book.channel_id for book in b_store.books()] == [a_channel.channel_id]  # B never saw the client's
 
 
+async def test_a_re_forward_closed_mid_reply_finishes_its_payment_to_the_peer_at_once(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The client left after the first delta: the handler closes the re-forward's stream, and the node's payment
+    to the peer is finished then (its reservation spent, the channel's admission free for the next request), not
+    when the garbage collector gets to the inner generator."""
+    async with _net() as net:
+        a_wallet = _wallet(chain, A_WALLET)
+        a = await _side(net, tiny_model_dir, reforward=BOUND, account=dev_account(NODE_A), payer=a_wallet)
+        b = await _side(
+            net,
+            tiny_model_dir,
+            reforward=None,
+            account=dev_account(NODE_B),
+            gate=_gate(chain, tmp_path / "b.sqlite", NODE_B),
+        )
+        await a.make_busy()
+        assert a.reforwarder is not None
+        generation = GenerationRequest(
+            request_id="left", prompt=PROMPT, params=SamplingParams(max_tokens=32, temperature=0.0)
+        )
+        stream = a.reforwarder.generate(_request(a, max_tokens=32), generation, a.engine)
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            first = await anext(stream)
+            await stream.aclose()
+        channel = a_wallet.channel(b.account.address)
+        assert first.token_ids and channel is not None
+        assert channel.in_flight == 0 and channel.owed == channel.last  # finished: the whole reservation spent
+        assert dict(a.reforwarder.outcomes) == {"served_by_peer": 1}
+
+
 async def test_without_a_wallet_a_node_never_re_forwards_to_a_charging_peer(
     chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

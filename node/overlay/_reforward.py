@@ -196,9 +196,12 @@ class Reforwarder:
                 if peer is not None:
                     outcome = "served_by_peer"  # also when the client leaves mid-reply: the peer served until then
                     try:
-                        async for delta in self._send(request, peer, directory):
-                            relayed = True
-                            yield _chunk(delta, generation.request_id)
+                        # Closed with this generator (the client left mid-reply): the peer's reply and its payment
+                        # end now, not whenever the garbage collector finalizes the inner generator.
+                        async with contextlib.aclosing(self._send(request, peer, directory)) as deltas:
+                            async for delta in deltas:
+                                relayed = True
+                                yield _chunk(delta, generation.request_id)
                         return
                     except (PlanetServeError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                         outcome = "broken" if relayed else "peer_failed"
