@@ -498,7 +498,7 @@ class RedeemerService:
                     if self.redeemer is None:
                         self.redeemer = await asyncio.to_thread(self._open)
                     period = await asyncio.to_thread(self.redeemer.close_check_period)
-                except (ChainError, Web3Exception, requests.RequestException, OSError) as exc:
+                except Exception as exc:  # the chain, or the voucher book (locked, its driver): as a pass's failure
                     failures += 1
                     log.warning("redeemer cannot start yet: %s; retrying", type(exc).__name__)
                     await asyncio.sleep(_backoff(config, failures))
