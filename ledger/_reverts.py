@@ -50,7 +50,8 @@ class ContractRevert(TransactionFailed):
 
     def __init_subclass__(cls, *, abi: bool = True, error_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.error_name = error_name or cls.__name__
+        # A name given as a keyword or in the class body (the documented way before) wins over the class name.
+        cls.error_name = error_name or cls.__dict__.get("error_name") or cls.__name__
         if abi and cls.__module__ == __name__:  # subclasses elsewhere (tests, callers) never join the ABI table
             if cls.error_name in REVERT_CLASSES:
                 raise TypeError(f"two classes for the Solidity error {cls.error_name}")
