@@ -259,3 +259,50 @@ def test_suspects_are_the_relays_that_can_explain_each_early_failure() -> None:
     failure = ReplyIncomplete(paths=4, received=0, failed_early=(0, 1), started=(2,), first_hop_failed=(0,))
     assert suspect_relays(route, failure) == {"d", "e"}  # "c" answered and path 2 proves "a", "c", "f" are up
     assert common_suspects(route, failure) == {"d"}
+
+
+async def test_a_node_streaming_more_than_max_tokens_allows_is_cut_off(torch_engine: TorchEngine) -> None:
+    """A lying model node streams deltas without end: the client stops reading at a bound set by ``max_tokens``
+    (a user's client, the OpenAI endpoint and a verifier collecting an audit never hold an unbounded reply)."""
+    sent = 0
+
+    async def endless(_body: bytes) -> AsyncIterator[bytes]:
+        nonlocal sent
+        for i in range(100_000):
+            sent += 1
+            yield (
+                CompletionDelta(
+                    text="x" * 900,
+                    token_ids=(1,),
+                    finish_reason=None,
+                    prompt_tokens=3,
+                    completion_tokens=min(i, 4),
+                    cached_tokens=0,
+                    logprobs=(-0.1,),
+                )
+                .model_dump_json()
+                .encode()
+                + b"\n"
+            )
+            await asyncio.sleep(0)
+
+    async def counting(_body: bytes) -> AsyncIterator[bytes]:
+        # A node that claims more tokens than asked for in its counts is cut off at once.
+        yield (
+            CompletionDelta(
+                text="x", token_ids=(1,), finish_reason=None, prompt_tokens=3, completion_tokens=9, cached_tokens=0
+            )
+            .model_dump_json()
+            .encode()
+            + b"\n"
+        )
+
+    request = CompletionRequest(model=torch_engine.model_id, prompt=PROMPT, max_tokens=4, temperature=0.0)
+    async with LocalNetwork(relays=6, handler=endless) as net, aiohttp.ClientSession() as session:
+        with pytest.raises(CompletionError) as caught:
+            await _all(complete(session, request, _paths(net), net.destination))
+    assert caught.value.code == "bad_reply" and "longer than" in str(caught.value)
+    async with LocalNetwork(relays=6, handler=counting) as net, aiohttp.ClientSession() as session:
+        with pytest.raises(CompletionError) as counted:
+            await _all(complete(session, request, _paths(net), net.destination))
+    assert counted.value.code == "bad_reply" and "more than the 4 tokens" in str(counted.value)

@@ -155,7 +155,8 @@ class VerifierConfig:
     anchor_poll_s: float = 0.25
     """Pause between reads while the epoch's anchor block is not mined yet, seconds (> 0)."""
     epoch_wait_timeout_s: float = 3_600.0
-    """Longest the loop waits for the next epoch to start, seconds (> 0)."""
+    """Longest the loop waits for the next epoch to start, seconds (> 0), beyond one epoch length: a contract
+    with epochs longer than this is still served (the wait before an epoch is at most its length)."""
 
     def __post_init__(self) -> None:
         checks: tuple[tuple[str, object, bool, str], ...] = (
@@ -340,8 +341,16 @@ class Verifier:
             },
         }
         tmp = self.config.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(raw, sort_keys=True))
+        with tmp.open("w", encoding="utf-8") as out:
+            out.write(json.dumps(raw, sort_keys=True))
+            out.flush()
+            os.fsync(out.fileno())  # else a power loss may leave the renamed file empty, and the next start refuses it
         os.replace(tmp, self.config.state_file)
+        folder = os.open(self.config.state_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
 
     def node_state(self, node: str) -> _NodeState:
         """The persisted bookkeeping of ``node`` (a fresh one when never audited)."""
@@ -392,7 +401,7 @@ class Verifier:
             launched = 0
             while epochs is None or launched < epochs:
                 wait = start + epoch * length - (time.time() + offset)
-                if wait > self.config.epoch_wait_timeout_s:
+                if wait > self.config.epoch_wait_timeout_s + length:
                     raise InvalidVerifierInput("epoch_wait_timeout_s", wait, "the next epoch starts later than this")
                 if wait > 0:
                     await asyncio.sleep(wait)

@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 65_536
 #: Longest reply line a client buffers, in bytes (§10.2): a line is one delta, far below this.
 MAX_LINE_BYTES = 1 << 20
+#: Bytes of reply a client accepts per requested token (plus :data:`REPLY_SLACK_TOKENS`): a delta line per token
+#: with its text, id and log-prob is a few hundred bytes; a node streaming more is lying, and a client (a user's,
+#: the OpenAI endpoint, a verifier collecting an audit) must not hold it without bound.
+MAX_REPLY_BYTES_PER_TOKEN = 4096
+#: Tokens' worth of reply allowed beyond ``max_tokens`` (the final delta, batching).
+REPLY_SLACK_TOKENS = 4
 _MODEL_ID = re.compile(r"0x[0-9a-f]{64}")
 
 
@@ -392,13 +398,22 @@ async def complete(
     body = request.to_bytes()
     buffer = b""
     finished = False
+    received = 0
+    limit = MAX_REPLY_BYTES_PER_TOKEN * (request.max_tokens + REPLY_SLACK_TOKENS)
     async for data in send_request(session, body, paths, destination, settings):
         buffer += data
+        received += len(data)
+        if received > limit:
+            raise CompletionError(
+                "bad_reply", f"the reply is longer than {limit} bytes for {request.max_tokens} tokens"
+            )
         if len(buffer) > MAX_LINE_BYTES and b"\n" not in buffer:
             raise CompletionError("bad_reply", f"a reply line is longer than {MAX_LINE_BYTES} bytes")
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             delta = _parse_line(line)
+            if delta.completion_tokens > request.max_tokens:
+                raise CompletionError("bad_reply", f"the reply has more than the {request.max_tokens} tokens asked for")
             yield delta
             if delta.finish_reason is not None:
                 finished = True
