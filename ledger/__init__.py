@@ -38,7 +38,7 @@ from ledger._indexer import (
 from ledger._payments import ChannelBalances, ChannelInfo, OpenedChannel, PaymentChannels, PaymentParams
 from ledger._registry import NodeRegistry
 from ledger._reverts import ContractRevert, UnknownRevert
-from ledger._tx import connect
+from ledger._tx import connect, transfer
 from ledger._types import (
     NodeInfo,
     Role,
@@ -114,5 +114,6 @@ __all__ = [
     "parse_eth",
     "port_is_free",
     "sign_voucher",
+    "transfer",
     "verify_voucher",
 ]

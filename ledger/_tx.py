@@ -210,6 +210,51 @@ def send_transaction(
     return receipt
 
 
+def transfer(
+    w3: Web3,
+    account: LocalAccount,
+    to: str,
+    value: int,
+    *,
+    gas_price: int | None = None,
+    receipt_timeout: float = RECEIPT_TIMEOUT,
+) -> TxReceipt:
+    """Send ``value`` wei from ``account`` to ``to`` (a plain transfer, 21,000 gas) and wait for its receipt.
+
+    Through the account's :class:`NonceManager` (never colliding with its other transactions) and with
+    :func:`send_transaction`'s error mapping: lack of funds is ``InsufficientFunds``, another refusal
+    ``ChainError``, no receipt within ``receipt_timeout`` seconds ``TransactionOutcomeUnknown`` (it may still be
+    mined: its nonce stays in flight), a failed receipt ``TransactionFailed``. ``gas_price``: wei per gas
+    (default: the node's price).
+    """
+    decoder = RevertDecoder(())  # a transfer runs no contract code of ours: there is no custom error to decode
+    manager = nonce_manager(w3, account.address)
+    price = int(w3.eth.gas_price) if gas_price is None else gas_price
+    chain_id = int(w3.eth.chain_id)
+
+    def send(nonce: int) -> HexBytes:
+        tx: dict[str, Any] = {
+            "to": Web3.to_checksum_address(to),
+            "value": value,
+            "gas": 21_000,
+            "gasPrice": price,
+            "nonce": nonce,
+            "chainId": chain_id,
+        }
+        raw = account.sign_transaction(tx).raw_transaction
+        return map_call_errors(decoder, account.address, lambda: HexBytes(w3.eth.send_raw_transaction(raw)))
+
+    tx_hash = manager.submit(w3, send)
+    try:
+        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
+    except TimeExhausted as exc:
+        raise TransactionOutcomeUnknown(tx_hash.to_0x_hex(), receipt_timeout) from exc
+    manager.settled(tx_hash)
+    if receipt["status"] != 1:
+        raise TransactionFailed("the transfer failed on chain", tx_hash=tx_hash.to_0x_hex())
+    return receipt
+
+
 def _raise_for_failed(w3: Web3, tx: dict[str, Any], receipt: TxReceipt, decoder: RevertDecoder) -> None:
     """Replay a mined failed transaction at its block's parent to recover the revert reason."""
     tx_hash = receipt["transactionHash"].to_0x_hex()

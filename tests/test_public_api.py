@@ -81,6 +81,7 @@ EXPECTED: dict[str, list[str]] = {
         "parse_eth",
         "port_is_free",
         "sign_voucher",
+        "transfer",
         "verify_voucher",
     ],
     "node": [

@@ -134,6 +134,8 @@ class _Progress:
 #: Gas a fresh address is funded with beyond its deposit: opening a channel, closing it, finishing the close and
 #: withdrawing (about 250,000 gas measured in bench/gas.py), with room.
 FRESH_GAS_UNITS = 400_000
+#: Seconds to wait for the receipt of a fresh address's funding transfer (then ``TransactionOutcomeUnknown``).
+FUND_RECEIPT_TIMEOUT_S = 60.0
 #: Seconds between two chain reads of a channel before paying on it (``Wallet.chain_check_s``).
 CHAIN_CHECK_S = 30.0
 #: HKDF salt of fresh channel keys (a label: changing it changes every derived address).
@@ -358,30 +360,19 @@ class Wallet:
 
         Through the ledger's per-key nonce manager, so it never collides with the main key's other transactions.
         """
-        from ledger._tx import map_call_errors, nonce_manager
+        from ledger import transfer
 
         w3 = self._reader.w3
         gas_price = 2 * int(w3.eth.gas_price)
-        value = amount + FRESH_GAS_UNITS * gas_price
-        manager = nonce_manager(w3, self._account.address)
-
-        def send(nonce: int) -> HexBytes:
-            tx: dict[str, Any] = {
-                "to": payer.address,
-                "value": value,
-                "gas": 21_000,
-                "gasPrice": gas_price,
-                "nonce": nonce,
-                "chainId": self._domain.chain_id,
-            }
-            raw = self._account.sign_transaction(tx).raw_transaction
-            return map_call_errors(
-                self._reader.decoder, self._account.address, lambda: HexBytes(w3.eth.send_raw_transaction(raw))
-            )
-
-        tx_hash = manager.submit(w3, send)
-        w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.05)
-        manager.settled(tx_hash)
+        # A missing receipt is TransactionOutcomeUnknown (the transfer may still be mined), as for any send.
+        transfer(
+            w3,
+            self._account,
+            payer.address,
+            amount + FRESH_GAS_UNITS * gas_price,
+            gas_price=gas_price,
+            receipt_timeout=FUND_RECEIPT_TIMEOUT_S,
+        )
 
     def _open_sync(self, node: str, amount: int, *, budget: int | None, fresh: bool) -> ChannelState:
         node = checksum(node, param="node")
