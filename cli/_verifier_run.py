@@ -92,6 +92,16 @@ def run_command(
             help="Longest challenge prompt (keep prompt + answer inside the model's context).",
         ),
     ] = 3_600,
+    anchor_confirmations: Annotated[
+        int,
+        typer.Option(
+            "--anchor-confirmations",
+            envvar="PS_ANCHOR_CONFIRMATIONS",
+            min=0,
+            max=64,
+            help="Blocks mined on top of an epoch's anchor block before it seeds the epoch (a reorg guard).",
+        ),
+    ] = 2,
     state_dir: StateDir = None,
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
@@ -170,6 +180,7 @@ def run_command(
                         model_dir=model,
                         mean_challenges=mean_challenges,
                         max_prompt_chars=max_prompt_chars,
+                        anchor_confirmations=anchor_confirmations,
                     ),
                     account=account,
                     attestations=attestations,

@@ -54,11 +54,11 @@ async def test_a_reorganisation_during_the_anchor_search_is_searched_again_not_t
 ) -> None:
     calls: list[int] = []
 
-    def reorganised_once(source: BlockSource, not_before: int) -> AnchorBlock | None:
+    def reorganised_once(source: BlockSource, not_before: int, *, confirmations: int = 0) -> AnchorBlock | None:
         calls.append(not_before)
         if len(calls) == 1:  # what find_anchor_block raises when a block below the head vanished mid-search
             raise AnchorMismatch(number=1, reason="the chain lost a block below its head while searched")
-        return find_anchor_block(source, not_before)
+        return find_anchor_block(source, not_before, confirmations=0)  # anvil here mines only on transactions
 
     monkeypatch.setattr(verifier._runner, "find_anchor_block", reorganised_once)
     audit = _verifier(chain, tmp_path)

@@ -147,13 +147,19 @@ class VerifierConfig:
     """How long after the epoch's end unanswered challenges are still retried, as a fraction of the epoch length,
     in (0, 0.9): the attestation must still fit before the contract stops accepting it (the end of the next epoch)."""
     retry_backoff_s: float = 0.2
-    """Pause before a challenge is retried, seconds (> 0)."""
+    """Pause before a challenge's first retry, seconds (> 0); it doubles with each failed try in a row."""
+    retry_backoff_max_s: float = 10.0
+    """Longest pause between two tries of a challenge, seconds (>= retry_backoff_s): a node or a wallet that fails
+    for a whole epoch (``WalletExhausted``) costs a few tries and log lines, not one every 0.2 s."""
     request_timeout_s: float = 30.0
     """Longest one try of a challenge may take, seconds (> 0)."""
     unresponsive_epochs: int = 3
     """Unresponsive epochs in a row after which the verifier attests a failing score, >= 1."""
     anchor_poll_s: float = 0.25
     """Pause between reads while the epoch's anchor block is not mined yet, seconds (> 0)."""
+    anchor_confirmations: int = 2
+    """Blocks mined on top of the epoch's anchor before it seeds the epoch, 0..64: a reorganisation of the anchor
+    after seeding would leave the evidence naming a block the chain no longer has (0: seed at once; tests)."""
     epoch_wait_timeout_s: float = 3_600.0
     """Longest the loop waits for the next epoch to start, seconds (> 0), beyond one epoch length: a contract
     with epochs longer than this is still served (the wait before an epoch is at most its length)."""
@@ -172,9 +178,16 @@ class VerifierConfig:
             ("max_prompt_chars", self.max_prompt_chars, 64 <= self.max_prompt_chars <= 65_536, "64..65536"),
             ("retry_grace", self.retry_grace, 0.0 < self.retry_grace < 0.9, "(0, 0.9)"),
             ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s > 0, "positive"),
+            (
+                "retry_backoff_max_s",
+                self.retry_backoff_max_s,
+                self.retry_backoff_max_s >= self.retry_backoff_s,
+                "at least retry_backoff_s",
+            ),
             ("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "positive"),
             ("unresponsive_epochs", self.unresponsive_epochs, self.unresponsive_epochs >= 1, "at least 1"),
             ("anchor_poll_s", self.anchor_poll_s, self.anchor_poll_s > 0, "positive"),
+            ("anchor_confirmations", self.anchor_confirmations, 0 <= self.anchor_confirmations <= 64, "0..64"),
             ("epoch_wait_timeout_s", self.epoch_wait_timeout_s, self.epoch_wait_timeout_s > 0, "positive"),
         )
         for param, value, ok, expected in checks:
@@ -476,7 +489,9 @@ class Verifier:
         blocks = Web3Blocks(w3)
         while True:
             try:
-                anchor = await asyncio.to_thread(find_anchor_block, blocks, begin)
+                anchor = await asyncio.to_thread(
+                    find_anchor_block, blocks, begin, confirmations=self.config.anchor_confirmations
+                )
             except AnchorMismatch:  # the chain reorganised under the search: the chain's doing, ask again
                 log.warning("verifier epoch=%d anchor search saw a reorganisation: searching again", epoch)
                 anchor = None
@@ -544,6 +559,7 @@ class Verifier:
         if delay > 0:
             await asyncio.sleep(delay)
         request = attempt.request.completion_request(self.model_id)  # built exactly as a user's request is
+        backoff = self.config.retry_backoff_s
         while True:
             attempt.tries += 1
             sent = time.monotonic()
@@ -556,12 +572,23 @@ class Verifier:
                 reason = _reason(getattr(exc, "code", None) or type(exc).__name__)
                 if len(attempt.failures) < MAX_FAILURES_KEPT:
                     attempt.failures.append(reason)
-                log.info("verifier audit epoch=%d node=%s try=%d failed=%s", epoch, node, attempt.tries, reason)
+                # The first failure at INFO, repeats at DEBUG: one failing for a whole epoch is one line, not 1,000.
+                log.log(
+                    logging.INFO if attempt.tries == 1 else logging.DEBUG,
+                    "verifier audit epoch=%d node=%s try=%d failed=%s",
+                    epoch,
+                    node,
+                    attempt.tries,
+                    reason,
+                )
                 if isinstance(exc, NoModelNode):
                     return  # no longer routable (jailed, unbonding, deregistered meanwhile): a user could not reach it
-                if time.time() + self.config.retry_backoff_s >= retry_until:
+                # The last pause is cut short so that one more try still fits before the deadline.
+                pause = min(backoff, retry_until - time.time() - self.config.retry_backoff_s)
+                if pause <= 0:
                     return
-                await asyncio.sleep(self.config.retry_backoff_s)
+                await asyncio.sleep(pause)
+                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
                 continue
             attempt.answer = Answer(
                 text=done.text,
