@@ -9,6 +9,7 @@ Real anvil (the chain fixture, mined by hand here) and ``Attestations``; the cli
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,8 +17,11 @@ from typing import Any, cast
 
 import pytest
 
-from ledger import dev_account
-from tests.fixtures.attest import attestations
+import verifier._sequential
+from ledger import IndexedNode, Role, Wei, dev_account
+from node.overlay import NoModelNode
+from planetserve import ModelId
+from tests.fixtures.attest import attestations, fresh_epoch
 from tests.fixtures.chain import ChainEnv, rpc
 from verifier._errors import InvalidVerifierInput
 from verifier._prompts import SALT_BYTES, ChallengeGenerator
@@ -96,3 +100,63 @@ async def test_the_epoch_is_seeded_only_once_its_anchor_has_the_configured_confi
     rpc(chain.w3, "evm_mine", [begin + 2])
     seed = await asyncio.wait_for(seeding, timeout=5)
     assert seed is not None and seed.anchor.number == anchor_number and seed.anchor.timestamp == begin
+
+
+class _Unroutable:
+    """A client that finds no route to any node (what the directory says of a node that left)."""
+
+    async def complete(self, request: object, *, to: str) -> object:
+        raise NoModelNode("0x" + "ab" * 32)
+
+
+def _model_node(index: int, *, status: str = "active") -> IndexedNode:
+    return IndexedNode(
+        operator=dev_account(index).address,
+        role=Role.MODEL,
+        endpoint=f"http://127.0.0.1:{9000 + index}",
+        x25519_public_key=bytes(32),
+        model_id=ModelId("0x" + "ab" * 32),
+        price_per_1k_tokens=Wei(1),
+        stake=Wei(10**18),
+        status=status,
+        active=status == "active",
+        unbonding_ends_at=0,
+    )
+
+
+async def test_deregistered_nodes_are_forgotten_and_a_node_the_state_refuses_does_not_stop_the_epoch(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two tracked nodes at most (MAX_NODES is 100,000): one still registered, one deregistered since.
+    monkeypatch.setattr(verifier._sequential, "MAX_NODES", 2)
+    kept, left, new_a, new_b = (dev_account(i).address for i in (4, 5, 6, 7))
+    view = [_model_node(4), _model_node(5, status="deregistered"), _model_node(6), _model_node(7)]
+
+    async def nodes() -> list[IndexedNode]:
+        return view
+
+    audit = Verifier(
+        VerifierConfig(state_dir=tmp_path, model_dir=tmp_path, anchor_poll_s=0.05, anchor_confirmations=0),
+        account=dev_account(VERIFIER),
+        attestations=attestations(chain, VERIFIER),
+        nodes=nodes,
+        client=cast(Any, _Unroutable()),
+        engine=None,
+        model_id="0x" + "ab" * 32,
+    )
+    for node in (kept, left):
+        audit.sequential.observe(node, [0.9])
+        audit.node_state(node).last_epoch = 0
+    att = attestations(chain)
+    epoch = fresh_epoch(chain, att)
+    chain.advance(att.epoch_length())  # the whole epoch is past: every challenge is sent (and refused) at once
+    report = await asyncio.wait_for(audit.run_epoch(epoch), timeout=60)
+    outcomes = {v.node: v.outcome for v in report.verdicts}
+    # The deregistered node is gone; one new node fits in its place; the other is refused by the bound, logged,
+    # and its verdict says so, while the epoch (and the loop) goes on. Before: the first refusal ended run().
+    assert left not in audit.sequential.nodes and left not in audit._state
+    assert set(audit.sequential.nodes) == {kept, new_a} or set(audit.sequential.nodes) == {kept, new_b}
+    assert sorted(outcomes.values()) == ["abstained", "abstained", "failed"]
+    assert outcomes[kept] == "abstained"
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert left not in state["nodes"] and kept in state["nodes"]

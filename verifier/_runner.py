@@ -228,7 +228,8 @@ class NodeVerdict:
     outcome: str
     """``attested``, ``finalized`` (this attestation reached quorum), ``penalized`` (and slashed),
     ``already_attested``, ``epoch_finalized`` (quorum was reached without it), ``too_late``, ``abstained``,
-    ``attest_failed`` (the transaction failed; logged), ``evidence_too_large`` (not stored, not attested; logged)."""
+    ``attest_failed`` (the transaction failed; logged), ``evidence_too_large`` (not stored, not attested; logged),
+    ``failed`` (concluding the node failed otherwise, e.g. its state refused: not attested; logged)."""
     evidence_hash: str = ""
     """0x keccak of the evidence record ("" when none was stored)."""
     tx_hash: str = ""
@@ -476,10 +477,31 @@ class Verifier:
         await asyncio.gather(*(self._send(epoch, node, t, retry_until) for node, ts in tries.items() for t in ts))
         verdicts = []
         async with self._conclude_lock:  # epochs conclude one at a time, in order (the sequential state is shared)
+            self._forget_gone(epoch, nodes)
             for node in plan.audited:
-                verdicts.append(await self._conclude(epoch, node, tries[node], seed, plan, policy))
+                try:
+                    verdicts.append(await self._conclude(epoch, node, tries[node], seed, plan, policy))
+                except Exception as exc:  # one node's verdict failing (even a VerifierError) is not the others' end
+                    log.error("verifier conclude epoch=%d node=%s failed=%s: %s", epoch, node, type(exc).__name__, exc)
+                    verdicts.append(_failed_verdict(node, tries[node], alarm=self.sequential.state(node).alarmed))
             self._save_state()
         return EpochReport(epoch=epoch, verdicts=tuple(verdicts), skipped=skipped)
+
+    def _forget_gone(self, epoch: int, view: Sequence[IndexedNode]) -> None:
+        """Drop the sequential state and bookkeeping of nodes no longer registered (absent from the registry view
+        or deregistered): nodes come and go, and the state is bounded (``verifier._sequential.MAX_NODES``), so
+        without this a verifier would refuse new nodes after enough had left. A node that registers again starts
+        afresh, as a new operator would: it has unbonded meanwhile, and its stake answered for what it did before.
+        An empty view is not trusted to mean that every node left (a fresh index), and forgets nothing."""
+        registered = {_checksum(n.operator) for n in view if getattr(n, "status", "active") != "deregistered"}
+        if not registered:
+            return
+        gone = (set(self.sequential.nodes) | set(self._state)) - registered
+        for node in sorted(gone):
+            self.sequential.reset(node)
+            self._state.pop(node, None)
+        if gone:
+            log.info("verifier epoch=%d forgot=%d deregistered nodes", epoch, len(gone))
 
     # -- per epoch: seed and challenges --------------------------------------------------------------------------
 
@@ -755,6 +777,21 @@ class Verifier:
             "verifier attest epoch=%d node=%s score=%d outcome=%s tx=%s", epoch, node, score, outcome, receipt.tx_hash
         )
         return outcome, receipt.tx_hash
+
+
+def _failed_verdict(node: str, tries: list[_Try], *, alarm: bool) -> NodeVerdict:
+    """The verdict of a node whose conclusion failed (logged): nothing attested, its scores as far as known."""
+    return NodeVerdict(
+        node=node,
+        sent=len(tries),
+        answered=sum(1 for t in tries if t.answer is not None),
+        tries=sum(t.tries for t in tries),
+        scores=tuple(round(t.score.score, 6) for t in tries if t.score is not None),
+        score=None,
+        alarm=alarm,
+        unresponsive_streak=0,
+        outcome="failed",
+    )
 
 
 def _reason(reason: object) -> str:
