@@ -456,7 +456,18 @@ def simulate(
     ttfts = [r.first_token - r.arrival for r in reqs]
     hit = sum(r.matched for r in reqs) / max(1, sum(r.prompt_tokens for r in reqs))
     lat_sorted = sorted(latencies)
+    classes: dict[str, float] = {}
+    if sc.slow:
+        # Where the traffic went: slow nodes should get only the overflow the fast ones cannot take in time.
+        slow = [r for r in reqs if r.node in sc.slow]
+        fast = [r for r in reqs if r.node not in sc.slow]
+        classes["slow_share"] = len(slow) / len(reqs)
+        classes["fast_mean_s"] = statistics.fmean(r.done - r.arrival for r in fast) if fast else 0.0
+        classes["slow_mean_s"] = statistics.fmean(r.done - r.arrival for r in slow) if slow else 0.0
+        for i in sc.slow:
+            classes[f"share_node{i}"] = sum(1 for r in slow if r.node == i) / len(reqs)
     return {
+        **classes,
         "mean_s": statistics.fmean(latencies),
         "p50_s": statistics.median(latencies),
         "p99_s": lat_sorted[min(len(lat_sorted) - 1, int(0.99 * len(lat_sorted)))],
@@ -477,10 +488,10 @@ def capacity(sc: Scenario, cal: Calibration, count: int, seed: int) -> float:
 
 def _table(title: str, rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
     print(f"\n{title}")
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    widths = [max(len(c), *(len(_fmt(r.get(c, "-"))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        print("  ".join(_fmt(r.get(c, "-")).ljust(w) for c, w in zip(cols, widths, strict=True)))
 
 
 def _fmt(v: Any) -> str:
@@ -592,8 +603,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "p99_s": r["p99_s"],
                     "vs_all_equal": r["mean_s"] / base["mean_s"],
                     "vs_same_capacity": r["mean_s"] / same_capacity["mean_s"],
+                    "slow_share": r["slow_share"],
+                    "share_node0": r["share_node0"],
+                    "share_node1": r["share_node1"],
+                    "fast_mean_s": r["fast_mean_s"],
+                    "slow_mean_s": r["slow_mean_s"],
                 }
             )
+        # A reference: the 6 fast nodes alone, the slow ones unused (sending them only overflow should beat it).
+        fast_only = simulate(Scenario(wl, nodes=6), "planetserve", reqs, cal, args.seed)
+        hetero_rows.append(
+            {
+                "load": load,
+                "policy": "reference: the 6 fast nodes alone",
+                "mean_s": fast_only["mean_s"],
+                "p99_s": fast_only["p99_s"],
+                "vs_all_equal": fast_only["mean_s"] / base["mean_s"],
+                "vs_same_capacity": fast_only["mean_s"] / same_capacity["mean_s"],
+            }
+        )
         hetero_rows.append(
             {
                 "load": load,
@@ -609,7 +637,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "2 of 8 nodes 3x slower (node 1 also reports zero load); vs planetserve with all nodes equal, and vs 8 equal "
         "nodes with the same total capacity",
         hetero_rows,
-        ("load", "policy", "mean_s", "p99_s", "vs_all_equal", "vs_same_capacity"),
+        (
+            "load",
+            "policy",
+            "mean_s",
+            "p99_s",
+            "vs_all_equal",
+            "vs_same_capacity",
+            "slow_share",
+            "share_node0",
+            "share_node1",
+            "fast_mean_s",
+            "slow_mean_s",
+        ),
     )
 
     # Independent clients with stale heartbeats.

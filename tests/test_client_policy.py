@@ -72,6 +72,17 @@ def test_planetserve_excludes_the_most_loaded_fraction_even_with_affinity() -> N
     assert Counter(policy.choose(views, 100, rng) for _ in range(200))[7] == 0
 
 
+def test_planetserve_by_default_keeps_the_prefix_holder_that_is_the_most_loaded_node() -> None:
+    # Eight nodes; the one holding a 4,000-token prefix has the longest queue (by the cache-blind estimate it is the
+    # most loaded), yet its cached prompt makes it the cheapest: excluding it would force a full prefill elsewhere.
+    rng = random.Random(5)
+    views = [_view(f"n{i}", queued_tokens=200 + 10 * i) for i in range(7)]
+    views.append(_view("holder", queued_tokens=1500, matched_tokens=4000))
+    assert Counter(PlanetServePolicy().choose(views, 4100, rng) for _ in range(100))[7] == 100
+    excluding = PlanetServePolicy(PlanetServeSettings(exclude_fraction=0.25))
+    assert Counter(excluding.choose(views, 4100, rng) for _ in range(100))[7] == 0
+
+
 def test_power_of_two_choices_spreads_independent_clients_over_equal_nodes() -> None:
     views = [_view(f"n{i}") for i in range(8)]
     policy = PlanetServePolicy(PlanetServeSettings(choices=2))

@@ -15,7 +15,9 @@ and the forwarding benchmark's simulation call the same code, and build their vi
    running tokens that will share its steps), divided by a reputation weight. ``seconds_per_token`` is the client's
    own EWMA of TTFT per token ahead; ``seconds_per_decode_token`` is the node's fresh report corrected by the
    client's own measurement of its replies, so a node that under-reports its load is caught by its slow answers;
-3. exclude the most loaded fraction;
+3. exclude the most loaded fraction (``exclude_fraction``; 0 by default: measured, excluding the quarter with the
+   highest cache-blind estimate removed the node holding a hot prefix and made every workload slower, since the
+   affinity step already falls back to least load when that node's estimate, queue included, is too high);
 4. among the rest, prefer the nodes holding the longest prefix of the prompt, unless even the best of them would
    take ``affinity_slack`` times longer than the least-loaded node (then fall back to least load);
 5. sample: among the candidates whose estimate is within ``sample_slack`` of the cheapest, draw one weighted by
@@ -160,8 +162,11 @@ class PlanetServeSettings:
 
     reputation_floor: float = 0.2
     """Nodes below this reputation are never chosen."""
-    exclude_fraction: float = 0.25
-    """The most loaded fraction of candidates is excluded (at least one node always remains)."""
+    exclude_fraction: float = 0.0
+    """The most loaded fraction of candidates (by the cache-blind estimate) is excluded, at least one node always
+    remaining. 0 by default: the node holding a popular prefix is the most loaded by that measure, so excluding it
+    forced a full prefill elsewhere, which the estimate (queue included) had already judged dearer; in
+    ``bench/forwarding.py`` 0.25 was slower than 0 on every workload (``docs/forwarding.md``)."""
     affinity_slack: float = 1.2
     """Affinity is preferred unless its best node's estimate exceeds the least-loaded node's by this factor."""
     sample_slack: float = 1.1
