@@ -48,6 +48,19 @@ StateDir = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", envvar="PS_JSON", help="Print JSON on stdout (errors: one JSON line on stderr).")
 ]
+IndexDb = Annotated[
+    str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL (default: SQLite in state dir).")
+]
+#: ``--db`` where the state dir is a verifier's (same option, the help names what is indexed).
+RegistryIndexDb = Annotated[
+    str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
+]
+
+
+def status_epochs(help: str) -> Any:
+    """The ``--epochs`` option of the status commands (``PS_STATUS_EPOCHS``, 1..1000), with its command's help."""
+    return typer.Option("--epochs", envvar="PS_STATUS_EPOCHS", min=1, max=1000, help=help)
+
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 
@@ -458,9 +471,7 @@ def list_nodes(
     include_deregistered: Annotated[
         bool, typer.Option("--all", envvar="PS_LIST_ALL", help="Include deregistered nodes.")
     ] = False,
-    db: Annotated[
-        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL (default: SQLite in state dir).")
-    ] = None,
+    db: IndexDb = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     state_dir: StateDir = None,

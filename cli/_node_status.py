@@ -17,6 +17,7 @@ from cli._main import new_app
 from cli._node_chain import (
     DEFAULT_RPC_URL,
     DeploymentOpt,
+    IndexDb,
     JsonOpt,
     Keystore,
     RpcUrl,
@@ -28,6 +29,7 @@ from cli._node_chain import (
     load_operator,
     open_chain,
     state_dir_or_default,
+    status_epochs,
 )
 from cli._output import emit, info
 
@@ -105,12 +107,8 @@ def status(
         str | None,
         typer.Option("--operator", envvar="PS_OPERATOR", help="Operator address (default: the key's account)."),
     ] = None,
-    epochs: Annotated[
-        int, typer.Option("--epochs", envvar="PS_STATUS_EPOCHS", min=1, max=1000, help="Latest rated epochs shown.")
-    ] = 10,
-    db: Annotated[
-        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL (default: SQLite in state dir).")
-    ] = None,
+    epochs: Annotated[int, status_epochs("Latest rated epochs shown.")] = 10,
+    db: IndexDb = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     keystore: Keystore = None,

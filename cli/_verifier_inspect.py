@@ -22,11 +22,13 @@ from cli._node_chain import (
     DeploymentOpt,
     JsonOpt,
     Keystore,
+    RegistryIndexDb,
     RpcUrl,
     StateDir,
     default_index_db,
     load_operator,
     open_chain,
+    status_epochs,
 )
 from cli._output import emit, info
 
@@ -122,12 +124,8 @@ def status(
         str | None,
         typer.Option("--verifier", envvar="PS_VERIFIER_ADDRESS", help="Verifier address (default: the key's account)."),
     ] = None,
-    epochs: Annotated[
-        int, typer.Option("--epochs", envvar="PS_STATUS_EPOCHS", min=1, max=1000, help="Latest epochs shown.")
-    ] = 10,
-    db: Annotated[
-        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
-    ] = None,
+    epochs: Annotated[int, status_epochs("Latest epochs shown.")] = 10,
+    db: RegistryIndexDb = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     keystore: Keystore = None,

@@ -27,6 +27,7 @@ from cli._node_chain import (
     DeploymentOpt,
     JsonOpt,
     Keystore,
+    RegistryIndexDb,
     RpcUrl,
     StateDir,
     default_index_db,
@@ -103,9 +104,7 @@ def run_command(
         ),
     ] = 2,
     state_dir: StateDir = None,
-    db: Annotated[
-        str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
-    ] = None,
+    db: RegistryIndexDb = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     keystore: Keystore = None,
