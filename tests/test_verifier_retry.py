@@ -66,11 +66,11 @@ async def test_a_challenge_failing_all_along_is_retried_with_capped_doubling_pau
     caplog.set_level(logging.DEBUG, logger="verifier._runner")
     began = time.time()
     await audit._send(1, NODE, attempt, began + 1.0)
-    assert time.time() - began < 1.5 and attempt.answer is None
+    assert time.time() - began < 3 and attempt.answer is None
     # A constant 0.01 s pause allows ~100 tries in 1 s; doubling to 0.08 s: 0.01 + 0.02 + 0.04 + 0.08 * k, ~15.
     assert 5 <= attempt.tries <= 20 and len(client.calls) == attempt.tries
     pauses = [b - a for a, b in zip(client.calls, client.calls[1:], strict=False)]
-    assert pauses[2] > 0.035 and max(pauses) < 0.2  # it grew, and the cap held
+    assert pauses[2] > 0.035 and max(pauses) < 0.3  # it grew, and the cap held (uncapped: 0.32 s by the 7th)
     failed = [r for r in caplog.records if "failed=" in r.getMessage()]
     assert len(failed) == attempt.tries
     assert [r.levelno for r in failed] == [logging.INFO] + [logging.DEBUG] * (attempt.tries - 1)
