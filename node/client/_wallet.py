@@ -30,7 +30,6 @@ the funding transfer still links them on chain (docs/threat-model.md).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import shutil
 import tempfile
@@ -47,6 +46,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 
 from ledger import (
+    ChannelInfo,
     InvalidChainInput,
     PaymentChannels,
     TransactionOutcomeUnknown,
@@ -281,6 +281,25 @@ class Wallet:
             )
         return self._keys[key]
 
+    def _store_info(self, channel_id: int, info: ChannelInfo) -> None:
+        """Copy the chain's view of a channel (deposit, redeemed, close deadline, state) into the book."""
+        self.store.refresh(
+            channel_id,
+            deposit=info.deposit,
+            redeemed=info.redeemed,
+            closes_at=info.closes_at,
+            state=_state_name(info),
+        )
+
+    def _reread(self, channel_id: int) -> ChannelState:
+        """Read a channel of ours again after a transaction on it, store it, and return the book's row."""
+        info = self._reader.channel(channel_id)
+        assert info is not None
+        self._store_info(channel_id, info)
+        after = self.store.get(channel_id)
+        assert after is not None
+        return after
+
     def reconcile(self) -> None:
         """Bring the book in line with the chain: find pending deposits' channels by their events, and refresh
         every channel's deposit, redeemed amount and state (``gone`` when the chain has no such channel of ours)."""
@@ -306,13 +325,7 @@ class Wallet:
             if info is None or info.client != self._signer(state).address or info.node != state.node:
                 self.store.mark(state.channel_id, GONE)
                 continue
-            self.store.refresh(
-                state.channel_id,
-                deposit=info.deposit,
-                redeemed=info.redeemed,
-                closes_at=info.closes_at,
-                state=_state_name(info),
-            )
+            self._store_info(state.channel_id, info)
             self._checked[state.channel_id] = time.monotonic()
 
     async def _current(self, node: str) -> ChannelState | None:
@@ -328,15 +341,7 @@ class Wallet:
             if info is None or info.client != self._signer(state).address or info.node != state.node:
                 await asyncio.to_thread(self.store.mark, state.channel_id, GONE)  # a write: off the event loop
                 continue
-            refresh = functools.partial(
-                self.store.refresh,
-                state.channel_id,
-                deposit=info.deposit,
-                redeemed=info.redeemed,
-                closes_at=info.closes_at,
-                state=_state_name(info),
-            )
-            await asyncio.to_thread(refresh)
+            await asyncio.to_thread(self._store_info, state.channel_id, info)
             if _state_name(info) == OPEN:
                 return self.store.get(state.channel_id)
         return None
@@ -421,13 +426,7 @@ class Wallet:
         info = self._reader.channel(state.channel_id)
         assert info is not None
         self.store.drop_pending(pending)
-        self.store.refresh(
-            state.channel_id,
-            deposit=info.deposit,
-            redeemed=info.redeemed,
-            closes_at=info.closes_at,
-            state=_state_name(info),
-        )
+        self._store_info(state.channel_id, info)
         refreshed = self.store.get(state.channel_id)
         assert refreshed is not None
         return refreshed
@@ -469,18 +468,7 @@ class Wallet:
             if state.state != OPEN:
                 continue
             receipt = self._reader.with_account(self._signer(state)).start_close(state.channel_id)
-            info = self._reader.channel(state.channel_id)
-            assert info is not None
-            self.store.refresh(
-                state.channel_id,
-                deposit=info.deposit,
-                redeemed=info.redeemed,
-                closes_at=info.closes_at,
-                state=_state_name(info),
-            )
-            after = self.store.get(state.channel_id)
-            assert after is not None
-            closed.append((after, receipt))
+            closed.append((self._reread(state.channel_id), receipt))
         return closed
 
     def reclaim(self, now: int) -> Reclaimed:
@@ -496,15 +484,7 @@ class Wallet:
             if state.state == CLOSING and state.closes_at <= now:
                 receipts.append(self._reader.with_account(payer).finish_close(state.channel_id))
                 settled.append(state.channel_id)
-                info = self._reader.channel(state.channel_id)
-                assert info is not None
-                self.store.refresh(
-                    state.channel_id,
-                    deposit=info.deposit,
-                    redeemed=info.redeemed,
-                    closes_at=info.closes_at,
-                    state=_state_name(info),
-                )
+                self._reread(state.channel_id)
         withdrawn = 0
         for payer in payers.values():
             available = self._reader.balances(payer.address).withdrawable
