@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -114,8 +114,8 @@ def run_command(
     from cli._client_wallet import make_wallet
     from ledger import Attestations, Indexer, parse_eth
     from node.client import Client, ClientConfig
+    from node.client._registry import indexer_sources
     from node.inference import EngineConfig, ModelLoadError, TorchEngine, read_info
-    from node.overlay import Directory
     from verifier._runner import Verifier, VerifierConfig, check_verifier
 
     meta = read_info(model)
@@ -159,15 +159,7 @@ def run_command(
     indexer = Indexer(registry, dep, db or default_index_db(folder, dep.chain_id))
     name = f"{meta.name}@{meta.revision}"
 
-    async def nodes() -> Any:
-        def read() -> Any:
-            indexer.sync()
-            return indexer.nodes()
-
-        return await asyncio.to_thread(read)
-
-    async def directory() -> Directory:
-        return Directory.from_registry(await nodes())
+    nodes, directory = indexer_sources(indexer)
 
     async def go() -> None:
         engine = TorchEngine.from_folder(model, EngineConfig(device="cpu"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +38,11 @@ from ledger import (
 )
 from node import NodeIdentity
 from node.client import Client, ClientConfig
+from node.client._registry import indexer_sources
 from node.client._wallet import Wallet
 from node.inference import EngineConfig, TorchEngine, chunk_hashes, make_variant
 from node.inference.testing import CheatConfig, CheatingEngine
-from node.overlay import CompletionRequest, Directory, OverlayConfig, Route
+from node.overlay import CompletionRequest, OverlayConfig, Route
 from node.overlay._heartbeat import HeartbeatPublisher
 from node.overlay._payments import PaymentGate
 from node.overlay._peers import StaticPeerDirectory
@@ -163,24 +164,6 @@ async def _redeem_while_possible(
         result.locked_before = int((await asyncio.to_thread(payments.balances, account.address)).locked)
 
 
-def _reader(
-    indexer: Indexer,
-) -> tuple[Callable[[], Awaitable[Sequence[IndexedNode]]], Callable[[], Awaitable[Directory]]]:
-    """(nodes, directory) read through ``indexer`` in a worker thread, fresh on each call."""
-
-    async def nodes() -> Sequence[IndexedNode]:
-        def read() -> Sequence[IndexedNode]:
-            indexer.sync()
-            return indexer.nodes()
-
-        return await asyncio.to_thread(read)
-
-    async def directory() -> Directory:
-        return Directory.from_registry(await nodes())
-
-    return nodes, directory
-
-
 async def verification_epochs(
     console: Console,
     *,
@@ -237,7 +220,7 @@ async def verification_epochs(
         for i, (account, payer) in enumerate(zip(verifiers, payers, strict=True)):
             indexer = Indexer(registry, deployment, f"sqlite:///{root / f'index-verifier-{i}.sqlite'}")
             indexers.append(indexer)
-            nodes, directory = _reader(indexer)
+            nodes, directory = indexer_sources(indexer)
             wallet = Wallet(
                 payments,
                 payer,
@@ -341,7 +324,7 @@ async def verification_epochs(
         # A user's client reads the registry again: the jailed node is no longer a candidate.
         indexer = Indexer(registry, deployment, f"sqlite:///{root / 'index-user-after.sqlite'}")
         indexers.append(indexer)
-        _, directory = _reader(indexer)
+        _, directory = indexer_sources(indexer)
         routes: list[Route] = []
         async with Client(
             directory,

@@ -7,6 +7,7 @@ replies while the registry is read. Each sync is incremental and reorg-safe (``l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,26 @@ from node.client._policy import NEUTRAL_REPUTATION
 from node.overlay import Directory
 
 if TYPE_CHECKING:
-    from ledger import Indexer
+    from ledger import IndexedNode, Indexer
+
+
+def indexer_sources(
+    indexer: Indexer,
+) -> tuple[Callable[[], Awaitable[Sequence[IndexedNode]]], Callable[[], Awaitable[Directory]]]:
+    """(nodes, directory) read through an open ``indexer`` in a worker thread, synced afresh on each call: what a
+    verifier needs (the registered nodes it audits, and the directory its ``Client`` routes by)."""
+
+    async def nodes() -> Sequence[IndexedNode]:
+        def read() -> Sequence[IndexedNode]:
+            indexer.sync()
+            return indexer.nodes()
+
+        return await asyncio.to_thread(read)
+
+    async def directory() -> Directory:
+        return Directory.from_registry(await nodes())
+
+    return nodes, directory
 
 
 class RegistryDirectory:
