@@ -38,6 +38,7 @@ from node.overlay import (
     Directory,
     ReplyIncomplete,
     Route,
+    SessionClosed,
     complete,
 )
 from node.overlay._directory import ModelNode, NoModelNode, reroute
@@ -82,8 +83,13 @@ class OverlayTransport:
         self._settings = settings or ClientSettings()
         self._limit_per_host = limit_per_host
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _client_session(self) -> aiohttp.ClientSession:
+        # A request started after close() (a task the owner did not stop first) must fail, not open a session that
+        # nothing closes any more.
+        if self._closed:
+            raise SessionClosed("client transport")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit_per_host=self._limit_per_host),
@@ -111,6 +117,7 @@ class OverlayTransport:
             return body
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

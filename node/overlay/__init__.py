@@ -27,7 +27,7 @@ from node.overlay._completion import (
 )
 from node.overlay._config import OverlayConfig
 from node.overlay._directory import Directory, ModelNode, NoModelNode, Route
-from node.overlay._errors import DestinationFailed, OverlayError, ReplyIncomplete
+from node.overlay._errors import DestinationFailed, OverlayError, ReplyIncomplete, SessionClosed
 from node.overlay._receiver import CloveReceiver, ReplyHandler
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "ReplyHandler",
     "ReplyIncomplete",
     "Route",
+    "SessionClosed",
     "complete",
     "complete_routed",
     "completion_handler",

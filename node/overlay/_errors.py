@@ -52,6 +52,20 @@ class DestinationFailed(OverlayError):
     status = 502
 
 
+class SessionClosed(OverlayError):
+    """A component's HTTP connections were closed (it is shutting down) and it was asked to open one again.
+
+    Opening a fresh session then would leak it: nothing would close it any more (an unclosed session is only
+    reported when the garbage collector finds it, in whatever code runs at that moment)."""
+
+    code = "network_session_closed"
+    status = 503
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        super().__init__(f"the {owner} is closed; it opens no new connections")
+
+
 #: HTTP status of each reject reason (``docs/protocol.md`` §7).
 REJECT_STATUS: dict[RejectReason, int] = {
     RejectReason.SLOW_BODY: 408,

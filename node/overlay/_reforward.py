@@ -34,7 +34,7 @@ from node.inference import Engine, GenerationChunk, GenerationRequest, Inference
 from node.overlay._client import ClientSettings
 from node.overlay._completion import CompletionDelta, CompletionRequest, complete
 from node.overlay._directory import Directory, ModelNode
-from node.overlay._errors import ReplyIncomplete
+from node.overlay._errors import ReplyIncomplete, SessionClosed
 from node.overlay._heartbeat import (
     HEARTBEAT_PATH,
     MAX_HEARTBEAT_BYTES,
@@ -158,6 +158,7 @@ class Reforwarder:
         self._tokenize = tokenize
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._beats: dict[str, _PeerBeat] = {}
         self._fetched_at: dict[str, float] = {}
         self.in_flight = 0
@@ -254,7 +255,9 @@ class Reforwarder:
                 self._payer.finish(payment, used)
 
     async def _choose(self, model_id: str) -> tuple[ModelNode | None, Directory]:
-        """The least-loaded qualifying peer (§10.5 "To whom"), or None."""
+        """The least-loaded qualifying peer (§10.5 "To whom"), or None (also once closed: the node is stopping)."""
+        if self._closed:
+            return None, Directory(relays=(), model_nodes=())
         try:
             async with asyncio.timeout(_DIRECTORY_TIMEOUT_S):
                 directory = await self._directory()
@@ -324,6 +327,8 @@ class Reforwarder:
             log.debug("re-forward: a peer's heartbeat was not usable (%s)", type(exc).__name__)
 
     def _client_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise SessionClosed("re-forwarder")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=4 * self.config.max_concurrent + self.config.max_candidates),
@@ -333,7 +338,9 @@ class Reforwarder:
         return self._session
 
     async def close(self) -> None:
-        """Close the node's client connections (its app's cleanup does)."""
+        """Close the node's client connections (its app's cleanup does); a request still being handled then is
+        served locally (no peer is chosen once closed)."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
