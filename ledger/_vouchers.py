@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 
+from ledger._eip712 import recover_typed_signer, sign_typed, typed_digest, typed_message
 from ledger._errors import ChainError, InvalidChainInput
 from ledger._types import Wei, checksum
 
@@ -31,15 +30,9 @@ DOMAIN_VERSION = "1"
 VOUCHER_TYPE = "Voucher(uint256 channelId,uint256 cumulativeAmount)"
 #: keccak256 of :data:`VOUCHER_TYPE` (the contract exposes the same value as ``VOUCHER_TYPEHASH``).
 VOUCHER_TYPEHASH = keccak(text=VOUCHER_TYPE)
-#: secp256k1 group order; signatures with ``s > N/2`` are malleated twins and are refused (EIP-2).
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _UINT256 = 2**256
-_MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
-    "Voucher": [
-        {"name": "channelId", "type": "uint256"},
-        {"name": "cumulativeAmount", "type": "uint256"},
-    ]
-}
+#: The ``Voucher`` struct's fields, in :data:`VOUCHER_TYPE`'s order.
+_VOUCHER_FIELDS = (("channelId", "uint256"), ("cumulativeAmount", "uint256"))
 
 
 def _uint256(value: int, param: str) -> int:
@@ -61,15 +54,6 @@ class VoucherDomain:
         if not isinstance(self.chain_id, int) or isinstance(self.chain_id, bool) or not 0 < self.chain_id < _UINT256:
             raise InvalidChainInput("chain_id", self.chain_id, "must be a positive integer")
         object.__setattr__(self, "contract", checksum(self.contract, param="contract"))
-
-    def eip712(self) -> dict[str, Any]:
-        """The domain as eth-account's ``sign_typed_data`` takes it."""
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": self.contract,
-        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,46 +118,33 @@ def _decimal(value: object) -> int:
 
 def voucher_typed_data(domain: VoucherDomain, channel_id: int, cumulative_amount: int) -> dict[str, Any]:
     """The full EIP-712 message (``types``, ``primaryType``, ``domain``, ``message``) for a voucher."""
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            **_MESSAGE_TYPES,
-        },
-        "primaryType": "Voucher",
-        "domain": domain.eip712(),
-        "message": {
-            "channelId": _uint256(channel_id, "channel_id"),
-            "cumulativeAmount": _uint256(cumulative_amount, "cumulative_amount"),
-        },
-    }
-
-
-def voucher_digest(domain: VoucherDomain, channel_id: int, cumulative_amount: int) -> bytes:
-    """``keccak256(0x1901 || domainSeparator || structHash)``: what the contract's ``voucherDigest`` returns."""
-    signable = encode_typed_data(full_message=voucher_typed_data(domain, channel_id, cumulative_amount))
-    return keccak(b"\x19" + signable.version + signable.header + signable.body)
-
-
-def sign_voucher(account: LocalAccount, domain: VoucherDomain, channel_id: int, cumulative_amount: int) -> Voucher:
-    """Sign a voucher for ``cumulative_amount`` wei owed in total on ``channel_id`` with the client's key."""
-    signed = account.sign_typed_data(
-        domain_data=domain.eip712(),
-        message_types=_MESSAGE_TYPES,
-        message_data={
+    return typed_message(
+        name=DOMAIN_NAME,
+        version=DOMAIN_VERSION,
+        chain_id=domain.chain_id,
+        verifying_contract=domain.contract,
+        primary_type="Voucher",
+        fields=_VOUCHER_FIELDS,
+        message={
             "channelId": _uint256(channel_id, "channel_id"),
             "cumulativeAmount": _uint256(cumulative_amount, "cumulative_amount"),
         },
     )
+
+
+def voucher_digest(domain: VoucherDomain, channel_id: int, cumulative_amount: int) -> bytes:
+    """``keccak256(0x1901 || domainSeparator || structHash)``: what the contract's ``voucherDigest`` returns."""
+    return typed_digest(voucher_typed_data(domain, channel_id, cumulative_amount))
+
+
+def sign_voucher(account: LocalAccount, domain: VoucherDomain, channel_id: int, cumulative_amount: int) -> Voucher:
+    """Sign a voucher for ``cumulative_amount`` wei owed in total on ``channel_id`` with the client's key."""
+    signature = sign_typed(account, voucher_typed_data(domain, channel_id, cumulative_amount))
     return Voucher(
         domain=domain,
         channel_id=channel_id,
         cumulative_amount=Wei(cumulative_amount),
-        signature=bytes(signed.signature),
+        signature=signature,
     )
 
 
@@ -225,17 +196,8 @@ class VoucherWrongContract(VoucherRejected):
 
 def recover_voucher_signer(voucher: Voucher) -> ChecksumAddress | None:
     """Who signed ``voucher``, as the contract's ``voucherSigner`` sees it: None for what it would refuse."""
-    sig = voucher.signature
-    r, s, v = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"), sig[64]
-    if v not in (27, 28) or s > _SECP256K1_N // 2 or not 0 < r < _SECP256K1_N or s == 0:
-        return None
-    signable = encode_typed_data(
-        full_message=voucher_typed_data(voucher.domain, voucher.channel_id, voucher.cumulative_amount)
-    )
-    try:
-        return checksum(Account.recover_message(signable, signature=sig))
-    except (ValueError, TypeError):
-        return None
+    typed = voucher_typed_data(voucher.domain, voucher.channel_id, voucher.cumulative_amount)
+    return recover_typed_signer(typed, voucher.signature)
 
 
 def verify_voucher(voucher: Voucher, *, domain: VoucherDomain, client: str) -> ChecksumAddress:

@@ -73,6 +73,9 @@ def test_signatures_the_contract_refuses_python_refuses_too(chain: ChainEnv) -> 
         "v_0": good.signature[:64] + bytes([0]),
         "zero_r": bytes(32) + good.signature[32:],
         "zeros": bytes(65),
+        # In range, but no curve point has x = 5 (5**3 + 7 is not a square mod p): ecrecover finds no key, and
+        # eth-keys raises BadSignature (not a ValueError), which once escaped recover_voucher_signer.
+        "r_not_on_curve": (5).to_bytes(32, "big") + good.signature[32:],
     }
     for name, signature in bad.items():
         voucher = _replace_signature(good, signature)

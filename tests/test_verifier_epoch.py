@@ -13,9 +13,9 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 
 from ledger import dev_account
+from ledger._eip712 import SECP256K1_N
 from tests.fixtures.chain import ChainEnv
 from verifier._epoch import (
-    _SECP256K1_N,
     AnchorBlock,
     AnchorMismatch,
     AuditPolicy,
@@ -92,12 +92,15 @@ def test_a_seed_is_refused_when_claimed_for_another_verifier_epoch_anchor_or_in_
             verify_epoch_seed(dataclasses.replace(good, **change))
     r, s, v = good.signature[:32], int.from_bytes(good.signature[32:64], "big"), good.signature[64]
     # The malleated twin (r, n - s, v ^ 1) recovers the same signer but would be a second seed: refused.
-    twin = r + (_SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
+    twin = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
     assert Account.recover_message(encode_typed_data(full_message=good.typed_data()), signature=twin) == good.verifier
     with pytest.raises(InvalidEpochSeed, match="EIP-2"):
         verify_epoch_seed(dataclasses.replace(good, signature=twin))
     with pytest.raises(InvalidEpochSeed, match="v must be"):
         verify_epoch_seed(dataclasses.replace(good, signature=good.signature[:64] + bytes([v - 27])))
+    # r in range but the x of no curve point (5**3 + 7 is not a square mod p): no key recovers from it.
+    with pytest.raises(InvalidEpochSeed, match="not a valid signature"):
+        verify_epoch_seed(dataclasses.replace(good, signature=(5).to_bytes(32, "big") + good.signature[32:]))
     with pytest.raises(InvalidVerifierInput):
         dataclasses.replace(good, signature=good.signature[:64])
 

@@ -64,15 +64,8 @@ SEED_DOMAIN_NAME = "PlanetServe Verifier"
 SEED_DOMAIN_VERSION = "1"
 #: The primary type, byte for byte.
 SEED_TYPE = "EpochSeed(uint256 epoch,uint256 anchorBlock,bytes32 anchorHash)"
-_SEED_TYPES: dict[str, list[dict[str, str]]] = {
-    "EpochSeed": [
-        {"name": "epoch", "type": "uint256"},
-        {"name": "anchorBlock", "type": "uint256"},
-        {"name": "anchorHash", "type": "bytes32"},
-    ]
-}
-#: secp256k1 group order; a signature with ``s > N/2`` is the malleated twin of a canonical one (EIP-2).
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+#: The ``EpochSeed`` struct's fields, in :data:`SEED_TYPE`'s order.
+_SEED_FIELDS = (("epoch", "uint256"), ("anchorBlock", "uint256"), ("anchorHash", "bytes32"))
 _UINT256 = 2**256
 #: Most challenges one node can be planned per epoch (bounds the plan and the evidence record).
 MAX_CHALLENGES_PER_NODE = 256
@@ -307,42 +300,33 @@ class EpochSeed:
 
 def seed_typed_data(*, chain_id: int, attestations: str, epoch: int, anchor: AnchorBlock) -> dict[str, Any]:
     """The EIP-712 ``EpochSeed`` message for ``epoch`` on ``attestations`` at ``chain_id``, bound to ``anchor``."""
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            **_SEED_TYPES,
-        },
-        "primaryType": "EpochSeed",
-        "domain": {
-            "name": SEED_DOMAIN_NAME,
-            "version": SEED_DOMAIN_VERSION,
-            "chainId": chain_id,
-            "verifyingContract": _address(attestations, "attestations"),
-        },
-        "message": {"epoch": epoch, "anchorBlock": anchor.number, "anchorHash": anchor.hash},
-    }
+    from ledger._eip712 import typed_message  # eth-account and web3: only when a seed is signed or checked
+
+    return typed_message(
+        name=SEED_DOMAIN_NAME,
+        version=SEED_DOMAIN_VERSION,
+        chain_id=chain_id,
+        verifying_contract=_address(attestations, "attestations"),
+        primary_type="EpochSeed",
+        fields=_SEED_FIELDS,
+        message={"epoch": epoch, "anchorBlock": anchor.number, "anchorHash": anchor.hash},
+    )
 
 
 def sign_epoch_seed(
     account: LocalAccount, *, chain_id: int, attestations: str, epoch: int, anchor: AnchorBlock
 ) -> EpochSeed:
     """The verifier ``account``'s seed for ``epoch``: deterministic (RFC 6979), so signing again gives the same."""
-    from eth_account.messages import encode_typed_data
+    from ledger._eip712 import sign_typed
 
     message = seed_typed_data(chain_id=chain_id, attestations=attestations, epoch=epoch, anchor=anchor)
-    signed = account.sign_message(encode_typed_data(full_message=message))
     seed = EpochSeed(
         chain_id=chain_id,
         attestations=attestations,
         verifier=account.address,
         epoch=epoch,
         anchor=anchor,
-        signature=bytes(signed.signature),
+        signature=sign_typed(account, message),
     )
     verify_epoch_seed(seed)  # eth-account emits low-s, v in {27, 28}; refuse to go on if that ever changes
     return seed
@@ -353,19 +337,14 @@ def verify_epoch_seed(seed: EpochSeed) -> None:
 
     Raises :class:`InvalidEpochSeed` naming the reason (never the signature).
     """
-    from eth_account import Account
-    from eth_account.messages import encode_typed_data
+    from ledger._eip712 import recover_typed_signer, signature_flaw
 
-    sig = seed.signature
-    s, v = int.from_bytes(sig[32:64], "big"), sig[64]
-    if v not in (27, 28):
-        raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason="v must be 27 or 28")
-    if not 0 < s <= _SECP256K1_N // 2:
-        raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason="s is not canonical (EIP-2 low s)")
-    try:
-        signer = Account.recover_message(encode_typed_data(full_message=seed.typed_data()), signature=sig)
-    except (ValueError, TypeError) as exc:
-        raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason="not a valid signature") from exc
+    flaw = signature_flaw(seed.signature)
+    if flaw is not None:
+        raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason=flaw)
+    signer = recover_typed_signer(seed.typed_data(), seed.signature)
+    if signer is None:
+        raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason="not a valid signature")
     if signer != seed.verifier:
         raise InvalidEpochSeed(verifier=seed.verifier, epoch=seed.epoch, reason="signed by another key")
 
