@@ -1,13 +1,14 @@
 """A local anvil chain as a context manager: free port, readiness poll with a deadline, clean shutdown.
 
-Used by ``ps-chain up``, the demo, the gas bench and the tests' session fixture. Anvil is the pinned npm binary
-(``node_modules/.bin/anvil``); nothing is downloaded.
+Used by ``ps-chain up``, the demo, the gas bench and the tests' session fixture. Anvil is the pinned npm package's
+native binary (:func:`anvil_binary`); nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -31,15 +32,37 @@ DEV_MNEMONIC = "test test test test test test test test test test test junk"
 ANVIL_CHAIN_ID = 31337
 
 
+#: npm's platform package suffix per (``platform.system()``, ``platform.machine()``), as @foundry-rs/anvil names them.
+_PLATFORM_PACKAGES = {
+    ("Linux", "x86_64"): "linux-amd64",
+    ("Linux", "aarch64"): "linux-arm64",
+    ("Darwin", "x86_64"): "darwin-amd64",
+    ("Darwin", "arm64"): "darwin-arm64",
+}
+
+
 def anvil_binary() -> Path:
-    """The pinned anvil: ``$PS_ANVIL`` or ``<repo>/node_modules/.bin/anvil``; raises if it is not installed."""
-    path = Path(os.environ.get("PS_ANVIL", _ROOT / "node_modules" / ".bin" / "anvil"))
-    if not path.exists():
-        found = shutil.which("anvil")
-        if found is None:
-            raise ChainError(f"anvil not found at {path}; run `make bootstrap` (npm ci installs it)")
-        path = Path(found)
-    return path
+    """The pinned anvil: ``$PS_ANVIL``, else the npm package's native binary, else ``anvil`` on PATH.
+
+    The native binary (``node_modules/@foundry-rs/anvil-<os>-<arch>/bin/anvil``), not ``node_modules/.bin/anvil``:
+    that is a Node wrapper which forwards SIGTERM to the real anvil and exits at once, so waiting for it returned
+    while anvil was still dumping ``--state`` (a restart then found no file, or half of one) and left anvil running
+    on its own. Raises if none is installed."""
+    configured = os.environ.get("PS_ANVIL")
+    if configured:
+        path = Path(configured)
+        if not path.exists():
+            raise ChainError(f"PS_ANVIL={configured} does not exist")
+        return path
+    suffix = _PLATFORM_PACKAGES.get((platform.system(), platform.machine()))
+    if suffix is not None:
+        native = _ROOT / "node_modules" / "@foundry-rs" / f"anvil-{suffix}" / "bin" / "anvil"
+        if native.exists():
+            return native
+    found = shutil.which("anvil")
+    if found is None:
+        raise ChainError("anvil not found; run `make bootstrap` (npm ci installs it)")
+    return Path(found)
 
 
 def free_port() -> int:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from eth_typing import HexStr
@@ -148,3 +151,26 @@ def test_an_anvil_with_a_block_time_mines_without_transactions() -> None:
         while w3.eth.block_number < first + 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert w3.eth.block_number >= first + 2
+
+
+def test_stop_returns_after_anvil_itself_exited_with_its_state_written(tmp_path: Path) -> None:
+    """``stop()`` waits for anvil itself, not a wrapper: the state file is complete and no anvil is left running.
+
+    The npm wrapper (``node_modules/.bin/anvil``) forwarded SIGTERM and exited at once, so a restart on the same
+    state file raced anvil's own dump (a CI run found no file)."""
+    from ledger import Anvil, AnvilConfig
+    from ledger._anvil import anvil_binary
+
+    assert ".bin" not in anvil_binary().parts  # the native binary, whose exit is anvil's own
+    state = tmp_path / "anvil.json"
+    anvil = Anvil(AnvilConfig(state_file=state)).start()
+    pid = anvil.pid
+    assert pid is not None
+    rpc(anvil.web3(), "evm_mine", [])
+    anvil.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone (reaped by stop), not dumping in the background
+    dumped = json.loads(state.read_text())
+    assert int(dumped["block"]["number"], 16) == 1
+    with Anvil(AnvilConfig(state_file=state)) as again:
+        assert again.web3().eth.block_number >= 1
