@@ -5,8 +5,10 @@ weighted sampling), independent across verifiers and anchors."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 from eth_account import Account
@@ -16,6 +18,8 @@ from ledger import dev_account
 from ledger._eip712 import SECP256K1_N
 from tests.fixtures.chain import ChainEnv
 from verifier._epoch import (
+    DEFAULT_SAMPLE_SIZE,
+    MAX_NODES,
     AnchorBlock,
     AnchorMismatch,
     AuditPolicy,
@@ -31,6 +35,7 @@ from verifier._epoch import (
     verify_epoch_seed,
 )
 from verifier._errors import InvalidVerifierInput
+from verifier._runner import EpochPlanner, VerifierConfig
 
 CONTRACT = "0x" + "ab" * 20
 CHAIN_ID = 31337
@@ -289,3 +294,60 @@ def test_the_signed_digest_and_the_plan_follow_the_documented_formulas_written_o
             key = keccak(b"planetserve/epoch/challenge/" + seed.seed + raw + i.to_bytes(4, "big"))
             expected.append((at, node, i, key))
     assert [(c.send_at_ms, c.node, c.index, c.key) for c in plan.challenges] == sorted(expected)
+
+
+#: A registry view twice the size one plan audits: the verifier must keep auditing, by a seeded sample.
+LARGE_VIEW = 2 * MAX_NODES
+
+
+async def test_a_registry_past_the_plan_bound_is_audited_by_a_seeded_uniform_sample_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Synthetic registry view of 20,000 model nodes (no chain): the verifier's planner no longer refuses it (which
+    stopped the verifier) but audits ``DEFAULT_SAMPLE_SIZE`` of them, drawn from the epoch seed: the same plan for
+    the same seed, another for another epoch, no part of the address space favoured; it logs that once, not every
+    epoch. Only an impossible plan is refused: a sample larger than one plan holds."""
+    view = ["0x" + keccak256(i.to_bytes(4, "big"))[:20].hex() for i in range(LARGE_VIEW)]
+    ordered = sorted(view)  # lowercase hex: its lower half is the lower half of the address space
+    lower_half = set(ordered[: LARGE_VIEW // 2])
+    # One challenge per audited node: the plan's cost here is the sampling, not 40,000 send times.
+    planner = EpochPlanner(VerifierConfig(state_dir=tmp_path, model_dir=tmp_path, max_challenges=1))
+    caplog.set_level(logging.INFO, logger="verifier._runner")
+    plans = []
+    for epoch in (3, 4):
+        seed = _seed(epoch=epoch)
+        plan = await planner.plan(seed, epoch=epoch, epoch_start=0, epoch_length=3_600, nodes=view)
+        plans.append(plan)
+        assert plan.sampled and plan.candidates == LARGE_VIEW
+        assert len(plan.audited) == len(set(plan.audited)) == DEFAULT_SAMPLE_SIZE
+        audited = {node.lower() for node in plan.audited}
+        assert list(plan.audited) == sorted(plan.audited) and audited <= set(view)
+        assert {c.node for c in plan.challenges} == set(plan.audited)
+        assert len(plan.challenges) == DEFAULT_SAMPLE_SIZE
+        assert all(len(plan.for_node(node)) == 1 for node in plan.audited[:50])
+        # Unbiased: 10,000 of 20,000 drawn uniformly put 5,000 in the lower half of the addresses (hypergeometric
+        # sd 35; 6 sd allowed).
+        assert abs(len(lower_half & audited) - DEFAULT_SAMPLE_SIZE // 2) < 6 * 36
+    first, second = plans
+    # Unpredictable from one epoch to the next: two independent halves share 5,000 nodes (sd 35).
+    assert abs(len(set(first.audited) & set(second.audited)) - DEFAULT_SAMPLE_SIZE // 2) < 6 * 36
+    # Pure: the same seed and view give the same sample (any checker re-derives it), in any order.
+    again = plan_epoch(
+        _seed(epoch=3).seed,
+        epoch=3,
+        epoch_start=0,
+        epoch_length=3_600,
+        nodes=list(reversed(view)),
+        policy=planner.policy,
+        not_before=_anchor().timestamp,
+    )
+    assert again.audited == first.audited and again.challenges == first.challenges
+    told = [r for r in caplog.records if "uniform sample" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.WARNING
+    # A plan larger than one plan holds is refused, at start (the verifier never gets to run into it).
+    with pytest.raises(InvalidVerifierInput) as refused:
+        AuditPolicy(sample_size=MAX_NODES + 1)
+    assert refused.value.param == "sample_size"
+    with pytest.raises(InvalidVerifierInput) as refused:
+        VerifierConfig(state_dir=tmp_path, model_dir=tmp_path, sample_size=MAX_NODES + 1)
+    assert refused.value.param == "sample_size"

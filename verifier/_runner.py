@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from node.overlay import NoModelNode
 from verifier._calibration import Calibration
 from verifier._epoch import (
+    MAX_NODES,
     AnchorMismatch,
     AuditPolicy,
     EpochPlan,
@@ -140,7 +141,8 @@ class VerifierConfig:
     max_challenges: int = 16
     """Most challenges per audited node per epoch, 1..64."""
     sample_size: int | None = None
-    """Nodes audited per epoch (None: every active model node of the model; see ``verifier._epoch``)."""
+    """Nodes audited per epoch, 1..10,000 (None: every active model node of the model while there are at most
+    10,000, a seeded uniform sample of 10,000 beyond; see ``verifier._epoch``)."""
     max_prompt_chars: int = 3_600
     """Longest challenge prompt, characters, 64..65536 (keep prompt + answer inside the model's context)."""
     retry_grace: float = 0.3
@@ -174,7 +176,12 @@ class VerifierConfig:
                 1 <= self.min_challenges <= self.max_challenges,
                 "1..max_challenges",
             ),
-            ("sample_size", self.sample_size, self.sample_size is None or self.sample_size >= 1, "None or >= 1"),
+            (
+                "sample_size",
+                self.sample_size,
+                self.sample_size is None or 1 <= self.sample_size <= MAX_NODES,
+                f"None or 1..{MAX_NODES}",
+            ),
             ("max_prompt_chars", self.max_prompt_chars, 64 <= self.max_prompt_chars <= 65_536, "64..65536"),
             ("retry_grace", self.retry_grace, 0.0 < self.retry_grace < 0.9, "(0, 0.9)"),
             ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s > 0, "positive"),
@@ -281,6 +288,47 @@ def _model_hex(model: object) -> str:
     return _hex(model) if isinstance(model, bytes) else str(model).lower()
 
 
+class EpochPlanner:
+    """Each epoch's audit plan from the verifier's config and seed; says once when the registry outgrew a whole
+    audit (``verifier._epoch.MAX_NODES`` model nodes) and each epoch audits a seeded sample instead."""
+
+    def __init__(self, config: VerifierConfig) -> None:
+        self.policy = AuditPolicy(
+            mean_challenges=config.mean_challenges,
+            min_challenges=config.min_challenges,
+            max_challenges=config.max_challenges,
+            sample_size=config.sample_size,
+        )
+        self._told = False
+
+    async def plan(
+        self, seed: EpochSeed, *, epoch: int, epoch_start: int, epoch_length: int, nodes: Sequence[str]
+    ) -> EpochPlan:
+        """The plan of ``epoch`` over the active model nodes ``nodes``, drawn in a worker thread (thousands of
+        keccak draws and checksums: about a second for 20,000 nodes, which the event loop must not wait out)."""
+        plan = await asyncio.to_thread(
+            plan_epoch,
+            seed.seed,
+            epoch=epoch,
+            epoch_start=epoch_start,
+            epoch_length=epoch_length,
+            nodes=nodes,
+            policy=self.policy,
+            not_before=seed.anchor.timestamp,
+        )
+        if plan.sampled and self.policy.sample_size is None and not self._told:
+            self._told = True
+            log.warning(
+                "verifier epoch=%d nodes=%d above the %d one plan audits: each epoch audits a uniform sample of %d "
+                "drawn from its seed (set sample_size to choose another size)",
+                epoch,
+                plan.candidates,
+                MAX_NODES,
+                len(plan.audited),
+            )
+        return plan
+
+
 class Verifier:
     """Audits model nodes epoch by epoch and attests their scores (see the module docstring).
 
@@ -321,6 +369,7 @@ class Verifier:
         self.sequential, self._state = self._load_state(calibration, cusum)
         self._salt = self._load_salt()
         self._conclude_lock = asyncio.Lock()
+        self._planner = EpochPlanner(config)
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -450,26 +499,16 @@ class Verifier:
         if seed is None:
             log.warning("verifier epoch=%d no anchor block before the epoch ended: nothing audited", epoch)
             return EpochReport(epoch=epoch, verdicts=(), skipped=skipped)
-        policy = AuditPolicy(
-            mean_challenges=self.config.mean_challenges,
-            min_challenges=self.config.min_challenges,
-            max_challenges=self.config.max_challenges,
-            sample_size=self.config.sample_size,
-        )
-        plan = plan_epoch(
-            seed.seed,
-            epoch=epoch,
-            epoch_start=start,
-            epoch_length=length,
-            nodes=[n.operator for n in serving if n.active],
-            policy=policy,
-            not_before=seed.anchor.timestamp,
+        policy = self._planner.policy
+        plan = await self._planner.plan(
+            seed, epoch=epoch, epoch_start=start, epoch_length=length, nodes=[n.operator for n in serving if n.active]
         )
         tries = {node: self._challenges(seed.seed, plan.for_node(node), epoch_begin - offset) for node in plan.audited}
         log.info(
-            "verifier epoch=%d audited=%d challenges=%d anchor=%d",
+            "verifier epoch=%d audited=%d of=%d challenges=%d anchor=%d",
             epoch,
             len(plan.audited),
+            plan.candidates,
             len(plan.challenges),
             seed.anchor.number,
         )
