@@ -7,7 +7,12 @@ OpenAI's API uses PlanetServe by changing only its base URL.
 
 Errors before the first token are ordinary HTTP errors in OpenAI's shape; an error after a stream started is one
 ``data: {"error": ...}`` event (which the official ``openai`` package raises as ``APIError``) and the stream ends.
-The endpoint is meant for 127.0.0.1: an optional bearer key (``OpenAIConfig.api_key``) guards it where it is shared.
+The endpoint is meant for 127.0.0.1: without a bearer key (``OpenAIConfig.api_key``) it answers only requests that
+name a loopback host (``Host``, and ``Origin`` when a browser sends one), so that a web page the user visits cannot
+spend the user's wallet through it (a cross-site POST, or DNS rebinding of the page's own name to 127.0.0.1); with a
+key it may be shared. Bodies must arrive within ``body_timeout_s`` and request heads within ``header_timeout_s``, and
+a streamed answer that its caller stops reading ends at the whole-request deadline: no caller can hold one of the
+``max_concurrent`` slots longer than that.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import ValidationError
+from pydantic_core import from_json
+from yarl import URL
 
 from node.client._bill import Bill, billing
 from node.client._chat import CHAT_STOP, ChatMessage, render_chat
 from node.client._errors import RequestTimeout, render
 from node.client._openai_wire import (
+    MAX_PROMPT_CHARS,
     ChatCompletionsRequest,
     CompletionsRequest,
     error_body,
@@ -52,7 +60,18 @@ class OpenAIConfig:
     max_concurrent: int = 64
     """Requests in flight at once; more get ``429`` at once rather than queueing without bound."""
     request_timeout_s: float = 300.0
-    """Whole-request deadline, seconds (a stream that stalls longer ends with an error event)."""
+    """Whole-request deadline, seconds (a stream that stalls longer ends with an error event; one whose caller stops
+    reading is cut off at it)."""
+    body_timeout_s: float = 10.0
+    """Most seconds a caller may take to send its whole body (``408`` after): one that trickles a byte at a time
+    must not hold an in-flight slot."""
+    header_timeout_s: float = 20.0
+    """Most seconds a connection may take to send a request head, and may stay idle between requests; it is then
+    closed (aiohttp's default would keep it an hour)."""
+    loopback_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"})
+    """Host names a keyless endpoint answers (in ``Host``, and in ``Origin`` when present): anything else is refused
+    with ``403``. A browser puts the page's own name in both, so a page cannot use the user's endpoint (and wallet);
+    set ``api_key`` to serve under other names."""
     default_max_tokens: int = 16
     """``max_tokens`` when the caller gives none (OpenAI's completions default)."""
     api_key: str | None = field(default=None, repr=False)
@@ -65,9 +84,27 @@ SERVICE = web.AppKey("planetserve.client.service", CompletionService)
 CONFIG = web.AppKey("planetserve.client.openai_config", OpenAIConfig)
 SLOTS = web.AppKey("planetserve.client.slots", asyncio.Semaphore)
 
+#: aiohttp's header limits, set explicitly: OpenAI clients send a few short headers.
+_MAX_LINE_SIZE = 8190
+_MAX_FIELD_SIZE = 8190
+#: Content types a web page may POST cross-site without a CORS preflight (plus none at all): never JSON from an API
+#: client, refused so that a form or a ``fetch`` with a text body can never start a paid request.
+_BROWSER_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
+
 
 def _json_error(status: int, message: str, *, error_type: str, code: str, param: str | None = None) -> web.Response:
     return web.json_response(error_body(message, error_type=error_type, code=code, param=param), status=status)
+
+
+def _loopback_caller(request: web.Request, hosts: frozenset[str]) -> bool:
+    """Whether the request names only loopback hosts: its ``Host``, and its ``Origin`` if it has one."""
+    try:
+        if request.url.host not in hosts:
+            return False
+        origin = request.headers.get(hdrs.ORIGIN)
+        return origin is None or URL(origin).host in hosts
+    except ValueError:  # a malformed Host or Origin
+        return False
 
 
 def _render_exception(exc: BaseException) -> web.Response:
@@ -87,6 +124,13 @@ async def _limits(request: web.Request, handler: Handler) -> web.StreamResponse:
             return _json_error(
                 401, "missing or wrong API key", error_type="authentication_error", code="invalid_api_key"
             )
+    elif not _loopback_caller(request, config.loopback_hosts):
+        return _json_error(
+            403,
+            "this endpoint answers only requests to 127.0.0.1; set an API key to serve other names",
+            error_type="permission_error",
+            code="host_not_allowed",
+        )
     slots = request.app[SLOTS]
     if slots.locked():
         return _json_error(
@@ -104,9 +148,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = "not_found" if exc.status == 404 else "http_error"
-        if exc.status == 413:
-            code = "request_too_large"
+        code = {404: "not_found", 408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type"}.get(
+            exc.status, "http_error"
+        )
         return _json_error(exc.status, exc.reason, error_type="invalid_request_error", code=code)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -117,9 +161,20 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _read_json(request: web.Request) -> Any:
+    """The body as JSON, read within ``body_timeout_s`` (and ``max_body_bytes``, by aiohttp)."""
+    if hdrs.CONTENT_TYPE not in request.headers or request.content_type in _BROWSER_SIMPLE_TYPES:
+        raise web.HTTPUnsupportedMediaType(reason="send the body as application/json")
     try:
-        return await request.json()
-    except ValueError as exc:
+        async with asyncio.timeout(request.app[CONFIG].body_timeout_s):
+            body = await request.read()
+    except TimeoutError as exc:
+        raise web.HTTPRequestTimeout(reason="the body did not arrive in time") from exc
+    try:
+        # pydantic's parser, not json.loads: it refuses nesting past 200 levels, while the standard library recurses
+        # on the C stack up to sys.getrecursionlimit(), which py_ecc (imported with web3) raises to 100,000, so a
+        # 1 MiB body of "[" would crash the whole process.
+        return from_json(body.decode(request.charset or "utf-8"), allow_inf_nan=False)
+    except (ValueError, LookupError) as exc:  # not the charset it says (or an unknown one), or not JSON
         raise InvalidParams(param="body", value=None, reason="the body is not JSON") from exc
 
 
@@ -137,17 +192,20 @@ def _completion_request(
     req: CompletionsRequest | ChatCompletionsRequest,
     stop: tuple[str, ...],
 ) -> CompletionRequest:
-    return CompletionRequest(
-        model=served.model_id,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        # Every request carries a seed so that a sampled answer can be replayed by a verifier (docs/openai.md).
-        seed=req.seed if req.seed is not None else secrets.randbelow(2**63),
-        stop=stop,
-    )
+    try:
+        return CompletionRequest(
+            model=served.model_id,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            # Every request carries a seed so that a sampled answer can be replayed by a verifier (docs/openai.md).
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**63),
+            stop=stop,
+        )
+    except ValidationError as exc:  # what the overlay refuses is the caller's fault too, never a 500
+        raise _validation_error(exc) from exc
 
 
 @dataclass(slots=True)
@@ -184,6 +242,10 @@ class _Tally:
 
 class _Aborted(Exception):
     """The model node aborted the generation (shown to the caller as a server error)."""
+
+
+class _CallerStalled(Exception):
+    """The caller stopped reading a streamed answer until the whole-request deadline: its connection is cut."""
 
 
 async def _deadline(stream: AsyncIterator[CompletionDelta], seconds: float) -> AsyncGenerator[CompletionDelta, None]:
@@ -269,6 +331,7 @@ async def _respond_billed(
     stream: bool,
     include_usage: bool,
 ) -> web.StreamResponse:
+    end = asyncio.get_running_loop().time() + exchange.config.request_timeout_s
     deltas = _deadline(service.stream(exchange.request), exchange.config.request_timeout_s)
     try:
         if not stream:
@@ -290,7 +353,12 @@ async def _respond_billed(
 
         async def send(data: dict[str, Any] | str) -> None:
             payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-            await response.write(f"data: {payload}\n\n".encode())
+            # A write waits while the caller does not read (once the socket buffers are full): within the deadline.
+            try:
+                async with asyncio.timeout_at(end):
+                    await response.write(f"data: {payload}\n\n".encode())
+            except TimeoutError as exc:
+                raise _CallerStalled from exc
 
         await send(exchange.chunk(first.text, first.finish_reason, first=True))
         try:
@@ -300,6 +368,8 @@ async def _respond_billed(
             if tally.finish_reason is None:
                 raise _Aborted
         except Exception as exc:
+            if isinstance(exc, _CallerStalled):
+                raise
             shown = render(exc) if not isinstance(exc, _Aborted) else None
             code = shown.code if shown else "generation_aborted"
             message = str(exc) if shown and shown.code != "internal_error" else "the generation did not complete"
@@ -315,6 +385,11 @@ async def _respond_billed(
         return response
     except _Aborted:
         return _json_error(502, "the generation did not complete", error_type="server_error", code="generation_aborted")
+    except _CallerStalled:
+        log.info("openai endpoint: a caller stopped reading its stream; connection closed")
+        if http.transport is not None:
+            http.transport.abort()
+        raise ConnectionResetError("the caller stopped reading") from None
     finally:
         await deltas.aclose()
 
@@ -359,11 +434,17 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role, content=m.content) for m in req.messages
     ]
+    prompt = render_chat(messages)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        # Each message is bounded by the wire model; the rendered conversation must fit one prompt too.
+        raise InvalidParams(
+            param="messages", value=None, reason=f"the conversation renders to over {MAX_PROMPT_CHARS} characters"
+        )
     service, config = request.app[SERVICE], request.app[CONFIG]
     served = service.resolve_model(req.model)
     completion = _completion_request(
         served,
-        render_chat(messages),
+        prompt,
         max_tokens=req.token_limit(config.default_max_tokens),
         req=req,
         stop=(*stops, CHAT_STOP),
@@ -379,7 +460,16 @@ async def _healthz(_request: web.Request) -> web.Response:
 def create_openai_app(service: CompletionService, config: OpenAIConfig | None = None) -> web.Application:
     """The endpoint's root application; the OpenAI routes live on the ``/v1`` sub-app."""
     config = config or OpenAIConfig()
-    root = web.Application(client_max_size=config.max_body_bytes)
+    root = web.Application(
+        client_max_size=config.max_body_bytes,
+        handler_args={
+            "max_line_size": _MAX_LINE_SIZE,
+            "max_field_size": _MAX_FIELD_SIZE,
+            # aiohttp closes a connection that has not sent a whole request head this long after connecting (or
+            # after its last response): the header-read timeout, which also ends idle kept-alive connections.
+            "keepalive_timeout": config.header_timeout_s,
+        },
+    )
     # Middleware order is fixed: limits (auth, in-flight bound) first, then error mapping.
     v1 = web.Application(client_max_size=config.max_body_bytes, middlewares=[_limits, _errors])
     for app in (root, v1):
