@@ -10,7 +10,6 @@ never a crash and never a silent default.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import secrets
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import from_json
 
 from node.inference import (
     Engine,
@@ -371,7 +371,9 @@ def completion_handler(
 
 def _parse_line(line: bytes) -> CompletionDelta:
     try:
-        data = json.loads(line)
+        # Not json.loads: a model node's line of 100,000 "[" would recurse on the C stack (py_ecc, imported with
+        # web3, raises the recursion limit to 100,000) and crash the client or verifier; this parser stops at 200.
+        data = from_json(line)
     except ValueError as exc:
         raise CompletionError("bad_reply", "the model node sent a line that is not JSON") from exc
     try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from node.privacy import Hop, InvalidPrivacyParam, key_id
+from node.privacy._paths import check_endpoint
 
 if TYPE_CHECKING:
     from ledger import IndexedNode
@@ -45,9 +46,7 @@ class Peer:
 
     def __post_init__(self) -> None:
         Hop(node_id=self.node_id, public_key=self.public_key)  # validates both lengths
-        raw = self.endpoint.encode("ascii", "replace")
-        if not raw.startswith(b"http://") or len(raw) > MAX_ENDPOINT_LEN or b"?" in raw or len(raw) <= len("http://"):
-            raise InvalidPrivacyParam("endpoint", self.endpoint[:80], "ASCII http://host:port")
+        check_endpoint(self.endpoint, max_bytes=MAX_ENDPOINT_LEN)
 
     @property
     def key_id(self) -> bytes:

@@ -312,17 +312,24 @@ class CloveReceiver:
             response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)
             sent = 0
+            writing = False
             try:
                 while True:
+                    # The deadline covers the write too: a path that stops reading (its socket buffers full) would
+                    # otherwise hold this stream, and an in-flight slot, for ever.
                     async with asyncio.timeout(self._config.idle_timeout_s):
                         item = await queue.get()
-                    if item is None:
-                        break
-                    await response.write(writer.seal(item))
+                        if item is None:
+                            break
+                        writing = True
+                        await response.write(writer.seal(item))
+                        writing = False
                     sent += 1
             except (TimeoutError, ConnectionError) as exc:
                 self._metrics.streams_aborted += 1
                 log.info("reply stream to a path ended after %d frames: %s", sent, type(exc).__name__)
+                if writing and request.transport is not None:
+                    request.transport.abort()  # ending the stream politely would wait on the same full buffer
                 return response
             self._metrics.streams_completed += 1
             # The path may already be gone (the client got FINAL on another path and moved on): not an error.

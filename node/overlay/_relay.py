@@ -88,11 +88,13 @@ async def forward(
         # on, then add this hop's layer and tag it for the previous hop.
         reader = FrameReader(peeled.next_link_key)
         writer = FrameWriter.for_hop(peeled.keys.reply)
+        writing = False
         try:
             async with asyncio.timeout(config.circuit_lifetime_s):
                 while True:
-                    # Each whole frame within idle_timeout_s of the previous one: a per-read timeout (sock_read)
-                    # alone would let a next hop that trickles a byte at a time hold this slot for the lifetime.
+                    # Each whole frame within idle_timeout_s of the previous one, read and written: a per-read
+                    # timeout (sock_read) alone would let a next hop that trickles a byte at a time hold this slot
+                    # for the lifetime, and an untimed write a previous hop that stops reading.
                     async with asyncio.timeout(config.idle_timeout_s):
                         try:
                             prefix = await upstream.content.readexactly(FRAME_LEN_BYTES)
@@ -102,7 +104,9 @@ async def forward(
                             break
                         length = check_frame_len(prefix)
                         body = await upstream.content.readexactly(length)
-                    await response.write(writer.seal(reader.open(body)))
+                        writing = True
+                        await response.write(writer.seal(reader.open(body)))
+                        writing = False
                     index += 1
         except (
             MalformedPacket,
@@ -113,6 +117,8 @@ async def forward(
         ) as exc:
             metrics.streams_aborted += 1
             log.info("reply stream aborted after %d frames: %s", index, type(exc).__name__)
+            if writing and request.transport is not None:
+                request.transport.abort()  # ending the stream politely would wait on the same full buffer
             return response
         metrics.streams_completed += 1
         # The previous hop may already have hung up (its client got FINAL on another path and moved on): not an error.

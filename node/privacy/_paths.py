@@ -3,6 +3,7 @@ pool allows, weighted by reputation and liveness, with a CSPRNG."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,27 @@ from dataclasses import dataclass, field
 from node.privacy._constants import MAX_HOPS, MAX_N, NODE_ID_LEN
 from node.privacy._errors import InsufficientRelays, InvalidPrivacyParam
 from node.privacy._onion import Hop
+
+#: ``host[:port]``: a DNS name or IPv4 address, or an IPv6 address in brackets; nothing else.
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+def check_endpoint(endpoint: str, *, max_bytes: int) -> None:
+    """Refuse a registered endpoint that is not a bare ``http://host[:port]`` (a trailing ``/`` allowed).
+
+    Why: nodes and clients append their own path (``/overlay/v1/onion``, the heartbeat's) to it. A path,
+    ``;params``, a query, a ``#fragment`` (which swallows the appended path), userinfo, spaces or control characters
+    would let whoever registered the endpoint choose what a relay or client requests, and where on that host.
+    """
+    authority = endpoint.removeprefix("http://").removesuffix("/")
+    match = _AUTHORITY.fullmatch(authority) if endpoint.startswith("http://") else None
+    if (
+        match is None
+        or not endpoint.isascii()
+        or len(endpoint.encode()) > max_bytes
+        or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536)
+    ):
+        raise InvalidPrivacyParam("endpoint", endpoint[:80], f"http://host:port, at most {max_bytes} ASCII bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +59,7 @@ class RelayDescriptor:
             raise InvalidPrivacyParam("reputation", self.reputation, "0..1")
         if not (0.0 <= self.liveness <= 1.0):
             raise InvalidPrivacyParam("liveness", self.liveness, "0..1")
-        if not self.endpoint.startswith("http://") or len(self.endpoint.encode()) > 64:
-            raise InvalidPrivacyParam("endpoint", self.endpoint, "http://host:port, at most 64 bytes")
+        check_endpoint(self.endpoint, max_bytes=64)
 
     @property
     def weight(self) -> float:

@@ -1,0 +1,224 @@
+"""What a stranger can make an overlay node (relay or model node) or a client hold or do, on real aiohttp servers on
+127.0.0.1: a previous hop that stops reading its reply stream, a registered endpoint that smuggles a path, a heartbeat
+that never ends, and a model node whose reply line is nested deep enough to crash the reader.
+
+Bounds are lowered through ``OverlayConfig`` so that each test runs in seconds; each test says what it saw before
+the bound existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from node.client import OverlayTransport
+from node.overlay import CompletionError, CompletionRequest, OverlayConfig, complete, keys
+from node.overlay._heartbeat import HEARTBEAT_PATH
+from node.overlay._localnet import LocalNetwork, serve_ephemeral, start_node
+from node.overlay._peers import Peer, StaticPeerDirectory
+from node.privacy import Envelope, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
+from planetserve import ModelId
+
+ONION = "/overlay/v1/onion"
+
+
+async def _flood(_request: bytes) -> AsyncIterator[bytes]:
+    """A reply far larger than any socket buffer (it stops at the node's backlog bound, about 4 MiB)."""
+    while True:
+        yield b"r" * 65536
+        await asyncio.sleep(0)
+
+
+async def _until(predicate: object, timeout_s: float) -> None:
+    assert callable(predicate)
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def _non_reader(endpoint: str, packet: bytes) -> AsyncIterator[None]:
+    """POST ``packet`` over a socket with a 4 KiB receive buffer and never read the answer."""
+    host, port = endpoint.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        head = f"POST {ONION} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(packet)}\r\n\r\n"
+        writer.write(head.encode() + packet)
+        await writer.drain()
+        yield
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def _cloves(n: int, k: int) -> list[bytes]:
+    envelope = Envelope(reply_key=secrets.token_bytes(32), body=b"any request")
+    return [c.to_bytes() for c in split(envelope.to_bytes(), n, k)]
+
+
+async def test_a_path_that_stops_reading_its_reply_frees_the_model_nodes_slot_within_the_idle_timeout() -> None:
+    # Before, only waiting for the next frame was timed, not writing it: once the socket buffers were full the
+    # write waited for good, and each such path held one of the node's max_inflight slots for ever.
+    template = OverlayConfig(x25519_secret=secrets.token_bytes(32), idle_timeout_s=0.5, reply_timeout_s=60)
+    async with LocalNetwork(relays=0, handler=_flood, template=template) as net:
+        assert net.model is not None
+        node = net.model
+        state = node.overlay[keys.RELAY_STATE]
+        metrics = node.overlay[keys.METRICS]
+        async with contextlib.AsyncExitStack() as stack:
+            for clove in _cloves(3, 2)[:2]:
+                await stack.enter_async_context(_non_reader(node.endpoint, build_onion([node.hop()], clove).packet))
+            await _until(lambda: metrics.delivered == 2, 5)
+            await _until(lambda: state.inflight == 0, 8)
+            assert metrics.streams_aborted == 2
+
+
+async def test_a_previous_hop_that_stops_reading_frees_the_relays_slot_within_the_idle_timeout() -> None:
+    # Before, the relay timed each frame's read from the next hop but not its write to the previous hop: a client
+    # that stopped reading held the relay's slot (and the model node's) for the whole circuit lifetime (900 s).
+    template = OverlayConfig(
+        x25519_secret=secrets.token_bytes(32), idle_timeout_s=0.5, circuit_lifetime_s=60, reply_timeout_s=60
+    )
+    async with LocalNetwork(relays=1, handler=_flood, template=template) as net:
+        assert net.model is not None
+        relay = net.relay_nodes[0]
+        async with contextlib.AsyncExitStack() as stack:
+            for clove in _cloves(3, 2)[:2]:
+                packet = build_onion([relay.hop(), net.model.hop()], clove).packet
+                await stack.enter_async_context(_non_reader(relay.endpoint, packet))
+            await _until(lambda: relay.overlay[keys.METRICS].forwarded == 2, 5)
+            await _until(lambda: relay.overlay[keys.RELAY_STATE].inflight == 0, 8)
+            await _until(lambda: net.model is not None and net.model.overlay[keys.RELAY_STATE].inflight == 0, 8)
+            assert relay.overlay[keys.METRICS].streams_aborted == 2
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:{port}/admin/reset#",  # the fragment swallows the /overlay/v1/onion suffix
+        "http://127.0.0.1:{port}/admin/reset;",
+        "http://user:secret@127.0.0.1:{port}",
+        "http://127.0.0.1:{port}/admin",
+        "http://127.0.0.1:{port} /x",
+        "http://127.0.0.1:{port}\r\nX-Injected: 1",
+        "http://",
+        "http://:80",
+    ],
+    ids=["fragment", "params", "userinfo", "path", "space", "crlf", "no-host", "empty-host"],
+)
+async def test_a_registered_endpoint_that_is_not_a_bare_host_and_port_is_refused_and_never_dialled(
+    endpoint: str,
+) -> None:
+    # Before, a peer's endpoint needed only to start with http:// and hold no "?": a registrant could append a path
+    # and a "#", so that every relay forwarding to it POSTed to a path of its choosing (here /admin/reset) on any host.
+    hits: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=404)
+
+    internal = web.Application()
+    internal.router.add_route("*", "/{tail:.*}", record)
+    runner, url = await serve_ephemeral(internal)
+    try:
+        port = url.rsplit(":", 1)[1]
+        evil = endpoint.format(port=port)
+        hop_key = public_key(secrets.token_bytes(32))
+        node_id = secrets.token_bytes(20)
+        with pytest.raises(InvalidPrivacyParam):
+            Peer(node_id=node_id, endpoint=evil, public_key=hop_key)
+        with pytest.raises(InvalidPrivacyParam):
+            RelayDescriptor(
+                node_id="0x" + node_id.hex(), operator="0x" + node_id.hex(), endpoint=evil, public_key=hop_key
+            )
+        # The control: the same host as a bare host:port is a peer, and a relay forwarding to it does dial it.
+        peers = StaticPeerDirectory([Peer(node_id=node_id, endpoint=url, public_key=hop_key)])
+        relay = await start_node("relay", OverlayConfig(x25519_secret=secrets.token_bytes(32)), peers=peers)
+        try:
+            packet = build_onion([relay.hop(), peers.get(node_id).hop()], b"clove").packet  # type: ignore[union-attr]
+            async with aiohttp.ClientSession() as session, session.post(relay.endpoint + ONION, data=packet) as reply:
+                assert reply.status == 502
+            assert hits == [ONION]
+        finally:
+            await relay.stop()
+    finally:
+        await runner.cleanup()
+
+
+def test_bare_host_and_port_endpoints_stay_valid() -> None:
+    key = public_key(secrets.token_bytes(32))
+    for endpoint in ("http://127.0.0.1:8701", "http://relay.example.org:80", "http://[::1]:8701", "http://n1/"):
+        Peer(node_id=secrets.token_bytes(20), endpoint=endpoint, public_key=key)
+
+
+async def test_a_heartbeat_that_never_ends_is_given_up_within_the_fetch_deadline() -> None:
+    # A registered model node (anyone with a stake) answers the heartbeat GET with a body it never finishes, a byte
+    # every 50 ms: the client's fetch must end on its own deadline, not on the node's say-so.
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b" ")
+                sent += 1
+                await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_get(HEARTBEAT_PATH, endless)
+    runner, endpoint = await serve_ephemeral(app)
+    transport = OverlayTransport()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises((TimeoutError, aiohttp.ClientError)):
+            async with asyncio.timeout(10):  # only the test's own guard: the fetch must end well before
+                await transport.fetch_heartbeat(endpoint)
+        took = loop.time() - started
+    finally:
+        await transport.close()
+        await runner.cleanup()
+    assert took < 5.0 and sent > 3  # it was still trickling when given up
+
+
+@contextlib.contextmanager
+def _production_recursion_limit() -> Iterator[None]:
+    """The recursion limit a running client has: py_ecc (imported with web3) raises it to 100,000, so a recursive
+    JSON decoder overflows the C stack (a segfault) before it raises RecursionError."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, 100_000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+async def test_a_reply_line_nested_deep_enough_to_crash_a_recursive_decoder_is_a_bad_reply() -> None:
+    # Before, the client parsed reply lines with json.loads: this line (150,000 "[", within the reply bound for 64
+    # tokens) crashed the whole process, so a cheating model node could kill every verifier that audited it.
+    async def nested(_request: bytes) -> AsyncIterator[bytes]:
+        yield b"[" * 150_000 + b"\n"
+
+    request = CompletionRequest(model=ModelId("0x" + "ab" * 32), prompt="hi", max_tokens=64)
+    with _production_recursion_limit():
+        async with LocalNetwork(relays=0, handler=nested) as net, aiohttp.ClientSession() as session:
+            with pytest.raises(CompletionError) as caught:
+                async for _ in complete(session, request, [[]] * 4, net.destination):
+                    pass
+    assert caught.value.code == "bad_reply"
