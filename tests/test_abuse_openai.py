@@ -278,3 +278,19 @@ async def test_absurd_parameters_are_refused_before_anything_is_sent(extra: dict
     assert status in (400, 404), answer
     assert answer["error"]["type"] == "invalid_request_error"
     assert service.started == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Pad": "a" * 9000}, {f"X-H{i}": "v" for i in range(200)}, {"a" * 9000: "v"}],
+    ids=["long-value", "many-headers", "long-name"],
+)
+async def test_oversized_request_heads_are_refused_before_anything_is_sent(headers: dict[str, str]) -> None:
+    async with _endpoint(OpenAIConfig()) as (service, url):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/v1/completions", json=GOOD, headers=headers) as response,
+        ):
+            assert 400 <= response.status < 500
+        assert service.started == 0
+        assert await _status_of_one(url) == 200

@@ -222,3 +222,22 @@ async def test_a_reply_line_nested_deep_enough_to_crash_a_recursive_decoder_is_a
                 async for _ in complete(session, request, [[]] * 4, net.destination):
                     pass
     assert caught.value.code == "bad_reply"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Pad": "a" * 9000}, {f"X-H{i}": "v" for i in range(200)}, {"a" * 9000: "v"}],
+    ids=["long-value", "many-headers", "long-name"],
+)
+async def test_oversized_request_heads_are_refused_without_taking_a_slot(headers: dict[str, str]) -> None:
+    relay = await start_node("relay", OverlayConfig(x25519_secret=secrets.token_bytes(32)))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(relay.endpoint + ONION, data=b"x", headers=headers) as response:
+                assert 400 <= response.status < 500
+            async with session.get(relay.endpoint + "/overlay/healthz") as health:
+                assert health.status == 200
+        assert relay.overlay[keys.RELAY_STATE].inflight == 0
+        assert relay.overlay[keys.METRICS].requests == 1  # only the health check reached the application
+    finally:
+        await relay.stop()
