@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import secrets
 import socket
 import sys
@@ -239,5 +240,22 @@ async def test_oversized_request_heads_are_refused_without_taking_a_slot(headers
                 assert health.status == 200
         assert relay.overlay[keys.RELAY_STATE].inflight == 0
         assert relay.overlay[keys.METRICS].requests == 1  # only the health check reached the application
+    finally:
+        await relay.stop()
+
+
+async def test_a_compressed_body_that_inflates_past_the_packet_limit_is_refused_as_oversized() -> None:
+    # 32 KB on the wire, 32 MiB inflated: the limit applies to what the body inflates to, as it inflates.
+    bomb = gzip.compress(bytes(32 << 20), compresslevel=9)
+    relay = await start_node("relay", OverlayConfig(x25519_secret=secrets.token_bytes(32)))
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        async with aiohttp.ClientSession() as session:
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"}
+            async with session.post(relay.endpoint + ONION, data=bomb, headers=headers) as response:
+                assert response.status == 413
+        assert loop.time() - started < 5.0
+        assert relay.overlay[keys.METRICS].snapshot()["rejected"]["oversized"] == 1  # type: ignore[index]
     finally:
         await relay.stop()
