@@ -21,6 +21,12 @@ Channels are opened on demand (``deposit_wei`` each, more when one request needs
 while the wei held in channels (deposits not yet redeemed, open and closing, plus pending) stays within
 ``budget_wei``. Chain calls run in worker threads.
 
+Every read and write of the book runs on one ordered worker thread (:mod:`node.client._book_queue`): off the event
+loop (a commit is an fsync, ~12 ms, longer while another process holds the book's write lock), and in the order they
+were asked for, so a voucher signed after a request finished always sees that request settled. :meth:`Wallet.finish`
+stays synchronous for its callers: it queues the settle and returns. :meth:`Wallet.close` drains the queue (with a
+timeout) and raises ``BookWriteFailed`` when a queued write failed (each failure is also logged when it happens).
+
 Fresh addresses (``fresh=True`` on :meth:`Wallet.deposit`, or ``fresh_addresses``): a channel paid from a key
 derived from the client's key (HKDF-SHA256 over the key, the chain, the contract, the node and an index), funded by a
 plain transfer from the main address. Nodes and chain observers no longer see one client address across channels;
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import shutil
 import tempfile
 import threading
@@ -58,6 +65,7 @@ from ledger import (
     sign_voucher,
 )
 from node.client._bill import bill_payment, bill_spent
+from node.client._book_queue import DRAIN_TIMEOUT_S, BookQueue
 from node.client._errors import ClientError
 from node.client._wallet_store import (
     CLOSING,
@@ -71,6 +79,7 @@ from node.client._wallet_store import (
 )
 from node.overlay import CompletionRequest, ModelNode
 
+log = logging.getLogger(__name__)
 #: Tokens added to a prompt bound that was not counted with the node's tokenizer (UTF-8 bytes bound tokens of byte
 #: level tokenizers; a SentencePiece dummy prefix or similar adds a few).
 BYTES_BOUND_MARGIN = 8
@@ -88,6 +97,20 @@ class PaymentBusy(ClientError):
     def __init__(self, node: str, seconds: float) -> None:
         self.node = node
         super().__init__(f"the channel to {node} admitted no request within {seconds:g} s")
+
+
+class BookWriteFailed(ClientError):
+    """A book write queued by :meth:`Wallet.finish` (a settle, or the release of an unsent voucher) failed, or was
+    still queued when the wallet closed: that request's reservation may still count as in flight (later vouchers on
+    its channel are that much higher than needed until a lone process folds it in)."""
+
+    code = "payment_book_write_failed"
+
+    def __init__(self, failed: int, first: BaseException | None) -> None:
+        self.failed = failed
+        self.first = first
+        cause = f" (first: {type(first).__name__}: {first})" if first is not None else ""
+        super().__init__(f"{failed} queued write(s) of the wallet's book did not complete{cause}")
 
 
 class WalletExhausted(ClientError):
@@ -232,17 +255,41 @@ class Wallet:
         self._admission: dict[str, asyncio.Lock] = {}
         self._book = threading.Lock()
         self._keys: dict[str, LocalAccount] = {}
-        self._finalizer = weakref.finalize(self, _release, self._locks, self.store, state_dir if temporary else None)
+        self._books = BookQueue(f"ps-wallet-book-{account.address[:10]}")
+        self._finalizer = weakref.finalize(
+            self, _release, self._books, self._locks, self.store, state_dir if temporary else None
+        )
         # No other process of this client is alive: their reservations are spent (folded before another can join).
-        self._locks.join(on_alone=self.store.fold_in_flight)
+        self._locks.join(on_alone=lambda: self._write(self.store.fold_in_flight))
         self.reconcile()
 
     def __repr__(self) -> str:
         return f"Wallet(address={self._account.address}, store={self.store.path})"
 
-    def close(self) -> None:
-        """Release the book and the locks (also done when the wallet is collected, or the process exits)."""
+    def close(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Run the book writes still queued (up to ``timeout`` seconds), then release the book and the locks (also
+        done, without raising, when the wallet is collected or the process exits). ``BookWriteFailed`` when a queued
+        write failed or did not run in time: the caller learns that the book may be behind."""
+        if not self._finalizer.alive:
+            return
+        drained = self._books.close(timeout)
         self._finalizer()
+        failed, errors = self._books.failures()
+        if failed or not drained:
+            raise BookWriteFailed(failed + (0 if drained else 1), errors[0] if errors else None)
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Wait, without blocking the event loop, until every book write queued so far ran; ``BookWriteFailed``
+        when one of the queued ones failed since the last check (or they did not finish within ``timeout``)."""
+        drained = await self._books.adrain(timeout)
+        failed, errors = self._books.failures()
+        if failed or not drained:
+            raise BookWriteFailed(failed + (0 if drained else 1), errors[0] if errors else None)
+
+    def _write(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a book read or write on the book's thread, in order, and wait for it (callers off the event loop,
+        or synchronous commands)."""
+        return self._books.call(call, *args, **kwargs)
 
     @property
     def address(self) -> str:
@@ -255,12 +302,15 @@ class Wallet:
         return self._domain
 
     def channels(self, *, include_closed: bool = False) -> list[ChannelState]:
-        """Copies of the wallet's channels (open and closing; settled and gone ones too with ``include_closed``)."""
-        return self.store.channels(include_closed=include_closed)
+        """Copies of the wallet's channels (open and closing; settled and gone ones too with ``include_closed``),
+        after every book write queued before (a blocking wait: on an event loop, ``await drain()`` first)."""
+        result: list[ChannelState] = self._write(self.store.channels, include_closed=include_closed)
+        return result
 
     def channel(self, node: str) -> ChannelState | None:
-        """The channel requests to ``node`` are paid on (a copy), or None."""
-        return self.store.active(node)
+        """The channel requests to ``node`` are paid on (a copy), or None (after the writes queued before)."""
+        result: ChannelState | None = self._write(self.store.active, node)
+        return result
 
     def signer_address(self, state: ChannelState) -> str:
         """The address that pays on (and signs for) ``state``'s channel: the main one, or its fresh one."""
@@ -283,7 +333,8 @@ class Wallet:
 
     def _store_info(self, channel_id: int, info: ChannelInfo) -> None:
         """Copy the chain's view of a channel (deposit, redeemed, close deadline, state) into the book."""
-        self.store.refresh(
+        self._write(
+            self.store.refresh,
             channel_id,
             deposit=info.deposit,
             redeemed=info.redeemed,
@@ -296,20 +347,21 @@ class Wallet:
         info = self._reader.channel(channel_id)
         assert info is not None
         self._store_info(channel_id, info)
-        after = self.store.get(channel_id)
+        after: ChannelState | None = self._write(self.store.get, channel_id)
         assert after is not None
         return after
 
     def reconcile(self) -> None:
         """Bring the book in line with the chain: find pending deposits' channels by their events, and refresh
         every channel's deposit, redeemed amount and state (``gone`` when the chain has no such channel of ours)."""
-        for pending in self.store.pending():
+        for pending in self._write(self.store.pending):
             payer = self._fresh_key(pending.node, int(pending.key_index)) if pending.key_index else self._account
             for channel_id in self._opened_ids(payer.address, pending.node, pending.from_block):
-                if self.store.get(channel_id) is None:
+                if self._write(self.store.get, channel_id) is None:
                     info = self._reader.channel(channel_id)
                     if info is not None:
-                        self.store.record_channel(
+                        self._write(
+                            self.store.record_channel,
                             channel_id=channel_id,
                             node=info.node,
                             deposit=info.deposit,
@@ -319,11 +371,11 @@ class Wallet:
                             key_index=pending.key_index,
                         )
             assert pending.id is not None
-            self.store.drop_pending(pending.id)
-        for state in self.store.channels():
+            self._write(self.store.drop_pending, pending.id)
+        for state in self._write(self.store.channels):
             info = self._reader.channel(state.channel_id)
             if info is None or info.client != self._signer(state).address or info.node != state.node:
-                self.store.mark(state.channel_id, GONE)
+                self._write(self.store.mark, state.channel_id, GONE)
                 continue
             self._store_info(state.channel_id, info)
             self._checked[state.channel_id] = time.monotonic()
@@ -333,17 +385,18 @@ class Wallet:
         a channel another process of this client closed (or the chain forgot) is skipped, not paid on (the node
         would refuse it, ``voucher_channel_closing``)."""
         for _ in range(8):  # each pass retires one channel; a client has few per node
-            state = self.store.active(node)
+            # In the book's order: after every settle queued before (a finished request's reservation is gone).
+            state = await self._books.run(self.store.active, node)
             if state is None or time.monotonic() - self._checked.get(state.channel_id, 0.0) < self.chain_check_s:
                 return state
             info = await asyncio.to_thread(self._reader.channel, state.channel_id)
             self._checked[state.channel_id] = time.monotonic()
             if info is None or info.client != self._signer(state).address or info.node != state.node:
-                await asyncio.to_thread(self.store.mark, state.channel_id, GONE)  # a write: off the event loop
+                await self._books.run(self.store.mark, state.channel_id, GONE)
                 continue
             await asyncio.to_thread(self._store_info, state.channel_id, info)
             if _state_name(info) == OPEN:
-                return self.store.get(state.channel_id)
+                return await self._books.run(self.store.get, state.channel_id)
         return None
 
     def _opened_ids(self, client: str, node: str, from_block: int) -> list[int]:
@@ -379,20 +432,35 @@ class Wallet:
             receipt_timeout=FUND_RECEIPT_TIMEOUT_S,
         )
 
+    def _next_fresh_index(self) -> int:
+        """The derivation index of the next fresh address: one above every index the book used (channels and pending
+        deposits), so an index lost to a failed open, or left out by a recovery, is never handed out twice."""
+        used = [int(c.key_index) for c in self.store.channels(include_closed=True) if c.key_index]
+        used += [int(p.key_index) for p in self.store.pending() if p.key_index]
+        return max(used, default=-1) + 1
+
+    def _reserve_fresh(
+        self, node: str, amount: int, *, from_block: int, budget: int | None, fresh: bool
+    ) -> tuple[int | None, str]:
+        """On the book's thread: pick the key index (fresh ones) and record the pending deposit in one job, so two
+        opens of this process never take the same index."""
+        key_index = str(self._next_fresh_index()) if fresh else ""
+        pending = self.store.reserve_deposit(node, amount, from_block=from_block, budget=budget, key_index=key_index)
+        return pending, key_index
+
+    def _exhausted(self, needed: int) -> WalletExhausted:
+        committed: int = self._write(self.store.committed_deposits)
+        return WalletExhausted(needed, max(0, self.budget_wei - committed))
+
     def _open_sync(self, node: str, amount: int, *, budget: int | None, fresh: bool) -> ChannelState:
         node = checksum(node, param="node")
-        key_index = ""
-        payer = self._account
-        if fresh:
-            index = sum(1 for c in self.store.channels(include_closed=True) if c.key_index) + len(
-                [p for p in self.store.pending() if p.key_index]
-            )
-            key_index, payer = str(index), self._fresh_key(node, index)
-        pending = self.store.reserve_deposit(
-            node, amount, from_block=int(self._reader.w3.eth.block_number), budget=budget, key_index=key_index
+        from_block = int(self._reader.w3.eth.block_number)
+        pending, key_index = self._write(
+            self._reserve_fresh, node, amount, from_block=from_block, budget=budget, fresh=fresh
         )
         if pending is None:
-            raise WalletExhausted(amount, max(0, self.budget_wei - self.store.committed_deposits()))
+            raise self._exhausted(amount)
+        payer = self._fresh_key(node, int(key_index)) if key_index else self._account
         try:
             if fresh:
                 self._fund(payer, amount)
@@ -400,14 +468,21 @@ class Wallet:
         except TransactionOutcomeUnknown:
             raise  # it may be mined: the pending row stays until reconcile() finds (or does not find) the channel
         except BaseException:
-            self.store.drop_pending(pending)
+            self._write(self.store.drop_pending, pending)
             raise
-        return self.store.record_channel(
-            channel_id=opened.channel_id, node=node, deposit=amount, key_index=key_index, pending_id=pending
+        recorded: ChannelState = self._write(
+            self.store.record_channel,
+            channel_id=opened.channel_id,
+            node=node,
+            deposit=amount,
+            key_index=key_index,
+            pending_id=pending,
         )
+        return recorded
 
     def _top_up_sync(self, state: ChannelState, amount: int, *, budget: int | None) -> ChannelState:
-        pending = self.store.reserve_deposit(
+        pending = self._write(
+            self.store.reserve_deposit,
             state.node,
             amount,
             from_block=int(self._reader.w3.eth.block_number),
@@ -415,19 +490,19 @@ class Wallet:
             key_index=state.key_index,
         )
         if pending is None:
-            raise WalletExhausted(amount, max(0, self.budget_wei - self.store.committed_deposits()))
+            raise self._exhausted(amount)
         try:
             self._reader.with_account(self._signer(state)).top_up(state.channel_id, amount)
         except TransactionOutcomeUnknown:
             raise
         except BaseException:
-            self.store.drop_pending(pending)
+            self._write(self.store.drop_pending, pending)
             raise
         info = self._reader.channel(state.channel_id)
         assert info is not None
-        self.store.drop_pending(pending)
+        self._write(self.store.drop_pending, pending)
         self._store_info(state.channel_id, info)
-        refreshed = self.store.get(state.channel_id)
+        refreshed: ChannelState | None = self._write(self.store.get, state.channel_id)
         assert refreshed is not None
         return refreshed
 
@@ -438,7 +513,7 @@ class Wallet:
             raise InvalidChainInput("amount", amount_wei, "must be at least 1 wei")
         node = checksum(node, param="node")
         use_fresh = self.fresh_addresses if fresh is None else fresh
-        state = None if fresh else self.store.active(node)
+        state = None if fresh else self.channel(node)
         if state is None:
             return self._open_sync(node, amount_wei, budget=None, fresh=use_fresh)
         if state.key_index:
@@ -446,7 +521,7 @@ class Wallet:
         return self._top_up_sync(state, amount_wei, budget=None)
 
     def _find(self, *, node: str | None = None, channel_id: int | None = None) -> list[ChannelState]:
-        states = self.store.channels()
+        states = self.channels()
         if channel_id is not None:
             found = [c for c in states if c.channel_id == channel_id]
             if not found:
@@ -478,7 +553,7 @@ class Wallet:
         settled: list[int] = []
         receipts: list[TxReceipt] = []
         payers: dict[str, LocalAccount] = {self._account.address: self._account}
-        for state in self.store.channels():
+        for state in self.channels(include_closed=True):  # settled ones too: a recovered refund may wait there
             payer = self._signer(state)
             payers[payer.address] = payer
             if state.state == CLOSING and state.closes_at <= now:
@@ -546,11 +621,11 @@ class Wallet:
             for _ in range(3):
                 if signed is not None:
                     break
-                needed = await asyncio.to_thread(self.store.next_amount, state.channel_id, reservation)
+                needed = await self._books.run(self.store.next_amount, state.channel_id, reservation)
                 state = await self._top_up(state, needed - state.deposit)
                 signed = await self._reserve_and_sign(state, reservation)
             if signed is None:
-                raise WalletExhausted(reservation, max(0, self.budget_wei - self.store.committed_deposits()))
+                raise await asyncio.to_thread(self._exhausted, reservation)
             amount, voucher = signed
         payment = Payment(
             node=node,
@@ -562,15 +637,16 @@ class Wallet:
         return request.with_voucher(voucher.to_json()), payment
 
     async def _reserve_and_sign(self, state: ChannelState, reservation: int) -> tuple[int, Voucher] | None:
-        """Commit the next amount on ``state``'s channel (before the voucher exists) and sign it, in a worker thread:
-        the commit waits for the book's write lock (up to ``BUSY_TIMEOUT_S`` while another process writes) and
-        fsyncs, which must not stall the event loop. None when the deposit does not cover it (nothing committed).
+        """Commit the next amount on ``state``'s channel (before the voucher exists) and sign it, on the book's
+        thread: after every settle queued before it, and off the event loop (the commit waits for the book's write
+        lock, up to ``BUSY_TIMEOUT_S`` while another process writes, and fsyncs). None when the deposit does not
+        cover it (nothing committed).
 
-        A caller cancelled meanwhile (a request timeout) never sends the voucher: the thread still runs to its end,
-        and a reservation it committed is released then, or every later voucher on the channel would be that much
-        too high.
+        A caller cancelled meanwhile (a request timeout) never sends the voucher: the job still runs to its end,
+        and a reservation it committed is released then (queued after it), or every later voucher on the channel
+        would be that much too high.
         """
-        job = asyncio.ensure_future(asyncio.to_thread(self._reserve_and_sign_sync, state, reservation))
+        job = asyncio.wrap_future(self._books.submit(self._reserve_and_sign_sync, state, reservation))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -591,8 +667,10 @@ class Wallet:
         self, done: asyncio.Future[tuple[int, Voucher] | None], channel_id: int, reservation: int
     ) -> None:
         if done.cancelled() or done.exception() is not None or done.result() is None:
-            return  # nothing was committed (or the thread released it itself)
-        asyncio.get_running_loop().run_in_executor(None, self.store.settle, channel_id, reservation, 0)
+            return  # nothing was committed (or the job released it itself)
+        self._books.post(
+            f"release of an unsent voucher on channel {channel_id}", self.store.settle, channel_id, reservation, 0
+        )
 
     def admitted(self, payment: Payment) -> None:
         """The node answered ``payment``'s request (its voucher was accepted): the next one may be sent."""
@@ -603,7 +681,10 @@ class Wallet:
 
     def finish(self, payment: Payment, used_tokens: int | None) -> None:
         """Close ``payment``'s books: ``used_tokens`` from the last delta seen (0: the node never had the request),
-        or None when the reply broke after the node had it (the whole reservation counts as spent)."""
+        or None when the reply broke after the node had it (the whole reservation counts as spent).
+
+        Returns at once: the settle is queued on the book's thread, ahead of any voucher asked for afterwards (which
+        therefore sees it). A failing settle is logged and raised by :meth:`drain` or :meth:`close`."""
         self.admitted(payment)
         with self._book:
             if payment.progress.finished:
@@ -611,35 +692,48 @@ class Wallet:
             payment.progress.finished = True
         spent = payment.reservation if used_tokens is None else cost(payment.price_per_1k_tokens, used_tokens)
         spent = min(spent, payment.reservation)
-        self.store.settle(payment.channel_id, payment.reservation, spent)
+        self._books.post(
+            f"settle of a request on channel {payment.channel_id}",
+            self.store.settle,
+            payment.channel_id,
+            payment.reservation,
+            spent,
+        )
         bill_spent(spent, payment.price_per_1k_tokens if used_tokens != 0 else None)
 
     async def _open(self, node: str, needed: int) -> ChannelState:
-        amount = self._auto_amount(needed)
-        state = await asyncio.to_thread(
-            self._open_sync, node, amount, budget=self.budget_wei, fresh=self.fresh_addresses
-        )
+        def opening() -> tuple[ChannelState, int]:
+            amount = self._auto_amount(needed)
+            return self._open_sync(node, amount, budget=self.budget_wei, fresh=self.fresh_addresses), amount
+
+        state, amount = await asyncio.to_thread(opening)
         self.spent_wei += amount
         return state
 
     async def _top_up(self, state: ChannelState, shortfall: int) -> ChannelState:
-        amount = self._auto_amount(shortfall)
-        if state.key_index:
-            await asyncio.to_thread(self._fund, self._signer(state), amount)
-        refreshed = await asyncio.to_thread(self._top_up_sync, state, amount, budget=self.budget_wei)
+        def topping() -> tuple[ChannelState, int]:
+            amount = self._auto_amount(shortfall)
+            if state.key_index:
+                self._fund(self._signer(state), amount)
+            return self._top_up_sync(state, amount, budget=self.budget_wei), amount
+
+        refreshed, amount = await asyncio.to_thread(topping)
         self.spent_wei += amount
         return refreshed
 
     def _auto_amount(self, needed: int) -> int:
         """``deposit_wei`` (or ``needed`` when more), cut to the budget left; ``WalletExhausted`` when even
-        ``needed`` does not fit."""
-        left = self.budget_wei - self.store.committed_deposits()
+        ``needed`` does not fit. Off the event loop (it reads the book)."""
+        left = self.budget_wei - int(self._write(self.store.committed_deposits))
         if needed > left:
             raise WalletExhausted(needed, max(0, left))
         return min(max(self.deposit_wei, needed), left)
 
 
-def _release(locks: ChannelLocks, store: WalletStore, temporary: Path | None) -> None:
+def _release(books: BookQueue, locks: ChannelLocks, store: WalletStore, temporary: Path | None) -> None:
+    """Drain the book's queue (no raise: this also runs when the wallet is collected or at exit), then let go."""
+    if not books.close():
+        log.error("wallet book: closed with writes still queued or running")
     locks.close()
     store.close()
     if temporary is not None:
