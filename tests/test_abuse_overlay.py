@@ -21,10 +21,12 @@ import pytest
 from aiohttp import web
 
 from node.client import OverlayTransport
+from node.inference import EngineStats, GenerationChunk, GenerationRequest, ScoreResult
 from node.overlay import CompletionError, CompletionRequest, OverlayConfig, complete, keys
 from node.overlay._heartbeat import HEARTBEAT_PATH
 from node.overlay._localnet import LocalNetwork, serve_ephemeral, start_node
 from node.overlay._peers import Peer, StaticPeerDirectory
+from node.overlay._serve import create_model_app
 from node.privacy import Envelope, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
 from planetserve import ModelId
 
@@ -259,3 +261,69 @@ async def test_a_compressed_body_that_inflates_past_the_packet_limit_is_refused_
         assert relay.overlay[keys.METRICS].snapshot()["rejected"]["oversized"] == 1  # type: ignore[index]
     finally:
         await relay.stop()
+
+
+class _SlowHealthEngine:
+    """The model app's direct neighbour: an engine whose health check takes 0.3 s (like the openai-http engine's,
+    which asks its upstream server) and counts its calls; it serves nothing."""
+
+    model_id = ModelId("0x" + "cd" * 32)
+
+    def __init__(self) -> None:
+        self.health_checks = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this an async generator
+
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def score(self, prompt: object, completion: object) -> ScoreResult:
+        raise NotImplementedError
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            model_id=self.model_id,
+            queued_requests=0,
+            running_requests=0,
+            queued_tokens=0,
+            cached_prefix_hashes=(),
+            cache_bytes=0,
+            prefill_tokens_computed=0,
+            prefill_tokens_cached=0,
+            tokens_per_second=0.0,
+        )
+
+    async def check_health(self) -> bool:
+        self.health_checks += 1
+        await asyncio.sleep(0.3)
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_readiness_flood_neither_floods_the_engines_health_check_nor_takes_the_packet_slots() -> None:
+    # Before, every GET /overlay/readyz ran the engine's health check (for openai-http, one request upstream) and held
+    # one of the in-flight slots meanwhile: 40 concurrent GETs made 40 upstream requests and, with max_inflight 8,
+    # got every packet refused as overloaded.
+    engine = _SlowHealthEngine()
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model", max_inflight=8)
+    app = create_model_app(config, engine)  # type: ignore[arg-type]  # a fake with the protocol's methods
+    runner, endpoint = await serve_ephemeral(app)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def ready() -> int:
+                async with session.get(endpoint + "/overlay/readyz") as response:
+                    return response.status
+
+            flood = [asyncio.create_task(ready()) for _ in range(40)]
+            await asyncio.sleep(0.1)  # the flood is in the handlers, waiting on the health check
+            async with session.post(endpoint + ONION, data=b"junk") as response:
+                assert (await response.json())["error"]["code"] != "overloaded"
+            assert await asyncio.gather(*flood) == [200] * 40
+        assert engine.health_checks <= 2  # one check shared by the concurrent GETs (a late one may start a second)
+    finally:
+        await runner.cleanup()

@@ -67,14 +67,19 @@ def _reject(app: web.Application, reason: RejectReason, message: str) -> web.Res
 
 @web.middleware
 async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """First: refuse work we must not start (draining, too many in flight, a body over the limit)."""
+    """First: refuse work we must not start (draining, too many in flight, a body over the limit).
+
+    Only packets (POST) take an in-flight slot: the GET routes (health, info, metrics, heartbeat) answer at once
+    from memory, and a flood of them must not make this node refuse packets as overloaded.
+    """
     app = request.app
     state = app[keys.RELAY_STATE]
-    if request.method == "POST":
-        if state.draining or state.inflight >= app[keys.CONFIG].max_inflight:
-            return _reject(app, RejectReason.OVERLOADED, "node is draining or at its in-flight limit")
-        if request.content_length is not None and request.content_length > app[keys.CONFIG].max_body:
-            return _reject(app, RejectReason.OVERSIZED, "request body over the limit")
+    if request.method != "POST":
+        return await handler(request)
+    if state.draining or state.inflight >= app[keys.CONFIG].max_inflight:
+        return _reject(app, RejectReason.OVERLOADED, "node is draining or at its in-flight limit")
+    if request.content_length is not None and request.content_length > app[keys.CONFIG].max_body:
+        return _reject(app, RejectReason.OVERSIZED, "request body over the limit")
     state.inflight += 1
     try:
         return await handler(request)

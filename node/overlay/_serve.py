@@ -109,6 +109,37 @@ def registry_directory_source(
     return source
 
 
+def _shared_health(check: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
+    """``check`` run at most once at a time: callers that come while it runs share its answer (a failure counts as
+    not healthy).
+
+    Why: readiness (``GET /overlay/readyz``) is public, and some engines' check is a request to another server (the
+    openai-http engine asks its upstream's ``/v1/models``, up to 5 s): without this, every stranger's concurrent GET
+    would become one more request upstream. A check that starts after one ended runs afresh, so readiness turns
+    false as soon as the engine is closed.
+    """
+    pending: asyncio.Future[bool] | None = None
+
+    def settled(job: asyncio.Future[bool]) -> None:
+        nonlocal pending
+        pending = None
+        if not job.cancelled():
+            job.exception()  # retrieved here: a failure is "not healthy", never an unretrieved-exception warning
+
+    async def health() -> bool:
+        nonlocal pending
+        if pending is None:
+            pending = asyncio.ensure_future(check())
+            pending.add_done_callback(settled)
+        job = pending
+        try:
+            return await asyncio.shield(job)
+        except Exception:  # the engine's check failed: not ready
+            return False
+
+    return health
+
+
 def create_model_app(
     config: OverlayConfig,
     engine: Engine,
@@ -151,7 +182,7 @@ def create_model_app(
         app.cleanup_ctx.append(reforward.cleanup_ctx())
     if isinstance(peers, RegistryPeerDirectory):
         app.cleanup_ctx.append(peers.cleanup_ctx())
-    app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = engine.check_health
+    app[keys.OVERLAY_APP][keys.ENGINE_HEALTH] = _shared_health(engine.check_health)
     app.cleanup_ctx.append(engine_ctx)
     return app
 
