@@ -4,14 +4,14 @@ own key pays a charging peer, and the books of all three parties agree.
 In-process, with the CLI's builder called directly (a separate-process network would load two more model processes
 for what the builder already decides): the node's wallet comes from ``PS_PRIVATE_KEY`` (node A's operator key, a dev
 key), its book in ``<state-dir>/reforward-wallet`` under the budget; real anvil, real torch engines, six real
-relays on 127.0.0.1 (the live network of ``tests/test_overlay_reforward.py``). The client pays A at A's price, A
+relays on 127.0.0.1 (the live network of ``tests/_reforward_net.py``, shared with
+``tests/test_overlay_reforward.py``). The client pays A at A's price, A
 pays B from the CLI-built wallet on A's own channel exactly what B charged, and a wallet reopened from the state
 directory continues that channel.
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -19,24 +19,10 @@ import pytest
 from cli._node_reforward import WALLET_FOLDER, node_reforward, reforward_wallet
 from cli.exit_codes import ExitCode
 from ledger import dev_account
-from node.client._wallet import cost
 from planetserve import InvalidValue
 from tests._procs import run_cli
+from tests._reforward_net import NODE_A, PRICE, assert_a_paid_b, assert_client_paid_a, paid_reforward, reforward_net
 from tests.fixtures.chain import ChainEnv
-from tests.test_overlay_reforward import (
-    BOUND,
-    CLIENT,
-    NODE_A,
-    NODE_B,
-    PRICE,
-    REQUEST_TIMEOUT_S,
-    _client,
-    _gate,
-    _net,
-    _request,
-    _side,
-    _wallet,
-)
 
 
 def test_the_node_builds_a_wallet_only_with_its_key_and_a_budget(
@@ -86,48 +72,20 @@ async def test_the_cli_built_wallet_pays_a_charging_peer_and_the_books_agree(
     a_wallet = reforward_wallet(chain.rpc_url, chain.deployment_path, state, **budget)
     assert a_wallet is not None
     try:
-        async with _net() as net:
-            a = await _side(
-                net,
-                tiny_model_dir,
-                reforward=BOUND,
-                account=dev_account(NODE_A),
-                gate=_gate(chain, tmp_path / "a.sqlite", NODE_A),
-                payer=a_wallet,
-            )
-            b = await _side(
-                net,
-                tiny_model_dir,
-                reforward=None,
-                account=dev_account(NODE_B),
-                gate=_gate(chain, tmp_path / "b.sqlite", NODE_B),
-            )
-            await a.make_busy()
-            client_wallet = _wallet(chain, CLIENT)
-            async with _client(net, a, client_wallet) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
-                result = await client.complete(_request(a))
-            assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"served_by_peer": 1}
-            assert b.served.count == 1
+        async with reforward_net(tiny_model_dir) as net:
+            run = await paid_reforward(net, chain, tmp_path, a_wallet)
+            # The client paid A at A's price; A's book of what clients owe it says the same.
+            assert_client_paid_a(run)
     finally:
         a_wallet.close()
-    used = result.prompt_tokens + result.completion_tokens
-    owed = cost(PRICE, used)
-    # The client paid A at A's price; A's book of what clients owe it says the same.
-    client_channel = client_wallet.channel(a.account.address)
-    assert client_channel is not None and client_channel.owed == owed
-    a_book = _gate(chain, tmp_path / "a.sqlite", NODE_A)(a.engine).store.book(client_channel.channel_id)
-    assert a_book is not None and a_book.owed == owed and a_book.reserved == 0
     # A paid B from its operator's wallet, on its own channel within the budget; B's book agrees, and B never saw
-    # the client's channel.
-    b_store = _gate(chain, tmp_path / "b.sqlite", NODE_B)(b.engine).store
-    again = reforward_wallet(chain.rpc_url, chain.deployment_path, state, **budget)  # what a restarted node finds
+    # the client's channel. Read from the wallet a restarted node finds in its state directory.
+    again = reforward_wallet(chain.rpc_url, chain.deployment_path, state, **budget)
     assert again is not None
     try:
-        a_channel = again.channel(b.account.address)
-        assert a_channel is not None and a_channel.owed == owed and a_channel.deposit <= 10**15
+        assert_a_paid_b(run, again)
+        a_channel = again.channel(run.b.account.address)
+        assert a_channel is not None and a_channel.deposit <= 10**15
         assert again.signer_address(a_channel) == dev_account(NODE_A).address
-        b_book = b_store.book(a_channel.channel_id)
-        assert b_book is not None and b_book.owed == owed
-        assert [book.channel_id for book in b_store.books()] == [a_channel.channel_id]
     finally:
         again.close()
