@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from eth_account import Account
 
 from ledger import Indexer, dev_account
 from node.inference import GenerationRequest, SamplingParams
-from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode
+from node.overlay import CompletionError, CompletionRequest, Directory, ModelNode, SessionClosed
 from node.overlay._heartbeat import HEARTBEAT_PATH, Heartbeat, sign_heartbeat
 from node.overlay._reforward import ReforwardConfig, Reforwarder
 from node.overlay._serve import registry_directory_source
@@ -36,6 +38,7 @@ from planetserve import ModelId
 from tests._reforward_net import (
     A_WALLET,
     BOUND,
+    CLIENT,
     NODE_A,
     NODE_B,
     PROMPT,
@@ -300,6 +303,39 @@ async def test_without_a_wallet_a_node_never_re_forwards_to_a_charging_peer(
         assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
         assert b.served.count == 0 and a.served.count == 1
         assert result.finish_reason in {"stop", "length"}
+
+
+class _Midway(Exception):
+    """A test failing halfway through."""
+
+
+async def test_the_network_closes_everything_it_opened_when_a_test_fails_midway(
+    chain: ChainEnv, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The harness itself: a failure after nodes, a busy engine, a used client and wallets were opened leaves none of
+    them open, and nothing unclosed for the garbage collector to warn about in a later test."""
+    gc.collect()  # what earlier tests left is theirs
+    with pytest.raises(_Midway):
+        async with reforward_net(tiny_model_dir) as net:
+            a = await net.side(reforward=BOUND, payer=net.wallet(chain, A_WALLET))
+            b = await net.charging_side(chain, tmp_path / "b.sqlite", NODE_B)
+            wallet = net.wallet(chain, CLIENT)
+            client = net.client(a)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await client.complete(request(a))  # its transport opened a session
+                await a.make_busy()
+            assert wallet.store.path.exists()
+            raise _Midway
+    assert not a.node.running and not b.node.running
+    assert not await a.engine.check_health() and not await b.engine.check_health()
+    assert not a.busy and all(relay.running is False for relay in net.relays.nodes())
+    with pytest.raises(SessionClosed):
+        await client.complete(request(a))
+    assert not wallet.store.path.exists()  # a wallet without a state directory removes its book when closed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 
 def test_the_forwarded_flag_is_serialised_only_when_set() -> None:
