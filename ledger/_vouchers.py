@@ -21,7 +21,7 @@ from eth_utils.crypto import keccak
 
 from ledger._eip712 import recover_typed_signer, sign_typed, typed_digest, typed_message
 from ledger._errors import ChainError, InvalidChainInput
-from ledger._types import Wei, checksum
+from ledger._types import Wei, check_uint, checksum
 
 #: The contract's EIP-712 name and version (``EIP712("PlanetServe PaymentChannels", "1")``).
 DOMAIN_NAME = "PlanetServe PaymentChannels"
@@ -30,15 +30,8 @@ DOMAIN_VERSION = "1"
 VOUCHER_TYPE = "Voucher(uint256 channelId,uint256 cumulativeAmount)"
 #: keccak256 of :data:`VOUCHER_TYPE` (the contract exposes the same value as ``VOUCHER_TYPEHASH``).
 VOUCHER_TYPEHASH = keccak(text=VOUCHER_TYPE)
-_UINT256 = 2**256
 #: The ``Voucher`` struct's fields, in :data:`VOUCHER_TYPE`'s order.
 _VOUCHER_FIELDS = (("channelId", "uint256"), ("cumulativeAmount", "uint256"))
-
-
-def _uint256(value: int, param: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _UINT256:
-        raise InvalidChainInput(param, value, "must be an integer in [0, 2**256)")
-    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,8 +44,7 @@ class VoucherDomain:
     contract: ChecksumAddress
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chain_id, int) or isinstance(self.chain_id, bool) or not 0 < self.chain_id < _UINT256:
-            raise InvalidChainInput("chain_id", self.chain_id, "must be a positive integer")
+        check_uint(self.chain_id, "chain_id", low=1)
         object.__setattr__(self, "contract", checksum(self.contract, param="contract"))
 
 
@@ -74,8 +66,8 @@ class Voucher:
     signature: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        _uint256(self.channel_id, "channel_id")
-        _uint256(self.cumulative_amount, "cumulative_amount")
+        check_uint(self.channel_id, "channel_id")
+        check_uint(self.cumulative_amount, "cumulative_amount")
         if not isinstance(self.signature, bytes) or len(self.signature) != 65:
             raise InvalidChainInput("signature", "<redacted>", "must be 65 bytes r || s || v")
 
@@ -126,8 +118,8 @@ def voucher_typed_data(domain: VoucherDomain, channel_id: int, cumulative_amount
         primary_type="Voucher",
         fields=_VOUCHER_FIELDS,
         message={
-            "channelId": _uint256(channel_id, "channel_id"),
-            "cumulativeAmount": _uint256(cumulative_amount, "cumulative_amount"),
+            "channelId": check_uint(channel_id, "channel_id"),
+            "cumulativeAmount": check_uint(cumulative_amount, "cumulative_amount"),
         },
     )
 

@@ -43,6 +43,8 @@ from tests._reforward_net import (
     NODE_B,
     PROMPT,
     REQUEST_TIMEOUT_S,
+    ReforwardNet,
+    Side,
     assert_a_paid_b,
     assert_client_paid_a,
     greedy,
@@ -55,6 +57,16 @@ from tests.fixtures.chain import ChainEnv
 
 LONG = 400
 LONG_PROMPTS = ("the quick brown fox", "hello there, ", "and runs far away ", "a b c d e f ")
+
+
+async def _served_by_a_alone(net: ReforwardNet, a: Side, b: Side) -> None:
+    """A is over its bound, yet B does not qualify as its peer: A serves the client's request itself."""
+    await a.make_busy()
+    async with net.client(a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
+        result = await client.complete(request(a))
+    assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
+    assert b.served.count == 0 and a.served.count == 1
+    assert result.finish_reason in {"stop", "length"}
 
 
 async def test_an_overloaded_node_re_forwards_to_an_idle_peer_and_the_client_gets_its_whole_answer(
@@ -176,12 +188,7 @@ async def test_a_peer_whose_heartbeat_is_forged_is_never_re_forwarded_to(tiny_mo
     async with reforward_net(tiny_model_dir) as net:
         a = await net.side(reforward=BOUND)
         b = await net.side(reforward=None, forger=Account.create())
-        await a.make_busy()
-        async with net.client(a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
-            result = await client.complete(request(a))
-        assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
-        assert b.served.count == 0 and a.served.count == 1
-        assert result.finish_reason in {"stop", "length"}
+        await _served_by_a_alone(net, a, b)
 
 
 async def test_a_peer_heartbeat_arriving_in_several_segments_is_read_whole_and_accepted() -> None:
@@ -297,12 +304,7 @@ async def test_without_a_wallet_a_node_never_re_forwards_to_a_charging_peer(
     async with reforward_net(tiny_model_dir) as net:
         a = await net.side(reforward=BOUND)
         b = await net.charging_side(chain, tmp_path / "b.sqlite", NODE_B)
-        await a.make_busy()
-        async with net.client(a) as client, asyncio.timeout(REQUEST_TIMEOUT_S):
-            result = await client.complete(request(a))
-        assert a.reforwarder is not None and dict(a.reforwarder.outcomes) == {"no_peer": 1}
-        assert b.served.count == 0 and a.served.count == 1
-        assert result.finish_reason in {"stop", "length"}
+        await _served_by_a_alone(net, a, b)
 
 
 class _Midway(Exception):
