@@ -119,6 +119,7 @@ def _row(channel: ChannelState, now: int, *, as_json: bool, payer: str) -> dict[
             "closes_at": channel.closes_at,
             "close_deadline": deadline,
             "reclaimable": channel.state == "closing" and 0 < channel.closes_at <= now,
+            "recovered": channel.recovered,
         }
         for name, wei in amounts.items():
             row[f"{name}_wei"] = str(wei)

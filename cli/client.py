@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
-from cli import _client_net, _client_wallet
+from cli import _client_net, _client_recover, _client_wallet
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
@@ -26,6 +26,7 @@ from planetserve import InvalidValue, ModelId
 app = new_app("Send private requests to the PlanetServe network.", root=True)
 app.add_typer(_client_net.app)
 app.add_typer(_client_wallet.app)
+app.add_typer(_client_recover.app)
 
 
 @app.command()

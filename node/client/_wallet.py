@@ -163,6 +163,10 @@ FUND_RECEIPT_TIMEOUT_S = 60.0
 CHAIN_CHECK_S = 30.0
 #: HKDF salt of fresh channel keys (a label: changing it changes every derived address).
 FRESH_KEY_SALT = b"planetserve/client/channel-key/v1"
+#: Consecutive fresh-address indices without any channel after which :meth:`Wallet.recover` stops looking.
+RECOVERY_GAP_LIMIT = 20
+#: Most blocks one ``eth_getLogs`` call of :meth:`Wallet.recover` spans (RPC providers cap the range).
+LOG_CHUNK_BLOCKS = 5_000
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
@@ -201,6 +205,24 @@ class Reclaimed:
     """Wei withdrawn to the paying addresses (main and fresh ones)."""
     receipts: tuple[TxReceipt, ...]
     """The mined transactions, in order."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovered:
+    """The outcome of :meth:`Wallet.recover`."""
+
+    found: tuple[ChannelState, ...]
+    """Channels of this client found on chain that the book did not have, now in it as ``recovered``."""
+    known: int
+    """Channels of this client found on chain that the book already had (left as they were)."""
+    closing: tuple[tuple[ChannelState, TxReceipt], ...]
+    """Recovered channels whose close was started now (``reclaim`` after their deadline returns the rest)."""
+    fresh_indices: int
+    """Fresh-address derivation indices looked at (0 up to the last used one plus the gap limit)."""
+    from_block: int
+    """First block whose ``ChannelOpened`` events were read."""
+    to_block: int
+    """Last block read."""
 
 
 def _state_name(info: Any) -> str:
@@ -398,6 +420,106 @@ class Wallet:
             if _state_name(info) == OPEN:
                 return await self._books.run(self.store.get, state.channel_id)
         return None
+
+    # -- recovery of a lost book ------------------------------------------------------------------------------
+
+    def _all_opened(self, from_block: int, to_block: int) -> list[tuple[int, str, str]]:
+        """Every ``ChannelOpened`` of the contract in the range, as (channel id, client, node), in chunks."""
+        topic = Web3.keccak(text="ChannelOpened(uint256,address,address,uint256)")
+        opened: list[tuple[int, str, str]] = []
+        start = from_block
+        while start <= to_block:
+            end = min(to_block, start + LOG_CHUNK_BLOCKS - 1)
+            logs = self._reader.w3.eth.get_logs(
+                {"address": self._reader.address, "fromBlock": start, "toBlock": end, "topics": [topic]}
+            )
+            for entry in logs:
+                channel, client, node = (bytes(t) for t in entry["topics"][1:4])
+                opened.append(
+                    (
+                        int.from_bytes(channel, "big"),
+                        checksum("0x" + client[12:].hex()),
+                        checksum("0x" + node[12:].hex()),
+                    )
+                )
+            start = end + 1
+        return opened
+
+    def recover(self, *, from_block: int = 0, gap_limit: int = RECOVERY_GAP_LIMIT, close: bool = True) -> Recovered:
+        """Rebuild the book's channels from the chain after the state directory was lost (or restored from an old
+        copy), and start closing the ones that are still open.
+
+        Channels are found by their ``ChannelOpened`` events from ``from_block`` (the deployment's block): those of
+        the main address, and those of fresh addresses re-derived from the main key (:func:`derive_channel_account`)
+        for every node that has a channel, index by index, until ``gap_limit`` consecutive indices have none. A
+        channel the book lacks is recorded ``recovered``: its deposit, redeemed amount and state come from the chain,
+        but what was signed on it is not known, so nothing is ever signed on it again (a new voucher could be below
+        one the node holds; its ``last`` is the deposit) and, with ``close``, its close is started at once: the node
+        may redeem its latest voucher until the dispute delay ends, and then :meth:`reclaim` returns the rest.
+        Recovered channels already in the book that are still open are closed too (a recovery interrupted earlier).
+        """
+        if gap_limit < 1:
+            raise InvalidChainInput("gap_limit", gap_limit, "must be at least 1")
+        to_block = int(self._reader.w3.eth.block_number)
+        opened = self._all_opened(from_block, to_block)
+        by_pair: dict[tuple[str, str], list[int]] = {}
+        for channel_id, client, node in opened:
+            by_pair.setdefault((client, node), []).append(channel_id)
+        ours = [(cid, "") for (client, _node), ids in by_pair.items() if client == self._account.address for cid in ids]
+        nodes = sorted({node for _cid, _client, node in opened})
+        index, last_hit = 0, -1
+        while index <= last_hit + gap_limit:
+            for node in nodes:
+                derived = derive_channel_account(
+                    self._account,
+                    chain_id=self._domain.chain_id,
+                    contract=self._domain.contract,
+                    node=node,
+                    index=index,
+                )
+                hits = by_pair.get((derived.address, node), [])
+                if hits:
+                    last_hit = index
+                    self._keys[f"{node}:{index}"] = derived
+                    ours += [(cid, str(index)) for cid in hits]
+            index += 1
+        found: list[ChannelState] = []
+        known = 0
+        for channel_id, key_index in sorted(ours):
+            if self._write(self.store.get, channel_id) is not None:
+                known += 1
+                continue
+            info = self._reader.channel(channel_id)
+            if info is None:
+                continue  # the logs and the state disagree (a reorg): nothing to recover from it
+            found.append(
+                self._write(
+                    self.store.record_channel,
+                    channel_id=channel_id,
+                    node=info.node,
+                    deposit=info.deposit,
+                    redeemed=info.redeemed,
+                    closes_at=info.closes_at,
+                    state=_state_name(info),
+                    key_index=key_index,
+                    recovered=True,
+                )
+            )
+            self._checked[channel_id] = time.monotonic()
+        closing: list[tuple[ChannelState, TxReceipt]] = []
+        if close:
+            for state in self.channels():
+                if state.recovered and state.state == OPEN:
+                    receipt = self._reader.with_account(self._signer(state)).start_close(state.channel_id)
+                    closing.append((self._reread(state.channel_id), receipt))
+        return Recovered(
+            found=tuple(found),
+            known=known,
+            closing=tuple(closing),
+            fresh_indices=index,
+            from_block=from_block,
+            to_block=to_block,
+        )
 
     def _opened_ids(self, client: str, node: str, from_block: int) -> list[int]:
         topic = Web3.keccak(text="ChannelOpened(uint256,address,address,uint256)")

@@ -16,6 +16,11 @@ Rows are keyed by the chain's genesis block hash, the contract and the client ad
 31337 and often the same contract addresses, and its channel 1 is not the old chain's channel 1.
 
 Amounts are decimal strings (SQLite integers are 64-bit; wei reach 2**256). One book per client state directory.
+
+A channel found on chain by ``Wallet.recover`` after the book was lost is ``recovered``: what was signed on it is
+unknown, so its ``last`` is set to its deposit (no voucher can be above that) and the book never signs on it again;
+it is only closed and reclaimed. The column was added after the first books were written: opening an older book adds
+it (every existing channel is not recovered).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class WalletChannelRow(SQLModel, table=True):
     closes_at: int = 0
     state: str = Field(default=OPEN, max_length=8)
     updated_at: float = 0.0
+    #: Found on chain after the book was lost: what was signed on it is unknown; never paid on again.
+    recovered: bool = False
 
 
 class PendingDeposit(SQLModel, table=True):
@@ -108,6 +115,9 @@ class ChannelState:
     """``open``, ``closing``, ``settled`` or ``gone`` (not on this chain any more)."""
     key_index: str = ""
     """"" when the client's own key signs; else the fresh-address derivation index."""
+    recovered: bool = False
+    """Rebuilt from the chain after the book was lost: ``last`` and ``owed`` are not known (``last`` is the deposit,
+    ``owed`` what was redeemed); never paid on again, only closed."""
 
     @property
     def left(self) -> int:
@@ -127,6 +137,7 @@ def _state(row: WalletChannelRow) -> ChannelState:
         closes_at=row.closes_at,
         state=row.state,
         key_index=row.key_index,
+        recovered=bool(row.recovered),
     )
 
 
@@ -167,6 +178,16 @@ class WalletStore:
             self._engine,
             tables=[WalletChannelRow.__table__, PendingDeposit.__table__],  # type: ignore[attr-defined]
         )
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a book written by an older version lacks (``create_all`` adds tables, not columns)."""
+        with self._engine.begin() as connection:
+            columns = {row[1] for row in connection.exec_driver_sql("PRAGMA table_info(wallet_channels)")}
+            if "recovered" not in columns:
+                connection.exec_driver_sql(
+                    "ALTER TABLE wallet_channels ADD COLUMN recovered BOOLEAN NOT NULL DEFAULT 0"
+                )
 
     def __repr__(self) -> str:
         return f"WalletStore(path={self.path}, client={self._key[2]})"
@@ -212,8 +233,8 @@ class WalletStore:
         return [_state(r) for r in rows if include_closed or r.state in (OPEN, CLOSING)]
 
     def active(self, node: str) -> ChannelState | None:
-        """The open channel to ``node`` with the most deposit left, or None."""
-        candidates = [c for c in self.channels() if c.node == node and c.state == OPEN]
+        """The open channel to ``node`` with the most deposit left, or None (never a recovered one)."""
+        candidates = [c for c in self.channels() if c.node == node and c.state == OPEN and not c.recovered]
         return max(candidates, key=lambda c: (c.left, c.channel_id), default=None)
 
     def get(self, channel_id: int) -> ChannelState | None:
@@ -289,8 +310,12 @@ class WalletStore:
         state: str = OPEN,
         key_index: str = "",
         pending_id: int | None = None,
+        recovered: bool = False,
     ) -> ChannelState:
-        """Add (or refresh the on-chain facts of) a channel, dropping ``pending_id`` in the same transaction."""
+        """Add (or refresh the on-chain facts of) a channel, dropping ``pending_id`` in the same transaction.
+
+        A new ``recovered`` channel starts with ``last`` at its deposit (the most any voucher on it can be) and
+        ``owed`` at what was redeemed; an existing row keeps its book."""
         genesis, contract, client = self._key
         with self._tx() as session:
             row = session.get(WalletChannelRow, (genesis, contract, str(channel_id)))
@@ -303,7 +328,11 @@ class WalletStore:
                     node=node,
                     key_index=key_index,
                     deposit=str(deposit),
+                    recovered=recovered,
                 )
+                if recovered:
+                    row.last = str(deposit)
+                    row.owed = str(redeemed)
             self._refresh(row, deposit=deposit, redeemed=redeemed, closes_at=closes_at, state=state)
             session.add(row)
             if pending_id is not None:
@@ -318,6 +347,8 @@ class WalletStore:
         row.redeemed = str(redeemed)
         # A voucher must be above what was redeemed (the node refuses it otherwise): never sign at or below it.
         row.last = str(max(int(row.last), redeemed))
+        if row.recovered:  # unknown what was signed: keep it at the most any voucher on it can be
+            row.last = str(max(int(row.last), deposit))
         row.closes_at = closes_at
         row.state = state
         row.updated_at = time.time()
@@ -343,6 +374,8 @@ class WalletStore:
         ``in_flight``; None (nothing written) when it exceeds the deposit."""
         with self._tx() as session:
             row = self._row(session, channel_id)
+            if row.recovered:  # what was signed on it is unknown: any new voucher could be below an old one
+                raise ValueError(f"channel {channel_id} was recovered from the chain: it is never paid on again")
             amount = max(int(row.last) + 1, int(row.owed) + int(row.in_flight) + reservation)
             if amount > int(row.deposit):
                 return None
