@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
+from cli._client_options import CandidatesOpt
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl
@@ -71,6 +72,7 @@ def _client(
     models: tuple[str, ...],
     tokenizer: Path | None,
     state_dir: Path | None = None,
+    candidates: int = 16,
 ) -> Any:
     from node.client import Client, ClientConfig
     from node.client._registry import RegistryDirectory
@@ -78,7 +80,7 @@ def _client(
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=_db(db))
     return Client(
         directory,
-        ClientConfig(models=models),
+        ClientConfig(models=models, candidates=candidates),
         tokenizer=_tokenizer(tokenizer),
         reputation=directory.reputation,
         wallet=client_wallet(rpc_url, deployment, state_dir),
@@ -106,6 +108,7 @@ def chat(
     ] = True,
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
+    candidates: CandidatesOpt = 16,
     state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -126,7 +129,7 @@ def chat(
     names = (model,) if "@" in model else ()
 
     async def go() -> dict[str, Any]:
-        async with _client(rpc_url, deployment, db, names, tokenizer, state_dir) as client:
+        async with _client(rpc_url, deployment, db, names, tokenizer, state_dir, candidates) as client:
             served = await client.resolve(model)
             request = CompletionRequest(
                 model=served.model_id,
@@ -172,6 +175,7 @@ def serve(
     ] = None,
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
+    candidates: CandidatesOpt = 16,
     state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -188,7 +192,7 @@ def serve(
     config = OpenAIConfig(api_key=os.environ.get("PS_OPENAI_API_KEY") or None)
 
     async def go() -> None:
-        async with _client(rpc_url, deployment, db, tuple(model or ()), tokenizer, state_dir) as client:
+        async with _client(rpc_url, deployment, db, tuple(model or ()), tokenizer, state_dir, candidates) as client:
             service = ClientService(client)
             await service.refresh()
             runner = web.AppRunner(create_openai_app(service, config), access_log=None)

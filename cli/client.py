@@ -16,6 +16,7 @@ import typer
 from platformdirs import user_data_dir
 
 from cli import _client_net, _client_recover, _client_wallet
+from cli._client_options import CandidatesOpt
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
@@ -62,6 +63,7 @@ def ask(
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
     ] = None,
+    candidates: CandidatesOpt = 16,
     state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -86,7 +88,7 @@ def ask(
     if attempts < 1:
         raise InvalidParams(param="attempts", value=attempts, reason="at least 1")
     settings = ClientSettings(n=paths, k=threshold)
-    config = ClientConfig(paths=paths, hops=hops, attempts=attempts)
+    config = ClientConfig(paths=paths, hops=hops, attempts=attempts, candidates=candidates)
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
         db = default_index_db(Path(user_data_dir("planetserve")) / "client", dep.chain_id)

@@ -1,0 +1,26 @@
+"""Options every routing ``ps-client`` command shares (``ask``, ``chat``, ``serve``), declared once.
+
+Why here: ``cli/client.py`` and ``cli/_client_net.py`` both route requests through a ``node.client.Client``; an option
+declared twice drifts (one command's bounds or variable name changes, the other's does not).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+#: Most model nodes a request may weigh (each weighed node's heartbeat is fetched): far above any sample a client
+#: needs (the default is 16), low enough that a typo cannot make every request poll thousands of nodes; 0 means all.
+MAX_CANDIDATES = 1024
+
+CandidatesOpt = Annotated[
+    int,
+    typer.Option(
+        "--candidates",
+        envvar="PS_CANDIDATES",
+        min=0,
+        max=MAX_CANDIDATES,
+        help="Model nodes weighed per request: a random sample plus the nodes holding the prompt's prefix (0: all).",
+    ),
+]
