@@ -370,6 +370,7 @@ class Verifier:
         self._salt = self._load_salt()
         self._conclude_lock = asyncio.Lock()
         self._planner = EpochPlanner(config)
+        self._threshold: tuple[int, int] | None = None  # (epoch, the contract's score threshold then)
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -683,6 +684,13 @@ class Verifier:
 
     # -- per node: score, state, evidence, attestation -----------------------------------------------------------
 
+    async def _score_threshold(self, epoch: int) -> int:
+        """The contract's passing score, read once per epoch's conclusion (not once per audited node: 10,000 reads
+        of one value for a sampled plan)."""
+        if self._threshold is None or self._threshold[0] != epoch:
+            self._threshold = (epoch, await asyncio.to_thread(self.attestations.score_threshold))
+        return self._threshold[1]
+
     async def _conclude(
         self, epoch: int, node: str, tries: list[_Try], seed: EpochSeed, plan: EpochPlan, policy: AuditPolicy
     ) -> NodeVerdict:
@@ -699,7 +707,7 @@ class Verifier:
         cusum = self.sequential.state(node)
         alarm = cusum.alarmed
         score = self.sequential.epoch_score(node)
-        threshold = await asyncio.to_thread(self.attestations.score_threshold)
+        threshold = await self._score_threshold(epoch)
         if state.unresponsive_streak >= self.config.unresponsive_epochs:
             # Not answering at all, epoch after epoch, is not free: a failing score.
             score = min(score, threshold - 1)
