@@ -294,3 +294,11 @@ async def test_oversized_request_heads_are_refused_before_anything_is_sent(heade
             assert 400 <= response.status < 500
         assert service.started == 0
         assert await _status_of_one(url) == 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "[::1]:8080"])
+async def test_a_keyless_endpoint_serves_each_loopback_name(host: str) -> None:
+    async with _endpoint(OpenAIConfig()) as (service, url):
+        headers = {"Content-Type": "application/json", "Host": host, "Origin": f"http://{host}"}
+        status, _ = await _post(url, json.dumps(GOOD).encode(), headers)
+        assert status == 200 and service.started == 1
