@@ -107,22 +107,21 @@ def ask(
         first: float | None = None
         pieces: list[str] = []
         last: Any = None
-        client = Client(
-            directory,
-            config,
-            transport=OverlayTransport(settings),
-            on_route=on_route,
-            wallet=client_wallet(rpc_url, deployment, state_dir),
-        )
-        async with client:
-            async for delta in client.stream(request):
-                if first is None:
-                    first = time.perf_counter() - started
-                pieces.append(delta.text)
-                last = delta
-                if not as_json:
-                    sys.stdout.write(delta.text)
-                    sys.stdout.flush()
+        wallet = client_wallet(rpc_url, deployment, state_dir)
+        try:
+            client = Client(directory, config, transport=OverlayTransport(settings), on_route=on_route, wallet=wallet)
+            async with client:
+                async for delta in client.stream(request):
+                    if first is None:
+                        first = time.perf_counter() - started
+                    pieces.append(delta.text)
+                    last = delta
+                    if not as_json:
+                        sys.stdout.write(delta.text)
+                        sys.stdout.flush()
+        finally:
+            if wallet is not None:  # the settle of this request is queued: written before the command ends
+                await asyncio.to_thread(wallet.close)
         if not as_json:
             sys.stdout.write("\n")
         return {
