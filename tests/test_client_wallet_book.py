@@ -1,8 +1,8 @@
 """The wallet's book runs on one ordered thread (``node.client._book_queue``), against a real anvil and the real
 SQLite book: a voucher signed right after a finish sees that request settled, many concurrent requests over several
 channels leave the books exact to the wei, a request cancelled while its voucher waits in the queue leaves no
-reservation, nothing queued is lost at ``close()``, a failing write is logged and raised, and ``finish`` returns at
-once while another process holds the book's write lock.
+reservation, nothing queued is lost at ``close()`` (nor when a wallet is dropped unclosed), a failing write is logged
+and raised, and ``finish`` returns at once while another process holds the book's write lock.
 
 The slow or failing ``settle`` below stands in for the book's own disk (its direct neighbour): it delays or breaks the
 real write, so that an unordered executor, or a settle on the caller's thread, would show.
@@ -11,8 +11,10 @@ real write, so that an unordered executor, or a settle on the caller's thread, w
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -198,3 +200,23 @@ async def test_finish_returns_at_once_while_another_process_holds_the_books_writ
     (state,) = wallet.channels()
     assert (state.owed, state.in_flight) == (cost(PRICE, 4), 0)
     wallet.close()
+
+
+async def test_a_wallet_dropped_without_close_writes_its_queue_and_stops_its_thread(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    wallet = _wallet(chain, tmp_path)
+    node, request = _unreached_node()
+    payment = await _paid(wallet, node, request)
+    wallet.finish(payment, 6)
+    name = f"ps-wallet-book-{wallet.address[:10]}"
+    del wallet, payment
+    gc.collect()  # the finalizer drains the queue, then stops the book's thread
+    deadline = time.monotonic() + 10
+    while any(t.name == name for t in threading.enumerate()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not any(t.name == name for t in threading.enumerate())
+    again = _wallet(chain, tmp_path)
+    (state,) = again.channels()
+    assert (state.owed, state.in_flight) == (cost(PRICE, 6), 0)
+    again.close()

@@ -68,14 +68,16 @@ def _work(jobs: queue.Queue[_Job | None]) -> None:
         if job is None:
             return
         future, call = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            result = call()
-        except BaseException as exc:  # handed to whoever waits on the future (or logged by post's callback)
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+        del job  # while waiting for the next job, hold nothing of the last one (it may keep its wallet alive)
+        if future.set_running_or_notify_cancel():
+            try:
+                result = call()
+            except BaseException as exc:  # handed to whoever waits on the future (or logged by post's callback)
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+                del result
+        del future, call
 
 
 class BookQueue:
@@ -188,6 +190,12 @@ class BookQueue:
         if self._closed:
             return not self._thread.is_alive()
         self._closed = True  # first: a job submitted from here on is refused, not left behind the stop marker
+        if self.on_thread():  # from a job (e.g. a finalizer run by the collector there): stop after the queued ones
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                return False
+            return True
         drained = self.drain(timeout)
         try:
             self._jobs.put(None, timeout=max(0.1, timeout))

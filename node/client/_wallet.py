@@ -30,7 +30,13 @@ timeout) and raises ``BookWriteFailed`` when a queued write failed (each failure
 Fresh addresses (``fresh=True`` on :meth:`Wallet.deposit`, or ``fresh_addresses``): a channel paid from a key
 derived from the client's key (HKDF-SHA256 over the key, the chain, the contract, the node and an index), funded by a
 plain transfer from the main address. Nodes and chain observers no longer see one client address across channels;
-the funding transfer still links them on chain (docs/threat-model.md).
+the funding transfer still links them on chain (docs/threat-model.md). A new fresh channel takes the index one above
+the highest the book used.
+
+A lost book (:meth:`Wallet.recover`, ``ps-client recover``): since every paying key derives from the main key, the
+channels are found again by their ``ChannelOpened`` events (fresh indices walked up to a gap limit), recorded as
+``recovered`` (what was signed on them is unknown, so they are never paid on again) and closed; ``reclaim`` returns
+what the node did not redeem.
 """
 
 from __future__ import annotations
@@ -854,6 +860,9 @@ class Wallet:
 
 def _release(books: BookQueue, locks: ChannelLocks, store: WalletStore, temporary: Path | None) -> None:
     """Drain the book's queue (no raise: this also runs when the wallet is collected or at exit), then let go."""
+    if books.on_thread():  # collected during one of its own book jobs: wait for the queue from another thread
+        threading.Thread(target=_release, args=(books, locks, store, temporary), daemon=True).start()
+        return
     if not books.close():
         log.error("wallet book: closed with writes still queued or running")
     locks.close()
