@@ -173,6 +173,7 @@ EXPECTED: dict[str, list[str]] = {
         "ReplyHandler",
         "ReplyIncomplete",
         "Route",
+        "SessionClosed",
         "complete",
         "complete_routed",
         "completion_handler",
