@@ -27,7 +27,7 @@ from node.overlay._heartbeat import HEARTBEAT_PATH
 from node.overlay._localnet import LocalNetwork, serve_ephemeral, start_node
 from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._serve import create_model_app
-from node.privacy import Envelope, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
+from node.privacy import Envelope, Hop, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
 from planetserve import ModelId
 
 ONION = "/overlay/v1/onion"
@@ -151,7 +151,7 @@ async def test_a_registered_endpoint_that_is_not_a_bare_host_and_port_is_refused
         peers = StaticPeerDirectory([Peer(node_id=node_id, endpoint=url, public_key=hop_key)])
         relay = await start_node("relay", OverlayConfig(x25519_secret=secrets.token_bytes(32)), peers=peers)
         try:
-            packet = build_onion([relay.hop(), peers.get(node_id).hop()], b"clove").packet  # type: ignore[union-attr]
+            packet = build_onion([relay.hop(), Hop(node_id=node_id, public_key=hop_key)], b"clove").packet
             async with aiohttp.ClientSession() as session, session.post(relay.endpoint + ONION, data=packet) as reply:
                 assert reply.status == 502
             assert hits == [ONION]
@@ -327,3 +327,54 @@ async def test_a_readiness_flood_neither_floods_the_engines_health_check_nor_tak
         assert engine.health_checks <= 2  # one check shared by the concurrent GETs (a late one may start a second)
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["literal", "name"])
+async def test_a_relay_told_to_dial_only_public_addresses_never_connects_to_a_registered_loopback_endpoint(
+    host: str,
+) -> None:
+    # A registrant's endpoint may name any host: by default (a network on one host) the relay dials it, as the
+    # control shows; with dial_private_addresses=False it refuses at connect time, for a literal address and for a
+    # name that resolves to one alike, so the service on the relay's own host sees no connection.
+    accepted = 0
+
+    async def count(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    internal = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = internal.sockets[0].getsockname()[1]
+    node_id, hop_key = secrets.token_bytes(20), public_key(secrets.token_bytes(32))
+    peers = StaticPeerDirectory([Peer(node_id=node_id, endpoint=f"http://{host}:{port}", public_key=hop_key)])
+    try:
+        for dial_private, expected in ((False, 0), (True, 1)):
+            config = OverlayConfig(x25519_secret=secrets.token_bytes(32), dial_private_addresses=dial_private)
+            relay = await start_node("relay", config, peers=peers)
+            try:
+                packet = build_onion([relay.hop(), Hop(node_id=node_id, public_key=hop_key)], b"clove").packet
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(relay.endpoint + ONION, data=packet) as reply,
+                ):
+                    assert reply.status == 502
+                    assert (await reply.json())["error"]["code"] == "upstream_failed"
+            finally:
+                await relay.stop()
+            assert min(accepted, 1) == expected, f"dial_private_addresses={dial_private}: {accepted} connections"
+    finally:
+        internal.close()
+        await internal.wait_closed()
+
+
+def test_only_global_addresses_count_as_public() -> None:
+    from node.overlay._app import _public_address_socket  # the factory aiohttp calls with each address to dial
+
+    for private in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0"):
+        with pytest.raises(OSError):
+            _public_address_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", (private, 80)))
+    for private6 in ("::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1"):
+        with pytest.raises(OSError):
+            _public_address_socket((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (private6, 80, 0, 0)))
+    with _public_address_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))) as sock:
+        assert sock.family == socket.AF_INET  # created, not connected: nothing leaves this machine

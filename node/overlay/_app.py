@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
@@ -176,13 +179,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.json_response(snapshot)
 
 
+def _public_address_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """aiohttp's ``socket_factory`` for a node that dials only public addresses: called with the address about to be
+    connected to (a literal one, or one a name resolved to, so DNS rebinding does not get past it)."""
+    family, kind, proto, _canonical, sockaddr = addr_info
+    if not ipaddress.ip_address(sockaddr[0]).is_global:
+        raise OSError(errno.EACCES, "refusing to connect to a non-public address")
+    return socket.socket(family=family, type=kind, proto=proto)
+
+
 def _client_session_ctx(overlay: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(_root: web.Application) -> AsyncIterator[None]:
         config = overlay[keys.CONFIG]
         # Idle upstream connections are dropped before half our header timeout: peers run the same limit, so they
         # never close a pooled connection just as this node reuses it (which would fail a request for nothing).
         keepalive = min(15.0, config.header_timeout_s / 2)
-        connector = aiohttp.TCPConnector(limit=config.max_inflight, ttl_dns_cache=60, keepalive_timeout=keepalive)
+        connector = aiohttp.TCPConnector(
+            limit=config.max_inflight,
+            ttl_dns_cache=60,
+            keepalive_timeout=keepalive,
+            socket_factory=None if config.dial_private_addresses else _public_address_socket,
+        )
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         overlay[keys.CLIENT_SESSION] = session
         yield

@@ -30,6 +30,11 @@ class OverlayConfig:
     Above the usual 15 s client keep-alive, so that clients, not this server, close idle pooled connections."""
     connect_timeout_s: float = 10.0
     """Seconds to connect to the next hop."""
+    dial_private_addresses: bool = True
+    """Whether this node may connect to loopback, private, link-local and other non-public addresses. A registered
+    endpoint names any host, and a relay forwards bytes its sender chose: False makes this node refuse (at connect
+    time, after name resolution) any next hop that is not a public address, so that no registrant can point it at a
+    service on its own host or network. True for networks on one host or a LAN (tests, the demo, ``ps-net``)."""
     upstream_headers_timeout_s: float = 40.0
     """Seconds to wait for the next hop's response headers (must exceed the destination's assembly timeout)."""
     idle_timeout_s: float = 30.0
