@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -221,19 +222,43 @@ class ProcessNetwork:
                 node.release()
 
     def stop(self) -> None:
-        """SIGTERM every node, wait, then kill what is left."""
-        for node in self.running:
+        """SIGTERM every node, wait, then kill what is left; every node is stopped and released whatever one step
+        raises (Ctrl-C included), and the first error is raised after: a node left running holds its port and state
+        directory, and its pipes go to the garbage collector."""
+        first: list[BaseException] = []
+
+        def each(step: Callable[[NodeProcess], object]) -> None:
+            for node in self.running:
+                try:
+                    step(node)
+                except BaseException as exc:  # every node gets every step; the first error is raised below
+                    if not first:
+                        first.append(exc)
+                    else:
+                        log.warning("stopping %s failed too: %s", node.spec.name, type(exc).__name__)
+
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+
+        def terminate(node: NodeProcess) -> None:
             if node.alive():
                 node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for node in self.running:
+
+        def reap(node: NodeProcess) -> None:
             try:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # it ignored SIGTERM: kill it
                 node.proc.kill()
-                node.proc.wait()
-        for node in self.running:
-            node.release()
+                node.proc.wait(timeout=STOP_TIMEOUT_S)
+            except BaseException:  # interrupted while waiting: do not leave it running
+                node.proc.kill()
+                node.proc.wait(timeout=STOP_TIMEOUT_S)
+                raise
+
+        each(terminate)
+        each(reap)
+        each(lambda node: node.release())
+        if first:
+            raise first[0]
 
 
 def network_specs(*, relays: int, model_nodes: int, first_account: int = 1) -> list[NodeSpec]:
