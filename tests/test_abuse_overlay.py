@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import secrets
 import socket
@@ -27,7 +28,7 @@ from node.overlay._heartbeat import HEARTBEAT_PATH
 from node.overlay._localnet import LocalNetwork, serve_ephemeral, start_node
 from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._serve import create_model_app
-from node.privacy import Envelope, Hop, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
+from node.privacy import Clove, Envelope, Hop, InvalidPrivacyParam, RelayDescriptor, build_onion, public_key, split
 from planetserve import ModelId
 
 ONION = "/overlay/v1/onion"
@@ -378,3 +379,34 @@ def test_only_global_addresses_count_as_public() -> None:
             _public_address_socket((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (private6, 80, 0, 0)))
     with _public_address_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))) as sock:
         assert sock.family == socket.AF_INET  # created, not connected: nothing leaves this machine
+
+
+async def test_an_assembled_message_keeps_no_clove_payloads_while_it_lingers() -> None:
+    # Before, every clove of a message stayed in the table until the message was forgotten (30 s after its reply):
+    # anyone can build valid cloves (the keys are public), so 256 messages of 16 cloves of 128 KiB held 512 MiB of a
+    # model node's memory, even where payment is refused (the voucher is checked only once the request is rebuilt).
+    async with LocalNetwork(relays=0, handler=_short_reply) as net, aiohttp.ClientSession() as session:
+        assert net.model is not None
+        node = net.model
+        envelope = Envelope(reply_key=secrets.token_bytes(32), body=secrets.token_bytes(64 * 1024))
+        cloves = [c.to_bytes() for c in split(envelope.to_bytes(), 16, 2)]
+
+        async def post(clove: bytes) -> int:
+            async with session.post(node.endpoint + ONION, data=build_onion([node.hop()], clove).packet) as reply:
+                await reply.read()
+                return reply.status
+
+        assert await asyncio.gather(*(post(c) for c in cloves)) == [200] * 16
+        receiver = node.overlay[keys.RECEIVER]
+        assert len(receiver) == 1  # the message lingers for late cloves...
+        gc.collect()
+        held = [o for o in gc.get_objects() if isinstance(o, Clove)]
+        assert held == []  # ...without their payloads
+        # A late clove with a known index but other content is still refused as inconsistent.
+        forged = bytearray(cloves[5])
+        forged[-1] ^= 1
+        assert await post(bytes(forged)) == 400
+
+
+async def _short_reply(_request: bytes) -> AsyncIterator[bytes]:
+    yield b"ok"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -44,6 +45,12 @@ class _Message:
     source: str
     k: int
     cloves: dict[int, Clove] = field(default_factory=dict)
+    """The cloves so far, until the message is assembled; then emptied (see ``digests``)."""
+    digests: dict[int, bytes] = field(default_factory=dict)
+    """Once assembled: a digest of each clove that arrived, by index. The payloads are dropped then: a message lingers
+    after its reply for late cloves, and anyone can build valid cloves (the keys are public), so keeping up to 16
+    of 128 KiB each per message would let a stranger hold ``max_messages`` x 2 MiB of memory; a late clove only needs
+    to be checked for consistency."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the message is assembled, or given up (``error`` then says why)."""
     error: RejectReason | None = None
@@ -56,6 +63,11 @@ class _Message:
     """Requests (paths) of this message being handled now: waiting for assembly or streaming its reply."""
     reply_key: bytes = field(default=b"", repr=False)
     """The rebuilt request's reply key (keys the chunks and each path's layer, §6); empty until assembled."""
+
+
+def _digest(clove: Clove) -> bytes:
+    """What an assembled message remembers of a clove: enough to tell a different clove with the same index."""
+    return hashlib.blake2b(clove.to_bytes(), digest_size=16).digest()
 
 
 def _close(queue: asyncio.Queue[bytes | None]) -> None:
@@ -260,12 +272,17 @@ class CloveReceiver:
         if existing_msg is not None and existing_msg.error is not None:
             raise MalformedPacket(existing_msg.error, "this message was given up")
         msg = self._message_for(clove, source)
-        existing = msg.cloves.get(clove.index)
-        if existing is not None and existing != clove:
-            raise MalformedPacket(RejectReason.INCONSISTENT, "a different clove with this index already arrived")
         if msg.k != clove.k:
             raise MalformedPacket(RejectReason.INCONSISTENT, "k differs from earlier cloves")
-        msg.cloves[clove.index] = clove
+        if msg.reply_key:  # assembled: only digests are kept
+            digest = _digest(clove)
+            if msg.digests.setdefault(clove.index, digest) != digest:
+                raise MalformedPacket(RejectReason.INCONSISTENT, "a different clove with this index already arrived")
+        else:
+            existing = msg.cloves.get(clove.index)
+            if existing is not None and existing != clove:
+                raise MalformedPacket(RejectReason.INCONSISTENT, "a different clove with this index already arrived")
+            msg.cloves[clove.index] = clove
         self._metrics.delivered += 1
         msg.paths += 1
         try:
@@ -273,6 +290,8 @@ class CloveReceiver:
                 envelope = self._try_assemble(clove.message_id, msg)
                 if envelope is not None:
                     self._settle(clove.message_id, msg)
+                    msg.digests = {i: _digest(c) for i, c in msg.cloves.items()}
+                    msg.cloves.clear()
                     msg.reply_key = envelope.reply_key
                     msg.ready.set()
                     msg.task = asyncio.get_running_loop().create_task(self._serve(clove.message_id, msg, envelope))
