@@ -127,6 +127,9 @@ def _row(channel: ChannelState, now: int, *, as_json: bool, payer: str) -> dict[
         return row
     shown = {"channel": channel.channel_id, "node": channel.node, "state": channel.state}
     shown.update({name: _amount(wei) for name, wei in amounts.items() if name != "in_flight"})
+    if channel.recovered:  # rebuilt from the chain: the book's signed/spent are bounds, not what was signed
+        shown["spent"] = "unknown (recovered)"
+        shown["signed"] = f"unknown, at most {_amount(channel.deposit)}"
     shown["close deadline"] = deadline or "-"
     return shown
 
