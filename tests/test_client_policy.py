@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
 from node.client._policy import (
+    PRIOR_BATCH_SHARE,
     STEP_TOKENS,
     LeastLoad,
     LoadReport,
@@ -18,8 +20,11 @@ from node.client._policy import (
     PlanetServeSettings,
     PrefixOnly,
     RoundRobin,
+    StepFit,
     estimate,
+    externality,
     make_policy,
+    marginal_cost,
 )
 
 
@@ -197,3 +202,130 @@ def test_a_node_that_reports_no_decode_speed_yet_is_not_taken_for_free() -> None
     assert picks == {0}
     # Nothing known anywhere: nothing is invented.
     assert with_known_decode([fresh, fresh]) == [fresh, fresh]
+
+
+def _fitted_tracker(fixed_s: float, per_seq_s: float) -> LoadTracker:
+    """A tracker that has read 40 heartbeats from node "fit", over batches 1..8, of an engine whose decode step costs
+    ``fixed_s + per_seq_s x batch`` (each reports the step's time over its batch, as the engine does)."""
+    tracker = LoadTracker()
+    for i in range(40):
+        batch = 1 + i % 8
+        per_token = (fixed_s + per_seq_s * batch) / batch
+        tracker.view("fit", report=LoadReport(issued_at=float(i), seconds_per_decode_token=per_token, batch=batch))
+    return tracker
+
+
+def test_the_step_fit_recovers_the_share_of_a_decode_step_that_grows_with_the_batch() -> None:
+    fit = StepFit()
+    for i in range(40):
+        batch = 1 + i % 8
+        fit.add(batch, 2e-3 + 0.5e-3 * batch)
+    assert fit.share() == pytest.approx(0.5e-3 / 2.5e-3)
+    # Too few reports, or all at one batch: the slope is not identified and the prior stands.
+    few, flat = StepFit(), StepFit()
+    for _ in range(40):
+        flat.add(4, 4e-3)
+    few.add(1, 2.5e-3)
+    few.add(8, 6e-3)
+    assert few.share() is None and flat.share() is None
+    assert LoadTracker().batch_share("anyone") == PRIOR_BATCH_SHARE
+
+
+def test_reports_at_different_batches_are_brought_to_a_batch_of_one() -> None:
+    """The engine reports a step's time per sequence, which falls as its batch grows when part of a step is fixed:
+    taken as a constant, a node decoding two requests looked cheaper than one decoding a single request."""
+    fixed, per_seq, m = 2e-3, 0.5e-3, 100
+    tracker = _fitted_tracker(fixed, per_seq)
+    one = tracker.view(
+        "one",
+        report=LoadReport(
+            issued_at=0.0, seconds_per_decode_token=fixed + per_seq, batch=1, requests=1, decode_backlog_tokens=m
+        ),
+    )
+    two = tracker.view(
+        "two",
+        report=LoadReport(
+            issued_at=0.0,
+            seconds_per_decode_token=(fixed + 2 * per_seq) / 2,
+            batch=2,
+            requests=2,
+            decode_backlog_tokens=2 * m,
+        ),
+    )
+    # The same engine: the same speed at a batch of one, whatever batch each report was measured at.
+    assert one.seconds_per_decode_token == pytest.approx(fixed + per_seq)
+    assert two.seconds_per_decode_token == pytest.approx(fixed + per_seq)
+    assert one.batch_share == pytest.approx(per_seq / (fixed + per_seq))
+    # The request's own time there is its m steps, each growing by per_seq for each co-runner: exact here.
+    assert estimate(one, 0, m) - estimate(one, 0, 0) == pytest.approx(m * (fixed + 2 * per_seq))
+    assert estimate(two, 0, m) > estimate(one, 0, m)
+    assert Counter(LeastLoad().choose([two, one], 0, random.Random(s), m) for s in range(20)) == Counter({1: 20})
+    # Without the fit (the prior: a step's cost proportional to its batch) the order was the wrong way round.
+    prior = LoadTracker()
+    one0 = prior.view(
+        "one",
+        report=LoadReport(
+            issued_at=0.0, seconds_per_decode_token=fixed + per_seq, batch=1, requests=1, decode_backlog_tokens=m
+        ),
+    )
+    two0 = prior.view(
+        "two",
+        report=LoadReport(
+            issued_at=0.0,
+            seconds_per_decode_token=(fixed + 2 * per_seq) / 2,
+            batch=2,
+            requests=2,
+            decode_backlog_tokens=2 * m,
+        ),
+    )
+    assert estimate(two0, 0, m) < estimate(one0, 0, m)
+
+
+def test_the_externality_term_picks_the_node_where_the_request_slows_fewer_co_runners() -> None:
+    m = 100
+    # "busy" decodes two long replies: the request's own time there is m + 0.5 x 2m steps of 1 ms = 0.2 s, and it
+    # slows each of them by 0.5 ms a step for m steps (0.1 s in all). "idle" is slower (2.1 ms a step) but alone:
+    # 0.21 s, and slows nobody.
+    busy = _view(
+        "busy",
+        seconds_per_decode_token=1e-3,
+        batch_share=0.5,
+        running_requests=2,
+        decode_backlog_tokens=2 * m,
+        seconds_per_token=0.0,
+    )
+    idle = _view("idle", seconds_per_decode_token=2.1e-3, batch_share=0.5, seconds_per_token=0.0)
+    assert estimate(busy, 0, m) == pytest.approx(0.2) and externality(busy, 0, m) == pytest.approx(0.1)
+    assert estimate(idle, 0, m) == pytest.approx(0.21) and externality(idle, 0, m) == 0.0
+    assert marginal_cost(busy, 0, m) == pytest.approx(0.3)
+    for policy, selfish in (
+        (
+            PlanetServePolicy(PlanetServeSettings(sample_slack=1.0)),
+            PlanetServePolicy(PlanetServeSettings(sample_slack=1.0, externality=False)),
+        ),
+        (LeastLoad(), LeastLoad(externality=False)),
+    ):
+        assert {policy.choose([busy, idle], 0, random.Random(s), m) for s in range(20)} == {1}
+        assert {selfish.choose([busy, idle], 0, random.Random(s), m) for s in range(20)} == {0}
+    # On a batch-flat node (share 0) co-runners are not slowed: no externality, however long its backlog.
+    flat = _view(
+        "flat", seconds_per_decode_token=1e-3, batch_share=0.0, running_requests=8, decode_backlog_tokens=8 * m
+    )
+    assert externality(flat, 0, m) == 0.0
+
+
+def test_a_long_uncached_prompt_goes_where_its_prefill_stalls_fewer_requests() -> None:
+    """Chunked prefill runs in the node's steps: every request there waits for the new prompt's chunks once more."""
+    crowded = _view("crowded", seconds_per_token=1e-4, running_requests=8)
+    quiet = _view("quiet", seconds_per_token=1e-4, running_requests=1, queued_tokens=200)
+    # Own time: the crowded node has no prefill queue, so it is the quicker for the request itself ...
+    assert estimate(crowded, 2000, 0) < estimate(quiet, 2000, 0)
+    # ... but its 2,000 tokens delay 8 requests there, against 1 on the quiet node.
+    assert externality(crowded, 2000, 0) == pytest.approx(1e-4 * 2000 * 8)
+    assert externality(quiet, 2000, 0) == pytest.approx(1e-4 * 2000)
+    rng = random.Random(4)
+    assert {PlanetServePolicy().choose([crowded, quiet], 2000, rng) for _ in range(20)} == {1}
+    assert {LeastLoad(externality=False).choose([crowded, quiet], 2000, rng) for _ in range(20)} == {0}
+    # A prompt the node holds costs its co-runners only its uncached tail.
+    holder = replace(crowded, matched_tokens=1984)
+    assert externality(holder, 2000, 0) == pytest.approx(1e-4 * 16 * 8)

@@ -35,6 +35,7 @@ def load_report(beat: Heartbeat) -> LoadReport:
         requests=beat.queued_requests + beat.running_requests,
         decode_backlog_tokens=beat.decode_backlog_tokens,
         seconds_per_decode_token=beat.decode_ms_per_token / 1000.0,
+        batch=beat.running_requests,
     )
 
 

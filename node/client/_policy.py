@@ -9,12 +9,22 @@ and the forwarding benchmark's simulation call the same code, and build their vi
 ``planetserve`` (ours):
 
 1. drop nodes below the reputation floor;
-2. estimate each node's time to serve the request (:func:`estimate`): its prefill wait, ``seconds_per_token x
-   (queued_tokens + prompt_tokens - matched_tokens)``, plus its decode time, ``seconds_per_decode_token x
-   (max_tokens + min(decode_backlog_tokens, running_requests x max_tokens))`` (the request's own tokens, and the
-   running tokens that will share its steps), divided by a reputation weight. ``seconds_per_token`` is the client's
-   own EWMA of TTFT per token ahead; ``seconds_per_decode_token`` is the node's fresh report corrected by the
-   client's own measurement of its replies, so a node that under-reports its load is caught by its slow answers;
+2. price each node by the request's **marginal cost** there (:func:`marginal_cost`): its own time (:func:`estimate`)
+   plus the delay it imposes on the requests already decoding there (:func:`externality`), divided by a reputation
+   weight. Own time: the prefill wait, ``seconds_per_token x (queued_tokens + prompt_tokens - matched_tokens)``, plus
+   ``max_tokens`` decode steps, ``u x (max_tokens + batch_share x overlap)``, where ``overlap`` is what the requests
+   there generate meanwhile (``min(decode_backlog_tokens, running_requests x max_tokens)``), ``u`` the node's step
+   time at a batch of one and ``batch_share`` the part of a step each further sequence adds (:class:`StepFit`,
+   fitted from the node's own reports: a step costs ``c + d x batch``, ``batch_share = d / (c + d)``). Externality:
+   ``u x batch_share x overlap``, each shared step made longer for one co-runner. The mean latency over all requests
+   is the sum of the marginal costs, so minimising own time alone (the "selfish" estimate) lets a request join a
+   node whose co-runners it slows more than it gains. ``u`` is the node's reported per-sequence time brought to a
+   batch of one on the fitted line (the report is a step's time over its batch, which *falls* as the batch grows
+   when part of a step is fixed: read as a constant it made a node decoding 2-3 requests look cheaper than one
+   decoding a single request, the measured reason least-estimate routing lost to round robin on short prompts),
+   averaged over the node's reports and times the client's own correction (its measured time per token of its
+   replies over the prediction), so a node that under-reports its load is caught by its slow answers.
+   ``seconds_per_token`` is the client's own EWMA of TTFT per token ahead;
 3. exclude the most loaded fraction (``exclude_fraction``; 0 by default: measured, excluding the quarter with the
    highest cache-blind estimate removed the node holding a hot prefix and made every workload slower, since the
    affinity step already falls back to least load when that node's estimate, queue included, is too high);
@@ -63,10 +73,15 @@ class NodeView:
     decode_backlog_tokens: int = 0
     """Tokens those requests still have to generate (reported, plus this client's own since the report)."""
     seconds_per_decode_token: float = 0.0
-    """Seconds per generated token: the node's report times the client's measured correction (0: unknown, the
+    """Seconds per generated token of a request decoding alone (the node's step time at a batch of one): its report,
+    brought to a batch of one with :attr:`batch_share`, times the client's measured correction (0: unknown, the
     estimate then has no decode term)."""
     reported_decode_s: float = 0.0
     """The node's own report of it, before the correction (0: none; the client then used its own measurement)."""
+    batch_share: float = 1.0
+    """The share of a decode step's time that grows with the batch, in [0, 1] (:class:`StepFit`): a step over a
+    batch of ``b`` costs ``seconds_per_decode_token x (1 - batch_share + batch_share x b)``. 1: a step's cost is
+    proportional to its batch (processor sharing, the estimate before the fit); 0: batch-flat."""
 
 
 class Policy(Protocol):
@@ -94,19 +109,50 @@ class RoundRobin:
         return index
 
 
+def _overlap(view: NodeView, max_tokens: int) -> int:
+    """Tokens the requests already there generate while the new one decodes: ``sum(min(r_i, max_tokens))`` over their
+    remaining lengths ``r_i``, bounded from the reported sum and count."""
+    return min(view.decode_backlog_tokens, view.running_requests * max_tokens)
+
+
 def estimate(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
     """Seconds the node would take to serve the request: prefill wait plus decode time (module docstring, step 2).
 
-    The decode term counts the request's own ``max_tokens`` and the backlog tokens that will run in the same steps
-    (at most ``max_tokens`` of each running request); a node's step time grows with its batch, so a node that decodes
-    a large backlog is slow for every request sent to it, although its time to first token may stay short.
+    The decode term is the request's ``max_tokens`` steps, each costing the node's step time at a batch of one plus
+    ``batch_share`` of it per co-running sequence: ``u x (max_tokens + batch_share x overlap)``, ``overlap`` the
+    tokens the requests already there generate meanwhile (at most ``max_tokens`` each). With ``batch_share`` 1 it
+    is processor sharing, ``u x (max_tokens + overlap)``; with 0 the batch costs nothing and only the steps count.
     """
     uncached = max(0, prompt_tokens - view.matched_tokens)
     prefill = view.seconds_per_token * (view.queued_tokens + uncached + STEP_TOKENS)
     if max_tokens <= 0 or view.seconds_per_decode_token <= 0.0:
         return prefill
-    overlap = min(view.decode_backlog_tokens, view.running_requests * max_tokens)
-    return prefill + view.seconds_per_decode_token * (max_tokens + overlap)
+    share = view.batch_share * _overlap(view, max_tokens)
+    return prefill + view.seconds_per_decode_token * (max_tokens + share)
+
+
+def externality(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
+    """Seconds the request adds to the requests already there, summed over them:
+
+    - decode: each of the ``overlap`` steps it shares with one of them costs that one ``batch_share x u`` more (zero
+      on a batch-flat node, whatever its backlog);
+    - prefill: its uncached prompt is computed in the node's steps (chunked prefill), so every request queued or
+      running there waits that long once more: ``seconds_per_token x uncached x running_requests``.
+
+    Where a step's cost grows with the batch, or prompts are long, the request's own time (:func:`estimate`) is
+    only part of its cost to everyone."""
+    uncached = max(0, prompt_tokens - view.matched_tokens)
+    prefill = view.seconds_per_token * uncached * view.running_requests
+    if max_tokens <= 0 or view.seconds_per_decode_token <= 0.0:
+        return prefill
+    return prefill + view.seconds_per_decode_token * view.batch_share * _overlap(view, max_tokens)
+
+
+def marginal_cost(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
+    """The request's own time there plus the delay it imposes on the requests already there (what the policies
+    minimise): the mean latency over all requests is the sum of these, so a selfish choice (own time only) lets a
+    request join a node whose co-runners it slows more than it gains."""
+    return estimate(view, prompt_tokens, max_tokens) + externality(view, prompt_tokens, max_tokens)
 
 
 def with_known_decode(views: Sequence[NodeView]) -> list[NodeView]:
@@ -129,21 +175,24 @@ class LeastLoad:
 
     name = "least_load"
 
-    def __init__(self, choices: int = 0) -> None:
+    def __init__(self, choices: int = 0, *, externality: bool = True) -> None:
         self.choices = choices
+        self.externality = externality
 
     def choose(self, views: Sequence[NodeView], prompt_tokens: int, rng: random.Random, max_tokens: int = 0) -> int:
         views = with_known_decode(views)
         candidates = list(range(len(views)))
         if self.choices and len(candidates) > self.choices:
             candidates = rng.sample(candidates, self.choices)
-        return min(candidates, key=lambda i: (_load(views[i], prompt_tokens, max_tokens), rng.random()))
+        return min(
+            candidates, key=lambda i: (_load(views[i], prompt_tokens, max_tokens, self.externality), rng.random())
+        )
 
 
-def _load(view: NodeView, prompt_tokens: int, max_tokens: int) -> float:
-    """The estimate as if the node held none of the prompt (what "most loaded" and least load rank by)."""
-    cached = min(prompt_tokens, view.matched_tokens)
-    return estimate(view, prompt_tokens, max_tokens) + view.seconds_per_token * cached
+def _load(view: NodeView, prompt_tokens: int, max_tokens: int, external: bool = True) -> float:
+    """The cost as if the node held none of the prompt (what "most loaded" and least load rank by)."""
+    blind = replace(view, matched_tokens=0)
+    return (marginal_cost if external else estimate)(blind, prompt_tokens, max_tokens)
 
 
 class PrefixOnly:
@@ -172,6 +221,9 @@ class PlanetServeSettings:
     sample_slack: float = 1.1
     """The final draw is among candidates whose estimate is within this factor of the cheapest (1: the cheapest;
     ties at random)."""
+    externality: bool = True
+    """Weigh each node by the request's marginal cost, its own time plus the delay it adds to the co-runners there
+    (:func:`marginal_cost`); False: its own time only (the selfish estimate)."""
     choices: int = 0
     """Nodes sampled per decision before the estimate is consulted (power of d choices); 0 weighs every candidate.
     At scale the candidates are themselves a sample (the client weighs a bounded random subset plus the nodes
@@ -222,8 +274,9 @@ class PlanetServePolicy:
         eligible = [i for i, v in enumerate(views) if v.reputation >= s.reputation_floor]
         if not eligible:
             raise NoEligibleNode("every candidate is below the reputation floor")
-        cost = {i: estimate(views[i], prompt_tokens, max_tokens) / self._weight(views[i]) for i in eligible}
-        load = {i: _load(views[i], prompt_tokens, max_tokens) for i in eligible}
+        price = marginal_cost if s.externality else estimate
+        cost = {i: price(views[i], prompt_tokens, max_tokens) / self._weight(views[i]) for i in eligible}
+        load = {i: _load(views[i], prompt_tokens, max_tokens, s.externality) for i in eligible}
         keep = max(1, math.ceil(len(eligible) * (1.0 - s.exclude_fraction)))
         rest = sorted(eligible, key=lambda i: (load[i], rng.random()))[:keep]
         best_match = max(views[i].matched_tokens for i in rest)
@@ -267,7 +320,11 @@ class LoadReport:
     decode_backlog_tokens: int = 0
     """Tokens they still have to generate (0 in a version-1 heartbeat: unknown)."""
     seconds_per_decode_token: float = 0.0
-    """The node's own measured time per generated token, seconds (0: unknown)."""
+    """The node's own measured time per generated token, seconds (0: unknown): its decode step's time divided by the
+    step's batch, averaged over its last steps."""
+    batch: int = 0
+    """Requests admitted there (prefilling or decoding; the heartbeat's ``running_requests``): about the batch that
+    time was measured at (0: none running, or not known)."""
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -288,6 +345,62 @@ class Dispatch:
     """Per generated token, by the node's report before the client's correction (0: no report)."""
 
 
+@dataclass(slots=True, kw_only=True)
+class StepFit:
+    """A node's decode step time as a line in its batch, ``step = c + d x batch``, fitted (exponentially weighted
+    least squares) to what its signed heartbeats report: each gives the time per sequence of its last steps and the
+    requests admitted, so their product is a step's time at about that batch.
+
+    The node reports its time **per sequence** (a step's time over its batch). Where part of a step costs the same
+    whatever the batch (weights read once per step, kernel launches: 2.0 ms of the torch engine's 2.57 ms step at a
+    batch of one on this machine), that figure *falls* as the batch grows, so taken as a constant per-token cost it
+    made a node decoding 2-3 requests look cheaper than one decoding a single request (``docs/forwarding.md``);
+    the fit's share ``d / (c + d)`` lets the estimate bring every report to the same batch."""
+
+    alpha: float = 0.02
+    """Weight of each new report once ``1 / alpha`` reports were seen (before that, their plain mean)."""
+    min_reports: int = 20
+    """Reports before the fit is used."""
+    min_variance: float = 0.25
+    """Variance of the reported batch (requests squared) below which the slope is not identified."""
+    reports: int = 0
+    mean_batch: float = 0.0
+    mean_step: float = 0.0
+    mean_batch2: float = 0.0
+    mean_cross: float = 0.0
+
+    def add(self, batch: int, step_s: float) -> None:
+        """One report: ``batch`` requests admitted, a step taking ``step_s`` seconds."""
+        self.reports += 1
+        w = max(self.alpha, 1.0 / self.reports)
+        self.mean_batch += w * (batch - self.mean_batch)
+        self.mean_step += w * (step_s - self.mean_step)
+        self.mean_batch2 += w * (batch * batch - self.mean_batch2)
+        self.mean_cross += w * (batch * step_s - self.mean_cross)
+
+    def share(self) -> float | None:
+        """``d / (c + d)`` in [0, 1], the part of a one-sequence step that each further sequence adds again; None
+        until enough reports over different batches were seen."""
+        if self.reports < self.min_reports:
+            return None
+        variance = self.mean_batch2 - self.mean_batch**2
+        if variance < self.min_variance:
+            return None
+        slope = max(0.0, (self.mean_cross - self.mean_batch * self.mean_step) / variance)
+        fixed = max(0.0, self.mean_step - slope * self.mean_batch)
+        if slope + fixed <= 0.0:
+            return None
+        return slope / (slope + fixed)
+
+
+#: The batch share assumed until a fit is identified: a step's cost proportional to its batch (processor sharing,
+#: what the estimate assumed before the fit existed).
+PRIOR_BATCH_SHARE = 1.0
+
+#: Weight of a node's newest report in its averaged decode speed at a batch of one (after ``1 / UNIT_ALPHA`` reports;
+#: before that, their plain mean).
+UNIT_ALPHA = 0.1
+
 #: Bounds of one decode-correction sample: a single reply can move the estimate at most this far.
 _CORRECTION_RANGE = (0.1, 100.0)
 
@@ -302,6 +415,10 @@ class _NodeStats:
     decode_s_per_token: float = 0.0
     decodes: int = 0
     inflight: dict[int, Dispatch] = field(default_factory=dict)
+    fit: StepFit = field(default_factory=StepFit)
+    report_at: float = -math.inf
+    unit_decode_s: float = 0.0
+    unit_reports: int = 0
 
 
 class LoadTracker:
@@ -327,8 +444,10 @@ class LoadTracker:
         self.prior = prior_seconds_per_token
         self.alpha = alpha
         self.half_life_s = half_life_s
+        self.unit_alpha = UNIT_ALPHA
         self._nodes: dict[str, _NodeStats] = {}
         self._ids = 0
+        self._fit = StepFit()
 
     def _stats(self, node_id: str) -> _NodeStats:
         stats = self._nodes.get(node_id)
@@ -374,6 +493,19 @@ class LoadTracker:
             return 0.0
         return self._aged(stats.decode_s_per_token, sum(measured) / len(measured), stats, now)
 
+    def batch_share(self, node_id: str) -> float:
+        """The node's fitted :meth:`StepFit.share`; for a node not identified yet, the mean of those that are (one
+        engine's physics is much like another's), else the fit over every node's reports together (identified
+        sooner, but mixing nodes of different speeds), else :data:`PRIOR_BATCH_SHARE`."""
+        own = self._stats(node_id).fit.share()
+        if own is not None:
+            return own
+        fitted = [f for f in (s.fit.share() for s in self._nodes.values()) if f is not None]
+        if fitted:
+            return sum(fitted) / len(fitted)
+        pooled = self._fit.share()
+        return PRIOR_BATCH_SHARE if pooled is None else pooled
+
     def inflight(self, node_id: str) -> int:
         """This client's requests sent to the node and not yet ended."""
         return len(self._stats(node_id).inflight)
@@ -394,6 +526,21 @@ class LoadTracker:
         since = report.issued_at if report is not None else -math.inf
         own = [d for d in stats.inflight.values() if d.at >= since]
         reported_decode = report.seconds_per_decode_token if report is not None else 0.0
+        share = self.batch_share(node_id)
+        if report is not None and report.issued_at > stats.report_at and reported_decode > 0.0:
+            stats.report_at = report.issued_at
+            if report.batch > 0:
+                stats.fit.add(report.batch, reported_decode * report.batch)
+                self._fit.add(report.batch, reported_decode * report.batch)
+            # The report is a step's time over its batch; brought to a batch of one on the fitted line, and averaged
+            # over the node's reports (its speed at a batch of one is a property of its hardware and model; what
+            # moves between reports is the batch they were measured at, which the fit has taken out).
+            batch = max(1, report.batch)
+            unit = reported_decode * batch / (1.0 - share + share * batch)
+            stats.unit_reports += 1
+            stats.unit_decode_s += max(self.unit_alpha, 1.0 / stats.unit_reports) * (unit - stats.unit_decode_s)
+        if reported_decode > 0.0:
+            reported_decode = stats.unit_decode_s
         decode_s = (
             reported_decode * self.correction(node_id, now=now)
             if reported_decode > 0.0
@@ -409,6 +556,7 @@ class LoadTracker:
             decode_backlog_tokens=(report.decode_backlog_tokens if report else 0) + sum(d.max_tokens for d in own),
             seconds_per_decode_token=decode_s,
             reported_decode_s=reported_decode,
+            batch_share=share,
         )
 
     def dispatched(self, view: NodeView, *, prompt_tokens: int, max_tokens: int, at: float) -> Dispatch:
@@ -418,8 +566,7 @@ class LoadTracker:
         uncached = max(0, prompt_tokens - view.matched_tokens)
         expected = 0.0
         if max_tokens > 0 and view.reported_decode_s > 0.0:
-            overlap = min(view.decode_backlog_tokens, view.running_requests * max_tokens)
-            expected = view.reported_decode_s * (1.0 + overlap / max_tokens)
+            expected = view.reported_decode_s * (1.0 + view.batch_share * _overlap(view, max_tokens) / max_tokens)
         self._ids += 1
         record = Dispatch(
             key=self._ids,
