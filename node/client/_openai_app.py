@@ -247,6 +247,10 @@ class _Aborted(Exception):
 class _CallerStalled(Exception):
     """The caller stopped reading a streamed answer until the whole-request deadline: its connection is cut."""
 
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the caller stopped reading")
+        self.response = response
+
 
 async def _deadline(stream: AsyncIterator[CompletionDelta], seconds: float) -> AsyncGenerator[CompletionDelta, None]:
     """``stream`` with a whole-request deadline."""
@@ -358,7 +362,7 @@ async def _respond_billed(
                 async with asyncio.timeout_at(end):
                     await response.write(f"data: {payload}\n\n".encode())
             except TimeoutError as exc:
-                raise _CallerStalled from exc
+                raise _CallerStalled(response) from exc
 
         await send(exchange.chunk(first.text, first.finish_reason, first=True))
         try:
@@ -385,11 +389,11 @@ async def _respond_billed(
         return response
     except _Aborted:
         return _json_error(502, "the generation did not complete", error_type="server_error", code="generation_aborted")
-    except _CallerStalled:
+    except _CallerStalled as stalled:
         log.info("openai endpoint: a caller stopped reading its stream; connection closed")
         if http.transport is not None:
-            http.transport.abort()
-        raise ConnectionResetError("the caller stopped reading") from None
+            http.transport.abort()  # ending the stream politely would wait on the same full buffer
+        return stalled.response
     finally:
         await deltas.aclose()
 
