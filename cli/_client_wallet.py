@@ -208,7 +208,10 @@ def channels(
         elif rows:
             emit(rows, as_json=False, title=f"channels of {wallet.address}")
         else:
-            info(f"no channels for {wallet.address} (they open on the first paid request, or with `deposit`)")
+            info(
+                f"no channels for {wallet.address} (they open on the first paid request, or with `deposit`;"
+                " after losing the state directory, `ps-client recover` finds them on chain)"
+            )
     finally:
         wallet.close()
 

@@ -83,6 +83,8 @@ async def test_a_lost_state_dir_is_recovered_closed_and_reclaimed_exact_to_the_w
     assert by_id[main_channel].last == DEPOSIT  # unknown what was signed: nothing is signed below the deposit
     assert again.signer_address(by_id[fresh.channel_id]) == fresh_address
     assert again.channel(node.operator) is None  # never paid on again: a next request opens a new channel
+    with pytest.raises(ValueError, match="recovered"):  # and the book refuses to sign on it
+        again.store.sign_amount(main_channel, 1)
     assert again.recover(from_block=chain.deployment.deploy_block).known == 2  # idempotent
 
     # During the dispute delay each node redeems the latest voucher it holds.
