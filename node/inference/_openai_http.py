@@ -35,6 +35,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic_core import from_json
+
 from node.inference._errors import (
     EngineClosed,
     EngineOverloaded,
@@ -345,7 +347,7 @@ class OpenAIHttpEngine:
 
         try:
             async with self._client().get(self._base + "/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                data = await resp.json(content_type=None)
+                data = await resp.json(content_type=None, loads=from_json)
             name = data["data"][0]["id"]
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(engine=ENGINE_NAME, reason=f"upstream unreachable ({type(exc).__name__})") from exc
@@ -400,7 +402,9 @@ class OpenAIHttpEngine:
                     if payload == b"[DONE]":
                         return
                     try:
-                        event = json.loads(payload)
+                        # pydantic_core's parser stops at 200 levels; json.loads recurses on the C stack up to the
+                        # recursion limit (py_ecc, loaded with web3, sets 100,000): a deep event crashed the node.
+                        event = from_json(payload)
                     except ValueError as exc:
                         raise InferenceError("the upstream sent an event that is not JSON") from exc
                     if isinstance(event, dict) and "error" in event:
@@ -425,7 +429,7 @@ class OpenAIHttpEngine:
             ) as resp:
                 if resp.status != 200:
                     await self._raise_for(resp)
-                data = await resp.json(content_type=None)
+                data = await resp.json(content_type=None, loads=from_json)
         except TimeoutError as exc:
             raise EngineTimeout(seconds=self._timeout) from exc
         except aiohttp.ClientConnectionError as exc:
@@ -442,7 +446,7 @@ class OpenAIHttpEngine:
         """Map a non-200 reply onto our error tree (its body is read for ``param`` only, never echoed)."""
         param = "request"
         with contextlib.suppress(Exception):
-            data = json.loads((await resp.content.read(65536)) or b"{}")
+            data = from_json((await resp.content.read(65536)) or b"{}")
             error = data.get("error") if isinstance(data, dict) else None
             if isinstance(error, dict) and isinstance(error.get("param"), str) and len(error["param"]) <= 64:
                 param = error["param"]
