@@ -302,3 +302,15 @@ async def test_a_keyless_endpoint_serves_each_loopback_name(host: str) -> None:
         headers = {"Content-Type": "application/json", "Host": host, "Origin": f"http://{host}"}
         status, _ = await _post(url, json.dumps(GOOD).encode(), headers)
         assert status == 200 and service.started == 1
+
+
+def test_the_endpoint_listens_on_loopback_unless_told_otherwise() -> None:
+    # ps-client serve's --host defaults to 127.0.0.1 (ps-net up binds 127.0.0.1 always); beyond it, a keyless
+    # endpoint still refuses every request that names another host (above).
+    import typer.main
+
+    from cli.client import app
+
+    serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    (host,) = [p for p in serve.params if "--host" in p.opts]
+    assert host.default == "127.0.0.1"

@@ -410,3 +410,34 @@ async def test_an_assembled_message_keeps_no_clove_payloads_while_it_lingers() -
 
 async def _short_reply(_request: bytes) -> AsyncIterator[bytes]:
     yield b"ok"
+
+
+async def test_packets_over_the_in_flight_bound_are_refused_at_once_and_the_slots_come_back() -> None:
+    # Two slots, both held by senders that never finish their bodies: the third packet is refused at once (503
+    # overloaded, not queued), and once the body timeout frees the slots, packets are taken again.
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), max_inflight=2, body_timeout_s=0.5)
+    relay = await start_node("relay", config)
+    host, port = relay.endpoint.removeprefix("http://").split(":")
+    holders = []
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST {ONION} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4000\r\n\r\nx".encode())
+            await writer.drain()
+            holders.append((reader, writer))
+        await _until(lambda: relay.overlay[keys.RELAY_STATE].inflight == 2, 5)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(relay.endpoint + ONION, data=b"junk") as response:
+                assert response.status == 503 and (await response.json())["error"]["code"] == "overloaded"
+            for reader, _writer in holders:
+                async with asyncio.timeout(5):
+                    assert (await reader.readline()).split()[1] == b"408"
+            await _until(lambda: relay.overlay[keys.RELAY_STATE].inflight == 0, 5)
+            async with session.post(relay.endpoint + ONION, data=b"junk") as response:
+                assert response.status == 400  # read and rejected on its merits, not refused for lack of a slot
+    finally:
+        for _reader, writer in holders:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await relay.stop()
