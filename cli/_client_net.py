@@ -8,9 +8,11 @@ privately (S-IDA cloves over onion paths) through one :class:`node.client.Client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,7 +67,8 @@ def client_wallet(rpc_url: str, deployment: Path | None, state_dir: Path | None 
     return env_wallet(rpc_url, deployment, state_dir)
 
 
-def _client(
+@contextlib.asynccontextmanager
+async def _client(
     rpc_url: str,
     deployment: Path | None,
     db: str | None,
@@ -73,18 +76,30 @@ def _client(
     tokenizer: Path | None,
     state_dir: Path | None = None,
     candidates: int = 16,
-) -> Any:
+) -> AsyncIterator[Any]:
+    """The command's ``Client``; on the way out it closes the client, then its wallet (the queued book writes
+    written, a failed one raised) and its registry index, however the command ends."""
     from node.client import Client, ClientConfig
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=_db(db))
-    return Client(
-        directory,
-        ClientConfig(models=models, candidates=candidates),
-        tokenizer=_tokenizer(tokenizer),
-        reputation=directory.reputation,
-        wallet=client_wallet(rpc_url, deployment, state_dir),
-    )
+    try:
+        wallet = client_wallet(rpc_url, deployment, state_dir)
+        try:
+            client = Client(
+                directory,
+                ClientConfig(models=models, candidates=candidates),
+                tokenizer=_tokenizer(tokenizer),
+                reputation=directory.reputation,
+                wallet=wallet,
+            )
+            async with client:
+                yield client
+        finally:
+            if wallet is not None:
+                await asyncio.to_thread(wallet.close)
+    finally:
+        directory.close()
 
 
 @app.command()
