@@ -54,6 +54,7 @@ bench: bootstrap
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/completion.py
+	$(BIN)/python bench/wallet_loop.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
