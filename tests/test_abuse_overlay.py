@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 from aiohttp import web
+from eth_account import Account
 
 from node.client import OverlayTransport
 from node.inference import EngineStats, GenerationChunk, GenerationRequest, ScoreResult
 from node.overlay import CompletionError, CompletionRequest, OverlayConfig, complete, keys
-from node.overlay._heartbeat import HEARTBEAT_PATH
+from node.overlay._heartbeat import HEARTBEAT_PATH, HeartbeatPublisher
 from node.overlay._localnet import LocalNetwork, serve_ephemeral, start_node
 from node.overlay._peers import Peer, StaticPeerDirectory
 from node.overlay._serve import create_model_app
@@ -441,3 +442,26 @@ async def test_packets_over_the_in_flight_bound_are_refused_at_once_and_the_slot
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
         await relay.stop()
+
+
+async def test_a_heartbeat_flood_is_served_from_one_signature() -> None:
+    # The heartbeat is public and signed with the operator's key: 200 GETs at once cost one signature, not 200.
+    engine = _SlowHealthEngine()
+    publisher = HeartbeatPublisher(
+        account=Account.create(), model_id=engine.model_id, stats=engine.stats, interval_s=60.0
+    )
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model")
+    app = create_model_app(config, engine, heartbeat=publisher)  # type: ignore[arg-type]  # a fake with the protocol's methods
+    runner, endpoint = await serve_ephemeral(app)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def fetch() -> bytes:
+                async with session.get(endpoint + HEARTBEAT_PATH) as response:
+                    assert response.status == 200
+                    return await response.read()
+
+            bodies = await asyncio.gather(*(fetch() for _ in range(200)))
+        assert len(set(bodies)) == 1  # one heartbeat (one seq, one signature) for the whole flood
+    finally:
+        await runner.cleanup()
