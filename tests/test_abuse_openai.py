@@ -170,7 +170,7 @@ async def test_a_connection_that_trickles_its_request_head_is_closed() -> None:
 async def test_a_stream_its_caller_stops_reading_is_cut_at_the_deadline_and_frees_its_slot() -> None:
     # Before, the deadline covered only waiting for the next delta, not writing it: a caller that stopped reading
     # (a full socket buffer) held the slot, and the generation upstream, for good.
-    config = OpenAIConfig(max_concurrent=1, request_timeout_s=1.0)
+    config = OpenAIConfig(max_concurrent=1, request_timeout_s=3.0)  # 3 s: time to see the slot held, even loaded
     async with _endpoint(config) as (service, url), _raw(url, rcvbuf=4096) as io:
         _reader, writer = io
         body = json.dumps({"model": MODEL, "prompt": "endless", "max_tokens": 4096, "stream": True}).encode()
@@ -179,7 +179,7 @@ async def test_a_stream_its_caller_stops_reading_is_cut_at_the_deadline_and_free
         await writer.drain()
         await _until(lambda: service.started == 1, 5)
         assert await _status_of_one(url) == 429  # the reader-less stream holds the one slot...
-        await _until(lambda: service.closed == 1, 6)  # ...until the deadline closes its generation
+        await _until(lambda: service.closed == 1, 10)  # ...until the deadline closes its generation
         assert await _status_of_one(url) == 200
 
 

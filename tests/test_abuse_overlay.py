@@ -266,13 +266,15 @@ async def test_a_compressed_body_that_inflates_past_the_packet_limit_is_refused_
 
 
 class _SlowHealthEngine:
-    """The model app's direct neighbour: an engine whose health check takes 0.3 s (like the openai-http engine's,
-    which asks its upstream server) and counts its calls; it serves nothing."""
+    """The model app's direct neighbour: an engine whose health check waits until ``release`` is set (like the
+    openai-http engine's, which asks its upstream server) and counts its calls; it serves nothing."""
 
     model_id = ModelId("0x" + "cd" * 32)
 
     def __init__(self) -> None:
         self.health_checks = 0
+        self.release = asyncio.Event()
+        self.release.set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         raise NotImplementedError
@@ -299,7 +301,8 @@ class _SlowHealthEngine:
 
     async def check_health(self) -> bool:
         self.health_checks += 1
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(30):
+            await self.release.wait()
         return True
 
     async def close(self) -> None:
@@ -311,8 +314,10 @@ async def test_a_readiness_flood_neither_floods_the_engines_health_check_nor_tak
     # one of the in-flight slots meanwhile: 40 concurrent GETs made 40 upstream requests and, with max_inflight 8,
     # got every packet refused as overloaded.
     engine = _SlowHealthEngine()
+    engine.release.clear()  # every check waits until the whole flood is in
     config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model", max_inflight=8)
     app = create_model_app(config, engine)  # type: ignore[arg-type]  # a fake with the protocol's methods
+    metrics = app[keys.OVERLAY_APP][keys.METRICS]
     runner, endpoint = await serve_ephemeral(app)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -322,11 +327,12 @@ async def test_a_readiness_flood_neither_floods_the_engines_health_check_nor_tak
                     return response.status
 
             flood = [asyncio.create_task(ready()) for _ in range(40)]
-            await asyncio.sleep(0.1)  # the flood is in the handlers, waiting on the health check
+            await _until(lambda: metrics.requests == 40, 10)  # all 40 in their handlers, waiting on the check
             async with session.post(endpoint + ONION, data=b"junk") as response:
                 assert (await response.json())["error"]["code"] != "overloaded"
+            engine.release.set()
             assert await asyncio.gather(*flood) == [200] * 40
-        assert engine.health_checks <= 2  # one check shared by the concurrent GETs (a late one may start a second)
+        assert engine.health_checks == 1  # one check shared by the whole flood
     finally:
         await runner.cleanup()
 
@@ -416,7 +422,7 @@ async def _short_reply(_request: bytes) -> AsyncIterator[bytes]:
 async def test_packets_over_the_in_flight_bound_are_refused_at_once_and_the_slots_come_back() -> None:
     # Two slots, both held by senders that never finish their bodies: the third packet is refused at once (503
     # overloaded, not queued), and once the body timeout frees the slots, packets are taken again.
-    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), max_inflight=2, body_timeout_s=0.5)
+    config = OverlayConfig(x25519_secret=secrets.token_bytes(32), max_inflight=2, body_timeout_s=3.0)
     relay = await start_node("relay", config)
     host, port = relay.endpoint.removeprefix("http://").split(":")
     holders = []
