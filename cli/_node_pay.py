@@ -83,7 +83,8 @@ def payment_gate(
     tokenize: Callable[[str], Sequence[int]],
 ) -> PaymentGate | None:
     """The gate a model node serves behind (``create_model_app(..., payments=...)``): its voucher book at the price
-    it registered on chain; None when that price is 0 (free serving) or the node is not registered."""
+    it registered on chain; None when that price is 0 (free serving) or the node is not registered. The gate owns
+    the book: ``gate.store.close()`` when done."""
     from node.overlay._payments import PaymentGate
 
     chain = open_node_chain(rpc_url, deployment, None, sign=False, operator=operator)
@@ -113,7 +114,8 @@ def earnings(
     chain = open_node_chain(rpc_url, deployment, keystore, sign=False, operator=operator)
     address = chain.operator
     store, pay, _ = node_voucher_store(chain, state_dir, vouchers_db)
-    books = store.books()
+    with store:
+        books = store.books()
     balances = pay.balances(address)
     amounts = {
         "served": sum(b.owed for b in books),
@@ -150,7 +152,8 @@ def claim(
 
     chain = open_node_chain(rpc_url, deployment, keystore)
     store, pay, _ = node_voucher_store(chain, state_dir, vouchers_db)
-    report = Redeemer(store, pay).claim()
+    with store:
+        report = Redeemer(store, pay).claim()
     for receipt in report.transactions:
         info(f"redeemed in {receipt.tx_hash} ({receipt.gas_used} gas)")
     emit(

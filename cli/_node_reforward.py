@@ -22,6 +22,7 @@ from cli._output import info
 if TYPE_CHECKING:
     from node.client._wallet import Wallet
     from node.overlay._reforward import Reforwarder
+    from node.overlay._serve import RegistryDirectorySource
 
 #: Default of ``--reforward-budget``: small, the node's own money held in channels to peers at once.
 DEFAULT_BUDGET_ETH = "0.01"
@@ -65,6 +66,8 @@ class NodeReforward:
 
     reforwarder: Reforwarder
     wallet: Wallet | None
+    source: RegistryDirectorySource | None = None
+    """The registry index the re-forwarder reads its peers from (closed with the rest)."""
 
     def describe(self) -> str:
         """The ready line's words (no amounts a peer chose)."""
@@ -75,13 +78,28 @@ class NodeReforward:
 
         return f"over {bound} waiting, to free and charging peers (budget {format_eth(self.wallet.budget_wei)} ETH)"
 
+    async def close(self) -> None:
+        """Close the re-forwarder's connections, the wallet's book and locks, and the registry index, each whatever
+        the others raise (idempotent). ``ps-node serve`` runs it on every path out, also when the node never
+        served (a model that failed to load, a port taken)."""
+        from node.overlay._lifecycle import stop_all
+
+        async def wallet() -> None:
+            if self.wallet is not None:
+                self.wallet.close()
+
+        async def source() -> None:
+            if self.source is not None:
+                self.source.close()
+
+        await stop_all([self.reforwarder.close, wallet, source])
+
     def cleanup_ctx(self) -> Any:
-        """An aiohttp cleanup context releasing the wallet's book and locks when the node stops."""
+        """An aiohttp cleanup context closing all of it (:meth:`close`) when the node stops."""
 
         async def ctx(_app: Any) -> Any:
             yield
-            if self.wallet is not None:
-                self.wallet.close()
+            await self.close()
 
         return ctx
 
@@ -146,10 +164,15 @@ def node_reforward(
     from node.overlay._serve import registry_directory_source
 
     wallet = reforward_wallet(rpc_url, deployment, state, budget_eth=budget_eth, deposit_eth=deposit_eth)
-    source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
-    config = ReforwardConfig(
-        operator=load_operator(None).address, queue_bound=bound, max_peer_price_per_1k_tokens=max_peer_price
-    )
-    tokenize = getattr(engine, "tokenize", None)
-    reforwarder = Reforwarder(config, source, payer=wallet, tokenize=tokenize if callable(tokenize) else None)
-    return NodeReforward(reforwarder=reforwarder, wallet=wallet)
+    try:
+        source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
+        config = ReforwardConfig(
+            operator=load_operator(None).address, queue_bound=bound, max_peer_price_per_1k_tokens=max_peer_price
+        )
+        tokenize = getattr(engine, "tokenize", None)
+        reforwarder = Reforwarder(config, source, payer=wallet, tokenize=tokenize if callable(tokenize) else None)
+    except BaseException:  # nothing else holds the wallet yet: release its book and locks here
+        if wallet is not None:
+            wallet.close()
+        raise
+    return NodeReforward(reforwarder=reforwarder, wallet=wallet, source=source)

@@ -8,11 +8,13 @@ scripts can wait for it; then it serves until SIGINT or SIGTERM and shuts down c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -147,82 +149,120 @@ def serve(
         replay_journal=state / "replay.journal",
         onion_keyring=OnionKeyStore(state).keyring(),  # reloaded every 2 s: `ps-node keys rotate` needs no restart
     )
-    peers = registry_peer_directory(
-        rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
-    )
-    ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
-    if role == "model":
-        if model_dir is None:
-            raise InvalidParams(param="model_dir", value=None, reason="a model node needs --model-dir")
-        engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
-        loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
-        ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
-        heartbeat = _heartbeat_publisher(loaded)
-        from node.overlay._redeemer import DEFAULT_MIN_WORTH_WEI, RedeemerConfig  # web3: only for model nodes
-
-        redeem = RedeemerConfig(
-            interval_s=redeem_interval,
-            min_worth_wei=DEFAULT_MIN_WORTH_WEI if redeem_min_wei is None else redeem_min_wei,
-            close_check_s=redeem_close_check,
-            deadline_margin_s=redeem_margin,
-        )
-        payments, redeemer = _payments(rpc_url, deployment, state, loaded, redeem)
-        ready["heartbeats"] = heartbeat is not None
-        ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
-        reforward = node_reforward(
-            reforward_bound,
-            rpc_url,
-            deployment,
-            state,
-            loaded,
-            budget_eth=reforward_budget,
-            deposit_eth=reforward_deposit,
-            max_peer_price=reforward_max_price,
-        )
-        ready["reforward"] = "off" if reforward is None else reforward.describe()
-        application = create_model_app(
-            config,
-            loaded,
-            peers=peers,
-            heartbeat=heartbeat,
-            payments=payments,
-            reforward=None if reforward is None else reforward.reforwarder,
-        )
-        if reforward is not None:
-            application.cleanup_ctx.append(reforward.cleanup_ctx())
-        if redeemer is not None:
-            from node.overlay import keys
-            from node.overlay._redeemer import RedeemerCollector
-
-            application.cleanup_ctx.append(redeemer.cleanup_ctx)
-            application[keys.NODE_METRICS].registry.register(RedeemerCollector(redeemer))
-    else:
-        application = create_app(config, peers=peers)
-        application.cleanup_ctx.append(peers.cleanup_ctx())
-
-    def on_ready(endpoint: str) -> None:
-        ready["endpoint"] = endpoint
-        emit(ready, as_json=as_json, title="serving")
-        if not as_json:
-            info("press Ctrl-C to stop")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_until(application, host=host, port=port, stop=stop, on_ready=on_ready)
-
+    # Everything opened from here on is closed on every path out of the command, also when the node never serves
+    # (a model that fails to load, a taken port): each close is idempotent, and when the node served, the app's
+    # cleanup has closed most of them already. Closed last-opened first, whatever one of them raises.
+    closers = contextlib.AsyncExitStack()
+    started = False
     try:
-        asyncio.run(main())
-    except OSError as exc:
-        # The bind itself is the authority (the check above can race with another process).
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there") from exc
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise InvalidParams(param="host", value=host, reason="not an address of this machine") from exc
-        raise
+        peers = registry_peer_directory(
+            rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
+        )
+        closers.callback(peers.close)
+        ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
+        if role == "model":
+            if model_dir is None:
+                raise InvalidParams(param="model_dir", value=None, reason="a model node needs --model-dir")
+            engine_config = EngineConfig(device=device or "auto", max_queue=max_queue)
+            loaded = load_engine(engine, model_dir, engine_config, upstream=upstream)
+            closers.push_async_callback(loaded.close)
+            ready.update(engine=type(loaded).__name__, model_id=loaded.model_id)
+            heartbeat = _heartbeat_publisher(loaded)
+            from node.overlay._redeemer import DEFAULT_MIN_WORTH_WEI, RedeemerConfig  # web3: only for model nodes
+
+            redeem = RedeemerConfig(
+                interval_s=redeem_interval,
+                min_worth_wei=DEFAULT_MIN_WORTH_WEI if redeem_min_wei is None else redeem_min_wei,
+                close_check_s=redeem_close_check,
+                deadline_margin_s=redeem_margin,
+            )
+            payments, redeemer, close_book = _payments(rpc_url, deployment, state, loaded, redeem)
+            closers.callback(close_book)
+            ready["heartbeats"] = heartbeat is not None
+            ready["payments"] = "the registered price" if payments is not None else "free (no operator key)"
+            reforward = node_reforward(
+                reforward_bound,
+                rpc_url,
+                deployment,
+                state,
+                loaded,
+                budget_eth=reforward_budget,
+                deposit_eth=reforward_deposit,
+                max_peer_price=reforward_max_price,
+            )
+            if reforward is not None:
+                closers.push_async_callback(reforward.close)
+            ready["reforward"] = "off" if reforward is None else reforward.describe()
+            application = create_model_app(
+                config,
+                loaded,
+                peers=peers,
+                heartbeat=heartbeat,
+                payments=payments,
+                reforward=None if reforward is None else reforward.reforwarder,
+            )
+            if reforward is not None:
+                application.cleanup_ctx.append(reforward.cleanup_ctx())
+            application.cleanup_ctx.append(_closing_ctx(close_book))  # exits after the redeemer's (listed after)
+            if redeemer is not None:
+                from node.overlay import keys
+                from node.overlay._redeemer import RedeemerCollector
+
+                application.cleanup_ctx.append(redeemer.cleanup_ctx)
+                application[keys.NODE_METRICS].registry.register(RedeemerCollector(redeemer))
+        else:
+            application = create_app(config, peers=peers)
+            application.cleanup_ctx.append(peers.cleanup_ctx())
+
+        def on_ready(endpoint: str) -> None:
+            ready["endpoint"] = endpoint
+            emit(ready, as_json=as_json, title="serving")
+            if not as_json:
+                info("press Ctrl-C to stop")
+
+        async def main() -> None:
+            try:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await serve_until(application, host=host, port=port, stop=stop, on_ready=on_ready)
+            finally:
+                await closers.aclose()
+
+        started = True
+        try:
+            asyncio.run(main())
+        except OSError as exc:
+            # The bind itself is the authority (the check above can race with another process).
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there") from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise InvalidParams(param="host", value=host, reason="not an address of this machine") from exc
+            raise
+    finally:
+        if not started:
+            _close_unstarted(closers)
     info("stopped")
+
+
+def _closing_ctx(close: Any) -> Any:
+    """An aiohttp cleanup context running ``close()`` when the node stops."""
+
+    async def ctx(_app: Any) -> Any:
+        yield
+        close()
+
+    return ctx
+
+
+def _close_unstarted(closers: contextlib.AsyncExitStack) -> None:
+    """Close what a node that never served opened. A failure here is logged, not raised: the error that stopped the
+    node (e.g. its model failed to load) is the one to report."""
+    try:
+        asyncio.run(closers.aclose())
+    except Exception as exc:  # the command's own error is already on its way out
+        logging.getLogger(__name__).warning("closing after a failed start: %s", type(exc).__name__)
 
 
 def _heartbeat_publisher(engine: Any) -> Any:
@@ -247,19 +287,19 @@ def _heartbeat_publisher(engine: Any) -> Any:
 
 def _payments(
     rpc_url: str, deployment: Path | None, state: Path, engine: Any, redeem: RedeemerConfig
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Callable[[], None]]:
     """A model node charges the price it registered on chain (read every 15 s; free while unregistered or at 0),
     with its voucher book in the state directory, and redeems that book in the background (on a schedule and before
     close deadlines: ``node/overlay/_redeemer.py``). Needs the operator key. Returns the gate and the redeemer
-    service, both None without a key. The gate and the redeemer share one store (one per process: its lock
-    serialises the book's writes)."""
+    service, both None without a key, and the function closing the book (idempotent; the book refuses use after).
+    The gate and the redeemer share one store (one per process: its lock serialises the book's writes)."""
     if not os.environ.get("PS_PRIVATE_KEY"):
-        return None, None
+        return None, None, lambda: None
     import threading
 
     from cli._node_chain import NodeChain, load_operator, open_node_chain
     from cli._node_pay import node_voucher_store
-    from ledger import PaymentChannels, VoucherStore
+    from ledger import ChainError, PaymentChannels, VoucherStore
     from node.overlay._payments import RegistryPricedGate
     from node.overlay._redeemer import Redeemer, RedeemerService
 
@@ -267,8 +307,12 @@ def _payments(
     lock = threading.Lock()
     opened: dict[str, tuple[NodeChain, VoucherStore, PaymentChannels]] = {}
 
+    closed: list[bool] = []
+
     def book() -> tuple[NodeChain, VoucherStore, PaymentChannels]:
         with lock:  # first use comes from the gate's or the redeemer's worker thread, whichever is first
+            if closed:
+                raise ChainError("the node's voucher book is closed (the node is stopping)")
             if "book" not in opened:
                 chain = open_node_chain(rpc_url, deployment, None)
                 store, pay, _ = node_voucher_store(chain, state, None)
@@ -279,9 +323,16 @@ def _payments(
         node = book()[0].registry.get_node(operator)
         return 0 if node is None else int(node.price_per_1k_tokens)
 
+    def close() -> None:
+        with lock:
+            closed.append(True)
+            entry = opened.pop("book", None)
+        if entry is not None:
+            entry[1].close()
+
     gate = RegistryPricedGate(store=lambda: book()[1], price=price, tokenize=engine.tokenize)
     service = RedeemerService(lambda: Redeemer(book()[1], book()[2], redeem), redeem)
-    return gate, service
+    return gate, service, close
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -160,9 +160,14 @@ class VoucherStore:
 
     ``url`` is a SQLAlchemy URL (``sqlite:///path/to/vouchers.db``) or an ``Engine``. ``channels`` reads the
     on-chain channel (a :class:`~ledger.PaymentChannels` handle, or a cache in front of one).
+
+    :meth:`close` (or leaving a ``with`` block) releases the database connections of an engine the store created
+    from a URL; an ``Engine`` passed in stays its owner's to dispose. A closed store refuses further use.
     """
 
     def __init__(self, url: str | Engine, *, domain: VoucherDomain, node: str, channels: ChannelSource) -> None:
+        self._owns_engine = isinstance(url, str)
+        self._closed = False
         self._engine = create_engine(url) if isinstance(url, str) else url
         self._domain = domain
         self._node = checksum(node, param="node")
@@ -170,6 +175,31 @@ class VoucherStore:
         self._lock = threading.Lock()
         SQLModel.metadata.create_all(self._engine, tables=[StoredVoucher.__table__])  # type: ignore[attr-defined]
         self._recover_reservations()
+
+    def close(self) -> None:
+        """Release the database connections (idempotent).
+
+        Why explicit: the pooled connections (each an open file on SQLite) would otherwise wait for the garbage
+        collector, which closes them at some later point with a ``ResourceWarning``; a node process opens its book
+        once and closes it on shutdown, a command when it is done.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._owns_engine:
+                self._engine.dispose()
+
+    def __enter__(self) -> VoucherStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _session(self) -> Session:
+        if self._closed:
+            raise ChainError("the voucher store is closed")
+        return Session(self._engine)
 
     @property
     def domain(self) -> VoucherDomain:
@@ -198,7 +228,7 @@ class VoucherStore:
         if signer != channel.client:
             raise VoucherForged(channel_id, signer, channel.client)
         amount = voucher.cumulative_amount
-        with self._lock, Session(self._engine) as session:
+        with self._lock, self._session() as session:
             row = session.get(StoredVoucher, self._key(channel_id))
             latest = row.cumulative_amount if row is not None else None
             owed = row.owed if row is not None else channel.redeemed
@@ -248,7 +278,7 @@ class VoucherStore:
             raise InvalidChainInput("used_tokens", used_tokens, f"must be tokens in [0, {limit}]")
         cost = accepted.price.cost(used_tokens)
         channel_id = accepted.voucher.channel_id
-        with self._lock, Session(self._engine) as session:
+        with self._lock, self._session() as session:
             row = session.get(StoredVoucher, self._key(channel_id))
             if row is None:
                 raise ChainError(f"no voucher book for channel {channel_id}: settle without accept")
@@ -261,7 +291,7 @@ class VoucherStore:
 
     def book(self, channel_id: int) -> ChannelBook | None:
         """The node's account of ``channel_id``, or None when it never accepted a voucher there."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             row = session.get(StoredVoucher, self._key(channel_id))
             return None if row is None else self._to_book(row)
 
@@ -271,7 +301,7 @@ class VoucherStore:
         Unbounded by design, like :meth:`redeemable`: one row per channel the node served (a bounded number of
         clients). The redeemer reads it to pick what to redeem (``redeemable`` caps at one batch).
         """
-        with Session(self._engine) as session:
+        with self._session() as session:
             rows = session.exec(
                 select(StoredVoucher).where(
                     col(StoredVoucher.chain_id) == self._domain.chain_id,
@@ -290,7 +320,7 @@ class VoucherStore:
         """
         if not 1 <= limit <= MAX_BATCH:
             raise InvalidChainInput("limit", limit, f"must be in [1, {MAX_BATCH}]")
-        with Session(self._engine) as session:
+        with self._session() as session:
             rows = session.exec(
                 select(StoredVoucher).where(
                     col(StoredVoucher.chain_id) == self._domain.chain_id,
@@ -304,7 +334,7 @@ class VoucherStore:
 
     def mark_redeemed(self, vouchers: Sequence[Voucher]) -> None:
         """Record that ``vouchers`` were redeemed on chain (after the transaction's receipt)."""
-        with self._lock, Session(self._engine) as session:
+        with self._lock, self._session() as session:
             for voucher in vouchers:
                 row = session.get(StoredVoucher, self._key(voucher.channel_id))
                 if row is None:
@@ -334,7 +364,7 @@ class VoucherStore:
 
     def _recover_reservations(self) -> None:
         """Count reservations a previous process left open (it died mid-request) as fully used."""
-        with self._lock, Session(self._engine) as session:
+        with self._lock, self._session() as session:
             rows = session.exec(
                 select(StoredVoucher).where(
                     col(StoredVoucher.chain_id) == self._domain.chain_id,

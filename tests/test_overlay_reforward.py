@@ -254,12 +254,15 @@ async def test_a_slow_registry_view_is_read_once_however_many_callers_give_up_wa
     source = registry_directory_source(
         chain.rpc_url, chain.deployment_path, f"sqlite:///{tmp_path / 'index.sqlite'}", refresh_s=60
     )
-    for _ in range(5):
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(source(), 0.05)
-    view = await asyncio.wait_for(source(), 30)
-    assert len(syncs) == 1 and isinstance(view, Directory)
-    assert await source() is view  # within refresh_s: served from memory
+    try:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(source(), 0.05)
+        view = await asyncio.wait_for(source(), 30)
+        assert len(syncs) == 1 and isinstance(view, Directory)
+        assert await source() is view  # within refresh_s: served from memory
+    finally:
+        source.close()
 
 
 async def test_a_paid_request_is_re_forwarded_to_a_charging_peer_paid_from_the_nodes_own_wallet(

@@ -8,9 +8,7 @@ in-memory :class:`StaticPeerDirectory` (standing in for the registry): a relay f
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
@@ -19,11 +17,10 @@ from aiohttp import web
 from node.overlay import keys
 from node.overlay._app import create_app
 from node.overlay._config import OverlayConfig
+from node.overlay._lifecycle import stop_all
 from node.overlay._peers import Peer, PeerDirectory, StaticPeerDirectory
 from node.overlay._receiver import ReplyHandler
 from node.privacy import Hop, RelayDescriptor
-
-log = logging.getLogger(__name__)
 
 #: Seconds a stopped node waits for its open exchanges: short, so that stopping one looks like a crash.
 _STOP_GRACE_S = 0.1
@@ -74,22 +71,6 @@ class LocalNode:
         if self.running:
             self.running = False
             await self.runner.cleanup()
-
-
-async def stop_all(stops: Iterable[Callable[[], Awaitable[object]]]) -> None:
-    """Await every one of ``stops`` in order, whatever one raises (cancellation included), then raise the first
-    error (the others are logged): a shutdown that gives up at its first failure leaves the rest running."""
-    first: BaseException | None = None
-    for stop in stops:
-        try:
-            await stop()
-        except BaseException as exc:  # every stop runs; the first error is raised below
-            if first is None:
-                first = exc
-            else:
-                log.warning("another stop failed too: %s", type(exc).__name__)
-    if first is not None:
-        raise first
 
 
 async def serve_ephemeral(app: web.Application) -> tuple[web.AppRunner, str]:

@@ -139,8 +139,11 @@ class RegistryPeerDirectory:
         refresh_interval_s: float = 15.0,
         min_refresh_interval_s: float = 2.0,
         refresh_timeout_s: float = 20.0,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._source = source
+        self._on_close = on_close
+        """What :meth:`close` releases besides the worker (the source's index), None: nothing."""
         self._view = StaticPeerDirectory()
         self._refresh_interval_s = refresh_interval_s
         self._min_refresh_interval_s = min_refresh_interval_s
@@ -191,8 +194,11 @@ class RegistryPeerDirectory:
             await asyncio.sleep(self._refresh_interval_s)
 
     def close(self) -> None:
-        """Stop the worker thread (a refresh in progress finishes first)."""
+        """Stop the worker thread (a refresh in progress finishes first), then run ``on_close`` (idempotent only if
+        ``on_close`` is)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._on_close is not None:
+            self._on_close()
 
     def cleanup_ctx(self) -> Callable[[web.Application], AsyncIterator[None]]:
         """A cleanup context that refreshes in the background while the application runs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -18,11 +19,12 @@ from node.overlay._app import create_app
 from node.overlay._completion import RequestObserver, completion_handler
 from node.overlay._config import OverlayConfig
 from node.overlay._directory import Directory
+from node.overlay._errors import SessionClosed
 from node.overlay._heartbeat import HEARTBEAT_PATH, HeartbeatPublisher, heartbeat_route
 from node.overlay._peers import PeerDirectory, RegistryPeerDirectory
 
 if TYPE_CHECKING:
-    from ledger import IndexedNode
+    from ledger import IndexedNode, Indexer
     from node.overlay._payments import Payments
     from node.overlay._reforward import Reforwarder
 
@@ -32,81 +34,126 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 
 
+class RegistryIndex:
+    """The node's own index of the registry (one ledger ``Indexer`` into ``db_url``), opened on first read.
+
+    Why a class: the index holds database connections (files, on SQLite) that only :meth:`close` releases; a node
+    that stops, or fails before it serves, closes it rather than leave them to the garbage collector. Reads run on
+    worker threads, one at a time per user; :meth:`close` never waits for a read under way (that could be a slow
+    chain, and close runs on the event loop): that read closes the index when it ends. A closed index refuses reads.
+    """
+
+    def __init__(self, rpc_url: str, deployment: Path | None, db_url: str) -> None:
+        self._rpc_url = rpc_url
+        self._deployment = deployment
+        self._db_url = db_url
+        self._indexer: Indexer | None = None
+        self._guard = threading.Lock()  # held only to read and set the fields below, never across I/O
+        self._reads = 0
+        self._closed = False
+
+    def nodes(self) -> list[IndexedNode]:
+        """Sync the index with the chain and return every indexed node (blocking: run it in a worker thread)."""
+        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
+
+        with self._guard:
+            if self._closed:
+                raise SessionClosed("registry index")
+            self._reads += 1
+        try:
+            if self._indexer is None:
+                path = self._deployment
+                if path is None:
+                    path = default_deployment_path(connect(self._rpc_url).eth.chain_id)
+                dep, registry = open_registry(self._rpc_url, path)
+                self._indexer = Indexer(registry, dep, self._db_url)
+            self._indexer.sync()
+            return self._indexer.nodes()
+        finally:
+            with self._guard:
+                self._reads -= 1
+                release = self._closed and self._reads == 0
+            if release:
+                self._release()
+
+    def close(self) -> None:
+        """Release the index's database connections now, or when the read under way ends (idempotent)."""
+        with self._guard:
+            self._closed = True
+            release = self._reads == 0
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        with self._guard:
+            indexer, self._indexer = self._indexer, None
+        if indexer is not None:
+            indexer.close()
+
+
 def registry_peer_directory(
     rpc_url: str, deployment: Path | None, db_url: str, *, refresh_interval_s: float = 15.0
 ) -> RegistryPeerDirectory:
     """The node's own view of the registry, read through the ledger's indexer into ``db_url`` and refreshed every
     ``refresh_interval_s`` (and on a miss, at most every 2 s). Nothing connects until the first refresh, so a node
-    whose chain is down still starts; it then forwards nothing until the registry can be read."""
-    state: dict[str, object] = {}
+    whose chain is down still starts; it then forwards nothing until the registry can be read. Its ``close()``
+    (which its cleanup context runs) closes the index too."""
+    index = RegistryIndex(rpc_url, deployment, db_url)
+    return RegistryPeerDirectory(index.nodes, refresh_interval_s=refresh_interval_s, on_close=index.close)
 
-    def read() -> list[IndexedNode]:
-        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
 
-        indexer = state.get("indexer")
-        if not isinstance(indexer, Indexer):
-            path = deployment if deployment is not None else default_deployment_path(connect(rpc_url).eth.chain_id)
-            dep, registry = open_registry(rpc_url, path)
-            indexer = Indexer(registry, dep, db_url)
-            state["indexer"] = indexer
-        indexer.sync()
-        return indexer.nodes()
+class RegistryDirectorySource:
+    """The node's registry view as a :class:`Directory` (relays and model nodes), what its re-forwarding chooses
+    peers and paths from (§10.5): read through a :class:`RegistryIndex` in a worker thread, at most every
+    ``refresh_s`` (the previous view is served in between, and kept when a read fails). Awaiting it returns the
+    view; :meth:`close` closes the index (the node does on every path out of ``ps-node serve``)."""
 
-    return RegistryPeerDirectory(read, refresh_interval_s=refresh_interval_s)
+    def __init__(self, rpc_url: str, deployment: Path | None, db_url: str, *, refresh_s: float = 15.0) -> None:
+        self._index = RegistryIndex(rpc_url, deployment, db_url)
+        self._refresh_s = refresh_s
+        self._cached: Directory | None = None
+        self._read_at = -float("inf")
+        #: The read under way: one at a time, shared by every caller. A caller that gives up (the re-forwarder waits
+        #: 5 s) leaves it running for the next one; a fresh read per caller would pile up worker threads (and syncs
+        #: of one index) while the chain is slow, starving the node's other worker-thread work.
+        self._pending: asyncio.Future[Directory] | None = None
+
+    def _read(self) -> Directory:
+        return Directory.from_registry(self._index.nodes())
+
+    def _settled(self, job: asyncio.Future[Directory]) -> None:
+        self._pending = None
+        self._read_at = time.monotonic()  # also after a failure: a dead chain must not slow every decision
+        if not job.cancelled() and job.exception() is None:
+            self._cached = job.result()
+        elif self._cached is not None:
+            log.warning("registry view for re-forwarding not refreshed; keeping the last one")
+
+    async def __call__(self) -> Directory:
+        cached = self._cached
+        if cached is not None and time.monotonic() - self._read_at < self._refresh_s:
+            return cached
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self._read))
+            self._pending.add_done_callback(self._settled)
+        job = self._pending
+        try:
+            return await asyncio.shield(job)
+        except Exception:  # a chain or database error: keep the last view (none yet: raise to the caller)
+            if self._cached is None:
+                raise
+            return self._cached
+
+    def close(self) -> None:
+        """Close the registry index (idempotent; a read under way closes it when it ends)."""
+        self._index.close()
 
 
 def registry_directory_source(
     rpc_url: str, deployment: Path | None, db_url: str, *, refresh_s: float = 15.0
-) -> Callable[[], Awaitable[Directory]]:
-    """The node's registry view as a :class:`Directory` (relays and model nodes), what its re-forwarding chooses
-    peers and paths from (§10.5): read through the ledger's indexer into ``db_url`` in a worker thread, at most every
-    ``refresh_s`` (the previous view is served in between, and kept when a read fails)."""
-    state: dict[str, object] = {}
-
-    def read() -> Directory:
-        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when serving
-
-        indexer = state.get("indexer")
-        if not isinstance(indexer, Indexer):
-            path = deployment if deployment is not None else default_deployment_path(connect(rpc_url).eth.chain_id)
-            dep, registry = open_registry(rpc_url, path)
-            indexer = Indexer(registry, dep, db_url)
-            state["indexer"] = indexer
-        indexer.sync()
-        return Directory.from_registry(indexer.nodes())
-
-    cached: Directory | None = None
-    read_at = -float("inf")
-    #: The read under way: one at a time, shared by every caller. A caller that gives up (the re-forwarder waits
-    #: 5 s) leaves it running for the next one; a fresh read per caller would pile up worker threads (and syncs of
-    #: one index) while the chain is slow, starving the node's other worker-thread work.
-    pending: asyncio.Future[Directory] | None = None
-
-    def settled(job: asyncio.Future[Directory]) -> None:
-        nonlocal cached, read_at, pending
-        pending = None
-        read_at = time.monotonic()  # also after a failure: a dead chain must not slow every decision
-        if not job.cancelled() and job.exception() is None:
-            cached = job.result()
-        elif cached is not None:
-            log.warning("registry view for re-forwarding not refreshed; keeping the last one")
-
-    async def source() -> Directory:
-        nonlocal pending
-        if cached is not None and time.monotonic() - read_at < refresh_s:
-            return cached
-        if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(read))
-            pending.add_done_callback(settled)
-        job = pending
-        try:
-            return await asyncio.shield(job)
-        except Exception:  # a chain or database error: keep the last view (none yet: raise to the caller)
-            if cached is None:
-                raise
-            return cached
-
-    return source
+) -> RegistryDirectorySource:
+    """A :class:`RegistryDirectorySource` (what ``ps-node serve`` re-forwards with); close it when done."""
+    return RegistryDirectorySource(rpc_url, deployment, db_url, refresh_s=refresh_s)
 
 
 def _shared_health(check: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
