@@ -29,7 +29,7 @@ from node.overlay._reforward import ReforwardConfig, Reforwarder
 from node.overlay._serve import registry_directory_source, registry_peer_directory
 from node.testing import NodeProcess, NodeSpec, ProcessNetwork
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import InProcess, _env, _failed
+from tests.test_chain_cli import InProcess, _env, _failed, _ok_json
 
 
 async def _echo(request: bytes) -> AsyncIterator[bytes]:
@@ -283,3 +283,16 @@ def test_serve_that_cannot_listen_closes_engine_wallet_book_and_indexes(
     _failed(failed, ExitCode.INVALID_INPUT, "not an address of this machine")
     assert asyncio.run(_released(state)) == []
     assert {t for t in threading.enumerate() if t.name == "torch-engine"} <= engines  # the engine's worker ended
+
+
+def test_earnings_and_claim_close_the_voucher_book(
+    chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    env = _env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
+    inproc = InProcess(monkeypatch, capsys)
+    shown = _ok_json(inproc("node", ["earnings", "--json"], env))
+    assert shown["channels"] == 0
+    assert (state / f"vouchers-{chain.w3.eth.chain_id}.sqlite").exists() and _open_under(state) == []
+    claimed = _ok_json(inproc("node", ["claim", "--json"], env))
+    assert claimed["channels"] == 0 and _open_under(state) == []
