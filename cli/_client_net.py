@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
-from cli._client_options import CandidatesOpt
+from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl
@@ -124,6 +124,7 @@ def chat(
     tokenizer: TokenizerOpt = None,
     db: DbOpt = None,
     candidates: CandidatesOpt = 16,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -132,7 +133,7 @@ def chat(
     """Chat with a model privately, under the documented chat template (docs/openai.md)."""
     import secrets
 
-    from node.client import CHAT_STOP, ChatMessage, render_chat
+    from node.client import CHAT_STOP, ChatMessage, render_chat, with_deadline
     from node.overlay import CompletionRequest
 
     text = sys.stdin.read() if message == "-" else message
@@ -156,7 +157,7 @@ def chat(
             )
             pieces: list[str] = []
             last: Any = None
-            async for delta in client.stream(request):
+            async for delta in with_deadline(client.stream(request), timeout):
                 pieces.append(delta.text)
                 last = delta
                 if stream and not as_json:

@@ -1,4 +1,4 @@
-"""Options every routing ``ps-client`` command shares (``ask``, ``chat``, ``serve``), declared once.
+"""Options the routing ``ps-client`` commands share (ask, chat, serve; ``--timeout``: ask and chat), declared once.
 
 Why here: ``cli/client.py`` and ``cli/_client_net.py`` both route requests through a ``node.client.Client``; an option
 declared twice drifts (one command's bounds or variable name changes, the other's does not).
@@ -22,5 +22,20 @@ CandidatesOpt = Annotated[
         min=0,
         max=MAX_CANDIDATES,
         help="Model nodes weighed per request: a random sample plus the nodes holding the prompt's prefix (0: all).",
+    ),
+]
+
+#: Most seconds ``ask``/``chat`` may take by default: the OpenAI endpoint's whole-request deadline (a node that keeps
+#: sending one token a minute stays within every per-frame timeout; this bounds the whole answer).
+DEFAULT_TIMEOUT_S = 300.0
+
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        envvar="PS_TIMEOUT",
+        min=0.1,
+        max=86_400.0,
+        help="Most seconds the whole request may take (exit 9 after).",
     ),
 ]

@@ -55,6 +55,7 @@ _EXIT_BY_CLASS: tuple[tuple[str, str, ExitCode], ...] = (
     ("verifier._errors", "EvidenceTampered", ExitCode.TAMPERED),
     ("node.client._wallet", "UnknownChannel", ExitCode.INVALID_INPUT),
     ("node.client._wallet", "WalletExhausted", ExitCode.INSUFFICIENT_FUNDS),
+    ("node.client", "RequestTimeout", ExitCode.NETWORK_ERROR),
 )
 
 

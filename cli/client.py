@@ -16,7 +16,7 @@ import typer
 from platformdirs import user_data_dir
 
 from cli import _client_net, _client_recover, _client_wallet
-from cli._client_options import CandidatesOpt
+from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
@@ -64,6 +64,7 @@ def ask(
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
     ] = None,
     candidates: CandidatesOpt = 16,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     state_dir: ClientStateDir = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
@@ -72,7 +73,7 @@ def ask(
     """Ask a model privately: the reply streams to stdout as it is generated."""
     from cli._client_net import client_wallet
     from ledger import Indexer
-    from node.client import Client, ClientConfig, OverlayTransport
+    from node.client import Client, ClientConfig, OverlayTransport, with_deadline
     from node.overlay import ClientSettings, CompletionRequest, Directory, Route
     from node.overlay._completion import MAX_PROMPT_CHARS
 
@@ -111,7 +112,7 @@ def ask(
         try:
             client = Client(directory, config, transport=OverlayTransport(settings), on_route=on_route, wallet=wallet)
             async with client:
-                async for delta in client.stream(request):
+                async for delta in with_deadline(client.stream(request), timeout):
                     if first is None:
                         first = time.perf_counter() - started
                     pieces.append(delta.text)

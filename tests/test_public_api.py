@@ -111,6 +111,7 @@ EXPECTED: dict[str, list[str]] = {
         "create_openai_app",
         "load_tokenizer",
         "render_chat",
+        "with_deadline",
     ],
     "node.testing": [
         "LocalNetwork",

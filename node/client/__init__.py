@@ -20,6 +20,7 @@ from node.client._client import (
     OverlayTransport,
     Transport,
 )
+from node.client._deadline import with_deadline
 from node.client._errors import ClientError, RequestTimeout, UnknownModel
 from node.client._openai_app import OpenAIConfig, create_openai_app
 from node.client._service import CompletionService, ServedModel
@@ -44,4 +45,5 @@ __all__ = [
     "create_openai_app",
     "load_tokenizer",
     "render_chat",
+    "with_deadline",
 ]

@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,8 @@ from yarl import URL
 
 from node.client._bill import Bill, billing
 from node.client._chat import CHAT_STOP, ChatMessage, render_chat
-from node.client._errors import RequestTimeout, render
+from node.client._deadline import with_deadline
+from node.client._errors import render
 from node.client._openai_wire import (
     MAX_PROMPT_CHARS,
     ChatCompletionsRequest,
@@ -252,27 +253,6 @@ class _CallerStalled(Exception):
         self.response = response
 
 
-async def _deadline(stream: AsyncIterator[CompletionDelta], seconds: float) -> AsyncGenerator[CompletionDelta, None]:
-    """``stream`` with a whole-request deadline."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    iterator = aiter(stream)
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(end):
-                    delta = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:
-                raise RequestTimeout(seconds) from exc
-            yield delta
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class _Exchange:
     """One request's generation, shaped as a completion or a chat completion."""
 
@@ -336,7 +316,7 @@ async def _respond_billed(
     include_usage: bool,
 ) -> web.StreamResponse:
     end = asyncio.get_running_loop().time() + exchange.config.request_timeout_s
-    deltas = _deadline(service.stream(exchange.request), exchange.config.request_timeout_s)
+    deltas = with_deadline(service.stream(exchange.request), exchange.config.request_timeout_s)
     try:
         if not stream:
             async for delta in deltas:
