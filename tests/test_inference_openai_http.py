@@ -30,6 +30,7 @@ from node.inference import (
     TorchEngine,
     load_engine,
 )
+from node.inference import _openai_http as openai_http
 from node.inference._modelio import load_tokenizer
 from node.inference._openai_http import cached_tokens_of, completion_body, token_id
 from node.inference.testing import ThreadedServer, openai_app
@@ -240,3 +241,33 @@ def test_the_factory_requires_an_upstream_for_openai_http_only(tiny_model_dir: P
     assert info.value.param == "upstream"
     with pytest.raises(InvalidParams):
         load_engine("openai-http", tiny_model_dir, upstream="ftp://127.0.0.1")
+
+
+async def test_an_endless_score_answer_is_refused_at_the_bound_not_held(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A score is one non-streamed JSON answer: an upstream that sends one without end is cut at
+    ``MAX_REPLY_BYTES`` (here lowered) with an error, instead of the node holding all of it."""
+    sent: list[int] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"choices": [{"logprobs": {"token_logprobs": [')
+        try:
+            for _ in range(4096):
+                await response.write(b"-0.5, " * 1024)
+                sent.append(1)
+        except (ConnectionResetError, RuntimeError):
+            pass  # the engine stopped reading and closed the connection
+        return response
+
+    with _stub(endless) as server:
+        engine = OpenAIHttpEngine.from_folder(tiny_model_dir, server.url)
+        try:
+            monkeypatch.setattr(openai_http, "MAX_REPLY_BYTES", 64 * 1024)
+            with pytest.raises(InferenceError, match="over 65536 bytes"):
+                await engine.score("3+4=", "7")
+        finally:
+            await engine.close()
+    assert len(sent) < 4096, "the whole endless answer was read"

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 ENGINE_NAME = "openai-http"
 #: Longest Server-Sent Events line accepted from the upstream, bytes.
 MAX_EVENT_BYTES = 1 << 20
+#: Most bytes of one non-streamed upstream answer (``/v1/models``, a score's echoed log-probs: a few hundred bytes per
+#: token of the longest prompt): an upstream that answers without end must not make the node hold it all.
+MAX_REPLY_BYTES = 16 << 20
 #: Prompt chunk hashes remembered for the heartbeat summary (the upstream does not expose its cache).
 _HASH_MEMORY = 4096
 _TOKEN_ID_PREFIX = "token_id:"
@@ -347,7 +350,7 @@ class OpenAIHttpEngine:
 
         try:
             async with self._client().get(self._base + "/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                data = await resp.json(content_type=None, loads=from_json)
+                data = await _read_json(resp)
             name = data["data"][0]["id"]
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(engine=ENGINE_NAME, reason=f"upstream unreachable ({type(exc).__name__})") from exc
@@ -429,7 +432,7 @@ class OpenAIHttpEngine:
             ) as resp:
                 if resp.status != 200:
                     await self._raise_for(resp)
-                data = await resp.json(content_type=None, loads=from_json)
+                data = await _read_json(resp)
         except TimeoutError as exc:
             raise EngineTimeout(seconds=self._timeout) from exc
         except aiohttp.ClientConnectionError as exc:
@@ -466,3 +469,15 @@ class OpenAIHttpEngine:
             self._hashes.move_to_end(h)
         while len(self._hashes) > _HASH_MEMORY:
             self._hashes.popitem(last=False)
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    """The answer's body parsed as JSON (pydantic's parser: nesting bounded), read to at most ``MAX_REPLY_BYTES``;
+    :class:`InferenceError` past it."""
+    limit = MAX_REPLY_BYTES
+    body = b""
+    while len(body) <= limit and (part := await resp.content.read(limit + 1 - len(body))):
+        body += part
+    if len(body) > limit:
+        raise InferenceError(f"the upstream's answer is over {limit} bytes")
+    return from_json(body)
