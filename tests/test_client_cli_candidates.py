@@ -18,8 +18,8 @@ from cli._client_options import MAX_CANDIDATES
 from cli.exit_codes import ExitCode
 from node.client import ClientConfig
 from node.inference import InvalidParams
+from tests._cli import InProcess, cli_env
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import InProcess, _env
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_chat_and_serve_weigh_the_candidates_asked_for(
     in_process: InProcess,
     configs: list[ClientConfig],
 ) -> None:
-    done = in_process("client", args, {**_env(None, tmp_path, key_index=None), **env})
+    done = in_process("client", args, {**cli_env(None, tmp_path, key_index=None), **env})
     assert done.returncode == ExitCode.INVALID_INPUT, done.stderr
     assert [c.candidates for c in configs] == [expected]
 
@@ -71,7 +71,7 @@ def test_ask_weighs_the_candidates_asked_for(
     chain: ChainEnv, tmp_path: Path, in_process: InProcess, configs: list[ClientConfig]
 ) -> None:
     args = ["ask", "12+07=", "--model", "tiny-llama@v1", "--db", "sqlite://", "--candidates", "5"]
-    done = in_process("client", args, _env(chain, tmp_path, key_index=None))
+    done = in_process("client", args, cli_env(chain, tmp_path, key_index=None))
     assert done.returncode == ExitCode.INVALID_INPUT, done.stderr
     assert [c.candidates for c in configs] == [5]
 
@@ -87,7 +87,7 @@ def _usage(done: Any) -> Sequence[str]:
 def test_candidates_out_of_range_is_a_one_line_usage_error(
     command: list[str], tmp_path: Path, in_process: InProcess, configs: list[ClientConfig]
 ) -> None:
-    env = _env(None, tmp_path, key_index=None)
+    env = cli_env(None, tmp_path, key_index=None)
     _usage(in_process("client", [*command, "--candidates", "-1"], env))
     _usage(in_process("client", command, {**env, "PS_CANDIDATES": str(MAX_CANDIDATES + 1)}))
     assert configs == []  # refused before any client exists

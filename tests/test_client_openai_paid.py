@@ -21,9 +21,9 @@ from node.client._wallet import Wallet, cost
 from node.inference import read_info
 from node.overlay import Directory
 from node.overlay._localnet import serve_ephemeral
+from tests._paid_net import OTHER_NODE, PRICE, PaidNet, start_paid_net
 from tests.fixtures.chain import ChainEnv
 from tests.test_client_wallet import _wallet
-from tests.test_payments_overlay import OTHER_NODE, PRICE, PaidNet, _start
 
 PROMPT = "3+4=7\n10+5=15\n12+7="
 
@@ -40,10 +40,10 @@ async def _endpoint(chain: ChainEnv, model_dir: Path, tmp_path: Path, *, nodes: 
     info = read_info(model_dir)
     assert info is not None
     name = f"{info.name}@{info.revision}"
-    first = await _start(chain, model_dir, tmp_path / "a.db")
+    first = await start_paid_net(chain, model_dir, tmp_path / "a.db")
     paid = [first]
     if nodes == 2:
-        paid.append(await _start(chain, model_dir, tmp_path / "b.db", net=first.net, node_index=OTHER_NODE))
+        paid.append(await start_paid_net(chain, model_dir, tmp_path / "b.db", net=first.net, node_index=OTHER_NODE))
     directory = Directory(relays=tuple(first.net.descriptors()), model_nodes=tuple(p.served() for p in paid))
     wallet = _wallet(chain, tmp_path / "client")
     # Round robin: of two requests, one starts on each node (so one of them meets the dead node first).
@@ -59,7 +59,7 @@ async def _endpoint(chain: ChainEnv, model_dir: Path, tmp_path: Path, *, nodes: 
         await client.close()
         wallet.close()
         for extra in paid[1:]:
-            await extra.node.stop()
+            await extra.stop()
         await first.close()
 
 

@@ -28,8 +28,8 @@ from node.overlay._localnet import LocalNetwork, LocalNode
 from node.overlay._reforward import ReforwardConfig, Reforwarder
 from node.overlay._serve import registry_directory_source, registry_peer_directory
 from node.testing import NodeProcess, NodeSpec, ProcessNetwork
+from tests._cli import InProcess, assert_failed, cli_env, ok_json
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import InProcess, _env, _failed, _ok_json
 
 
 async def _echo(request: bytes) -> AsyncIterator[bytes]:
@@ -274,13 +274,13 @@ def test_serve_that_cannot_listen_closes_engine_wallet_book_and_indexes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     state = tmp_path / "state"
-    env = _env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
+    env = cli_env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
     args = ["serve", "--role", "model", "--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
     # 192.0.2.1 (TEST-NET-1) is no address of this machine: the app starts, then the bind fails.
     args += ["--host", "192.0.2.1", "--port", "0", "--reforward-bound", "1"]
     engines = {t for t in threading.enumerate() if t.name == "torch-engine"}
     failed = InProcess(monkeypatch, capsys)("node", args, env)
-    _failed(failed, ExitCode.INVALID_INPUT, "not an address of this machine")
+    assert_failed(failed, ExitCode.INVALID_INPUT, "not an address of this machine")
     assert asyncio.run(_released(state)) == []
     assert {t for t in threading.enumerate() if t.name == "torch-engine"} <= engines  # the engine's worker ended
 
@@ -289,10 +289,10 @@ def test_earnings_and_claim_close_the_voucher_book(
     chain: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = tmp_path / "state"
-    env = _env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
+    env = cli_env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
     inproc = InProcess(monkeypatch, capsys)
-    shown = _ok_json(inproc("node", ["earnings", "--json"], env))
+    shown = ok_json(inproc("node", ["earnings", "--json"], env))
     assert shown["channels"] == 0
     assert (state / f"vouchers-{chain.w3.eth.chain_id}.sqlite").exists() and _open_under(state) == []
-    claimed = _ok_json(inproc("node", ["claim", "--json"], env))
+    claimed = ok_json(inproc("node", ["claim", "--json"], env))
     assert claimed["channels"] == 0 and _open_under(state) == []

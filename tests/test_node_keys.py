@@ -18,8 +18,9 @@ from node.overlay import OverlayConfig, keys
 from node.overlay._localnet import LocalNode, start_node
 from node.privacy import Hop, build_onion, key_id, public_key
 from node.privacy._constants import EXPIRY_GRANULARITY, MAX_TTL
+from tests._cli import REGISTER, cli_env, ok_json
+from tests._procs import run_cli
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import REGISTER, _env, _ok_json, _run
 
 ONION = "/overlay/v1/onion"
 
@@ -112,34 +113,34 @@ async def test_a_running_relay_follows_a_rotation_and_refuses_the_old_key_after_
 
 
 def test_ps_node_keys_rotate_publishes_the_new_key_on_chain(chain: ChainEnv, tmp_path: Path) -> None:
-    env = _env(chain, tmp_path)
-    registered = _ok_json(_run("node", [*REGISTER, "--price", "1000", "--stake", "1", "--json"], env))
-    rotated = _ok_json(
-        _run("node", ["keys", "rotate", "--publish-after", "0", "--grace", str(MIN_GRACE_S), "--json"], env)
+    env = cli_env(chain, tmp_path)
+    registered = ok_json(run_cli("node", [*REGISTER, "--price", "1000", "--stake", "1", "--json"], env))
+    rotated = ok_json(
+        run_cli("node", ["keys", "rotate", "--publish-after", "0", "--grace", str(MIN_GRACE_S), "--json"], env)
     )
     assert rotated["previous_public_key"] == registered["x25519_public_key"]
     assert rotated["current_public_key"] != registered["x25519_public_key"] and rotated["pending_public_key"] is None
     assert rotated["events"] == ["NodeUpdated"]  # the operator-signed registry update published it
-    status = _ok_json(_run("node", ["status", "--json"], env))
+    status = ok_json(run_cli("node", ["status", "--json"], env))
     assert status["x25519_public_key"] == rotated["current_public_key"]
-    shown = _ok_json(_run("node", ["keys", "show", "--json"], env))
+    shown = ok_json(run_cli("node", ["keys", "show", "--json"], env))
     assert shown == {k: rotated[k] for k in shown}
     # A second rotation inside the grace period is refused with one line and a named exit code, nothing changed.
-    again = _run("node", ["keys", "rotate", "--publish-after", "0", "--json"], env)
+    again = run_cli("node", ["keys", "rotate", "--publish-after", "0", "--json"], env)
     assert again.returncode != 0 and "grace period" in again.stderr
-    assert json.loads(_run("node", ["keys", "show", "--json"], env).stdout) == shown
+    assert json.loads(run_cli("node", ["keys", "show", "--json"], env).stdout) == shown
 
 
 def test_a_served_node_takes_a_rotation_without_a_restart(chain: ChainEnv, tmp_path: Path) -> None:
-    from tests.test_serve_cli import _ready, _spawn
+    from tests._cli import serve_ready, spawn_serve
 
-    env = _env(chain, tmp_path)
-    proc = _spawn(["serve", "--role", "relay", "--port", "0", "--json"], env)
+    env = cli_env(chain, tmp_path)
+    proc = spawn_serve(["serve", "--role", "relay", "--port", "0", "--json"], env)
     try:
-        endpoint = _ready(proc)["endpoint"]
+        endpoint = serve_ready(proc)["endpoint"]
         register = ["register", "--role", "relay", "--endpoint", endpoint, "--price", "10", "--stake", "1", "--json"]
-        registered = _ok_json(_run("node", register, env))  # its endpoint check reads the served key
-        rotated = _ok_json(_run("node", ["keys", "rotate", "--publish-after", "3", "--json"], env))
+        registered = ok_json(run_cli("node", register, env))  # its endpoint check reads the served key
+        rotated = ok_json(run_cli("node", ["keys", "rotate", "--publish-after", "3", "--json"], env))
 
         async def served_keys() -> list[str]:
             async with aiohttp.ClientSession() as session, session.get(endpoint + "/overlay/info") as response:

@@ -38,10 +38,9 @@ from ledger import (
 )
 from ledger._reverts import PaymentChannelsNodeJailed
 from node.overlay._redeemer import Redeemer, RedeemerCollector, RedeemerConfig, RedeemerService
+from tests._cli import InProcess, assert_failed, cli_env, serve_ready, spawn_serve
 from tests.fixtures.chain import OWNER, SLASHER, TEST_PARAMS, ChainEnv, rpc
 from tests.fixtures.payments import deploy_with_jail_switch, eth_balance, payments, spent, voucher
-from tests.test_chain_cli import InProcess, _env, _failed
-from tests.test_serve_cli import _ready, _spawn
 
 NODE, CLIENT, OTHER_CLIENT = 1, 10, 11
 RULE = PriceRule(price_per_1k_tokens=Wei(1_000), prompt_tokens=10, max_tokens=20)
@@ -416,12 +415,12 @@ def test_ps_node_serve_redeems_at_start_what_a_killed_node_served_and_shows_it_i
 ) -> None:
     state, channel, total = node_state
     pay = payments(chain)
-    env = _env(chain, state, NODE, PS_STATE_DIR=str(state), PS_REDEEM_INTERVAL="1", PS_REDEEM_MIN_WEI="1")
+    env = cli_env(chain, state, NODE, PS_STATE_DIR=str(state), PS_REDEEM_INTERVAL="1", PS_REDEEM_MIN_WEI="1")
     args = ["serve", "--role", "model", "--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
     args += ["--port", "0", "--json"]
     nonce = _nonce(chain)
-    processes.append(_spawn(args, env))
-    endpoint = _ready(processes[-1])["endpoint"]
+    processes.append(spawn_serve(args, env))
+    endpoint = serve_ready(processes[-1])["endpoint"]
     deadline = time.monotonic() + 30
     while pay.balances(dev_account(NODE).address).locked != total:
         assert time.monotonic() < deadline, "the served node did not redeem its book"
@@ -457,7 +456,7 @@ def test_ps_node_claim_on_a_jailed_node_fails_with_one_line_and_changes_nothing(
     )
     registry.with_account(dev_account(OWNER)).grant_slasher(dev_account(SLASHER).address)
     registry.with_account(dev_account(SLASHER)).slash(dev_account(NODE).address, 1, b"\x09" * 32)
-    env = _env(chain, tmp_path, NODE, PS_VOUCHERS_DB=f"sqlite:///{db}")
+    env = cli_env(chain, tmp_path, NODE, PS_VOUCHERS_DB=f"sqlite:///{db}")
     failed = InProcess(monkeypatch, capsys)("node", ["claim"], env)
-    _failed(failed, ExitCode.TX_REVERTED, "PaymentChannelsNodeJailed")
+    assert_failed(failed, ExitCode.TX_REVERTED, "PaymentChannelsNodeJailed")
     assert pay.channel(channel).redeemed == 0 and _store(pay, db).book(channel).redeemed == 0  # type: ignore[union-attr]

@@ -10,7 +10,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,25 +18,11 @@ from ledger import Role, model_id
 from ledger._anvil import free_port
 from node import NodeIdentity
 from node.inference import EngineConfig, GenerationRequest, SamplingParams, TorchEngine, read_info
-from tests._procs import read_json_object, spawn_cli
+from tests._cli import assert_failed, cli_env, ok_json, serve_ready, spawn_serve
+from tests._procs import run_cli
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import _env, _failed, _ok_json, _run
 
 PROMPT = "3+4=7\n10+5="
-
-
-#: Seconds ``ps-node serve`` gets to print its ready line (a model node loads its engine first).
-READY_TIMEOUT_S = 180.0
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    """``ps-node serve ARGS`` in the background (other test modules import this name)."""
-    return spawn_cli("node", args, env)
-
-
-def _ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """The JSON object ``serve --json`` prints once it listens."""
-    return read_json_object(proc, READY_TIMEOUT_S, what="ps-node serve")
 
 
 @pytest.fixture
@@ -77,12 +62,12 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
         # The nodes read the registry themselves: a relay forwards only to nodes registered there.
         # The model node holds its operator key (dev account 1): it signs heartbeats and charges its registered price.
         key = 1 if role == "model" else None
-        env = _env(chain, tmp_path, key, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
+        env = cli_env(chain, tmp_path, key, PS_STATE_DIR=str(tmp_path / f"node-{index}"))
         args = ["serve", "--role", role, "--port", "0", "--json"]
         if role == "model":
             args += ["--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
-        processes.append(_spawn(args, env))
-    ready = [_ready(proc) for proc in processes]
+        processes.append(spawn_serve(args, env))
+    ready = [serve_ready(proc) for proc in processes]
     assert ready[0]["model_id"] == info.model_id and ready[0]["engine"] == "TorchEngine"
     for index, (role, node) in enumerate(zip(roles, ready, strict=True), start=1):
         assert node["role"] == role and node["endpoint"].startswith("http://127.0.0.1:")
@@ -107,12 +92,12 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
         stake=10**18,
     )
     # The client pays from its own key (dev account 7): each request carries a voucher inside its sealed envelope.
-    client_env = _env(chain, tmp_path, 7, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
+    client_env = cli_env(chain, tmp_path, 7, PS_INDEX_DB=f"sqlite:///{tmp_path / 'client.sqlite'}")
     ask = ["ask", PROMPT, "--model", model, "--max-tokens", "6", "--paths", "4", "--hops", "3", "--json"]
     # Each relay re-reads the registry on a miss at most every 2 s (RegistryPeerDirectory): the nodes registered a
     # moment ago become resolvable by then, as the docs promise, and not necessarily sooner.
     time.sleep(2.5)
-    answer = _ok_json(_run("client", ask, client_env))
+    answer = ok_json(run_cli("client", ask, client_env))
     assert answer["routes_tried"] == 2
     assert answer["text"] == _local_greedy(tiny_model_dir, PROMPT, 6)
     assert answer["completion_tokens"] >= 1 and answer["finish_reason"] in ("stop", "length")
@@ -121,20 +106,20 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     assert answer["model_node"] == chain.account(1).address
 
     # Plain output streams the text itself.
-    plain = _run("client", ask[:-1], client_env)
+    plain = run_cli("client", ask[:-1], client_env)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.rstrip("\n") == answer["text"]
 
     # The model node was paid for both answers, in its own voucher book; without a key the client gets a clear refusal.
-    node_env = _env(chain, tmp_path, 1, PS_STATE_DIR=str(tmp_path / "node-0"))
-    earned = _ok_json(_run("node", ["earnings", "--json"], node_env))
+    node_env = cli_env(chain, tmp_path, 1, PS_STATE_DIR=str(tmp_path / "node-0"))
+    earned = ok_json(run_cli("node", ["earnings", "--json"], node_env))
     # One channel: the second `ps-client ask` (another process) continued the first one's, from the wallet's book.
     assert earned["channels"] == 1 and int(earned["served_wei"]) > 0
-    unpaid = _run("client", ask, {k: v for k, v in client_env.items() if k != "PS_PRIVATE_KEY"})
+    unpaid = run_cli("client", ask, {k: v for k, v in client_env.items() if k != "PS_PRIVATE_KEY"})
     assert unpaid.returncode != 0 and "payment_required" in unpaid.stderr
 
-    unknown = _run("client", ["ask", PROMPT, "--model", "other-model@v1"], client_env)
-    _failed(unknown, ExitCode.NETWORK_ERROR, "no routable model node")
+    unknown = run_cli("client", ["ask", PROMPT, "--model", "other-model@v1"], client_env)
+    assert_failed(unknown, ExitCode.NETWORK_ERROR, "no routable model node")
 
     for proc in processes:
         proc.send_signal(signal.SIGTERM)
@@ -148,48 +133,48 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
 
 
 def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
-    env = _env(None, tmp_path, None)
-    no_model = _run("node", ["serve", "--role", "model", "--port", "0"], env)
-    _failed(no_model, ExitCode.INVALID_INPUT, "model_dir")
-    missing = _run(
+    env = cli_env(None, tmp_path, None)
+    no_model = run_cli("node", ["serve", "--role", "model", "--port", "0"], env)
+    assert_failed(no_model, ExitCode.INVALID_INPUT, "model_dir")
+    missing = run_cli(
         "node", ["serve", "--role", "model", "--model-dir", str(tmp_path / "absent"), "--engine", "torch"], env
     )
-    _failed(missing, ExitCode.MODEL_ERROR, "absent")
-    bad_role = _run("node", ["serve", "--role", "verifier"], env)
-    _failed(bad_role, ExitCode.INVALID_INPUT, "role")
-    bad_engine = _run("node", ["serve", "--role", "model", "--model-dir", str(tmp_path), "--engine", "vllm"], env)
-    _failed(bad_engine, ExitCode.INVALID_INPUT, "engine")
+    assert_failed(missing, ExitCode.MODEL_ERROR, "absent")
+    bad_role = run_cli("node", ["serve", "--role", "verifier"], env)
+    assert_failed(bad_role, ExitCode.INVALID_INPUT, "role")
+    bad_engine = run_cli("node", ["serve", "--role", "model", "--model-dir", str(tmp_path), "--engine", "vllm"], env)
+    assert_failed(bad_engine, ExitCode.INVALID_INPUT, "engine")
 
 
 def test_serve_on_a_busy_port_is_one_line_and_port_in_use(tmp_path: Path) -> None:
     import socket
 
-    env = _env(None, tmp_path, None)
+    env = cli_env(None, tmp_path, None)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        relay = _run("node", ["serve", "--role", "relay", "--port", str(port)], env)
-        _failed(relay, ExitCode.PORT_IN_USE, f"port {port}", "--port")
-        as_json = _run("node", ["serve", "--role", "relay", "--port", str(port), "--json"], env)
+        relay = run_cli("node", ["serve", "--role", "relay", "--port", str(port)], env)
+        assert_failed(relay, ExitCode.PORT_IN_USE, f"port {port}", "--port")
+        as_json = run_cli("node", ["serve", "--role", "relay", "--port", str(port), "--json"], env)
     assert as_json.returncode == ExitCode.PORT_IN_USE and as_json.stdout == ""
     err = json.loads(as_json.stderr.strip().splitlines()[-1])["error"]
     assert err["type"] == "PortInUse" and err["port"] == port and err["exit_name"] == "PORT_IN_USE"
 
 
 def test_ask_rejects_bad_input_before_touching_the_network(tmp_path: Path) -> None:
-    env = _env(None, tmp_path, None, PS_RPC_URL="http://127.0.0.1:9")
-    _failed(_run("client", ["ask", "hi", "--model", "not a model"], env), ExitCode.INVALID_INPUT, "model")
-    _failed(
-        _run("client", ["ask", "hi", "--model", "m@v1", "--temperature", "3"], env),
+    env = cli_env(None, tmp_path, None, PS_RPC_URL="http://127.0.0.1:9")
+    assert_failed(run_cli("client", ["ask", "hi", "--model", "not a model"], env), ExitCode.INVALID_INPUT, "model")
+    assert_failed(
+        run_cli("client", ["ask", "hi", "--model", "m@v1", "--temperature", "3"], env),
         ExitCode.INVALID_INPUT,
         "temperature",
     )
-    _failed(_run("client", ["ask", "", "--model", "m@v1"], env), ExitCode.INVALID_INPUT, "prompt")
-    no_tries = _run("client", ["ask", "hi", "--model", "m@v1", "--attempts", "0"], env)
-    _failed(no_tries, ExitCode.INVALID_INPUT, "attempts")
-    _failed(
-        _run("client", ["ask", "hi", "--model", "m@v1", "--paths", "2", "--threshold", "3"], env),
+    assert_failed(run_cli("client", ["ask", "", "--model", "m@v1"], env), ExitCode.INVALID_INPUT, "prompt")
+    no_tries = run_cli("client", ["ask", "hi", "--model", "m@v1", "--attempts", "0"], env)
+    assert_failed(no_tries, ExitCode.INVALID_INPUT, "attempts")
+    assert_failed(
+        run_cli("client", ["ask", "hi", "--model", "m@v1", "--paths", "2", "--threshold", "3"], env),
         ExitCode.INVALID_INPUT,
     )
-    _failed(_run("client", ["ask", "hi", "--model", "m@v1"], env), ExitCode.CHAIN_UNAVAILABLE)
+    assert_failed(run_cli("client", ["ask", "hi", "--model", "m@v1"], env), ExitCode.CHAIN_UNAVAILABLE)

@@ -14,6 +14,7 @@ import pytest
 
 from cli.exit_codes import ExitCode
 from ledger import dev_account
+from tests._cli import InProcess
 from tests._procs import run_cli
 from tests.fixtures.attest import (
     ETH,
@@ -26,7 +27,6 @@ from tests.fixtures.attest import (
     register_network,
 )
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import InProcess
 from verifier._epoch import AuditPolicy, Web3Blocks, epoch_bounds, find_anchor_block, plan_epoch, sign_epoch_seed
 from verifier._evidence import EvidenceStore, record_header
 from verifier._prompts import salt_commitment

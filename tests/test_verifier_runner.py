@@ -13,8 +13,6 @@ import json
 import os
 import sys
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -25,67 +23,12 @@ from node.client import Client, ClientConfig
 from node.client._wallet import Wallet
 from node.inference import EngineConfig, TorchEngine
 from node.overlay import CompletionRequest, Route
+from tests._cli import InProcess, assert_failed, cli_env
+from tests._committee import CUSUM, EPOCH_S, NEUTRAL, verifier_committee
 from tests.fixtures.attest import register
 from tests.fixtures.auditnet import MODEL_STAKE, AuditNet, audit_net
 from tests.fixtures.chain import ChainEnv
-from tests.test_chain_cli import InProcess, _env, _failed
-from verifier._calibration import Calibration
 from verifier._runner import EpochReport, Verifier, VerifierConfig
-from verifier._sequential import CusumParams
-
-#: Seconds per epoch: a few challenges per node and verifier fit, with room for retries and the attestations.
-EPOCH_S = 6
-#: The shipped fp32/fp32 calibration (what ``ps-verifier run`` scores with).
-CALIBRATION = Calibration.default()
-#: A CUSUM that alarms after two clearly failed challenges (so a test needs one epoch, not the shipped design's
-#: dozen challenges) and stays at 0 on honest answers (deficits ~0, under the allowance).
-CUSUM = CusumParams(kappa=0.3, threshold=1.0, challenges_per_epoch=8)
-NEUTRAL = 500_000
-
-
-@asynccontextmanager
-async def _committee(net: AuditNet, reference: TorchEngine, tmp: Path) -> AsyncIterator[list[Verifier]]:
-    """One ``Verifier`` per registered verifier, each with its own index, state dir and paying client."""
-    async with AsyncExitStack() as stack:
-        verifiers = []
-        for i, (account, payer) in enumerate(zip(net.verifiers, net.payers, strict=True)):
-            indexer = net.indexer(f"verifier-{i}")
-            stack.callback(indexer.close)
-            nodes, directory = net.sources(indexer)
-            wallet = Wallet(
-                net.payments(),
-                payer,
-                budget_wei=10**17,
-                deposit_wei=10**16,
-                state_dir=tmp / f"wallet-{i}",
-                fresh_addresses=True,
-            )
-            stack.callback(wallet.close)
-            client = await stack.enter_async_context(
-                Client(directory, ClientConfig(models=(net.model,)), wallet=wallet)
-            )
-            verifiers.append(
-                Verifier(
-                    VerifierConfig(
-                        state_dir=tmp / f"verifier-{i}",
-                        model_dir=net.root,
-                        mean_challenges=3.0,
-                        min_challenges=2,
-                        max_challenges=6,
-                        max_prompt_chars=400,
-                        request_timeout_s=10.0,
-                    ),
-                    account=account,
-                    attestations=net.attestations(account),
-                    nodes=nodes,
-                    client=client,
-                    engine=reference,
-                    model_id=net.model_id,
-                    calibration=CALIBRATION,
-                    cusum=CUSUM,
-                )
-            )
-        yield verifiers
 
 
 async def _user_destinations(net: AuditNet, tmp: Path, requests: int) -> list[str]:
@@ -119,7 +62,7 @@ async def test_a_committee_slashes_and_jails_a_canned_cheater_and_keeps_the_hone
         reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_running=8))
         reports: list[list[EpochReport]] = [[] for _ in net.verifiers]
         try:
-            async with _committee(net, reference, tmp_path) as committee:
+            async with verifier_committee(net, reference, tmp_path) as committee:
                 await asyncio.gather(*(v.run(3, on_epoch=reports[i].append) for i, v in enumerate(committee)))
         finally:
             await reference.close()
@@ -167,8 +110,8 @@ def test_ps_verifier_run_refuses_a_key_that_is_not_an_active_verifier(
     if who == "model node":
         register(chain, index, Role.MODEL, 2 * 10**18)
     run = InProcess(monkeypatch, capsys)
-    proc = run("verifier", ["run", "--model", str(tiny_model_dir), "--epochs", "1"], _env(chain, tmp_path, index))
-    line = _failed(proc, ExitCode.KEY_ERROR, chain.account(index).address)
+    proc = run("verifier", ["run", "--model", str(tiny_model_dir), "--epochs", "1"], cli_env(chain, tmp_path, index))
+    line = assert_failed(proc, ExitCode.KEY_ERROR, chain.account(index).address)
     assert ("not registered" in line) if who == "unregistered" else ("registered as a model" in line)
 
 

@@ -4,7 +4,7 @@ The strategies (beside ``CheatConfig(mode="canned")``, which ``test_verifier_run
 ``make_variant`` served as a whole node under the registered model's id (fewer layers, half width, int8 kernels,
 under-trained, another seed), a node that replays earlier answers to other prompts, and a node that substitutes the
 under-trained variant on a seeded half of its requests. A committee of one verifier (quorum 1) audits them through the
-private, paid network for four short epochs with ``test_verifier_runner``'s CUSUM (it alarms after about two
+private, paid network for four short epochs with ``tests/_committee.py``'s CUSUM (it alarms after about two
 clearly failed challenges).
 
 Each cheater ends penalized (at least once), slashed, jailed, and with a lower reputation than it had before its
@@ -29,9 +29,9 @@ import pytest
 from node.inference import EngineConfig, TorchEngine
 from node.inference._training import VARIANT_KINDS
 from node.inference.testing import CheatConfig
+from tests._committee import CUSUM, EPOCH_S, NEUTRAL, verifier_committee
 from tests.fixtures.auditnet import MODEL_STAKE, AuditNet, audit_net
 from tests.fixtures.variants import ensure_variant
-from tests.test_verifier_runner import CUSUM, EPOCH_S, NEUTRAL, _committee
 from verifier._runner import EpochReport
 
 #: The seeded half of requests the fractional cheater substitutes (``CheatConfig.seed``).
@@ -84,7 +84,7 @@ async def test_a_node_serving_each_cheating_variant_is_slashed_and_jailed_and_th
 
         reference = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_running=8))
         try:
-            async with _committee(net, reference, tmp_path) as committee:
+            async with verifier_committee(net, reference, tmp_path) as committee:
                 (verifier,) = committee
                 async with asyncio.timeout(20 * EPOCH_S):
                     await verifier.run(EPOCHS, on_epoch=concluded)

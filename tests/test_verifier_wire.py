@@ -22,8 +22,8 @@ from node.client import Client, ClientConfig
 from node.client._wallet import Wallet
 from node.inference import EngineConfig, TorchEngine
 from node.privacy._constants import ONION_HEADER_LEN, REQUEST_CLASSES
+from tests._committee import CALIBRATION, CUSUM
 from tests.fixtures.auditnet import Recorder, audit_net
-from tests.test_verifier_runner import CALIBRATION, CUSUM
 from verifier._epoch import AuditPolicy, plan_epoch
 from verifier._prompts import PromptDistribution, user_request
 from verifier._runner import EpochReport, Verifier, VerifierConfig
