@@ -16,10 +16,14 @@ batch; a 16-token-block prefix cache with LRU eviction per node; the node's hear
 cache summary of blocks seen in at least K=3 distinct requests, published every ``heartbeat_s`` (so clients act on
 stale state, plus what they know of their own requests in flight).
 
-Also: heterogeneous nodes (2 of 8 three times slower, one of them reporting zero load), 8 independent clients whose
-heartbeats are 0.25 s and 1 s old, and a scale run of 1,000 nodes and 100 clients (heartbeat bytes per client per
-second). The 8-node simulation is checked against a real multi-process run by ``bench/forwarding_live.py`` where it
-exists. Performance figures come from this script's own output: nothing here is asserted.
+Also: heterogeneous nodes (2 of 8 three times slower, one of them reporting zero load) with two oracles that bound
+what routing can do (exact state: greedy, and the best static split between the classes) and a **sensitivity** run
+on an assumed batch-flat decode step (labelled as such: an assumption, not a measurement), 8 independent clients
+whose heartbeats are 0.25 s and 1 s old, and a scale run of 1,000 nodes and 100 clients (heartbeat bytes per client
+per second). Every table runs ``--seeds`` seeds side by side (5 by default) and reports medians and the spread of
+each ratio; ``oracle`` (:class:`ExactOracle`) reads the simulated nodes' exact state, a reference and not a client.
+The 8-node simulation is checked against a real multi-process run with ``--real`` (``bench/forwarding_real.py``).
+Performance figures come from this script's own output: nothing here is asserted.
 """
 
 from __future__ import annotations
