@@ -9,6 +9,7 @@ runs until Ctrl-C or ``ps-net down``, reporting any node that exits. Local use o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -206,22 +207,54 @@ async def _serve(
     as_json: bool,
     nodes: list[dict[str, Any]],
 ) -> None:
+    # Everything opened here is closed however the endpoint ends, also when it never listened (a taken port):
+    # last opened first, each whatever the others raise.
+    async with contextlib.AsyncExitStack() as closers:
+        await _endpoint(
+            closers,
+            network=network,
+            payer=payer,
+            rpc_url=rpc_url,
+            deployment=deployment,
+            state=state,
+            model=model,
+            openai_port=openai_port,
+            show_dev_keys=show_dev_keys,
+            as_json=as_json,
+            nodes=nodes,
+        )
+
+
+async def _endpoint(
+    closers: contextlib.AsyncExitStack,
+    *,
+    network: Any,
+    payer: int,
+    rpc_url: str,
+    deployment: Path,
+    state: Path,
+    model: str,
+    openai_port: int,
+    show_dev_keys: bool,
+    as_json: bool,
+    nodes: list[dict[str, Any]],
+) -> None:
     from aiohttp import web
 
     from node.client import Client, ClientConfig, ClientService, create_openai_app
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}")
-    client = Client(
-        directory,
-        ClientConfig(models=(model,)),
-        reputation=directory.reputation,
-        wallet=_dev_wallet(rpc_url, deployment, payer),
-    )
+    closers.callback(directory.close)
+    wallet = _dev_wallet(rpc_url, deployment, payer)
+    closers.push_async_callback(asyncio.to_thread, wallet.close)  # its queued book writes run, off the loop
+    client = Client(directory, ClientConfig(models=(model,)), reputation=directory.reputation, wallet=wallet)
+    closers.push_async_callback(client.close)
     service = ClientService(client)
     await service.refresh()
     runner = web.AppRunner(create_openai_app(service), access_log=None)
     await runner.setup()
+    closers.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, "127.0.0.1", openai_port)
     await site.start()
     host, port = runner.addresses[0][:2]
@@ -266,9 +299,6 @@ async def _serve(
                 await service.refresh()
     finally:
         report_crashes()  # a node that died in the last second before the stop is reported too
-        await runner.cleanup()
-        await client.close()
-        directory.close()
 
 
 @app.command()

@@ -204,6 +204,8 @@ class ReforwardNet:
         served = Served()
         config = OverlayConfig(x25519_secret=secrets.token_bytes(32), role="model")
         payments_gate = gate(engine) if gate is not None else None
+        if payments_gate is not None:
+            self.stack.callback(payments_gate.store.close)  # after the node stops (pushed before it)
         app = create_model_app(
             config,
             engine,
@@ -325,11 +327,12 @@ def assert_client_paid_a(run: PaidReforward) -> None:
     assert a_book is not None and a_book.owed == run.owed and a_book.reserved == 0
 
 
-def assert_a_paid_b(run: PaidReforward, a_wallet: Wallet) -> None:
-    """A paid B from ``a_wallet``, on A's own channel, exactly what B charged; B's book agrees, and B never saw the
-    client's channel."""
+def assert_a_paid_b(run: PaidReforward, a_wallet: Wallet, b_store: VoucherStore | None = None) -> None:
+    """A paid B from ``a_wallet``, on A's own channel, exactly what B charged; B's book (``b_store``, default the
+    running B's; the network closes it) agrees, and B never saw the client's channel."""
+    store = b_store if b_store is not None else run.b.store
     a_channel = a_wallet.channel(run.b.account.address)
     assert a_channel is not None and a_channel.owed == run.owed
-    b_book = run.b.store.book(a_channel.channel_id)
+    b_book = store.book(a_channel.channel_id)
     assert b_book is not None and b_book.owed == run.owed
-    assert [book.channel_id for book in run.b.store.books()] == [a_channel.channel_id]
+    assert [book.channel_id for book in store.books()] == [a_channel.channel_id]

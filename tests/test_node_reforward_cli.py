@@ -20,8 +20,17 @@ from cli._node_reforward import WALLET_FOLDER, node_reforward, reforward_wallet
 from cli.exit_codes import ExitCode
 from ledger import dev_account
 from planetserve import InvalidValue
+from tests._paid_net import voucher_store
 from tests._procs import run_cli
-from tests._reforward_net import NODE_A, PRICE, assert_a_paid_b, assert_client_paid_a, paid_reforward, reforward_net
+from tests._reforward_net import (
+    NODE_A,
+    NODE_B,
+    PRICE,
+    assert_a_paid_b,
+    assert_client_paid_a,
+    paid_reforward,
+    reforward_net,
+)
 from tests.fixtures.chain import ChainEnv
 
 
@@ -79,11 +88,12 @@ async def test_the_cli_built_wallet_pays_a_charging_peer_and_the_books_agree(
     finally:
         a_wallet.close()
     # A paid B from its operator's wallet, on its own channel within the budget; B's book agrees, and B never saw
-    # the client's channel. Read from the wallet a restarted node finds in its state directory.
+    # the client's channel. Read from the wallet and the book restarted nodes find in their state.
     again = reforward_wallet(chain.rpc_url, chain.deployment_path, state, **budget)
     assert again is not None
     try:
-        assert_a_paid_b(run, again)
+        with voucher_store(chain, tmp_path / "b.sqlite", NODE_B) as b_book:
+            assert_a_paid_b(run, again, b_book)
         a_channel = again.channel(run.b.account.address)
         assert a_channel is not None and a_channel.deposit <= 10**15
         assert again.signer_address(a_channel) == dev_account(NODE_A).address
