@@ -71,6 +71,7 @@ from node.inference import (
 from node.inference._prefix import chunk_hashes
 from node.overlay import CompletionRequest, Directory, OverlayConfig, Route
 from node.overlay._heartbeat import HeartbeatPublisher
+from node.overlay._lifecycle import stop_all
 from node.overlay._payments import PaymentGate
 from node.overlay._peers import StaticPeerDirectory
 from node.overlay._serve import create_model_app
@@ -444,8 +445,12 @@ async def run_demo(model_dir: Path, *, console: Console) -> DemoResult:
                 )
             )
         finally:
-            for node in nodes_up:
-                await node.stop()  # a model node's app closes its engine
+            try:
+                await stop_all(node.stop for node in nodes_up)  # a model node's app closes its engine
+            finally:
+                for store in stores.values():
+                    store.close()
+                wallet.close()  # the user's book (a temporary folder, removed with it)
     result.seconds = time.perf_counter() - started
     console.print(f"chain and nodes stopped; demo finished in {result.seconds:.1f} s")
     return result

@@ -354,6 +354,7 @@ async def verification_epochs(
         await reference.close()
         with contextlib.suppress(Exception):
             await node.stop()
+        store.close()
     result.seconds = time.perf_counter() - started
     console.print(f"verification epochs took {result.seconds:.1f} s")
     return result
