@@ -41,7 +41,7 @@ typecheck: bootstrap
 	$(BIN)/mypy planetserve node verifier ledger cli tests bench scripts
 
 pytest: bootstrap
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test: lint typecheck pytest
 
