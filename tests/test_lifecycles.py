@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -296,3 +297,37 @@ def test_earnings_and_claim_close_the_voucher_book(
     assert (state / f"vouchers-{chain.w3.eth.chain_id}.sqlite").exists() and _open_under(state) == []
     claimed = ok_json(inproc("node", ["claim", "--json"], env))
     assert claimed["channels"] == 0 and _open_under(state) == []
+
+
+def test_serve_stopped_by_sigterm_leaves_no_file_of_its_state_open(
+    chain: ChainEnv,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    state = tmp_path / "state"
+    env = cli_env(chain, tmp_path, 8, PS_STATE_DIR=str(state))
+    args = ["serve", "--role", "model", "--engine", "torch", "--device", "cpu", "--model-dir", str(tiny_model_dir)]
+    args += ["--port", "0", "--registry-refresh", "1", "--reforward-bound", "1"]
+    seen: list[str] = []
+
+    def stop_once_serving() -> None:
+        # Both files are opened by the running app (its registry refresh and its redeemer), so by then the command
+        # handles SIGTERM itself (its handler is installed before the app starts).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            open_now = _open_under(state)
+            if any("registry-index" in f for f in open_now) and any("vouchers-" in f for f in open_now):
+                seen.extend(open_now)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_once_serving, daemon=True)
+    stopper.start()
+    stopped = InProcess(monkeypatch, capsys)("node", args, env)
+    stopper.join(timeout=5)
+    assert seen, "the node never opened its registry index and voucher book"
+    assert stopped.returncode == 0, stopped.stderr
+    assert asyncio.run(_released(state)) == []
