@@ -9,6 +9,7 @@ answer's own token counts, and checked against the node's book as well as the cl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,27 +41,26 @@ async def _endpoint(chain: ChainEnv, model_dir: Path, tmp_path: Path, *, nodes: 
     info = read_info(model_dir)
     assert info is not None
     name = f"{info.name}@{info.revision}"
-    first = await start_paid_net(chain, model_dir, tmp_path / "a.db")
-    paid = [first]
-    if nodes == 2:
-        paid.append(await start_paid_net(chain, model_dir, tmp_path / "b.db", net=first.net, node_index=OTHER_NODE))
-    directory = Directory(relays=tuple(first.net.descriptors()), model_nodes=tuple(p.served() for p in paid))
-    wallet = _wallet(chain, tmp_path / "client")
-    # Round robin: of two requests, one starts on each node (so one of them meets the dead node first).
-    config = ClientConfig(models=(name,), heartbeats=False, attempts=2, policy="round_robin")
-    client = Client(directory, config, wallet=wallet)
-    service = ClientService(client)
-    await service.refresh()
-    runner, url = await serve_ephemeral(create_openai_app(service))
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # closed last opened first, however the test or set-up ends
+        first = await start_paid_net(chain, model_dir, tmp_path / "a.db")
+        stack.push_async_callback(first.close)
+        paid = [first]
+        if nodes == 2:
+            second = await start_paid_net(chain, model_dir, tmp_path / "b.db", net=first.net, node_index=OTHER_NODE)
+            stack.push_async_callback(second.stop)
+            paid.append(second)
+        directory = Directory(relays=tuple(first.net.descriptors()), model_nodes=tuple(p.served() for p in paid))
+        wallet = _wallet(chain, tmp_path / "client")
+        stack.callback(wallet.close)
+        # Round robin: of two requests, one starts on each node (so one of them meets the dead node first).
+        config = ClientConfig(models=(name,), heartbeats=False, attempts=2, policy="round_robin")
+        client = Client(directory, config, wallet=wallet)
+        stack.push_async_callback(client.close)
+        service = ClientService(client)
+        await service.refresh()
+        runner, url = await serve_ephemeral(create_openai_app(service))
+        stack.push_async_callback(runner.cleanup)
         yield PaidEndpoint(base_url=url + "/v1", name=name, nodes=paid, wallet=wallet)
-    finally:
-        await runner.cleanup()
-        await client.close()
-        wallet.close()
-        for extra in paid[1:]:
-            await extra.stop()
-        await first.close()
 
 
 @pytest.fixture
