@@ -149,6 +149,7 @@ def node_reforward(
     budget_eth: str = DEFAULT_BUDGET_ETH,
     deposit_eth: str = DEFAULT_DEPOSIT_ETH,
     max_peer_price: int | None = None,
+    dial_private_addresses: bool = True,
 ) -> NodeReforward | None:
     """The model node's re-forwarding when ``--reforward-bound`` is set and the operator key is in the environment
     (the node must know its own registry entry, never to pick itself); charging peers are paid from the node's own
@@ -167,7 +168,10 @@ def node_reforward(
     try:
         source = registry_directory_source(rpc_url, deployment, f"sqlite:///{state / 'reforward-index.sqlite'}")
         config = ReforwardConfig(
-            operator=load_operator(None).address, queue_bound=bound, max_peer_price_per_1k_tokens=max_peer_price
+            operator=load_operator(None).address,
+            queue_bound=bound,
+            max_peer_price_per_1k_tokens=max_peer_price,
+            dial_private_addresses=dial_private_addresses,
         )
         tokenize = getattr(engine, "tokenize", None)
         reforwarder = Reforwarder(config, source, payer=wallet, tokenize=tokenize if callable(tokenize) else None)

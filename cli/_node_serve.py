@@ -47,6 +47,16 @@ def serve(
     role: Annotated[str, typer.Option("--role", envvar="PS_ROLE", help="relay or model.")] = "relay",
     host: Annotated[str, typer.Option("--host", envvar="PS_HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="PS_PORT", help="Port to listen on (0: any free port).")] = 8700,
+    dial_private: Annotated[
+        bool | None,
+        typer.Option(
+            "--dial-private-addresses/--no-dial-private-addresses",
+            envvar="PS_DIAL_PRIVATE_ADDRESSES",
+            help="Whether next hops and peers may be loopback/private addresses (default: yes only when --host is "
+            "loopback or private; a node serving the internet must not let registrants point it at its own network).",
+            show_default=False,
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option("--engine", envvar="PS_ENGINE", help=f"Model nodes: {'|'.join(ENGINE_KINDS)}.")
     ] = "auto",
@@ -130,6 +140,7 @@ def serve(
     index in the state directory, refreshed every ``--registry-refresh`` seconds).
     """
     from node.overlay import OverlayConfig, create_app  # aiohttp: only when actually serving
+    from node.overlay._dialing import dial_private_by_default
     from node.overlay._serve import create_model_app, registry_peer_directory, serve_until
 
     logging.basicConfig(level=os.environ.get("PS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
@@ -143,7 +154,9 @@ def serve(
         raise PortInUse(host=host, port=port, hint="choose another --port, or stop what listens there")
     state = state_dir_or_default(state_dir)
     identity = NodeIdentity.load_or_create(state)
+    dial_private_addresses = dial_private if dial_private is not None else dial_private_by_default(host)
     config = OverlayConfig(
+        dial_private_addresses=dial_private_addresses,
         x25519_secret=identity.private_key,
         role="model" if role == "model" else "relay",
         replay_journal=state / "replay.journal",
@@ -159,7 +172,11 @@ def serve(
             rpc_url, deployment, f"sqlite:///{state / 'registry-index.sqlite'}", refresh_interval_s=registry_refresh
         )
         closers.callback(peers.close)
-        ready: dict[str, Any] = {"role": role, "x25519_public_key": "0x" + identity.public_key.hex()}
+        ready: dict[str, Any] = {
+            "role": role,
+            "x25519_public_key": "0x" + identity.public_key.hex(),
+            "dial_private_addresses": dial_private_addresses,
+        }
         if role == "model":
             if model_dir is None:
                 raise InvalidParams(param="model_dir", value=None, reason="a model node needs --model-dir")
@@ -189,6 +206,7 @@ def serve(
                 budget_eth=reforward_budget,
                 deposit_eth=reforward_deposit,
                 max_peer_price=reforward_max_price,
+                dial_private_addresses=dial_private_addresses,
             )
             if reforward is not None:
                 closers.push_async_callback(reforward.close)

@@ -71,6 +71,7 @@ def test_served_nodes_answer_a_private_request_and_stop_cleanly(
     assert ready[0]["model_id"] == info.model_id and ready[0]["engine"] == "TorchEngine"
     for index, (role, node) in enumerate(zip(roles, ready, strict=True), start=1):
         assert node["role"] == role and node["endpoint"].startswith("http://127.0.0.1:")
+        assert node["dial_private_addresses"] is True  # listening on loopback: its peers are on this host too
         chain.registry(index).register(
             role=Role.MODEL if role == "model" else Role.RELAY,
             endpoint=node["endpoint"],
@@ -178,3 +179,19 @@ def test_ask_rejects_bad_input_before_touching_the_network(tmp_path: Path) -> No
         ExitCode.INVALID_INPUT,
     )
     assert_failed(run_cli("client", ["ask", "hi", "--model", "m@v1"], env), ExitCode.CHAIN_UNAVAILABLE)
+
+
+def test_a_relay_told_not_to_dial_private_addresses_says_so(chain: ChainEnv, tmp_path: Path) -> None:
+    """``--no-dial-private-addresses`` overrides the loopback default (what a node serving the internet runs with:
+    a registrant's endpoint naming its own network is then refused at connect time, tests/test_abuse_overlay.py)."""
+    env = cli_env(chain, tmp_path, None)
+    proc = spawn_serve(["serve", "--role", "relay", "--port", "0", "--json", "--no-dial-private-addresses"], env)
+    try:
+        assert serve_ready(proc)["dial_private_addresses"] is False
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()

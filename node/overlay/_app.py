@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import ipaddress
 import logging
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +23,7 @@ from aiohttp import web
 from node._errors import PlanetServeError
 from node.overlay import keys
 from node.overlay._config import OverlayConfig
+from node.overlay._dialing import public_only_socket
 from node.overlay._errors import OverlayError, status_for
 from node.overlay._metrics import OverlayMetrics
 from node.overlay._peers import PeerDirectory, StaticPeerDirectory
@@ -179,15 +177,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.json_response(snapshot)
 
 
-def _public_address_socket(addr_info: tuple[Any, ...]) -> socket.socket:
-    """aiohttp's ``socket_factory`` for a node that dials only public addresses: called with the address about to be
-    connected to (a literal one, or one a name resolved to, so DNS rebinding does not get past it)."""
-    family, kind, proto, _canonical, sockaddr = addr_info
-    if not ipaddress.ip_address(sockaddr[0]).is_global:
-        raise OSError(errno.EACCES, "refusing to connect to a non-public address")
-    return socket.socket(family=family, type=kind, proto=proto)
-
-
 def _client_session_ctx(overlay: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(_root: web.Application) -> AsyncIterator[None]:
         config = overlay[keys.CONFIG]
@@ -198,7 +187,7 @@ def _client_session_ctx(overlay: web.Application) -> Callable[[web.Application],
             limit=config.max_inflight,
             ttl_dns_cache=60,
             keepalive_timeout=keepalive,
-            socket_factory=None if config.dial_private_addresses else _public_address_socket,
+            socket_factory=None if config.dial_private_addresses else public_only_socket,
         )
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         overlay[keys.CLIENT_SESSION] = session

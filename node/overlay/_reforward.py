@@ -33,6 +33,7 @@ from node._errors import PlanetServeError
 from node.inference import Engine, GenerationChunk, GenerationRequest, InferenceError, InvalidParams
 from node.overlay._client import ClientSettings
 from node.overlay._completion import CompletionDelta, CompletionRequest, complete
+from node.overlay._dialing import public_only_socket
 from node.overlay._directory import Directory, ModelNode
 from node.overlay._errors import ReplyIncomplete, SessionClosed
 from node.overlay._heartbeat import (
@@ -113,6 +114,9 @@ class ReforwardConfig:
     )
     """How the re-forwarded request is split and sent (short connect and header timeouts: a dead peer should be
     found out quickly, so that the node serves the request itself without much delay)."""
+    dial_private_addresses: bool = True
+    """Whether peer heartbeats and re-forwarded requests may go to non-public addresses: as the node's own
+    ``OverlayConfig.dial_private_addresses`` (the registered endpoints it dials are the same strangers' choice)."""
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -331,7 +335,10 @@ class Reforwarder:
             raise SessionClosed("re-forwarder")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4 * self.config.max_concurrent + self.config.max_candidates),
+                connector=aiohttp.TCPConnector(
+                    limit=4 * self.config.max_concurrent + self.config.max_candidates,
+                    socket_factory=None if self.config.dial_private_addresses else public_only_socket,
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.settings.connect_timeout_s),
                 auto_decompress=False,
             )
