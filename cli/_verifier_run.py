@@ -156,10 +156,12 @@ def run_command(
         deposit_wei=parse_eth(os.environ.get("PS_DEPOSIT", "0.01"), param="PS_DEPOSIT"),
         fresh_addresses=True,  # a fresh address per channel: no one client address across the audited nodes
     )
-    indexer = Indexer(registry, dep, db or default_index_db(folder, dep.chain_id))
+    try:
+        indexer = Indexer(registry, dep, db or default_index_db(folder, dep.chain_id))
+    except BaseException:  # nothing else holds the wallet yet: release its book and locks here
+        wallet.close()
+        raise
     name = f"{meta.name}@{meta.revision}"
-
-    nodes, directory = indexer_sources(indexer)
 
     async def go() -> None:
         engine = TorchEngine.from_folder(model, EngineConfig(device="cpu"))
@@ -186,6 +188,7 @@ def run_command(
             await engine.close()
 
     try:
+        nodes, directory = indexer_sources(indexer)
         asyncio.run(go())
     finally:
         indexer.close()
