@@ -388,16 +388,7 @@ class Wallet:
                 if self._write(self.store.get, channel_id) is None:
                     info = self._reader.channel(channel_id)
                     if info is not None:
-                        self._write(
-                            self.store.record_channel,
-                            channel_id=channel_id,
-                            node=info.node,
-                            deposit=info.deposit,
-                            redeemed=info.redeemed,
-                            closes_at=info.closes_at,
-                            state=_state_name(info),
-                            key_index=pending.key_index,
-                        )
+                        self._record_from_chain(channel_id, info, pending.key_index)
             assert pending.id is not None
             self._write(self.store.drop_pending, pending.id)
         for state in self._write(self.store.channels):
@@ -498,19 +489,7 @@ class Wallet:
             info = self._reader.channel(channel_id)
             if info is None:
                 continue  # the logs and the state disagree (a reorg): nothing to recover from it
-            found.append(
-                self._write(
-                    self.store.record_channel,
-                    channel_id=channel_id,
-                    node=info.node,
-                    deposit=info.deposit,
-                    redeemed=info.redeemed,
-                    closes_at=info.closes_at,
-                    state=_state_name(info),
-                    key_index=key_index,
-                    recovered=True,
-                )
-            )
+            found.append(self._record_from_chain(channel_id, info, key_index, recovered=True))
             self._checked[channel_id] = time.monotonic()
         closing: list[tuple[ChannelState, TxReceipt]] = []
         if close:
@@ -605,6 +584,23 @@ class Wallet:
             deposit=amount,
             key_index=key_index,
             pending_id=pending,
+        )
+        return recorded
+
+    def _record_from_chain(
+        self, channel_id: int, info: Any, key_index: str, *, recovered: bool = False
+    ) -> ChannelState:
+        """Record a channel the book lacks as the contract shows it (``info``: its on-chain state)."""
+        recorded: ChannelState = self._write(
+            self.store.record_channel,
+            channel_id=channel_id,
+            node=info.node,
+            deposit=info.deposit,
+            redeemed=info.redeemed,
+            closes_at=info.closes_at,
+            state=_state_name(info),
+            key_index=key_index,
+            recovered=recovered,
         )
         return recorded
 
