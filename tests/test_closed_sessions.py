@@ -3,7 +3,8 @@
 Both create their ``aiohttp.ClientSession`` lazily. Before, a request started after ``close()`` (a background task
 its owner had not stopped first) silently opened a fresh session that nothing closed any more; the garbage collector
 then reported it as a ``ResourceWarning`` during whichever test happened to be running (a CI run failed that way).
-Now the transport raises :class:`SessionClosed` and the re-forwarder serves locally, and neither dials anything.
+Now the transport raises :class:`SessionClosed` and the re-forwarder serves locally, and neither dials anything; a
+closed registry directory (its index's database) likewise refuses reads rather than opening the index again.
 Real aiohttp servers on 127.0.0.1 count what is dialled.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -18,12 +20,14 @@ from eth_account import Account
 
 from node.client import Client, ClientConfig
 from node.client._client import OverlayTransport
+from node.client._registry import RegistryDirectory
 from node.overlay import CompletionRequest, Directory, ModelNode, SessionClosed
 from node.overlay._heartbeat import HEARTBEAT_PATH
 from node.overlay._reforward import ReforwardConfig, Reforwarder
 from node.privacy import RelayDescriptor
 from node.testing import serve_ephemeral
 from planetserve import ModelId
+from tests.fixtures.chain import ChainEnv
 
 MODEL = ModelId.of("ps-closed@1")
 
@@ -98,3 +102,18 @@ async def test_a_closed_reforwarder_chooses_no_peer_and_dials_nothing(counted: t
     assert chosen is None and hits == [HEARTBEAT_PATH]
     with pytest.raises(SessionClosed):
         reforwarder._client_session()
+
+
+async def test_a_closed_registry_directory_refuses_reads_instead_of_reopening_its_index(
+    chain: ChainEnv, tmp_path: Path
+) -> None:
+    db = tmp_path / "index.sqlite"
+    directory = RegistryDirectory(chain.rpc_url, deployment=chain.deployment_path, db_url=f"sqlite:///{db}")
+    await directory()  # opens the index (its file) and reads the registry
+    assert db.exists()
+    directory.close()
+    db.unlink()  # nothing holds it any more
+    with pytest.raises(SessionClosed):
+        await directory()
+    assert not db.exists()  # not reopened
+    directory.close()  # idempotent

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from node.client._policy import NEUTRAL_REPUTATION
 from node.overlay import Directory
+from node.overlay._registry_index import RegistryIndex
 
 if TYPE_CHECKING:
     from ledger import IndexedNode, Indexer
@@ -38,31 +39,22 @@ def indexer_sources(
 
 
 class RegistryDirectory:
-    """A :data:`~node.client.DirectorySource` over the registry at ``rpc_url`` (index kept in ``db_url``)."""
+    """A :data:`~node.client.DirectorySource` over the registry at ``rpc_url`` (index kept in ``db_url``).
+
+    Its index is a :class:`~node.overlay._registry_index.RegistryIndex`: :meth:`close` releases the database now, or
+    when a read under way ends (never blocking the event loop), and a closed directory refuses reads
+    (``SessionClosed``) instead of opening the index again."""
 
     def __init__(self, rpc_url: str, *, deployment: Path | None = None, db_url: str = "sqlite://") -> None:
         self.rpc_url = rpc_url
         self.deployment = deployment
         self.db_url = db_url
-        self._indexer: Indexer | None = None
+        self._index = RegistryIndex(rpc_url, deployment, db_url)
         self._lock = asyncio.Lock()
         self._reputation: dict[str, float] = {}
 
-    def _open(self) -> Indexer:
-        from ledger import Indexer, connect, default_deployment_path, open_registry  # web3: only when used
-
-        if self._indexer is None:
-            path = self.deployment
-            if path is None:
-                path = default_deployment_path(connect(self.rpc_url).eth.chain_id)
-            deployment, registry = open_registry(self.rpc_url, path)
-            self._indexer = Indexer(registry, deployment, self.db_url)
-        return self._indexer
-
     def _read(self) -> Directory:
-        indexer = self._open()
-        indexer.sync()
-        nodes = indexer.nodes()
+        nodes = self._index.nodes()
         # On-chain reputation (fixed point, 1e6 = 1.0; neutral 0.5 until verifiers rate a node).
         self._reputation = {n.operator: n.reputation / 1e6 for n in nodes}
         return Directory.from_registry(nodes)
@@ -76,7 +68,5 @@ class RegistryDirectory:
             return await asyncio.to_thread(self._read)
 
     def close(self) -> None:
-        """Close the index database."""
-        if self._indexer is not None:
-            self._indexer.close()
-            self._indexer = None
+        """Close the index database (idempotent)."""
+        self._index.close()
