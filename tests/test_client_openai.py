@@ -144,6 +144,36 @@ async def test_chat_completion_uses_the_documented_template(endpoint: Endpoint) 
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
 
 
+async def _local(engine: TorchEngine, prompt: str, params: SamplingParams) -> str:
+    request = GenerationRequest(request_id="local", prompt=prompt, params=params)
+    return "".join([c.text async for c in engine.generate(request)])
+
+
+async def test_seed_top_p_and_stop_reach_the_node_through_the_network(endpoint: Endpoint) -> None:
+    # Sampled at a high temperature: only the seed makes two answers equal, and the node's answer is the engine's
+    # own for that seed. A top_p so small that one token is left makes a hot sample greedy. A stop string cuts.
+    hot = SamplingParams(max_tokens=8, temperature=1.5, seed=1234)
+    seeded = await _local(endpoint.engine, PROMPT, hot)
+    other = await _local(endpoint.engine, PROMPT, SamplingParams(max_tokens=8, temperature=1.5, seed=99))
+    greedy = await _local_text(endpoint.engine, PROMPT, 8)
+    assert seeded != other, "the two seeds sample the same text: nothing would be proven"
+    assert greedy not in (seeded, other), "a seeded sample is the greedy text: top_p would prove nothing"
+    stop = greedy[len(greedy) // 2]
+    stopped = await _local_text(endpoint.engine, PROMPT, 8, (stop,))
+    assert len(stopped) < len(greedy)
+    async with _openai(endpoint) as api:
+
+        async def ask(**kwargs: object) -> openai.types.Completion:
+            return await api.completions.create(model=endpoint.name, prompt=PROMPT, max_tokens=8, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+        twice = [await ask(temperature=1.5, seed=1234) for _ in range(2)]
+        narrow = await ask(temperature=1.5, seed=99, top_p=1e-9)
+        cut = await ask(temperature=0, stop=[stop])
+    assert [t.choices[0].text for t in twice] == [seeded, seeded]
+    assert narrow.choices[0].text == greedy
+    assert cut.choices[0].text == stopped and cut.choices[0].finish_reason == "stop"
+
+
 async def test_a_bare_model_name_resolves_to_its_known_revision(endpoint: Endpoint) -> None:
     async with _openai(endpoint) as api:
         result = await api.completions.create(
