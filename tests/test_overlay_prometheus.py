@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.inference import EngineConfig, TorchEngine
@@ -33,7 +35,7 @@ async def _scrape(session: aiohttp.ClientSession, endpoint: str) -> str:
 
 
 async def test_nodes_expose_prometheus_counters_histograms_and_rejects_without_prompt_data(
-    tiny_model_dir: Path,
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = TorchEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu"))
 
@@ -49,7 +51,8 @@ async def test_nodes_expose_prometheus_counters_histograms_and_rejects_without_p
         try:
             request = CompletionRequest(model=engine.model_id, prompt=PROMPT, max_tokens=4, temperature=0.0)
             paths = select_paths(net.descriptors(), 4, 3)
-            deltas = [d async for d in complete(session, request, paths, model.peer())]
+            with caplog.at_level(logging.INFO, logger="node.overlay"):
+                deltas = [d async for d in complete(session, request, paths, model.peer())]
             async with session.post(net.relay_nodes[0].endpoint + "/overlay/v1/onion", data=b"\x02junk") as junk:
                 assert junk.status == 400
 
@@ -69,3 +72,9 @@ async def test_nodes_expose_prometheus_counters_histograms_and_rejects_without_p
     assert r[("planetserve_packets_forwarded_total", (("role", "relay"),))] >= 1
     # One registry per node: the relay has no model-node series.
     assert not any(name.startswith("planetserve_request_seconds") for name, _ in r)
+    # One log line per request on the model node, with its counts and no prompt text (what an operator watches).
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.overlay._completion"]
+    served = [line for line in lines if line.startswith("request ")]
+    assert len(served) == 1, lines
+    assert f"{deltas[-1].completion_tokens} generated" in served[0]
+    assert not any("secret" in r.getMessage() or "3+4" in r.getMessage() for r in caplog.records)
