@@ -101,20 +101,26 @@ class OverlayTransport:
         return complete(self._client_session(), request, route.paths, route.destination.peer(), self._settings)
 
     async def fetch_heartbeat(self, endpoint: str) -> bytes:
-        async with self._client_session().get(
-            endpoint + HEARTBEAT_PATH, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2.0)
-        ) as response:
-            if response.status != 200:
-                raise OSError(f"heartbeat answered {response.status}")
-            # ``read(n)`` returns what has arrived, up to n: read on to the end, never past the bound plus one.
-            body = b""
-            while len(body) <= MAX_HEARTBEAT_BYTES and (
-                part := await response.content.read(MAX_HEARTBEAT_BYTES + 1 - len(body))
-            ):
-                body += part
-            if len(body) > MAX_HEARTBEAT_BYTES:
-                raise ValueError("heartbeat too large")
-            return body
+        session = self._client_session()
+        try:
+            async with session.get(
+                endpoint + HEARTBEAT_PATH, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as response:
+                if response.status != 200:
+                    raise OSError(f"heartbeat answered {response.status}")
+                # ``read(n)`` returns what has arrived, up to n: read on to the end, never past the bound plus one.
+                body = b""
+                while len(body) <= MAX_HEARTBEAT_BYTES and (
+                    part := await response.content.read(MAX_HEARTBEAT_BYTES + 1 - len(body))
+                ):
+                    body += part
+                if len(body) > MAX_HEARTBEAT_BYTES:
+                    raise ValueError("heartbeat too large")
+                return body
+        except aiohttp.ClientError as exc:
+            # Not every aiohttp failure is an OSError (a node that drops the connection, a body cut short): as one,
+            # it makes the node count as not answering instead of failing the request that polled it.
+            raise OSError(f"heartbeat not read: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         self._closed = True
