@@ -174,6 +174,23 @@ async def test_seed_top_p_and_stop_reach_the_node_through_the_network(endpoint: 
     assert cut.choices[0].text == stopped and cut.choices[0].finish_reason == "stop"
 
 
+async def test_a_stream_is_server_sent_events_ending_in_done(endpoint: Endpoint) -> None:
+    # What the openai package does not check: it stops reading at [DONE], and at a close without one alike.
+    expected = await _local_text(endpoint.engine, PROMPT, 8)
+    body = {"model": endpoint.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(endpoint.base_url + "/completions", json=body) as response,
+    ):
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        text = await response.text()
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]" and text.endswith("\n\n")
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected
+
+
 async def test_a_bare_model_name_resolves_to_its_known_revision(endpoint: Endpoint) -> None:
     async with _openai(endpoint) as api:
         result = await api.completions.create(
