@@ -471,14 +471,29 @@ def list_nodes(
     include_deregistered: Annotated[
         bool, typer.Option("--all", envvar="PS_LIST_ALL", help="Include deregistered nodes.")
     ] = False,
+    names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            envvar="PS_LIST_MODELS",
+            help="NAME@REVISION to show by name (repeat): the chain stores only keccak(name@revision).",
+        ),
+    ] = None,
     db: IndexDb = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentOpt = None,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The registry as the event indexer sees it (syncs the index first)."""
-    from ledger import Indexer, format_eth
+    """The registry as the event indexer sees it (syncs the index first), model ids shown by the names given."""
+    from ledger import Indexer, Role, format_eth
+    from planetserve import ModelId
+
+    # A malformed name is the kernel's InvalidValue: one line, exit 3, before any chain work.
+    known = {ModelId.of(name): name for name in names or ()}
+
+    def model_name(node: IndexedNode) -> str | None:
+        return known.get(node.model_id) if node.role is not Role.RELAY else None
 
     dep, registry = open_chain(rpc_url, deployment, None)
     if db is None:
@@ -488,12 +503,13 @@ def list_nodes(
         info(f"indexed blocks {report.from_block}..{report.to_block}: {report.applied} new events")
         nodes = indexer.nodes(include_deregistered=include_deregistered)
     if as_json:
-        emit([_node_json(n) | {"status": n.status} for n in nodes], as_json=True)
+        emit([_node_json(n) | {"status": n.status, "model": model_name(n)} for n in nodes], as_json=True)
         return
     rows = [
         {
             "operator": n.operator,
             "role": n.role.name.lower(),
+            "model": "-" if n.role is Role.RELAY else model_name(n) or f"{n.model_id[:10]}…",
             "status": n.status,
             "active": n.active,
             "stake ETH": format_eth(n.stake),
