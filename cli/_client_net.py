@@ -105,7 +105,7 @@ async def _client(
 @app.command()
 def chat(
     message: Annotated[str, typer.Argument(help="Your message ('-' reads it from stdin).")],
-    model: Annotated[str, typer.Option("--model", envvar="PS_MODEL", help="NAME@REVISION, a bare NAME, or a 0x id.")],
+    model: Annotated[str, typer.Option("--model", envvar="PS_MODEL", help="NAME@REVISION or a 0x model id.")],
     system: Annotated[
         str | None, typer.Option("--system", envvar="PS_SYSTEM", help="A system message before yours.")
     ] = None,

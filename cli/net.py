@@ -241,14 +241,21 @@ async def _endpoint(
 ) -> None:
     from aiohttp import web
 
-    from node.client import Client, ClientConfig, ClientService, create_openai_app
+    from node.client import Client, ClientConfig, ClientService, create_openai_app, load_tokenizer
     from node.client._registry import RegistryDirectory
 
     directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}")
     closers.callback(directory.close)
     wallet = _dev_wallet(rpc_url, deployment, payer)
     closers.push_async_callback(asyncio.to_thread, wallet.close)  # its queued book writes run, off the loop
-    client = Client(directory, ClientConfig(models=(model,)), reputation=directory.reputation, wallet=wallet)
+    # The model's own tokenizer: the client hashes each prompt's chunks locally for prefix affinity.
+    client = Client(
+        directory,
+        ClientConfig(models=(model,)),
+        tokenizer=load_tokenizer(network.model_dir) if network.model_dir is not None else None,
+        reputation=directory.reputation,
+        wallet=wallet,
+    )
     closers.push_async_callback(client.close)
     service = ClientService(client)
     await service.refresh()

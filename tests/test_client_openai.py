@@ -197,6 +197,10 @@ async def test_a_bare_model_name_resolves_to_its_known_revision(endpoint: Endpoi
             model=endpoint.name.split("@")[0], prompt=PROMPT, max_tokens=2, temperature=0
         )
     assert result.model == endpoint.name
+    async with _openai(endpoint) as api:
+        with pytest.raises(openai.NotFoundError) as unknown:  # a name it was given no revision of
+            await api.completions.create(model="other-model", prompt=PROMPT, max_tokens=2)
+    assert "NAME@REVISION" in unknown.value.message
 
 
 async def test_bad_requests_are_openai_errors_naming_the_field(endpoint: Endpoint) -> None:

@@ -268,6 +268,9 @@ class Client:
         else:
             # A bare name: its known revisions, the last configured first.
             wanted = [i for i, n in reversed(self._names.items()) if n.split("@", 1)[0] == model]
+            if not wanted:
+                # The chain stores only keccak(name@revision): a bare name means nothing without its revisions.
+                raise UnknownModel(model, "a bare name resolves only among the NAME@REVISION names this client has")
         for model_id in wanted:
             if directory.serving(model_id):
                 return self.served(directory, model_id)

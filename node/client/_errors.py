@@ -21,9 +21,9 @@ class UnknownModel(ClientError):
 
     code = "invalid_model"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, reason: str = "not registered on chain or served by no routable node") -> None:
         self.model = model
-        super().__init__(f"unknown model {model[:80]!r}: not registered on chain or served by no routable node")
+        super().__init__(f"unknown model {model[:80]!r}: {reason}")
 
 
 class RequestTimeout(ClientError):
