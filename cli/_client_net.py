@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from platformdirs import user_data_dir
 
-from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt
+from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt, TokenizerOpt, prompt_tokenizer
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl
@@ -28,14 +28,6 @@ from cli._output import emit, info
 app = new_app("Chat and serve the OpenAI-compatible endpoint.")
 
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")]
-TokenizerOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--tokenizer",
-        envvar="PS_TOKENIZER",
-        help="A model folder whose tokenizer computes prompt chunk hashes locally (prefix-aware routing).",
-    ),
-]
 
 
 def _db(db: str | None) -> str:
@@ -44,14 +36,6 @@ def _db(db: str | None) -> str:
     folder = Path(user_data_dir("planetserve")) / "client"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     return f"sqlite:///{folder / 'index.sqlite'}"
-
-
-def _tokenizer(folder: Path | None) -> Any:
-    if folder is None:
-        return None
-    from node.client import load_tokenizer
-
-    return load_tokenizer(folder)
 
 
 def client_wallet(rpc_url: str, deployment: Path | None, state_dir: Path | None = None) -> Any:
@@ -89,7 +73,7 @@ async def _client(
             client = Client(
                 directory,
                 ClientConfig(models=models, candidates=candidates),
-                tokenizer=_tokenizer(tokenizer),
+                tokenizer=prompt_tokenizer(tokenizer),
                 reputation=directory.reputation,
                 wallet=wallet,
             )

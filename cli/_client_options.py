@@ -6,7 +6,8 @@ declared twice drifts (one command's bounds or variable name changes, the other'
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -39,3 +40,21 @@ TimeoutOpt = Annotated[
         help="Most seconds the whole request may take (exit 9 after).",
     ),
 ]
+
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        envvar="PS_TOKENIZER",
+        help="A model folder whose tokenizer computes prompt chunk hashes locally (prefix-aware routing).",
+    ),
+]
+
+
+def prompt_tokenizer(folder: Path | None) -> Any:
+    """The tokenizer of the model folder ``folder`` (None: none, the client then routes without prefix affinity)."""
+    if folder is None:
+        return None
+    from node.client import load_tokenizer  # transformers: only when asked for
+
+    return load_tokenizer(folder)

@@ -16,7 +16,7 @@ import typer
 from platformdirs import user_data_dir
 
 from cli import _client_net, _client_recover, _client_wallet
-from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt
+from cli._client_options import DEFAULT_TIMEOUT_S, CandidatesOpt, TimeoutOpt, TokenizerOpt, prompt_tokenizer
 from cli._client_wallet import ClientStateDir
 from cli._main import new_app, run
 from cli._node_chain import DEFAULT_RPC_URL, DeploymentOpt, JsonOpt, RpcUrl, default_index_db, open_chain
@@ -63,6 +63,7 @@ def ask(
     db: Annotated[
         str | None, typer.Option("--db", envvar="PS_INDEX_DB", help="SQLAlchemy URL of the registry index.")
     ] = None,
+    tokenizer: TokenizerOpt = None,
     candidates: CandidatesOpt = 16,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     state_dir: ClientStateDir = None,
@@ -74,6 +75,7 @@ def ask(
     from cli._client_net import client_wallet
     from ledger import Indexer
     from node.client import Client, ClientConfig, OverlayTransport, with_deadline
+    from node.client._policy import NEUTRAL_REPUTATION
     from node.overlay import ClientSettings, CompletionRequest, Directory, Route
     from node.overlay._completion import MAX_PROMPT_CHARS
 
@@ -95,7 +97,10 @@ def ask(
         db = default_index_db(Path(user_data_dir("planetserve")) / "client", dep.chain_id)
     with Indexer(registry, dep, db) as indexer:
         indexer.sync()
-        directory = Directory.from_registry(indexer.nodes())
+        indexed = indexer.nodes()
+        directory = Directory.from_registry(indexed)
+    # On-chain reputation (fixed point, 1e6 = 1.0) as a weight and a floor, as every routing client reads it.
+    reputations = {n.operator: n.reputation / 1e6 for n in indexed}
     routes: list[Route] = []
 
     def on_route(route: Route) -> None:
@@ -110,7 +115,15 @@ def ask(
         last: Any = None
         wallet = client_wallet(rpc_url, deployment, state_dir)
         try:
-            client = Client(directory, config, transport=OverlayTransport(settings), on_route=on_route, wallet=wallet)
+            client = Client(
+                directory,
+                config,
+                transport=OverlayTransport(settings),
+                tokenizer=prompt_tokenizer(tokenizer),
+                reputation=lambda operator: reputations.get(operator, NEUTRAL_REPUTATION),
+                on_route=on_route,
+                wallet=wallet,
+            )
             async with client:
                 async for delta in with_deadline(client.stream(request), timeout):
                     if first is None:
