@@ -46,6 +46,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from node.client._policy import POLICIES, Dispatch, LoadReport, LoadTracker, Policy, make_policy
+from node.inference._prefill_fit import PrefillFit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forwarding.json"
 MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
@@ -208,6 +209,9 @@ class Node:
     running: list[Request] = field(default_factory=list)
     busy: bool = False
     decode_token_s: float = 0.0
+    prefill_fit: PrefillFit = field(default_factory=PrefillFit)
+    """The engine's fit of a step's prefill time in its tokens (``EngineStats.seconds_per_prefill_token``)."""
+    report_prefill: bool = True
     summary: dict[int, int] = field(default_factory=dict)
     report: LoadReport | None = None
     step_decodes: list[Request] = field(default_factory=list)
@@ -253,6 +257,7 @@ class Node:
                 decode_backlog_tokens=backlog,
                 seconds_per_decode_token=self.decode_token_s,
                 batch=batch,
+                seconds_per_prefill_token=self.prefill_fit.slope() if self.report_prefill else 0.0,
             )
         return self.report
 
@@ -382,6 +387,8 @@ class Scenario:
     """Every node's cost factor (the slow ones' 3 is on top of it)."""
     overhead_s: float = 0.0
     """Network time added to each request before it reaches the node (the real run's measured path latency)."""
+    report_prefill: bool = True
+    """Whether the nodes' heartbeats carry their measured prefill time per token (v3; False: as a v2 node)."""
 
 
 def simulate(
@@ -401,7 +408,12 @@ def simulate(
     nodes and the others)."""
     rng = random.Random(seed)
     cache_blocks = sc.workload.cache_tokens // BLOCK
-    nodes = [Node(i, sc.speed * (3.0 if i in sc.slow else 1.0), i in sc.liars, cache_blocks) for i in range(sc.nodes)]
+    nodes = [
+        Node(
+            i, sc.speed * (3.0 if i in sc.slow else 1.0), i in sc.liars, cache_blocks, report_prefill=sc.report_prefill
+        )
+        for i in range(sc.nodes)
+    ]
     oracle = ExactOracle(nodes, cal, slow=sc.slow, slow_share=slow_share) if policy_name == "oracle" else None
     policies: list[Policy] = [oracle or make_policy(policy_name) for _ in range(sc.clients)]
     trackers = [LoadTracker(prior_seconds_per_token=cal.prefill_per_token_s) for _ in range(sc.clients)]
@@ -522,6 +534,10 @@ def simulate(
                 sample /= len(node.step_decodes)
                 prev = node.decode_token_s
                 node.decode_token_s = sample if prev == 0.0 else prev + DECODE_EWMA * (sample - prev)
+            if node.step_chunks:
+                # The engine times its prefill forwards apart too, and fits their time as a line in their tokens.
+                spent = sum(cal.prefill_fixed_s + cal.prefill_per_token_s * n for _, n in node.step_chunks)
+                node.prefill_fit.add(sum(n for _, n in node.step_chunks), spent * node.slowdown)
             start(node, now)
     latencies = [r.done - r.arrival for r in reqs]
     ttfts = [r.first_token - r.arrival for r in reqs]

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from node.client._policy import (
+    PREFILL_EXCESS_SLACK,
     PRIOR_BATCH_SHARE,
     STEP_TOKENS,
     LeastLoad,
@@ -110,6 +111,55 @@ def test_load_tracker_catches_a_node_that_under_reports_its_queue() -> None:
     assert estimate(view, 100, 0) == pytest.approx(1.0)
     # An unmeasured node is neither favoured nor avoided: it gets the mean of the measured ones.
     assert tracker.seconds_per_token("new") == pytest.approx(sum(per_token.values()) / 2)
+
+
+def test_a_reported_prefill_speed_prices_a_slow_node_before_anything_was_sent_there() -> None:
+    tracker = LoadTracker(prior_seconds_per_token=1e-3)
+    fast = LoadReport(issued_at=0.0, seconds_per_prefill_token=5e-5)
+    slow = LoadReport(issued_at=0.0, seconds_per_prefill_token=1.5e-4)
+    # Nothing measured yet: the reports alone, so the slow node is 3x dearer per token from the start.
+    assert tracker.view("slow", report=slow).seconds_per_token == pytest.approx(1.5e-4)
+    # Answers from the fast node, each twice what its report predicted (the path, the queue's decode steps): the
+    # shared correction doubles every node's estimate, the slow node's too, though it was never measured.
+    for i in range(30):
+        view = tracker.view("fast", report=fast)
+        sent = tracker.dispatched(view, prompt_tokens=1000, max_tokens=0, at=float(i))
+        tracker.first_token(sent, ttft_s=2 * 5e-5 * (1000 + STEP_TOKENS))
+        tracker.finished(sent)
+    assert tracker.view("fast", report=fast).seconds_per_token == pytest.approx(1e-4)
+    assert tracker.view("slow", report=slow).seconds_per_token == pytest.approx(3e-4)
+    # A node without the field (an older heartbeat, or nothing prefilled yet), not measured: the reports' mean, times
+    # the correction (the prior of 1 ms a token would make it look 5 times dearer than the nodes that report).
+    assert tracker.view("old", report=LoadReport(issued_at=0.0)).seconds_per_token == pytest.approx(2e-4)
+    # Once measured, the client's own TTFT-per-token estimate.
+    old = tracker.view("old", report=LoadReport(issued_at=0.0))
+    tracker.first_token(tracker.dispatched(old, prompt_tokens=1000, max_tokens=0, at=40.0), ttft_s=0.5)
+    assert tracker.view("old", report=LoadReport(issued_at=0.0)).seconds_per_token == pytest.approx(
+        0.5 / (1000 + STEP_TOKENS)
+    )
+
+
+def test_a_node_that_hides_its_queue_is_caught_by_its_own_first_tokens_and_honest_noise_is_not_counted() -> None:
+    tracker = LoadTracker()
+    report = LoadReport(issued_at=0.0, queued_tokens=0, seconds_per_prefill_token=1e-4)
+    predicted = 1e-4 * (100 + STEP_TOKENS)
+    for i in range(40):
+        for node, late in (("honest", 1.0), ("noisy", 1.3), ("liar", 10.0)):
+            sent = tracker.dispatched(tracker.view(node, report=report), prompt_tokens=100, max_tokens=0, at=float(i))
+            tracker.first_token(sent, ttft_s=late * predicted)
+            tracker.finished(sent)
+    shared = tracker.view("unmeasured", report=report).seconds_per_token
+    # Within the slack of the shared correction a node is priced as the shared correction says (its excess is noise).
+    assert tracker.view("honest", report=report).seconds_per_token == pytest.approx(shared)
+    assert tracker.view("noisy", report=report).seconds_per_token == pytest.approx(shared)
+    # The liar answers 10x later than its report predicts: its excess over the shared figure, beyond the slack, counts.
+    liar = tracker.view("liar", report=report, now=40.0).seconds_per_token
+    assert liar > 2 * shared
+    assert tracker.prefill_correction("liar", now=40.0) > tracker.prefill_correction("honest", now=40.0) * (
+        10 / 4 / PREFILL_EXCESS_SLACK
+    )
+    # Aged: a node not measured for a long while is priced like the others again, so it is tried and measured anew.
+    assert tracker.view("liar", report=report, now=10_000.0).seconds_per_token == pytest.approx(shared)
 
 
 def test_a_decode_backlog_makes_a_node_with_a_quick_first_token_cost_more() -> None:

@@ -157,7 +157,7 @@ def test_the_publisher_reissues_at_most_once_per_interval_with_increasing_seq() 
     assert check.accept(first, now=1000.0).seq == 1 and check.accept(second, now=1000.6).seq == 2
 
 
-def test_a_version_2_heartbeat_signs_its_decode_backlog_and_the_publisher_reports_the_engine_figures() -> None:
+def test_a_version_3_heartbeat_signs_its_backlog_and_speeds_and_the_publisher_reports_the_engine_figures() -> None:
     stats = EngineStats(
         model_id=MODEL,
         queued_requests=1,
@@ -170,15 +170,47 @@ def test_a_version_2_heartbeat_signs_its_decode_backlog_and_the_publisher_report
         tokens_per_second=0.0,
         decode_backlog_tokens=700,
         seconds_per_decode_token=0.0025,
+        seconds_per_prefill_token=5e-5,
     )
     signed = HeartbeatPublisher(account=OPERATOR, model_id=MODEL, stats=lambda: stats).current()
     beat = _check().accept(SignedHeartbeat.model_validate_json(signed.model_dump_json()))
-    assert (beat.v, beat.decode_backlog_tokens) == (2, 700)
+    assert (beat.v, beat.decode_backlog_tokens) == (3, 700)
     assert beat.decode_ms_per_token == pytest.approx(2.5)
-    # The new fields are signed: a node's backlog cannot be lowered on the way.
-    tampered = signed.model_copy(update={"heartbeat": signed.heartbeat.model_copy(update={"decode_backlog_tokens": 0})})
-    with pytest.raises(HeartbeatRejected, match="not signed by the node's operator"):
-        _check().accept(tampered)
+    assert beat.prefill_ms_per_token == pytest.approx(0.05)
+    # The new fields are signed: a node's backlog or speed cannot be changed on the way.
+    for field, value in (("decode_backlog_tokens", 0), ("prefill_ms_per_token", 0.001)):
+        tampered = signed.model_copy(update={"heartbeat": signed.heartbeat.model_copy(update={field: value})})
+        with pytest.raises(HeartbeatRejected, match="not signed by the node's operator"):
+            _check().accept(tampered)
+
+
+def test_a_version_2_heartbeat_still_verifies_with_an_unknown_prefill_speed_and_one_carrying_it_is_refused() -> None:
+    from eth_account.messages import encode_defunct
+
+    # What a version-2 node signed and served: the version-1 and -2 fields, no prefill speed.
+    v2 = {
+        "v": 2,
+        "node": OPERATOR.address,
+        "model": MODEL,
+        "seq": 3,
+        "issued_at_ms": int(time.time() * 1000),
+        "queued_requests": 0,
+        "running_requests": 1,
+        "queued_tokens": 10,
+        "ttft_ms_p50": 4.0,
+        "summary": None,
+        "decode_backlog_tokens": 40,
+        "decode_ms_per_token": 2.5,
+    }
+    body = json.dumps(v2, separators=(",", ":")).encode()
+    signature = OPERATOR.sign_message(encode_defunct(b"planetserve/v1/heartbeat\n" + body)).signature
+    raw = json.dumps({"heartbeat": v2, "signature": "0x" + bytes(signature).hex()})
+    beat = _check().accept(SignedHeartbeat.model_validate_json(raw))
+    assert (beat.v, beat.decode_backlog_tokens, beat.prefill_ms_per_token) == (2, 40, 0.0)
+    with pytest.raises(ValueError, match="version-2 heartbeat carries no prefill speed"):
+        SignedHeartbeat.model_validate_json(
+            json.dumps({"heartbeat": {**v2, "prefill_ms_per_token": 0.05}, "signature": "0x" + "00" * 65})
+        )
 
 
 def test_a_version_1_heartbeat_still_verifies_with_an_unknown_backlog_and_one_carrying_v2_fields_is_refused() -> None:
@@ -218,6 +250,8 @@ def test_a_version_1_heartbeat_still_verifies_with_an_unknown_backlog_and_one_ca
         ("decode_backlog_tokens", 2**64),
         ("ttft_ms_p50", 1e308),
         ("decode_ms_per_token", float("inf")),
+        ("prefill_ms_per_token", float("inf")),
+        ("prefill_ms_per_token", 1e10),
     ],
 )
 def test_a_heartbeat_carrying_a_number_past_what_readers_compute_with_is_refused(field: str, value: object) -> None:

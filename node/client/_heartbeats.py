@@ -28,7 +28,7 @@ HeartbeatFetch = Callable[[str], Awaitable[bytes]]
 
 def load_report(beat: Heartbeat) -> LoadReport:
     """The load figures of a verified heartbeat, as the policy's :class:`LoadReport` (a version-1 heartbeat has no
-    decode backlog: its decode fields read 0, unknown)."""
+    decode backlog, a version-2 one no prefill speed: those fields read 0, unknown)."""
     return LoadReport(
         issued_at=beat.issued_at_ms / 1000.0,
         queued_tokens=beat.queued_tokens,
@@ -36,6 +36,7 @@ def load_report(beat: Heartbeat) -> LoadReport:
         decode_backlog_tokens=beat.decode_backlog_tokens,
         seconds_per_decode_token=beat.decode_ms_per_token / 1000.0,
         batch=beat.running_requests,
+        seconds_per_prefill_token=beat.prefill_ms_per_token / 1000.0,
     )
 
 

@@ -78,6 +78,9 @@ class NodeView:
     estimate then has no decode term)."""
     reported_decode_s: float = 0.0
     """The node's own report of it, before the correction (0: none; the client then used its own measurement)."""
+    reported_prefill_s: float = 0.0
+    """The node's own report of its prefill time per prompt token, seconds, before the client's correction (0: none;
+    :attr:`seconds_per_token` is then the client's own TTFT-per-token EWMA)."""
     batch_share: float = 1.0
     """The share of a decode step's time that grows with the batch, in [0, 1] (:class:`StepFit`): a step over a
     batch of ``b`` costs ``seconds_per_decode_token x (1 - batch_share + batch_share x b)``. 1: a step's cost is
@@ -325,6 +328,9 @@ class LoadReport:
     batch: int = 0
     """Requests admitted there (prefilling or decoding; the heartbeat's ``running_requests``): about the batch that
     time was measured at (0: none running, or not known)."""
+    seconds_per_prefill_token: float = 0.0
+    """The node's own measured prefill time per prompt token, seconds (0: unknown, e.g. an older heartbeat): its
+    prefill forwards' time over the tokens they computed, averaged over recent steps."""
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -343,6 +349,9 @@ class Dispatch:
     """Prompt tokens ahead of its first token by the view it was chosen on (the TTFT sample's denominator)."""
     expected_decode_s: float
     """Per generated token, by the node's report before the client's correction (0: no report)."""
+    expected_ttft_s: float = 0.0
+    """Its time to first token as the node's reported prefill speed predicted it, before the client's correction
+    (``reported_prefill_s x work_tokens``; 0: no report)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -401,8 +410,14 @@ PRIOR_BATCH_SHARE = 1.0
 #: before that, their plain mean).
 UNIT_ALPHA = 0.1
 
-#: Bounds of one decode-correction sample: a single reply can move the estimate at most this far.
+#: Bounds of one decode- or prefill-correction sample: a single reply can move the estimate at most this far.
 _CORRECTION_RANGE = (0.1, 100.0)
+
+#: A node's own TTFT excess over the shared correction counts only beyond this factor (then as ``excess / slack``):
+#: an honest node's excess is noise around 1, which, counted, misrouted more than the reports' errors it corrected;
+#: a node hiding its queue answers several times later than predicted. Measured 1.2, 1.5 and 2.0 within the seeds'
+#: spread of each other (``docs/forwarding.md``).
+PREFILL_EXCESS_SLACK = 1.5
 
 
 @dataclass(slots=True)
@@ -419,6 +434,9 @@ class _NodeStats:
     report_at: float = -math.inf
     unit_decode_s: float = 0.0
     unit_reports: int = 0
+    prefill_ratio: float = 1.0
+    prefill_ratios: int = 0
+    reported_prefill_s: float = 0.0
 
 
 class LoadTracker:
@@ -448,6 +466,7 @@ class LoadTracker:
         self._nodes: dict[str, _NodeStats] = {}
         self._ids = 0
         self._fit = StepFit()
+        self._shared_prefill: float | None = None
 
     def _stats(self, node_id: str) -> _NodeStats:
         stats = self._nodes.get(node_id)
@@ -483,6 +502,45 @@ class LoadTracker:
         measured = [s.correction for s in self._nodes.values() if s.corrections]
         mean = sum(measured) / len(measured) if measured else 1.0
         return self._aged(stats.correction, mean, stats, now) if stats.corrections else mean
+
+    def shared_prefill_correction(self) -> float:
+        """The lower median over the measured nodes of their prefill correction (1 when none is measured): the part
+        every node shares (the queue's interleaved decode steps, the path's latency, what ``STEP_TOKENS`` stands
+        for), learned from any node's answers; a median, so a node that lies does not raise every other node's
+        price, and the lower one, so that with two nodes it is not their mean (a liar answering ten times late beside
+        an honest node then raised the shared figure 5.5 times and its own price only 1.2 times more)."""
+        if self._shared_prefill is None:
+            ratios = sorted(s.prefill_ratio for s in self._nodes.values() if s.prefill_ratios)
+            self._shared_prefill = ratios[(len(ratios) - 1) // 2] if ratios else 1.0
+        return self._shared_prefill
+
+    def _unknown_prefill_s(self, node_id: str, *, now: float | None) -> float:
+        """The prefill estimate of a node that reports no prefill speed (it has computed nothing since it started, or
+        its heartbeat is older than version 3) and that this client has not measured: the mean of the other nodes'
+        reports times the correction, when any reports one; else :meth:`seconds_per_token` (the measured nodes' mean,
+        or the prior). The prior (1 ms a token) beside nodes priced from their reports (0.04 ms on the quick model)
+        would make an idle node look 25 times dearer per token than a busy one, as leaving it cheap would send
+        every request to whichever node is still unknown."""
+        reported = [s.reported_prefill_s for s in self._nodes.values() if s.reported_prefill_s > 0.0]
+        if not reported:
+            return self.seconds_per_token(node_id, now=now)
+        return sum(reported) / len(reported) * self.prefill_correction(node_id, now=now)
+
+    def prefill_correction(self, node_id: str, *, now: float | None = None) -> float:
+        """What the node's reported prefill speed is multiplied by: the shared correction
+        (:meth:`shared_prefill_correction`), times the node's own excess over it (its EWMA of measured TTFT over the
+        reports' predictions, aged at ``now`` towards the shared figure) where that is more than
+        :data:`PREFILL_EXCESS_SLACK`: a node that hides its queue or its speed is caught by its own slow first
+        tokens, and an honest node's noise around the shared figure is not counted.
+
+        Measured (``docs/forwarding.md``): each node's own correction in place of the shared one, as for decode, was
+        noisier than the reports it corrected, and made every long-prompt run slower."""
+        stats = self._stats(node_id)
+        shared = self.shared_prefill_correction()
+        if not stats.prefill_ratios:
+            return shared
+        excess = self._aged(stats.prefill_ratio, shared, stats, now) / shared
+        return shared * max(1.0, excess / PREFILL_EXCESS_SLACK)
 
     def measured_decode_s(self, node_id: str, *, now: float | None = None) -> float:
         """The client's own EWMA of the node's time per generated token, seconds (0 until measured): what the
@@ -546,16 +604,28 @@ class LoadTracker:
             if reported_decode > 0.0
             else self.measured_decode_s(node_id, now=now)
         )
+        # Prefill speed: the node's fresh report times the client's correction when it reports one (a slow node is
+        # known to be slow before anything is sent there); else the client's own TTFT-per-token EWMA, which learns a
+        # node's speed only by sending there.
+        reported_prefill = report.seconds_per_prefill_token if report is not None else 0.0
+        if reported_prefill > 0.0:
+            stats.reported_prefill_s = reported_prefill
+            prefill_s = reported_prefill * self.prefill_correction(node_id, now=now)
+        elif stats.samples:
+            prefill_s = self.seconds_per_token(node_id, now=now)
+        else:
+            prefill_s = self._unknown_prefill_s(node_id, now=now)
         return NodeView(
             node_id=node_id,
             reputation=reputation,
             queued_tokens=(report.queued_tokens if report else 0) + sum(d.prefill_tokens for d in own),
             matched_tokens=matched_tokens,
-            seconds_per_token=self.seconds_per_token(node_id, now=now),
+            seconds_per_token=prefill_s,
             running_requests=(report.requests if report else 0) + len(own),
             decode_backlog_tokens=(report.decode_backlog_tokens if report else 0) + sum(d.max_tokens for d in own),
             seconds_per_decode_token=decode_s,
             reported_decode_s=reported_decode,
+            reported_prefill_s=reported_prefill,
             batch_share=share,
         )
 
@@ -568,14 +638,16 @@ class LoadTracker:
         if max_tokens > 0 and view.reported_decode_s > 0.0:
             expected = view.reported_decode_s * (1.0 + view.batch_share * _overlap(view, max_tokens) / max_tokens)
         self._ids += 1
+        work = view.queued_tokens + uncached + STEP_TOKENS
         record = Dispatch(
             key=self._ids,
             node_id=view.node_id,
             at=at,
             prefill_tokens=uncached,
             max_tokens=max_tokens,
-            work_tokens=view.queued_tokens + uncached + STEP_TOKENS,
+            work_tokens=work,
             expected_decode_s=expected,
+            expected_ttft_s=view.reported_prefill_s * work,
         )
         stats.inflight[self._ids] = record
         return record
@@ -590,6 +662,15 @@ class LoadTracker:
         else:
             stats.seconds_per_token += self.alpha * (sample - stats.seconds_per_token)
         stats.samples += 1
+        if record.expected_ttft_s > 0.0:
+            low, high = _CORRECTION_RANGE
+            ratio = min(high, max(low, ttft_s / record.expected_ttft_s))
+            if stats.prefill_ratios == 0:
+                stats.prefill_ratio = ratio
+            else:
+                stats.prefill_ratio += self.alpha * (ratio - stats.prefill_ratio)
+            stats.prefill_ratios += 1
+            self._shared_prefill = None
 
     def finished(self, record: Dispatch, *, decode_s: float = 0.0, tokens: int = 0) -> None:
         """The request ended (answered or failed); with ``tokens`` >= 2 generated, the ``decode_s`` from its first

@@ -43,6 +43,7 @@ from node.inference._errors import (
     InvalidParams,
 )
 from node.inference._kvcache import BlockPool
+from node.inference._prefill_fit import PrefillFit
 from node.inference._prefix import CHUNK_TOKENS, ROOT, chain_hash, chunk_hashes
 from node.inference._types import (
     EngineStats,
@@ -191,6 +192,8 @@ class TorchEngine:
         self._prefill_cached = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
         self._decode_token_s = 0.0  # EWMA of a batched decode forward's time per sequence (heartbeats report it)
+        # A step's prefill time as a line in its tokens, fitted over recent steps: its slope is what heartbeats report.
+        self._prefill_fit = PrefillFit()
         self._batch: _Batch | None = None
         self._score_ids = 0
         self._worker = threading.Thread(target=self._run, name="torch-engine", daemon=True)
@@ -371,6 +374,7 @@ class TorchEngine:
                     if s.kind == "generate"
                 ),
                 seconds_per_decode_token=self._decode_token_s,
+                seconds_per_prefill_token=self._prefill_fit.slope(),
             )
 
     async def abort(self, request_id: str) -> bool:
@@ -539,8 +543,13 @@ class TorchEngine:
             with self._lock:
                 previous = self._decode_token_s
                 self._decode_token_s = sample if previous == 0.0 else previous + _DECODE_EWMA * (sample - previous)
-        for seq, n in chunks:
-            self._guarded(seq, functools.partial(self._prefill_chunk, n=n))
+        if chunks:
+            started = time.perf_counter()
+            for seq, n in chunks:
+                self._guarded(seq, functools.partial(self._prefill_chunk, n=n))
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self._prefill_fit.add(sum(n for _, n in chunks), elapsed)
 
     def _waiting_order(self) -> list[tuple[_Seq, int]]:
         """Waiting requests with the tokens each has left to compute, in admission order; called under the lock.

@@ -202,3 +202,7 @@ class EngineStats:
     #: wall time divided by the sequences in it (its decode throughput cost per token; prefill is counted apart, in
     #: ``queued_tokens``). 0 until measured, or when the engine does not know.
     seconds_per_decode_token: float = 0.0
+    #: Seconds per prompt token computed, as this engine measured it: a step's prefill forwards' wall time over the
+    #: tokens they computed, each averaged over recent steps (so weighted by tokens). Lets a client know a slow node
+    #: is slow before sending it anything. 0 until measured, or when the engine does not know.
+    seconds_per_prefill_token: float = 0.0

@@ -95,18 +95,20 @@ class CacheSummary(_Wire):
 
 #: Fields added by heartbeat version 2 (the decode backlog); a version-1 heartbeat carries none of them.
 V2_FIELDS = frozenset({"decode_backlog_tokens", "decode_ms_per_token"})
+#: Fields added by heartbeat version 3 (the prefill speed); a version-1 or -2 heartbeat carries none of them.
+V3_FIELDS = frozenset({"prefill_ms_per_token"})
 
 
 class Heartbeat(_Wire):
-    """A model node's load and cache, as it reports them (version 2; version 1 still parses and verifies).
+    """A model node's load and cache, as it reports them (version 3; versions 1 and 2 still parse and verify).
 
     Version 1 (nodes before the decode backlog) signs exactly its own fields; version 2 adds
-    ``decode_backlog_tokens`` and ``decode_ms_per_token`` and signs them too. A reader treats a version-1 heartbeat
-    as one whose decode backlog is unknown (the fields read 0), and refuses a version-1 heartbeat that carries a
-    version-2 field (``docs/protocol.md`` §11).
+    ``decode_backlog_tokens`` and ``decode_ms_per_token``, version 3 ``prefill_ms_per_token``, each signing the
+    fields of its version. A reader treats an older heartbeat as one whose later fields are unknown (they read 0),
+    and refuses one that carries a field of a later version than it claims (``docs/protocol.md`` §11).
     """
 
-    v: Literal[1, 2] = 2
+    v: Literal[1, 2, 3] = 3
     """Message version."""
     node: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     """Operator address (the registry id) of the node."""
@@ -131,17 +133,23 @@ class Heartbeat(_Wire):
     decode_ms_per_token: float = Field(default=0.0, ge=0, le=MAX_HEARTBEAT_MS)
     """v2: the node's own measured decode time per generated token (a batched decode step's time per sequence,
     averaged over recent steps), ms (0: unknown)."""
+    prefill_ms_per_token: float = Field(default=0.0, ge=0, le=MAX_HEARTBEAT_MS)
+    """v3: the node's own measured prefill time per prompt token (its prefill forwards' time over the tokens they
+    computed, averaged over recent steps), ms (0: unknown). Lets a client know a slow node is slow before sending
+    it anything; the client still corrects it by the TTFT it measures."""
 
     @model_validator(mode="after")
     def _version_fields(self) -> Heartbeat:
         if self.v == 1 and self.model_fields_set & V2_FIELDS:
             raise ValueError("a version-1 heartbeat carries no decode backlog fields")
+        if self.v < 3 and self.model_fields_set & V3_FIELDS:
+            raise ValueError(f"a version-{self.v} heartbeat carries no prefill speed")
         return self
 
     def signing_bytes(self) -> bytes:
         """The exact bytes the operator signs: the canonical JSON of the fields of its version."""
-        exclude = set(V2_FIELDS) if self.v == 1 else None
-        return HEARTBEAT_DOMAIN + self.model_dump_json(exclude=exclude).encode()
+        exclude = {1: V2_FIELDS | V3_FIELDS, 2: V3_FIELDS}.get(self.v)
+        return HEARTBEAT_DOMAIN + self.model_dump_json(exclude=set(exclude) if exclude else None).encode()
 
 
 class SignedHeartbeat(_Wire):
@@ -388,6 +396,7 @@ class HeartbeatPublisher:
                 summary=self.builder.build(stats.cached_prefix_hashes, now=now),
                 decode_backlog_tokens=stats.decode_backlog_tokens,
                 decode_ms_per_token=stats.seconds_per_decode_token * 1000.0,
+                prefill_ms_per_token=stats.seconds_per_prefill_token * 1000.0,
             )
             self._current = sign_heartbeat(heartbeat, self._account)
             self._issued_at = now
