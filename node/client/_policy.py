@@ -24,7 +24,9 @@ and the forwarding benchmark's simulation call the same code, and build their vi
    decoding a single request, the measured reason least-estimate routing lost to round robin on short prompts),
    averaged over the node's reports and times the client's own correction (its measured time per token of its
    replies over the prediction), so a node that under-reports its load is caught by its slow answers.
-   ``seconds_per_token`` is the client's own EWMA of TTFT per token ahead;
+   ``seconds_per_token`` is the node's reported prefill speed (heartbeat v3) times the client's prefill correction
+   (:meth:`LoadTracker.prefill_correction`), or, where the node reports none, the client's own EWMA of TTFT per
+   token ahead;
 3. exclude the most loaded fraction (``exclude_fraction``; 0 by default: measured, excluding the quarter with the
    highest cache-blind estimate removed the node holding a hot prefix and made every workload slower, since the
    affinity step already falls back to least load when that node's estimate, queue included, is too high);
@@ -66,8 +68,9 @@ class NodeView:
     matched_tokens: int = 0
     """Leading prompt tokens the node's cache summary holds (a multiple of the chunk size)."""
     seconds_per_token: float = 1e-3
-    """The client's EWMA of the node's time to first token per prompt token ahead, seconds (its prior until
-    measured)."""
+    """Seconds per prompt token ahead of the first token: the node's reported prefill speed times the client's
+    correction (heartbeat v3), else the client's EWMA of the node's time to first token per prompt token ahead (its
+    prior until measured)."""
     running_requests: int = 0
     """Requests queued or running there (reported, plus this client's own since the report)."""
     decode_backlog_tokens: int = 0
@@ -444,7 +447,11 @@ class LoadTracker:
 
     - An EWMA of TTFT per prompt token ahead: after each request's first token, ``ttft / (queued_tokens_at_dispatch
       + uncached_tokens)``. For an honest node about its real time per token; for a node that reported less than its
-      real queue, larger by the hidden part, so its estimates grow to what it really costs.
+      real queue, larger by the hidden part, so its estimates grow to what it really costs (used where the node
+      reports no prefill speed).
+    - A **prefill correction** of the node's reported prefill speed (heartbeat v3): after each first token, the
+      measured TTFT over the one the report predicted at dispatch; shared (the lower median over the nodes), times a
+      node's own excess beyond :data:`PREFILL_EXCESS_SLACK` (:meth:`prefill_correction`).
     - A **correction** of the node's reported decode speed: after each reply, the measured time per generated token
       over the one its report predicted at dispatch (the report's per-token time times ``1 + overlap / max_tokens``).
       The prediction is made from a fresh report, so for an honest node the ratio stays near 1 however its load
