@@ -207,105 +207,80 @@ async def _serve(
     as_json: bool,
     nodes: list[dict[str, Any]],
 ) -> None:
-    # Everything opened here is closed however the endpoint ends, also when it never listened (a taken port):
-    # last opened first, each whatever the others raise.
-    async with contextlib.AsyncExitStack() as closers:
-        await _endpoint(
-            closers,
-            network=network,
-            payer=payer,
-            rpc_url=rpc_url,
-            deployment=deployment,
-            state=state,
-            model=model,
-            openai_port=openai_port,
-            show_dev_keys=show_dev_keys,
-            as_json=as_json,
-            nodes=nodes,
-        )
-
-
-async def _endpoint(
-    closers: contextlib.AsyncExitStack,
-    *,
-    network: Any,
-    payer: int,
-    rpc_url: str,
-    deployment: Path,
-    state: Path,
-    model: str,
-    openai_port: int,
-    show_dev_keys: bool,
-    as_json: bool,
-    nodes: list[dict[str, Any]],
-) -> None:
     from aiohttp import web
 
     from node.client import Client, ClientConfig, ClientService, create_openai_app, load_tokenizer
     from node.client._registry import RegistryDirectory
 
-    directory = RegistryDirectory(rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}")
-    closers.callback(directory.close)
-    wallet = _dev_wallet(rpc_url, deployment, payer)
-    closers.push_async_callback(asyncio.to_thread, wallet.close)  # its queued book writes run, off the loop
-    # The model's own tokenizer: the client hashes each prompt's chunks locally for prefix affinity.
-    client = Client(
-        directory,
-        ClientConfig(models=(model,)),
-        tokenizer=load_tokenizer(network.model_dir) if network.model_dir is not None else None,
-        reputation=directory.reputation,
-        wallet=wallet,
-    )
-    closers.push_async_callback(client.close)
-    service = ClientService(client)
-    await service.refresh()
-    runner = web.AppRunner(create_openai_app(service), access_log=None)
-    await runner.setup()
-    closers.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, "127.0.0.1", openai_port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base_url = f"http://{host}:{port}/v1"
-    summary = {
-        "base_url": base_url,
-        "model": model,
-        "rpc_url": rpc_url,
-        "deployment": str(deployment),
-        "nodes": nodes,
-        "stop": "Ctrl-C, or `ps-net down`",
-        "dev_accounts": "anvil's public test mnemonic: local use only"
-        + ("" if show_dev_keys else " (--show-dev-keys)"),
-        "paid_by": f"{_dev_address(payer)} (dev account {payer}) pays every request through the endpoint",
-    }
-    (state / "net.json").write_text(json.dumps({"pid": os.getpid(), **summary}, indent=2) + "\n")
-    emit(
-        summary if as_json else {k: v for k, v in summary.items() if k != "nodes"}, as_json=as_json, title="network up"
-    )
-    if not as_json:
-        emit([{k: str(v) for k, v in n.items()} for n in nodes], as_json=False, title="nodes")
-        info(f"try: curl {base_url}/models")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    reported: set[str] = set()
+    # Everything opened here is closed however the endpoint ends, also when it never listened (a taken port):
+    # last opened first, each whatever the others raise.
+    async with contextlib.AsyncExitStack() as closers:
+        directory = RegistryDirectory(
+            rpc_url, deployment=deployment, db_url=f"sqlite:///{state / 'client-index.sqlite'}"
+        )
+        closers.callback(directory.close)
+        wallet = _dev_wallet(rpc_url, deployment, payer)
+        closers.push_async_callback(asyncio.to_thread, wallet.close)  # its queued book writes run, off the loop
+        # The model's own tokenizer: the client hashes each prompt's chunks locally for prefix affinity.
+        client = Client(
+            directory,
+            ClientConfig(models=(model,)),
+            tokenizer=load_tokenizer(network.model_dir) if network.model_dir is not None else None,
+            reputation=directory.reputation,
+            wallet=wallet,
+        )
+        closers.push_async_callback(client.close)
+        service = ClientService(client)
+        await service.refresh()
+        runner = web.AppRunner(create_openai_app(service), access_log=None)
+        await runner.setup()
+        closers.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", openai_port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        base_url = f"http://{host}:{port}/v1"
+        summary = {
+            "base_url": base_url,
+            "model": model,
+            "rpc_url": rpc_url,
+            "deployment": str(deployment),
+            "nodes": nodes,
+            "stop": "Ctrl-C, or `ps-net down`",
+            "dev_accounts": "anvil's public test mnemonic: local use only"
+            + ("" if show_dev_keys else " (--show-dev-keys)"),
+            "paid_by": f"{_dev_address(payer)} (dev account {payer}) pays every request through the endpoint",
+        }
+        (state / "net.json").write_text(json.dumps({"pid": os.getpid(), **summary}, indent=2) + "\n")
+        emit(
+            summary if as_json else {k: v for k, v in summary.items() if k != "nodes"},
+            as_json=as_json,
+            title="network up",
+        )
+        if not as_json:
+            emit([{k: str(v) for k, v in n.items()} for n in nodes], as_json=False, title="nodes")
+            info(f"try: curl {base_url}/models")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        reported: set[str] = set()
 
-    def report_crashes() -> None:
-        for node in network.crashed():
-            if node.spec.name not in reported:
-                reported.add(node.spec.name)
-                info(f"{node.spec.name} exited with code {node.proc.returncode}; the network runs on without it")
+        def report_crashes() -> None:
+            for node in network.crashed():
+                if node.spec.name not in reported:
+                    reported.add(node.spec.name)
+                    info(f"{node.spec.name} exited with code {node.proc.returncode}; the network runs on without it")
 
-    try:
-        while not stop.is_set():
-            report_crashes()
-            try:
-                async with asyncio.timeout(1.0):
-                    await stop.wait()
-            except TimeoutError:
-                await service.refresh()
-    finally:
-        report_crashes()  # a node that died in the last second before the stop is reported too
+        try:
+            while not stop.is_set():
+                report_crashes()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await stop.wait()
+                except TimeoutError:
+                    await service.refresh()
+        finally:
+            report_crashes()  # a node that died in the last second before the stop is reported too
 
 
 @app.command()
