@@ -200,11 +200,7 @@ def send_transaction(
         return map_call_errors(decoder, account.address, lambda: w3.eth.send_raw_transaction(raw))
 
     tx_hash = manager.submit(w3, send)
-    try:
-        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
-    except TimeExhausted as exc:
-        raise TransactionOutcomeUnknown(tx_hash.to_0x_hex(), receipt_timeout) from exc
-    manager.settled(tx_hash)
+    receipt = _mined(w3, manager, tx_hash, receipt_timeout)
     if receipt["status"] != 1:
         _raise_for_failed(w3, tx, receipt, decoder)
     return receipt
@@ -245,13 +241,20 @@ def transfer(
         return map_call_errors(decoder, account.address, lambda: HexBytes(w3.eth.send_raw_transaction(raw)))
 
     tx_hash = manager.submit(w3, send)
+    receipt = _mined(w3, manager, tx_hash, receipt_timeout)
+    if receipt["status"] != 1:
+        raise TransactionFailed("the transfer failed on chain", tx_hash=tx_hash.to_0x_hex())
+    return receipt
+
+
+def _mined(w3: Web3, manager: NonceManager, tx_hash: HexBytes, receipt_timeout: float) -> TxReceipt:
+    """The receipt of ``tx_hash`` once mined, the key's nonce settled; ``TransactionOutcomeUnknown`` when none
+    arrives within ``receipt_timeout`` (it may still be mined: the nonce stays reserved)."""
     try:
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=receipt_timeout, poll_latency=0.05)
     except TimeExhausted as exc:
         raise TransactionOutcomeUnknown(tx_hash.to_0x_hex(), receipt_timeout) from exc
     manager.settled(tx_hash)
-    if receipt["status"] != 1:
-        raise TransactionFailed("the transfer failed on chain", tx_hash=tx_hash.to_0x_hex())
     return receipt
 
 
