@@ -659,23 +659,21 @@ class LoadTracker:
         stats.inflight[self._ids] = record
         return record
 
+    def _ewma(self, current: float, sample: float, samples: int) -> float:
+        """``current`` moved ``alpha`` of the way to ``sample``; the first sample (``samples`` == 0) replaces it."""
+        return sample if samples == 0 else current + self.alpha * (sample - current)
+
     def first_token(self, record: Dispatch, *, ttft_s: float) -> None:
         """The request's first token arrived ``ttft_s`` after it was sent."""
         stats = self._stats(record.node_id)
         sample = ttft_s / record.work_tokens
         stats.sampled_at = max(stats.sampled_at, record.at)
-        if stats.samples == 0:
-            stats.seconds_per_token = sample
-        else:
-            stats.seconds_per_token += self.alpha * (sample - stats.seconds_per_token)
+        stats.seconds_per_token = self._ewma(stats.seconds_per_token, sample, stats.samples)
         stats.samples += 1
         if record.expected_ttft_s > 0.0:
             low, high = _CORRECTION_RANGE
             ratio = min(high, max(low, ttft_s / record.expected_ttft_s))
-            if stats.prefill_ratios == 0:
-                stats.prefill_ratio = ratio
-            else:
-                stats.prefill_ratio += self.alpha * (ratio - stats.prefill_ratio)
+            stats.prefill_ratio = self._ewma(stats.prefill_ratio, ratio, stats.prefill_ratios)
             stats.prefill_ratios += 1
             self._shared_prefill = None
 
@@ -688,16 +686,10 @@ class LoadTracker:
             return
         per_token = decode_s / (tokens - 1)
         stats.sampled_at = max(stats.sampled_at, record.at)
-        if stats.decodes == 0:
-            stats.decode_s_per_token = per_token
-        else:
-            stats.decode_s_per_token += self.alpha * (per_token - stats.decode_s_per_token)
+        stats.decode_s_per_token = self._ewma(stats.decode_s_per_token, per_token, stats.decodes)
         stats.decodes += 1
         if record.expected_decode_s > 0.0:
             low, high = _CORRECTION_RANGE
             sample = min(high, max(low, per_token / record.expected_decode_s))
-            if stats.corrections == 0:
-                stats.correction = sample
-            else:
-                stats.correction += self.alpha * (sample - stats.correction)
+            stats.correction = self._ewma(stats.correction, sample, stats.corrections)
             stats.corrections += 1
