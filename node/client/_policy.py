@@ -46,6 +46,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from node._line_fit import LineFit
+
 #: Prompt tokens counted for the one scheduler step every first token waits for, however little of the prompt is
 #: left to compute (the torch engine's step computes up to 512 tokens; half a step on average): without it a cached
 #: prompt's TTFT, divided by its few uncached tokens, would make the node that cached it look slow per token.
@@ -358,7 +360,7 @@ class Dispatch:
 
 
 @dataclass(slots=True, kw_only=True)
-class StepFit:
+class StepFit(LineFit):
     """A node's decode step time as a line in its batch, ``step = c + d x batch``, fitted (exponentially weighted
     least squares) to what its signed heartbeats report: each gives the time per sequence of its last steps and the
     requests admitted, so their product is a step's time at about that batch.
@@ -371,35 +373,18 @@ class StepFit:
 
     alpha: float = 0.02
     """Weight of each new report once ``1 / alpha`` reports were seen (before that, their plain mean)."""
-    min_reports: int = 20
+    min_points: int = 20
     """Reports before the fit is used."""
     min_variance: float = 0.25
     """Variance of the reported batch (requests squared) below which the slope is not identified."""
-    reports: int = 0
-    mean_batch: float = 0.0
-    mean_step: float = 0.0
-    mean_batch2: float = 0.0
-    mean_cross: float = 0.0
-
-    def add(self, batch: int, step_s: float) -> None:
-        """One report: ``batch`` requests admitted, a step taking ``step_s`` seconds."""
-        self.reports += 1
-        w = max(self.alpha, 1.0 / self.reports)
-        self.mean_batch += w * (batch - self.mean_batch)
-        self.mean_step += w * (step_s - self.mean_step)
-        self.mean_batch2 += w * (batch * batch - self.mean_batch2)
-        self.mean_cross += w * (batch * step_s - self.mean_cross)
 
     def share(self) -> float | None:
         """``d / (c + d)`` in [0, 1], the part of a one-sequence step that each further sequence adds again; None
-        until enough reports over different batches were seen."""
-        if self.reports < self.min_reports:
+        until enough reports over different batches were seen (a point per report: ``add(batch, step_s)``)."""
+        slope = self.slope()
+        if slope is None:
             return None
-        variance = self.mean_batch2 - self.mean_batch**2
-        if variance < self.min_variance:
-            return None
-        slope = max(0.0, (self.mean_cross - self.mean_batch * self.mean_step) / variance)
-        fixed = max(0.0, self.mean_step - slope * self.mean_batch)
+        fixed = max(0.0, self.mean_y - slope * self.mean_x)
         if slope + fixed <= 0.0:
             return None
         return slope / (slope + fixed)
