@@ -276,18 +276,26 @@ def ensure_model(recipe: ModelRecipe, root: Path, *, progress: Callable[[str], N
     """
     import hashlib
     import json
+
+    key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    return built_once(root / f"{recipe.name}-{key}", lambda out: make_model(out, recipe, progress=progress))
+
+
+def built_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, a model folder that ``build(out)`` writes into the empty folder ``out``, built unless it is there.
+
+    It is built under a temporary name beside ``target`` and renamed into place, so a half-built folder is never
+    visible; when another process wins the race, its folder (equivalent) is kept."""
     import os
     import shutil
     import tempfile
 
-    key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    target = root / f"{recipe.name}-{key}"
     if (target / METADATA_FILE).is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        make_model(tmp / "model", recipe, progress=progress)
+        build(tmp / "model")
         try:
             os.replace(tmp / "model", target)
         except OSError:  # another process won the race; its folder is equivalent
